@@ -1,0 +1,26 @@
+"""Build the model and pick the device from a config (shared by train.py and evaluate.py)."""
+from __future__ import annotations
+
+import torch
+
+from models.backbone import ViTBackbone
+from models.network import ToCoNet
+from toco.config import TrainConfig
+from toco.errors import ConfigError
+
+
+def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
+    """ToCoNet for `num_classes` (background included); `pretrained` overrides cfg.pretrained."""
+    kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
+    backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
+                           aux_layer=cfg.aux_layer, **kwargs)
+    return ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
+                   ema_momentum=cfg.ema_momentum)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)

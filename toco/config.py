@@ -1,0 +1,272 @@
+"""All training settings in one typed place: defaults, CLI flags, YAML recipes and validation.
+
+Precedence: dataclass defaults < `--config recipe.yaml` < command-line flags. The resolved config
+is written to the run folder and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from toco.errors import ConfigError
+
+
+def _opt(default: Any, help: str, choices: Sequence[Any] | None = None, group: str = "misc"):
+    meta = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Field names are the YAML keys; flags are the same with dashes."""
+
+    # Data
+    dataset: str = _opt("synthetic", "dataset kind", ["synthetic", "voc"], "data")
+    data_root: Optional[str] = _opt(None, "dataset root (VOC layout); synthetic: generated if "
+                                    "unset", group="data")
+    train_split: str = _opt("train", "split list used for training", group="data")
+    val_split: str = _opt("val", "split list used for validation", group="data")
+    cache_dir: str = _opt(".cache", "where generated data and label caches live", group="data")
+    crop_size: int = _opt(128, "training crop size (pixels)", group="data")
+    scale_range: tuple = _opt((0.5, 2.0), "random rescale range of the training images",
+                              group="data")
+    num_workers: int = _opt(2, "data-loader worker processes", group="data")
+    synthetic_train: int = _opt(800, "synthetic set: number of training images", group="data")
+    synthetic_val: int = _opt(150, "synthetic set: number of validation images", group="data")
+
+    # Model
+    backbone: str = _opt("vit_tiny_patch16_224", "timm ViT/DeiT name", group="model")
+    pretrained: str = _opt("none", "'none', 'timm' (hub) or a local checkpoint path",
+                           group="model")
+    backbone_depth: Optional[int] = _opt(None, "override the backbone's number of blocks "
+                                         "(random init only)", group="model")
+    aux_layer: int = _opt(-3, "block whose pre-norm tokens feed the aux classifier",
+                          group="model")
+    decoder_dim: int = _opt(512, "LargeFOV decoder width", group="model")
+
+    # Optimisation
+    batch_size: int = _opt(8, "global batch size", group="optim")
+    max_iters: int = _opt(1500, "training iterations", group="optim")
+    lr: float = _opt(6e-5, "backbone learning rate (heads and decoder get 10x)", group="optim")
+    head_lr_mult: float = _opt(10.0, "LR multiplier of classifier, CTC head and decoder",
+                               group="optim")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (all groups)", group="optim")
+    betas: tuple = _opt((0.9, 0.999), "AdamW betas", group="optim")
+    warmup_iters: int = _opt(1500, "linear LR warm-up iterations", group="optim")
+    warmup_ratio: float = _opt(1e-6, "LR factor at iteration 0", group="optim")
+    poly_power: float = _opt(0.9, "power of the poly decay", group="optim")
+
+    # Losses and their schedule
+    w_cls: float = _opt(1.0, "weight of the classification losses (final and aux)", group="loss")
+    w_ptc: float = _opt(0.2, "weight of patch-token contrast", group="loss")
+    w_ctc: float = _opt(0.5, "weight of class-token contrast", group="loss")
+    w_seg: float = _opt(0.1, "weight of the segmentation loss", group="loss")
+    w_reg: float = _opt(0.0, "weight of the dense energy (CRF) regulariser", group="loss")
+    seg_start_iter: int = _opt(300, "iteration where the seg and reg losses switch on",
+                               group="loss")
+    contrast_start_iter: int = _opt(0, "iteration where PTC and CTC switch on", group="loss")
+    aux_cam_until_iter: int = _opt(0, "seg pseudo labels come from the aux CAM before this "
+                                   "iteration (COCO recipe: 12000)", group="loss")
+    ctc_temp: float = _opt(0.5, "CTC temperature", group="loss")
+    ema_momentum: float = _opt(0.9, "EMA momentum of the CTC teacher head", group="loss")
+    num_local_crops: int = _opt(8, "local crops per image for CTC", group="loss")
+    local_crop_size: int = _opt(64, "local crop size for CTC (pixels)", group="loss")
+    ctc_neg_ratio: float = _opt(0.2, "a local crop whose ROI mean is <= this is a negative",
+                                group="loss")
+
+    # Pseudo labels
+    cam_scales: tuple = _opt((1.0, 0.5, 1.5), "scales of the online multi-scale CAM",
+                             group="pseudo")
+    high_thre: float = _opt(0.7, "CAM score above which a pixel is foreground", group="pseudo")
+    low_thre: float = _opt(0.25, "CAM score below which a pixel is background", group="pseudo")
+    bkg_thre: float = _opt(0.5, "background score for CAM evaluation", group="pseudo")
+    par_iters: int = _opt(10, "PAR propagation steps", group="pseudo")
+    par_dilations: tuple = _opt((1, 2, 4, 8, 12, 24), "PAR neighbour dilations", group="pseudo")
+    refine_down_scale: int = _opt(2, "PAR runs at 1/this of the crop size", group="pseudo")
+    reference_quirks: bool = _opt(False, "restore the official code's known bugs B1-B3 "
+                                  "(unscaled PTC box, independent local-view flip, CTC extra "
+                                  "term)", group="pseudo")
+
+    # Run
+    work_dir: str = _opt("work_dirs/synthetic", "run folder", group="run")
+    device: str = _opt("auto", "compute device", ["auto", "cpu", "cuda"], "run")
+    seed: int = _opt(0, "random seed", group="run")
+    eval_every: int = _opt(500, "validate every N iterations (and at the end)", group="run")
+    val_size: Optional[int] = _opt(None, "in-training validation resizes images to this square "
+                                   "size (default: crop size)", group="run")
+    val_scales: tuple = _opt((1.0, 0.5, 1.5), "CAM scales for validation", group="run")
+    log_every: int = _opt(50, "log the running losses every N iterations", group="run")
+    save_every: int = _opt(500, "write checkpoints/last.pt every N iterations", group="run")
+    threads: Optional[int] = _opt(None, "CPU threads for torch (default: torch's choice)",
+                                  group="run")
+
+    def validate(self) -> "TrainConfig":
+        """Check ranges and consistency; raise ConfigError naming the offending field."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            need(choices is None or value in choices,
+                 f"{f.name}: '{value}' is not one of {list(choices or [])}")
+        for name in ("crop_size", "batch_size", "max_iters", "eval_every", "log_every",
+                     "save_every", "par_iters", "num_local_crops", "local_crop_size",
+                     "refine_down_scale", "synthetic_train", "synthetic_val"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_iters", "seg_start_iter", "contrast_start_iter",
+                     "aux_cam_until_iter", "num_workers"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "w_cls", "w_ptc", "w_ctc", "w_seg", "w_reg", "weight_decay",
+                     "ctc_temp"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.ctc_temp > 0, "ctc_temp must be > 0")
+        need(0 <= self.low_thre <= self.high_thre <= 1,
+             f"need 0 <= low_thre <= high_thre <= 1, got {self.low_thre}, {self.high_thre}")
+        need(0 <= self.bkg_thre <= 1, f"bkg_thre must be in [0, 1], got {self.bkg_thre}")
+        need(0 <= self.ema_momentum <= 1, "ema_momentum must be in [0, 1]")
+        need(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+             f"scale_range must be two increasing positive numbers, got {self.scale_range}")
+        need(len(self.betas) == 2, "betas must be two numbers")
+        need(len(self.cam_scales) > 0 and all(s > 0 for s in self.cam_scales),
+             "cam_scales must be positive")
+        need(self.local_crop_size <= self.crop_size,
+             f"local_crop_size ({self.local_crop_size}) exceeds crop_size ({self.crop_size})")
+        need(self.dataset == "synthetic" or self.data_root is not None,
+             f"--data-root is required for --dataset {self.dataset}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return cls(**_coerce(values, source)).validate()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _scalar_type(name: str) -> type:
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def _element_type(name: str) -> type:
+    default = _FIELDS[name].default_factory()  # type: ignore[misc]
+    return type(default[0]) if default else float
+
+
+def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Normalise keys (dashes → underscores), reject unknown ones, convert value types."""
+    out = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting '{raw_key}'{hint}")
+        typ = _scalar_type(key)
+        try:
+            if value is None:
+                out[key] = None
+            elif typ is tuple:
+                seq = value if isinstance(value, (list, tuple)) else [value]
+                out[key] = tuple(_element_type(key)(v) for v in seq)
+            elif typ is bool:
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+                out[key] = value
+            else:
+                out[key] = typ(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: bad value {value!r} for '{raw_key}': {err}") from None
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a recipe file: a flat mapping of setting → value."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # argparse would exit 2 with usage
+        raise ConfigError(message)
+
+
+def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, grouped; `extra(parser)` may add script-only flags."""
+    parser = _Parser(description="Train a ToCo-style single-stage WSSS model.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe whose values become the defaults")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in _FIELDS.items():
+        group_name = f.metadata["group"]
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + name.replace("_", "-")
+        typ = _scalar_type(name)
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": name,
+                                  "default": argparse.SUPPRESS}
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typ is tuple:
+            kwargs.update(nargs="+", type=_element_type(name))
+        else:
+            kwargs["type"] = typ
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(flag, **kwargs)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None,
+                 extra: Optional[callable] = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Parse flags (and the YAML named by --config) into a validated TrainConfig.
+
+    Returns the config and the namespace (for script-only flags added by `extra`).
+    """
+    parser = build_parser(extra)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_coerce(load_yaml(args.config), args.config))
+    values.update({k: v for k, v in vars(args).items() if k in _FIELDS})
+    return TrainConfig.from_dict(values, "command line"), args
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

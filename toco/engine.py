@@ -1,0 +1,168 @@
+"""The training step and validation: dataset batch → model → pseudo labels → losses → update."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.network import ToCoNet
+from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam, \
+    refine_cams_with_bkg
+from toco.config import TrainConfig
+from toco.crops import sample_local_crops
+from toco.errors import UserError
+from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
+from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenContrast, \
+    SegmentationLoss
+from toco.metrics import ConfusionMatrix
+from toco.par import PAR
+from toco.schedule import build_poly_warmup_scheduler
+from toco.step import CTCOutputs, LossModule, StepState
+
+
+class NonFiniteLossError(UserError):
+    """A loss became NaN or inf; the message names the iteration and the term."""
+
+
+def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
+    """ToCo's loss terms with their weights and switch-on iterations from the config."""
+    return [
+        ClassificationLoss(cfg.w_cls),
+        PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter),
+        ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
+                           always_add_negative_term=cfg.reference_quirks),
+        SegmentationLoss(cfg.w_seg, cfg.seg_start_iter),
+    ]
+
+
+def build_optimizer(model: ToCoNet, cfg: TrainConfig,
+                    extra_params: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW over ToCo's four groups (LR x1, x1, x10, x10); plug-in parameters join the x10."""
+    groups = model.param_groups()
+    groups[2] = groups[2] + list(extra_params)
+    mults = (1.0, 1.0, cfg.head_lr_mult, cfg.head_lr_mult)
+    return torch.optim.AdamW(
+        [{"params": g, "lr": cfg.lr * m} for g, m in zip(groups, mults) if g],
+        lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Owns the model, the loss modules, the optimizer and the per-step pseudo-label machinery."""
+
+    def __init__(self, cfg: TrainConfig, model: ToCoNet, loss_modules: list[LossModule],
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.loss_modules = torch.nn.ModuleList(loss_modules)
+        self.device = device
+        self.par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
+        extra = [p for m in self.loss_modules for p in m.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg, extra)
+        self.scheduler = build_poly_warmup_scheduler(self.optimizer, cfg.warmup_iters,
+                                                     cfg.max_iters, cfg.warmup_ratio,
+                                                     cfg.poly_power)
+        self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+    # ---- pseudo-label providers (called lazily through StepState) ----
+    def _pseudo_label(self, state: StepState) -> Tensor:
+        cfg = self.cfg
+        cam = state.cam_aux if state.iteration < cfg.aux_cam_until_iter else state.cam
+        valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
+                                    cfg.high_thre, cfg.low_thre, ignore_mid=True)
+        return refine_cams_with_bkg(self.par, state.images, valid_cam, state.cls_label,
+                                    state.img_box, cfg.high_thre, cfg.low_thre,
+                                    cfg.refine_down_scale)
+
+    def _token_label(self, state: StepState) -> Tensor:
+        cfg = self.cfg
+        grid = state.feats.aux_tokens.shape[-2:]
+        cam = F.interpolate(state.cam_aux, size=grid, mode="bilinear", align_corners=False)
+        # Reference bug B1: the pixel box was applied unscaled to the token grid.
+        box = state.img_box if cfg.reference_quirks else box_to_grid(state.img_box,
+                                                                     self.model.patch_size)
+        return cam_to_label(cam, state.cls_label, box, cfg.bkg_thre, cfg.high_thre,
+                            cfg.low_thre, ignore_mid=True)[1]
+
+    def _ctc(self, state: StepState, view2: Tensor, local_view: Tensor) -> CTCOutputs:
+        cfg = self.cfg
+        roi = cam_to_roi_mask(state.cam_aux, state.cls_label, cfg.low_thre, cfg.high_thre)
+        crops, flags = sample_local_crops(local_view, roi, cfg.num_local_crops,
+                                          cfg.local_crop_size, cfg.ctc_neg_ratio,
+                                          generator=self.crop_rng)
+        b = state.images.shape[0]
+        flags = torch.cat([flags.new_ones(b, 2), flags], dim=1)
+        cls_view2 = self.model.encode(view2).cls
+        cls_local = self.model.encode(crops).cls
+        global_cls = torch.cat([state.feats.cls, cls_view2])
+        # ToCo updates the EMA teacher before computing its output, with pre-step weights.
+        self.model.update_teacher()
+        teacher = self.model.project_teacher(global_cls)
+        student = self.model.project(torch.cat([global_cls, cls_local]))
+        return CTCOutputs(student=student, teacher=teacher, flags=flags)
+
+    # ---- one iteration ----
+    def train_step(self, batch: dict, iteration: int) -> dict[str, float]:
+        """Forward, losses, backward and optimizer step; returns the unweighted losses."""
+        model, cfg, dev = self.model, self.cfg, self.device
+        model.train()
+        images = batch["image"].to(dev, non_blocking=True).float().div_(255)
+        view2 = batch["view2"].to(dev, non_blocking=True).float().div_(255)
+        local_view = batch["local_view"].to(dev, non_blocking=True).float().div_(255)
+        cls_label = batch["cls_label"].to(dev, non_blocking=True).float()
+        img_box = batch["img_box"].to(dev, non_blocking=True).long()
+
+        cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales)
+        feats = model.encode(images)
+        logits, aux_logits = model.classify(feats)
+        state = StepState(
+            iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
+            feats=feats, logits=logits, aux_logits=aux_logits, seg_logits=model.segment(feats),
+            cam=cam, cam_aux=cam_aux, make_pseudo_label=self._pseudo_label,
+            make_token_label=self._token_label,
+            make_ctc=lambda s: self._ctc(s, view2, local_view))
+
+        losses: dict[str, Tensor] = {}
+        total = images.new_zeros(())
+        for module in self.loss_modules:
+            if module.active(iteration):
+                for name, value in module.compute(state).items():
+                    losses[name] = value
+                    total = total + module.weight * value
+        losses["total"] = total
+        values = torch.stack([v.detach().float() for v in losses.values()]).cpu().tolist()
+        logged = dict(zip(losses, values))
+        bad = [k for k, v in logged.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {iteration}: "
+                + ", ".join(f"{k}={logged[k]}" for k in bad))
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        logged["lr"] = self.optimizer.param_groups[0]["lr"]
+        return logged
+
+
+@torch.no_grad()
+def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: torch.device,
+             size: int, cam_scales: Sequence[float], bkg_thre: float
+             ) -> dict[str, ConfusionMatrix]:
+    """ToCo's in-training protocol: resize to size x size, multi-scale CAMs (masked by the GT
+    image labels) and single-scale segmentation, scored at the label's resolution."""
+    model.eval()
+    results = {k: ConfusionMatrix(num_classes, device=device) for k in ("cam", "aux_cam", "seg")}
+    for batch in loader:
+        image = batch["image"].to(device).float().div_(255)
+        mask = batch["mask"].to(device)
+        cls_label = batch["cls_label"].to(device).float()
+        cam, cam_aux = predict_cams(model, image, cam_scales, flip=True, size=size)
+        results["cam"].update(cams_to_prediction(cam, cls_label, bkg_thre), mask)
+        results["aux_cam"].update(cams_to_prediction(cam_aux, cls_label, bkg_thre), mask)
+        seg = predict_seg_logits(model, image, size=size)
+        results["seg"].update(seg.argmax(1), mask)
+    model.train()
+    return results

@@ -1,0 +1,56 @@
+"""ToCo's own loss terms as `LossModule`s: the engine treats them exactly like plug-ins."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from toco.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
+from toco.step import LossModule, StepState
+
+
+class ClassificationLoss(LossModule):
+    """Multi-label soft-margin loss on the final (`cls`) and aux (`cls_aux`) image logits."""
+
+    names = ("cls", "cls_aux")
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        return {"cls": multilabel_loss(state.logits, state.cls_label),
+                "cls_aux": multilabel_loss(state.aux_logits, state.cls_label)}
+
+
+class PatchTokenContrast(LossModule):
+    """PTC: pull final-layer tokens of the same aux-CAM label together, push others apart."""
+
+    names = ("ptc",)
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        return {"ptc": ptc_loss(state.feats.tokens, state.token_label)}
+
+
+class ClassTokenContrast(LossModule):
+    """CTC: teacher class tokens of the global views vs student class tokens of all crops."""
+
+    names = ("ctc",)
+
+    def __init__(self, weight: float, start_iter: int = 0, temperature: float = 0.5,
+                 always_add_negative_term: bool = False) -> None:
+        super().__init__(weight, start_iter)
+        self.temperature = temperature
+        self.always_add_negative_term = always_add_negative_term
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        out = state.ctc
+        return {"ctc": ctc_loss(out.student, out.teacher, out.flags, self.temperature,
+                                always_add_negative_term=self.always_add_negative_term)}
+
+
+class SegmentationLoss(LossModule):
+    """Background/foreground-balanced CE of the decoder against the refined pseudo label."""
+
+    names = ("seg",)
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        label = state.pseudo_label
+        logits = F.interpolate(state.seg_logits, size=label.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return {"seg": seg_loss(logits, label)}

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    import datasets as data
+    from toco import data
     from toco.builders import build_model, resolve_device
     from toco.checkpoint import load_checkpoint
     from toco.config import TrainConfig
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("dataset", args.dataset), ("data_root", args.data_root),
                                    ("cache_dir", args.cache_dir)) if v is not None}
     cfg = TrainConfig.from_dict({**state["config"], **overrides}, "checkpoint config")
-    spec = data.get_spec(cfg.dataset)
-    dataset = data.build_eval_dataset(cfg, args.split)
+    spec = data.dataset_spec(cfg)
+    dataset = data.eval_dataset(cfg, args.split)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     model.load_state_dict(state["model"])
     model.eval()

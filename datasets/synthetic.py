@@ -524,7 +524,7 @@ def make_synthetic_voc(
 
 
 def ensure_synthetic(cache_root: Path, **params: Any) -> Path:
-    """The dataset folder ``cache_root/synthetic-v<version>-<hash of params>``, generated if needed."""
+    """``cache_root/synthetic-v<version>-<hash of params>``, generated there if needed."""
     known = [f.name for f in fields(SyntheticParams)]
     unknown = sorted(set(params) - set(known))
     if unknown:

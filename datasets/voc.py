@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
@@ -209,7 +208,7 @@ def read_mask(path: Path) -> np.ndarray:
 def check_mask_values(mask: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
     """Pixel counts per value (length 256); raises if a value is neither a class id nor 255."""
     counts = np.bincount(mask.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if v >= num_classes and v != IGNORE_INDEX]
+    bad = [int(v) for v in np.flatnonzero(counts) if v >= num_classes and v != IGNORE_INDEX]
     if bad:
         raise DataError(
             f"mask {path} holds values {bad} outside 0..{num_classes - 1} and {IGNORE_INDEX}"
@@ -245,6 +244,16 @@ def _scan_labels(image: Path, mask: Path, num_classes: int) -> list[int]:
     check_same_size(values.shape, image_size(image), mask, image)
     counts = check_mask_values(values, num_classes, mask)
     return [c for c in range(1, num_classes) if counts[c]]
+
+
+def _entry_is_current(entry: Any, stamps: dict[str, list[int]], num_classes: int) -> bool:
+    """A cache entry is reused only if both files are unchanged and its labels are sane."""
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in stamps.items()):
+        return False
+    labels = entry.get("labels")
+    return isinstance(labels, list) and all(
+        type(c) is int and 1 <= c < num_classes for c in labels
+    )
 
 
 def label_cache_path(cache_dir: Path, root: Path, split: str, num_classes: int) -> Path:
@@ -321,12 +330,15 @@ def image_labels(
         image, mask = layout.image_path(name), mask_dir / f"{name}.png"
         stamps = {"mask": _stamp(mask), "image": _stamp(image)}
         old = cached.get(name)
-        if isinstance(old, dict) and all(old.get(k) == v for k, v in stamps.items()):
+        if _entry_is_current(old, stamps, num_classes):
             entries[name] = old
         else:
             entries[name] = {"labels": _scan_labels(image, mask, num_classes), **stamps}
     if cache_path is not None and entries != cached:
-        write_json_atomic(cache_path, {**header, "entries": entries})
+        try:
+            write_json_atomic(cache_path, {**header, "entries": entries})
+        except OSError as exc:  # a cache that cannot be written only costs time
+            warnings.warn(f"could not write label cache {cache_path}: {exc}", stacklevel=2)
 
     labels: dict[str, np.ndarray] = {}
     empty = []
@@ -382,7 +394,7 @@ def random_crop_with_box(img: np.ndarray, size: int) -> tuple[np.ndarray, list[i
 
 
 class PhotometricView:
-    """flip (optional) → ColorJitter p=0.8 → RandomGrayscale 0.2 → GaussianBlur → Solarize."""
+    """flip (opt.) → ColorJitter p=0.8 → RandomGrayscale 0.2 → GaussianBlur → solarize."""
 
     def __init__(self, flip: bool, blur_p: float, solarize_p: float, photometric: bool = True):
         self.flip = T.RandomHorizontalFlip(0.5) if flip else None
@@ -408,9 +420,9 @@ class PhotometricView:
 
 
 def to_uint8_chw(img: Image.Image | np.ndarray) -> torch.Tensor:
-    if isinstance(img, Image.Image):
-        return TF.pil_to_tensor(img).contiguous()
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    """uint8 (3, H, W); the transpose copy in numpy is much cheaper than torch's here."""
+    hwc = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
 
 
 def seed_worker(worker_id: int) -> None:

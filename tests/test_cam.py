@@ -178,8 +178,8 @@ def naive_refine(par, images, cams, cls_label, img_box, high, low, down_scale, i
     return out
 
 
-@pytest.mark.parametrize("use_box", [True, False])
-def test_refine_cams_with_bkg_matches_per_image_reference(use_box):
+@pytest.mark.parametrize("use_box,par", [(True, PAR(3, (1, 2, 4))), (False, PAR())])
+def test_refine_cams_with_bkg_matches_per_image_reference(use_box, par):
     torch.manual_seed(2)
     b, k, h, w = 3, 5, 24, 28
     images = torch.rand(b, 3, h, w, dtype=torch.float64)
@@ -188,7 +188,6 @@ def test_refine_cams_with_bkg_matches_per_image_reference(use_box):
     y = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 0, 1, 1]], dtype=torch.float32)
     cams = cams * y[:, :, None, None].double()  # as the reference feeds the masked `valid` CAM
     box = torch.tensor([[0, 24, 0, 28], [2, 20, 3, 25], [5, 24, 0, 14]]) if use_box else None
-    par = PAR(num_iter=3, dilations=(1, 2, 4))
     out = refine_cams_with_bkg(par, images, cams, y, box, high_thre=0.6, low_thre=0.3, down_scale=2)
     ref = naive_refine(par, images, cams, y, box, 0.6, 0.3, 2)
     assert out.dtype == torch.long and out.shape == (b, h, w)
@@ -212,3 +211,30 @@ def test_refine_combination_rule_by_hand():
     box = torch.tensor([[0, 1, 1, 4]])
     out = refine_cams_with_bkg(par, images, cams, y, box, high_thre=0.7, low_thre=0.25, down_scale=1)
     assert out.tolist() == [[[255, 255, 0, 1]]]
+
+
+def test_refine_ties_go_to_the_lower_class_id():
+    # Classes 2 and 4 present with equal CAMs: the reference's argmax over [bg, 2, 4] picks 2.
+    cams = torch.zeros(2, 5, 1, 3)
+    cams[:, 1] = cams[:, 3] = torch.tensor([0.9, 0.5, 0.1])
+    y = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    par = PAR(num_iter=0, dilations=(1,))
+    out = refine_cams_with_bkg(par, torch.rand(2, 3, 1, 3), cams, y, None, 0.7, 0.25, down_scale=1)
+    assert out.tolist() == [[[2, 255, 0]], [[2, 255, 0]]]
+
+
+def test_refine_and_multi_scale_cam_under_autocast():
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 16, 16)
+    cams = torch.rand(2, 3, 16, 16)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    par = PAR(num_iter=2, dilations=(1, 2))
+    ref = refine_cams_with_bkg(par, images, cams, y, None)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = refine_cams_with_bkg(par, images, cams, y, None)
+        fn = ToyCam()
+        fn.w, fn.w_aux = fn.w.float(), fn.w_aux.float()
+        cam, aux = multi_scale_cam(lambda x: tuple(m.bfloat16() for m in fn(x)), images)
+    assert torch.equal(out, ref)
+    assert cam.dtype == torch.float32 and aux.dtype == torch.float32
+    assert cam.min() == 0 and cam.max() < 1

@@ -1,0 +1,32 @@
+"""Datasets from a TrainConfig: the one place where config fields meet the dataset builders."""
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+from datasets import DatasetSpec, VOCEvalDataset, VOCTrainDataset
+from datasets.voc import seed_worker
+from toco.config import TrainConfig
+
+__all__ = ["dataset_spec", "train_dataset", "eval_dataset", "seed_worker"]
+
+
+def _synthetic_params(cfg: TrainConfig) -> dict[str, Any]:
+    return {"num_train": cfg.synthetic_train, "num_val": cfg.synthetic_val, "seed": 0}
+
+
+def dataset_spec(cfg: TrainConfig) -> DatasetSpec:
+    return datasets.get_dataset_spec(cfg.dataset)
+
+
+def train_dataset(cfg: TrainConfig) -> VOCTrainDataset:
+    # Reference bug B2 (independent local-view flip) belongs to the quirks switch.
+    return datasets.build_train_dataset(
+        cfg.dataset, cfg.data_root, cfg.train_split, cfg.crop_size, cfg.cache_dir,
+        scale_range=tuple(cfg.scale_range), align_local_flip=not cfg.reference_quirks,
+        synthetic_params=_synthetic_params(cfg))
+
+
+def eval_dataset(cfg: TrainConfig, split: str) -> VOCEvalDataset:
+    return datasets.build_eval_dataset(cfg.dataset, cfg.data_root, split, cfg.cache_dir,
+                                       synthetic_params=_synthetic_params(cfg))

@@ -1,18 +1,44 @@
 """Dataset registry: every dataset is a VOC-style tree read by the same loaders.
 
-A dataset differs only by data (class names, default splits, where its root comes from), so
-adding one is a new ``DatasetSpec`` entry, not new loader code.
+A dataset differs only by data (class names, default splits, how its root maps onto a
+``SegLayout``), so adding one is a new ``DatasetSpec`` entry, not new loader code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from datasets.coco_annotations import COCO_CLASSES
+from datasets.layout import SegLayout, VOCLayout
 from datasets.synthetic import SYNTHETIC_CLASSES, ensure_synthetic
 from datasets.voc import VOC_CLASSES, VOCEvalDataset, VOCTrainDataset
 from toco.errors import ConfigError
+
+# (root or None, split, cache_dir or None, synthetic params) -> layout of that split
+LayoutFactory = Callable[[Path | None, str, Path | None, dict[str, Any]], SegLayout]
+
+
+def _voc_layout(root: Path | None, split: str, cache_dir: Path | None,
+                params: dict[str, Any]) -> SegLayout:
+    return VOCLayout(root)
+
+
+def _synthetic_layout(root: Path | None, split: str, cache_dir: Path | None,
+                      params: dict[str, Any]) -> SegLayout:
+    if root is None:
+        if cache_dir is None:
+            raise ConfigError("dataset 'synthetic' is generated into cache_dir, which is not set")
+        root = ensure_synthetic(Path(cache_dir), **params)
+    return VOCLayout(root, shipped_splits=None)
+
+
+def _coco_layout(root: Path | None, split: str, cache_dir: Path | None,
+                 params: dict[str, Any]) -> SegLayout:
+    from datasets.coco import coco_layout  # not at import: `python -m datasets.coco` runs it
+
+    return coco_layout(root, split, cache_dir)
 
 
 @dataclass(frozen=True)
@@ -24,6 +50,8 @@ class DatasetSpec:
         class_names: all C classes, 'background' first.
         train_split: default training split.
         val_split: default evaluation split.
+        layout: builds the layout of a split from the root, the cache folder and generator
+            parameters (a VOC tree by default).
         generated: the root is generated under the cache folder when none is given.
     """
 
@@ -31,18 +59,28 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     train_split: str
     val_split: str
+    layout: LayoutFactory = _voc_layout
     generated: bool = False
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def make_layout(self, root: str | Path | None, split: str, cache_dir: str | Path | None,
+                    synthetic_params: dict[str, Any] | None = None) -> SegLayout:
+        if root is None and not self.generated:
+            raise ConfigError(f"dataset {self.name!r} needs a root folder (data root is not set)")
+        return self.layout(Path(root) if root is not None else None, split,
+                           Path(cache_dir) if cache_dir is not None else None,
+                           synthetic_params or {})  # fmt: skip
+
 
 DATASETS: dict[str, DatasetSpec] = {
     "voc": DatasetSpec("voc", VOC_CLASSES, train_split="train_aug", val_split="val"),
-    "synthetic": DatasetSpec(
-        "synthetic", SYNTHETIC_CLASSES, train_split="train", val_split="val", generated=True
-    ),
+    "coco": DatasetSpec("coco", COCO_CLASSES, train_split="train", val_split="val_part",
+                        layout=_coco_layout),  # fmt: skip
+    "synthetic": DatasetSpec("synthetic", SYNTHETIC_CLASSES, train_split="train",
+                             val_split="val", layout=_synthetic_layout, generated=True),
 }
 
 
@@ -55,22 +93,6 @@ def get_dataset_spec(name: str) -> DatasetSpec:
         ) from None
 
 
-def resolve_root(
-    spec: DatasetSpec,
-    root: str | Path | None,
-    cache_dir: str | Path | None,
-    synthetic_params: dict[str, Any] | None = None,
-) -> Path:
-    """The given root, or for generated datasets the generated folder under ``cache_dir``."""
-    if root is not None:
-        return Path(root)
-    if not spec.generated:
-        raise ConfigError(f"dataset {spec.name!r} needs a root folder (data root is not set)")
-    if cache_dir is None:
-        raise ConfigError(f"dataset {spec.name!r} is generated into cache_dir, which is not set")
-    return ensure_synthetic(Path(cache_dir), **(synthetic_params or {}))
-
-
 def build_train_dataset(
     name: str,
     root: str | Path | None,
@@ -81,19 +103,23 @@ def build_train_dataset(
     scale_range: tuple[float, float] = (0.5, 2.0),
     align_local_flip: bool = True,
     photometric: bool = True,
+    skip_bad_images: bool = False,
     synthetic_params: dict[str, Any] | None = None,
 ) -> VOCTrainDataset:
     """Training dataset ``name``; ``split=None`` picks the dataset's default training split."""
     spec = get_dataset_spec(name)
+    split = split or spec.train_split
     return VOCTrainDataset(
-        resolve_root(spec, root, cache_dir, synthetic_params),
-        split or spec.train_split,
+        spec.make_layout(root, split, cache_dir, synthetic_params),
+        split,
         num_classes=spec.num_classes,
         crop_size=crop_size,
         scale_range=scale_range,
         cache_dir=cache_dir,
         align_local_flip=align_local_flip,
         photometric=photometric,
+        skip_bad_images=skip_bad_images,
+        class_names=spec.class_names,
     )
 
 
@@ -108,12 +134,14 @@ def build_eval_dataset(
 ) -> VOCEvalDataset:
     """Evaluation dataset ``name``; ``split=None`` picks the dataset's default eval split."""
     spec = get_dataset_spec(name)
+    split = split or spec.val_split
     return VOCEvalDataset(
-        resolve_root(spec, root, cache_dir, synthetic_params),
-        split or spec.val_split,
+        spec.make_layout(root, split, cache_dir, synthetic_params),
+        split,
         num_classes=spec.num_classes,
         cache_dir=cache_dir,
         with_masks=with_masks,
+        class_names=spec.class_names,
     )
 
 

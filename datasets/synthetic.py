@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from datasets.voc import voc_palette
+from datasets.files import save_palette_png
 from toco.errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
@@ -411,13 +411,6 @@ def render_sample(rng: np.random.Generator, base_hw: tuple[int, int]) -> Sample:
         "water": water.rows() if water is not None else None,
     }
     return Sample(np.clip(img, 0, 255).astype(np.uint8), label, meta)
-
-
-def save_palette_png(mask: np.ndarray, path: Path) -> None:
-    """Index PNG with the VOC palette, as in VOC's SegmentationClass."""
-    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
-    img.putpalette(voc_palette())
-    img.save(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def test_run_folder_holds_everything(trained):
     assert "seg" not in losses[0] and "seg" in losses[1]  # switched on at --seg-start-iter 1
     ckpt = load_checkpoint(work / "checkpoints" / "last.pt")
     assert ckpt["iteration"] == 4 and ckpt["config"]["max_iters"] == 4
-    assert {"model", "optimizer", "scheduler"} <= set(ckpt)
+    assert {"model", "trainer", "config", "torch_rng"} <= set(ckpt)
+    assert {"optimizer", "scheduler", "scaler", "crop_rng"} <= set(ckpt["trainer"])
     table = (work / "val_iter000004.txt").read_text()
     assert "aeroplane" in table and "mIoU" in table
 
@@ -87,13 +88,14 @@ def test_resume_continues_to_the_end(trained, tmp_path):
 def test_existing_run_is_not_overwritten(trained, capsys):
     root, work = trained
     assert run(train, train_args(root, work, "--max-iters", "1")) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err
 
 
 def assert_user_error(capsys, code: int, *needles: str) -> None:
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith("error: ") and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
 

@@ -54,3 +54,12 @@ def test_bad_flags(argv, match):
 def test_roundtrip_through_dict():
     cfg = TrainConfig(max_iters=3, cam_scales=(1.0,)).validate()
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+    recipes = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        cfg, _ = parse_config(["--config", str(recipe), "--data-root", "/data"])
+        assert cfg.max_iters > 0

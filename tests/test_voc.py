@@ -13,10 +13,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import datasets.labels as labels_module
+import datasets.transforms as transforms
 import datasets.voc as voc
 from datasets import DATASETS, build_eval_dataset, build_train_dataset
+from datasets.layout import SHIPPED_SPLITS
 from datasets.voc import (
     VOC_CLASSES,
+    BadImageWarning,
     PhotometricView,
     VOCEvalDataset,
     VOCLayout,
@@ -32,6 +36,7 @@ from tests.fixtures import (
     boxes_mask,
     make_voc_tree,
     write_mask_png,
+    write_voc_xml,
 )
 from toco.errors import ConfigError, DataError
 
@@ -119,7 +124,7 @@ def test_label_cache_is_json_and_reused(voc_root, cache_dir, monkeypatch):
     def no_scan(*args):
         raise AssertionError("mask re-read although the cache is valid")
 
-    monkeypatch.setattr(voc, "_scan_labels", no_scan)
+    monkeypatch.setattr(labels_module, "scan_mask", no_scan)
     inode = cache_file.stat().st_ino  # an atomic rewrite would make a new inode
     second = image_labels(layout, "val", 21, cache_dir, drop_empty=False)
     assert {k: v.tolist() for k, v in first.items()} == {k: v.tolist() for k, v in second.items()}
@@ -164,9 +169,9 @@ def test_missing_jpeg_folder(tmp_path):
 
 def test_missing_split_lists_existing_splits(voc_root):
     with pytest.raises(DataError) as err:
-        VOCTrainDataset(voc_root, "train_aug")
+        VOCTrainDataset(voc_root, "trainval_x")
     message = str(err.value)
-    assert "train_aug.txt" in message and "test, train, val" in message
+    assert "trainval_x.txt" in message and "test, train, train_aug, val" in message
 
 
 def test_split_naming_missing_images(voc_root):
@@ -358,12 +363,12 @@ def test_photometric_view_blurs_and_solarizes_as_configured(monkeypatch):
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     radii = []
 
-    class RecordingBlur(voc.ImageFilter.GaussianBlur):
+    class RecordingBlur(transforms.ImageFilter.GaussianBlur):
         def __init__(self, radius):
             radii.append(radius)
             super().__init__(radius)
 
-    monkeypatch.setattr(voc.ImageFilter, "GaussianBlur", RecordingBlur)
+    monkeypatch.setattr(transforms.ImageFilter, "GaussianBlur", RecordingBlur)
     view = PhotometricView(flip=False, blur_p=1.0, solarize_p=1.0)
     view.colour = lambda x: x  # isolate blur and solarize from the colour jitter
     out = np.asarray(view(img))
@@ -435,8 +440,8 @@ def test_eval_without_masks_serves_the_test_split(voc_root):
 
 
 def test_unknown_dataset_lists_known_ones(voc_root):
-    with pytest.raises(ConfigError, match="unknown dataset 'coco'.*synthetic, voc"):
-        build_train_dataset("coco", voc_root, "train", 32, None)
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'.*coco, synthetic, voc"):
+        build_train_dataset("imagenet", voc_root, "train", 32, None)
 
 
 def test_voc_needs_a_root():
@@ -451,3 +456,93 @@ def test_registry_builds_voc_datasets(voc_root, cache_dir):
     with pytest.warns(UserWarning):
         train = build_train_dataset("voc", voc_root, "train", 32, cache_dir, photometric=False)
     assert train.crop_size == 32 and train[0]["cls_label"].shape == (20,)
+
+
+# --------------------------------------------------------------------------------------------
+# Split lists shipped with the project
+
+
+def shipped(name: str) -> list[str]:
+    return (SHIPPED_SPLITS / "voc" / f"{name}.txt").read_text().split()
+
+
+def test_shipped_voc_split_lists_have_the_standard_sizes_and_relations():
+    lists = {name: shipped(name) for name in ("train_aug", "train", "val", "test")}
+    assert {k: len(v) for k, v in lists.items()} == {
+        "train_aug": 10582, "train": 1464, "val": 1449, "test": 1456}  # fmt: skip
+    for name, ids in lists.items():
+        assert len(set(ids)) == len(ids), name
+        assert all(len(i) == 11 and i[4] == "_" and i.replace("_", "").isdigit() for i in ids)
+    aug = set(lists["train_aug"])
+    assert set(lists["train"]) <= aug
+    assert not aug & set(lists["val"]) and not aug & set(lists["test"])
+    assert not set(lists["val"]) & set(lists["test"])
+    assert lists["train_aug"][:2] == ["2007_000032", "2007_000039"]
+    assert lists["val"][0] == "2007_000033" and lists["test"][-1] == "2011_003231"
+
+
+def test_root_lists_win_over_shipped_ones(voc_root):
+    layout = VOCLayout(voc_root)
+    assert layout.split_path("train_aug") == SHIPPED_SPLITS / "voc" / "train_aug.txt"
+    assert layout.split_path("val") == voc_root / "ImageSets/Segmentation/val.txt"
+    with pytest.raises(DataError, match=r"train_aug\.txt names 10582 image\(s\) missing"):
+        layout.read_split("train_aug")
+    assert VOCLayout(voc_root, shipped_splits=None).available_splits() == ["test", "train", "val"]
+
+
+# --------------------------------------------------------------------------------------------
+# Labels from Annotations/*.xml where masks are missing
+
+
+def test_training_labels_fall_back_to_xml_annotations(voc_root, cache_dir):
+    (voc_root / "SegmentationClass/img_e.png").unlink()
+    write_voc_xml(voc_root / "Annotations/img_e.xml", (44, 52), ["person", "sheep", "person"],
+                  difficult=[False, True])  # fmt: skip
+    with pytest.warns(UserWarning, match="1 image.* have no mask; their labels come from"):
+        ds = VOCTrainDataset(voc_root, "val", cache_dir=cache_dir)
+    np.testing.assert_array_equal(ds.labels["img_e"], onehot([15, 17]))  # difficult counts
+    np.testing.assert_array_equal(ds.labels["img_a"], onehot([1, 15]))  # still from its mask
+    with pytest.raises(DataError, match="1 id.* no mask in .*SegmentationClass: img_e"):
+        VOCEvalDataset(voc_root, "val")  # scoring needs the mask itself
+
+
+def test_xml_with_an_unknown_class_names_the_file(voc_root):
+    (voc_root / "SegmentationClass/img_e.png").unlink()
+    write_voc_xml(voc_root / "Annotations/img_e.xml", (44, 52), ["unicorn"])
+    with pytest.raises(DataError, match=r"annotation .*img_e\.xml names unknown class 'unicorn'"):
+        VOCTrainDataset(voc_root, "val")
+
+
+def test_test_split_labels_come_from_xml_without_masks(voc_root):
+    write_voc_xml(voc_root / "Annotations/img_b.xml", (50, 30), ["cat", "chair"])
+    ds = VOCEvalDataset(voc_root, "test", with_masks=False)
+    assert ds.names == ["img_b", "img_c"] and "mask" not in ds[0]
+    np.testing.assert_array_equal(ds.labels["img_b"], onehot([8, 9]))
+    assert ds.labels["img_c"].sum() == 0  # no annotation file: no labels
+
+
+# --------------------------------------------------------------------------------------------
+# skip_bad_images
+
+
+def test_corrupt_training_image_is_skipped_once_with_a_warning(voc_root, cache_dir):
+    path = voc_root / "JPEGImages/img_b.jpg"
+    path.write_bytes(path.read_bytes()[:-150])
+    with pytest.warns(UserWarning, match="no foreground"):
+        strict = VOCTrainDataset(voc_root, "train", crop_size=24, cache_dir=cache_dir)
+        ds = VOCTrainDataset(voc_root, "train", crop_size=24, cache_dir=cache_dir,
+                             skip_bad_images=True)  # fmt: skip
+    index = ds.names.index("img_b")
+    with pytest.raises(DataError, match=r"img_b\.jpg"):
+        strict[index]
+    with pytest.warns(BadImageWarning, match=r"skipping a training image: .*img_b\.jpg") as rec:
+        sample = ds[index]
+        again = ds[index]
+    assert len(rec) == 1  # reported once, by name
+    assert sample["name"] == again["name"] == ds.names[index + 1]
+    for name in ds.names:
+        if name != "img_b":
+            (voc_root / f"JPEGImages/{name}.jpg").write_bytes(b"broken")
+    with pytest.warns(BadImageWarning):
+        with pytest.raises(DataError, match="no readable image left in split 'train'"):
+            ds[0]

@@ -19,8 +19,11 @@ import yaml
 from toco.errors import ConfigError
 
 
-def _opt(default: Any, help: str, choices: Sequence[Any] | None = None, group: str = "misc"):
+def _opt(default: Any, help: str, choices: Sequence[Any] | None = None, group: str = "misc",
+         elem: type | None = None):
     meta = {"help": help, "group": group}
+    if isinstance(default, (list, tuple)):
+        meta["elem"] = elem or (type(default[0]) if default else str)
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, tuple)):
@@ -33,7 +36,7 @@ class TrainConfig:
     """Every knob of a run. Field names are the YAML keys; flags are the same with dashes."""
 
     # Data
-    dataset: str = _opt("synthetic", "dataset kind", ["synthetic", "voc"], "data")
+    dataset: str = _opt("synthetic", "dataset kind", ["synthetic", "voc", "coco"], "data")
     data_root: Optional[str] = _opt(None, "dataset root (VOC layout); synthetic: generated if "
                                     "unset", group="data")
     train_split: str = _opt("train", "split list used for training", group="data")
@@ -41,10 +44,13 @@ class TrainConfig:
     cache_dir: str = _opt(".cache", "where generated data and label caches live", group="data")
     crop_size: int = _opt(128, "training crop size (pixels)", group="data")
     scale_range: tuple = _opt((0.5, 2.0), "random rescale range of the training images",
-                              group="data")
+                              group="data", elem=float)
     num_workers: int = _opt(2, "data-loader worker processes", group="data")
     synthetic_train: int = _opt(800, "synthetic set: number of training images", group="data")
     synthetic_val: int = _opt(150, "synthetic set: number of validation images", group="data")
+    skip_bad_images: bool = _opt(False, "a training image that cannot be decoded is reported "
+                                 "once and replaced by another instead of stopping the run",
+                                 group="data")
 
     # Model
     backbone: str = _opt("vit_tiny_patch16_224", "timm ViT/DeiT name", group="model")
@@ -63,7 +69,7 @@ class TrainConfig:
     head_lr_mult: float = _opt(10.0, "LR multiplier of classifier, CTC head and decoder",
                                group="optim")
     weight_decay: float = _opt(0.01, "AdamW weight decay (all groups)", group="optim")
-    betas: tuple = _opt((0.9, 0.999), "AdamW betas", group="optim")
+    betas: tuple = _opt((0.9, 0.999), "AdamW betas", group="optim", elem=float)
     warmup_iters: int = _opt(1500, "linear LR warm-up iterations", group="optim")
     warmup_ratio: float = _opt(1e-6, "LR factor at iteration 0", group="optim")
     poly_power: float = _opt(0.9, "power of the poly decay", group="optim")
@@ -88,7 +94,7 @@ class TrainConfig:
 
     # Pseudo labels
     cam_scales: tuple = _opt((1.0, 0.5, 1.5), "scales of the online multi-scale CAM",
-                             group="pseudo")
+                             group="pseudo", elem=float)
     high_thre: float = _opt(0.7, "CAM score above which a pixel is foreground", group="pseudo")
     low_thre: float = _opt(0.25, "CAM score below which a pixel is background", group="pseudo")
     bkg_thre: float = _opt(0.5, "background score for CAM evaluation", group="pseudo")
@@ -106,11 +112,29 @@ class TrainConfig:
     eval_every: int = _opt(500, "validate every N iterations (and at the end)", group="run")
     val_size: Optional[int] = _opt(None, "in-training validation resizes images to this square "
                                    "size (default: crop size)", group="run")
-    val_scales: tuple = _opt((1.0, 0.5, 1.5), "CAM scales for validation", group="run")
+    val_scales: tuple = _opt((1.0, 0.5, 1.5), "CAM scales for validation", group="run",
+                             elem=float)
     log_every: int = _opt(50, "log the running losses every N iterations", group="run")
     save_every: int = _opt(500, "write checkpoints/last.pt every N iterations", group="run")
     threads: Optional[int] = _opt(None, "CPU threads for torch (default: torch's choice)",
                                   group="run")
+    amp: str = _opt("auto", "mixed precision; auto = bf16 on GPUs that support it, else none",
+                    ["auto", "none", "bf16", "fp16"], "run")
+    tf32: bool = _opt(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs", group="run")
+    loss_group_size: int = _opt(0, "compute PTC and seg losses per group of this many images "
+                                "and average (ToCo: 2 images per GPU); 0 = the whole per-device "
+                                "batch", group="run")
+    nonfinite: str = _opt("stop", "on a NaN/inf loss: stop (last checkpoint kept) or skip "
+                          "the step", ["stop", "skip"], "run")
+    stop_at: Optional[int] = _opt(None, "end the run after this iteration (checkpoint saved, "
+                                  "schedule unchanged); resume later", group="run")
+    wandb: str = _opt("disabled", "Weights & Biases logging mode",
+                      ["disabled", "offline", "online"], "run")
+    wandb_project: str = _opt("wsss-toco", "wandb project", group="run")
+    wandb_name: Optional[str] = _opt(None, "wandb run name (default: the work dir's name)",
+                                     group="run")
+    wandb_tags: tuple = _opt((), "wandb tags", group="run")
+    num_vis: int = _opt(4, "images per wandb panel at each validation", group="run")
 
     def validate(self) -> "TrainConfig":
         """Check ranges and consistency; raise ConfigError naming the offending field."""
@@ -128,7 +152,7 @@ class TrainConfig:
                      "refine_down_scale", "synthetic_train", "synthetic_val"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_iters", "seg_start_iter", "contrast_start_iter",
-                     "aux_cam_until_iter", "num_workers"):
+                     "aux_cam_until_iter", "num_workers", "loss_group_size", "num_vis"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "w_cls", "w_ptc", "w_ctc", "w_seg", "w_reg", "weight_decay",
                      "ctc_temp"):
@@ -145,6 +169,8 @@ class TrainConfig:
              "cam_scales must be positive")
         need(self.local_crop_size <= self.crop_size,
              f"local_crop_size ({self.local_crop_size}) exceeds crop_size ({self.crop_size})")
+        need(self.stop_at is None or 0 < self.stop_at <= self.max_iters,
+             f"stop_at must be in 1..max_iters, got {self.stop_at}")
         need(self.dataset == "synthetic" or self.data_root is not None,
              f"--data-root is required for --dataset {self.dataset}")
         return self
@@ -169,8 +195,7 @@ def _scalar_type(name: str) -> type:
 
 
 def _element_type(name: str) -> type:
-    default = _FIELDS[name].default_factory()  # type: ignore[misc]
-    return type(default[0]) if default else float
+    return _FIELDS[name].metadata["elem"]
 
 
 def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def train_dataset(cfg: TrainConfig) -> VOCTrainDataset:
     return datasets.build_train_dataset(
         cfg.dataset, cfg.data_root, cfg.train_split, cfg.crop_size, cfg.cache_dir,
         scale_range=tuple(cfg.scale_range), align_local_flip=not cfg.reference_quirks,
-        synthetic_params=_synthetic_params(cfg))
+        skip_bad_images=cfg.skip_bad_images, synthetic_params=_synthetic_params(cfg))
 
 
 def eval_dataset(cfg: TrainConfig, split: str) -> VOCEvalDataset:

@@ -1,8 +1,9 @@
 """The training step and validation: dataset batch → model → pseudo labels → losses → update."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam
     refine_cams_with_bkg
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
+from toco.distributed import DistInfo, average_gradients
 from toco.errors import UserError
 from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
 from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenContrast, \
@@ -31,11 +33,20 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
     """ToCo's loss terms with their weights and switch-on iterations from the config."""
     return [
         ClassificationLoss(cfg.w_cls),
-        PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter),
+        PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter, cfg.loss_group_size),
         ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
                            always_add_negative_term=cfg.reference_quirks),
-        SegmentationLoss(cfg.w_seg, cfg.seg_start_iter),
+        SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
     ]
+
+
+def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for --amp (None = full fp32). 'auto': bf16 on capable GPUs."""
+    if mode == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,
@@ -53,18 +64,29 @@ class Trainer:
     """Owns the model, the loss modules, the optimizer and the per-step pseudo-label machinery."""
 
     def __init__(self, cfg: TrainConfig, model: ToCoNet, loss_modules: list[LossModule],
-                 device: torch.device) -> None:
+                 device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
         self.cfg = cfg
         self.model = model
         self.loss_modules = torch.nn.ModuleList(loss_modules)
         self.device = device
+        self.dist = dist_info
+        self.amp_dtype = resolve_amp(cfg.amp, device)
+        # A loss scaler is only needed (and only used) for fp16.
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.skipped_steps = 0
         self.par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
         extra = [p for m in self.loss_modules for p in m.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg, extra)
         self.scheduler = build_poly_warmup_scheduler(self.optimizer, cfg.warmup_iters,
                                                      cfg.max_iters, cfg.warmup_ratio,
                                                      cfg.poly_power)
-        self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + dist_info.rank)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ---- pseudo-label providers (called lazily through StepState) ----
     def _pseudo_label(self, state: StepState) -> Tensor:
@@ -105,7 +127,11 @@ class Trainer:
 
     # ---- one iteration ----
     def train_step(self, batch: dict, iteration: int) -> dict[str, float]:
-        """Forward, losses, backward and optimizer step; returns the unweighted losses."""
+        """Forward, losses, backward and optimizer step; returns the unweighted losses.
+
+        A non-finite loss raises NonFiniteLossError before any weight changes, or with
+        `nonfinite: skip` the step is dropped (and counted in `skipped_steps`).
+        """
         model, cfg, dev = self.model, self.cfg, self.device
         model.train()
         images = batch["image"].to(dev, non_blocking=True).float().div_(255)
@@ -114,55 +140,107 @@ class Trainer:
         cls_label = batch["cls_label"].to(dev, non_blocking=True).float()
         img_box = batch["img_box"].to(dev, non_blocking=True).long()
 
-        cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales)
-        feats = model.encode(images)
-        logits, aux_logits = model.classify(feats)
-        state = StepState(
-            iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
-            feats=feats, logits=logits, aux_logits=aux_logits, seg_logits=model.segment(feats),
-            cam=cam, cam_aux=cam_aux, make_pseudo_label=self._pseudo_label,
-            make_token_label=self._token_label,
-            make_ctc=lambda s: self._ctc(s, view2, local_view))
-
-        losses: dict[str, Tensor] = {}
-        total = images.new_zeros(())
-        for module in self.loss_modules:
-            if module.active(iteration):
-                for name, value in module.compute(state).items():
-                    losses[name] = value
-                    total = total + module.weight * value
+        with self.autocast():
+            cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales)
+            feats = model.encode(images)
+            logits, aux_logits = model.classify(feats)
+            state = StepState(
+                iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
+                feats=feats, logits=logits, aux_logits=aux_logits,
+                seg_logits=model.segment(feats), cam=cam.float(), cam_aux=cam_aux.float(),
+                make_pseudo_label=self._pseudo_label, make_token_label=self._token_label,
+                make_ctc=lambda s: self._ctc(s, view2, local_view))
+            losses: dict[str, Tensor] = {}
+            total = images.new_zeros(())
+            for module in self.loss_modules:
+                if module.active(iteration):
+                    for name, value in module.compute(state).items():
+                        losses[name] = value.float()
+                        total = total + module.weight * value.float()
         losses["total"] = total
-        values = torch.stack([v.detach().float() for v in losses.values()]).cpu().tolist()
+        # One host sync per step: the logged values double as the NaN/inf check.
+        values = torch.stack([v.detach() for v in losses.values()]).cpu().tolist()
         logged = dict(zip(losses, values))
         bad = [k for k, v in logged.items() if not math.isfinite(v)]
+        if self.dist.enabled:  # every rank must take the same decision
+            flag = torch.tensor([float(bool(bad))], device=dev)
+            torch.distributed.all_reduce(flag)
+            bad = bad or (["total (on another rank)"] if flag.item() > 0 else [])
         if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {iteration}: "
-                + ", ".join(f"{k}={logged[k]}" for k in bad))
+            message = (f"non-finite loss at iteration {iteration}: "
+                       + ", ".join(f"{k}={logged.get(k, float('nan'))}" for k in bad))
+            if cfg.nonfinite == "stop":
+                raise NonFiniteLossError(message + " (the last checkpoint is intact; "
+                                         "`--nonfinite skip` drops such steps instead)")
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return {**logged, "skipped": 1.0}
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        average_gradients((p for g in self.optimizer.param_groups for p in g["params"]),
+                          self.dist)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         logged["lr"] = self.optimizer.param_groups[0]["lr"]
         return logged
 
+    def state_dict(self) -> dict:
+        """Training state besides the model: optimizer, schedule, scaler, crop RNG."""
+        return {"loss_modules": self.loss_modules.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "crop_rng": self.crop_rng.get_state(),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_modules.load_state_dict(state["loss_modules"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.crop_rng.set_state(state["crop_rng"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
 
 @torch.no_grad()
 def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: torch.device,
-             size: int, cam_scales: Sequence[float], bkg_thre: float
-             ) -> dict[str, ConfusionMatrix]:
+             size: int, cam_scales: Sequence[float], bkg_thre: float,
+             dist_info: DistInfo = DistInfo(), autocast=contextlib.nullcontext,
+             num_panels: int = 0) -> tuple[dict[str, ConfusionMatrix], list[dict]]:
     """ToCo's in-training protocol: resize to size x size, multi-scale CAMs (masked by the GT
-    image labels) and single-scale segmentation, scored at the label's resolution."""
+    image labels) and single-scale segmentation, scored at the label's resolution.
+
+    Each rank scores its shard of the loader; the confusion matrices are summed across ranks
+    (never per-rank mIoU). Returns the matrices and up to `num_panels` picture panels.
+    """
+    from toco.tracking import heatmap, to_uint8_image
+
     model.eval()
     results = {k: ConfusionMatrix(num_classes, device=device) for k in ("cam", "aux_cam", "seg")}
+    panels: list[dict] = []
     for batch in loader:
         image = batch["image"].to(device).float().div_(255)
         mask = batch["mask"].to(device)
         cls_label = batch["cls_label"].to(device).float()
-        cam, cam_aux = predict_cams(model, image, cam_scales, flip=True, size=size)
-        results["cam"].update(cams_to_prediction(cam, cls_label, bkg_thre), mask)
-        results["aux_cam"].update(cams_to_prediction(cam_aux, cls_label, bkg_thre), mask)
-        seg = predict_seg_logits(model, image, size=size)
-        results["seg"].update(seg.argmax(1), mask)
+        with autocast():
+            cam, cam_aux = predict_cams(model, image, cam_scales, flip=True, size=size)
+            seg = predict_seg_logits(model, image, size=size).float().argmax(1)
+        cam_pred = cams_to_prediction(cam.float(), cls_label, bkg_thre)
+        results["cam"].update(cam_pred, mask)
+        results["aux_cam"].update(cams_to_prediction(cam_aux.float(), cls_label, bkg_thre),
+                                  mask)
+        results["seg"].update(seg, mask)
+        if len(panels) < num_panels:
+            score = (cam.float() * cls_label[:, :, None, None]).amax(1)[0]
+            panels.append({
+                "caption": str(batch["name"][0]), "image": to_uint8_image(image[0]),
+                "heatmap": heatmap(score),
+                "masks": {"prediction": seg[0].cpu().numpy(), "cam": cam_pred[0].cpu().numpy(),
+                          "ground_truth": mask[0].cpu().numpy()}})
+    if dist_info.enabled:
+        for r in results.values():
+            r.all_reduce_()
     model.train()
-    return results
+    return results, panels

@@ -1,11 +1,27 @@
 """ToCo's own loss terms as `LossModule`s: the engine treats them exactly like plug-ins."""
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from toco.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
 from toco.step import LossModule, StepState
+
+
+def grouped_mean(fn: Callable[..., Tensor], group_size: int, *tensors: Tensor) -> Tensor:
+    """fn over consecutive groups of `group_size` images, averaged (0: one group).
+
+    ToCo normalises PTC and seg over each GPU's 2-image batch; grouping reproduces that on
+    any number of devices.
+    """
+    batch = tensors[0].shape[0]
+    if group_size <= 0 or group_size >= batch:
+        return fn(*tensors)
+    return torch.stack([fn(*(t[i:i + group_size] for t in tensors))
+                        for i in range(0, batch, group_size)]).mean()
 
 
 class ClassificationLoss(LossModule):
@@ -23,8 +39,13 @@ class PatchTokenContrast(LossModule):
 
     names = ("ptc",)
 
+    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
+        super().__init__(weight, start_iter)
+        self.group_size = group_size
+
     def compute(self, state: StepState) -> dict[str, Tensor]:
-        return {"ptc": ptc_loss(state.feats.tokens, state.token_label)}
+        return {"ptc": grouped_mean(ptc_loss, self.group_size, state.feats.tokens,
+                                    state.token_label)}
 
 
 class ClassTokenContrast(LossModule):
@@ -49,8 +70,12 @@ class SegmentationLoss(LossModule):
 
     names = ("seg",)
 
+    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
+        super().__init__(weight, start_iter)
+        self.group_size = group_size
+
     def compute(self, state: StepState) -> dict[str, Tensor]:
         label = state.pseudo_label
         logits = F.interpolate(state.seg_logits, size=label.shape[-2:], mode="bilinear",
                                align_corners=False)
-        return {"seg": seg_loss(logits, label)}
+        return {"seg": grouped_mean(seg_loss, self.group_size, logits, label)}

@@ -104,6 +104,7 @@ def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
     contributes exactly 0 with a zero gradient (the original PyTorch's behaviour; modern
     F.cross_entropy gives 0/0 = NaN there, reference bug B4).
     """
+    label = label.to(device=logits.device, dtype=torch.long)
     ce = F.cross_entropy(_float(logits), label, ignore_index=ignore_index, reduction="none")
     bg = label == 0
     fg = (label > 0) & (label != ignore_index)

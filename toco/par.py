@@ -96,7 +96,8 @@ class PAR(nn.Module):
         # because it is squared.
         scale = (sigma + 1e-8).mul_(self.w1).reciprocal_()
         kappa = (nb - image.unsqueeze(2)).mul_(scale).square_().mean(dim=1).neg_()  # (B, N, H, W)
-        pos = self.pos_weight.to(kappa.dtype).view(1, -1, 1, 1)
+        # PAR has no parameters, so callers need not move it: follow the image's device.
+        pos = self.pos_weight.to(device=kappa.device, dtype=kappa.dtype).view(1, -1, 1, 1)
         return torch.softmax(kappa, dim=1).add_(pos, alpha=self.w2)
 
     def propagate(self, masks: Tensor, aff: Tensor) -> Tensor:

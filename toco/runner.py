@@ -1,42 +1,47 @@
-"""A whole training run: data and model set-up, the loop, validation, logging and checkpoints."""
+"""A whole training run: set-up, the loop, validation, records, checkpoints and resume."""
 from __future__ import annotations
 
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from toco import data
 from toco.builders import build_model, resolve_device
 from toco.checkpoint import load_checkpoint, save_checkpoint
 from toco.config import TrainConfig, save_config
+from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, \
+    init_distributed
 from toco.engine import Trainer, build_loss_modules, validate
-from toco.errors import UserError
+from toco.errors import ConfigError, UserError
 from toco.metrics import ConfusionMatrix, format_iou_table
+from toco.sampling import ResumableSampler, SeededSamples
+from toco.tracking import Tracker, gpu_memory_gb
 
 log = logging.getLogger("toco")
 
 COMPLETE_MARKER = "COMPLETE"
 
 
-def setup_logging(run_dir: Path | None) -> None:
-    """Console + (when given) run_dir/train.log, concise format."""
+def setup_logging(run_dir: Optional[Path], is_main: bool = True) -> None:
+    """Console + run_dir/train.log on rank 0; other ranks only report warnings."""
     log.handlers.clear()
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     log.addHandler(console)
-    if run_dir is not None:
+    if run_dir is not None and is_main:
         fh = logging.FileHandler(run_dir / "train.log")
         fh.setFormatter(fmt)
         log.addHandler(fh)
@@ -48,18 +53,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def infinite_batches(loader: DataLoader, sampler_gen: torch.Generator, seed: int,
-                     start_epoch: int = 0) -> Iterator[dict]:
-    """Endless iteration: epoch e shuffles with seed + e, so the order is reproducible."""
-    epoch = start_epoch
-    while True:
-        sampler_gen.manual_seed(seed + epoch)
-        yield from loader
-        epoch += 1
-
-
 def iou_tables(results: dict[str, ConfusionMatrix], class_names: list[str]) -> tuple[str, dict]:
-    """Text table (CAM | aux CAM | seg per class) and a JSON-friendly summary."""
+    """Text table (one column per result, IoU per class) and a JSON-friendly summary."""
     table = format_iou_table(class_names, {k: r.iou() for k, r in results.items()})
     summary = {k: {"miou": r.miou(),
                    "iou": {c: (None if np.isnan(v) else float(v) * 100)
@@ -68,123 +63,196 @@ def iou_tables(results: dict[str, ConfusionMatrix], class_names: list[str]) -> t
     return table, summary
 
 
-class MetricsWriter:
-    """Appends one JSON object per line; the dashboard-independent record of a run."""
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (checkpoint, then exit);
+    a second SIGINT interrupts at once."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous = {}
 
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def configure_precision(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # Denormal values (tiny activations and optimizer moments) make CPU maths up to 20x slower.
+    torch.set_flush_denormal(True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train with `cfg`; returns the final validation summary.
+    """Train with `cfg`; returns the final summary (also written to final.json).
 
     Everything that can fail on user input (data, backbone, checkpoint) is checked before the
-    run folder is created, and the folder only gets its COMPLETE marker at the very end.
+    run folder is created, and the folder gets its COMPLETE marker only at the very end.
+    A run folder holding an unfinished run is resumed automatically.
     """
     setup_logging(None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # Denormal optimizer/activation values make CPU float maths up to 20x slower.
-    torch.set_flush_denormal(True)
     device = resolve_device(cfg.device)
+    info = init_distributed(device.type)
+    try:
+        return _train(cfg, resume, device, info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
+           ) -> dict[str, Any]:
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
+                          f"{info.world_size} processes")
+    local_batch = cfg.batch_size // info.world_size
+    if cfg.loss_group_size and local_batch % cfg.loss_group_size:
+        raise ConfigError(f"per-device batch {local_batch} is not a multiple of "
+                          f"--loss-group-size {cfg.loss_group_size}")
+    configure_precision(cfg, device)
     seed_everything(cfg.seed)
+
     spec = data.dataset_spec(cfg)
     train_set = data.train_dataset(cfg)
     val_set = data.eval_dataset(cfg, cfg.val_split)
     model = build_model(cfg, spec.num_classes).to(device)
-    trainer = Trainer(cfg, model, build_loss_modules(cfg), device)
+    trainer = Trainer(cfg, model, build_loss_modules(cfg), device, info)
 
     run_dir = Path(cfg.work_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    start_iter = 0
-    if resume:
-        if not ckpt_path.exists():
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    complete = (run_dir / COMPLETE_MARKER).exists()
+    start_iter, wandb_id = 0, None
+    if resume and not ckpt_path.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    if complete and not resume:
+        raise UserError(f"{run_dir} already holds a finished run; pass --resume to continue "
+                        "it (e.g. with a larger --max-iters) or choose another --work-dir")
+    if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        start_iter = load_training_state(trainer, state)
-    elif (run_dir / COMPLETE_MARKER).exists() or ckpt_path.exists():
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                        "choose another --work-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
-    setup_logging(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    log.info("torch %s on %s; %d train / %d val images; %s", torch.__version__, device,
-             len(train_set), len(val_set), cfg.backbone)
+        start_iter, wandb_id = restore(trainer, state)
+    broadcast_parameters(model, info)
 
-    sampler_gen = torch.Generator()
-    per_device_batch = cfg.batch_size
-    loader = DataLoader(train_set, batch_size=per_device_batch, shuffle=True, drop_last=True,
-                        num_workers=cfg.num_workers, generator=sampler_gen,
-                        worker_init_fn=data.seed_worker, persistent_workers=cfg.num_workers > 0,
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    setup_logging(run_dir, info.is_main)
+    tracker = (Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.wandb_name,
+                       cfg.wandb_tags, resume_id=wandb_id) if info.is_main else None)
+    log.info("torch %s, %s x%d, amp %s, %d train / %d val images, %s, global batch %d",
+             torch.__version__, device, info.world_size, trainer.amp_dtype or "fp32",
+             len(train_set), len(val_set), cfg.backbone, cfg.batch_size)
+    if start_iter:
+        log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
+
+    sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
+                               info.world_size, start_iter)
+    loader = DataLoader(SeededSamples(train_set, cfg.seed), batch_size=local_batch,
+                        sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise UserError(f"the training split has {len(train_set)} images, fewer than the "
-                        f"batch size {cfg.batch_size}")
-    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, num_workers=cfg.num_workers)
-    batches = infinite_batches(loader, sampler_gen, cfg.seed, start_epoch=start_iter // len(loader))
-    for _ in range(start_iter % len(loader)):
-        next(batches)
+    val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
+    val_loader = DataLoader(val_shard, batch_size=1, shuffle=False,
+                            num_workers=min(cfg.num_workers, 2))
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}
-    tic = time.perf_counter()
-    for it in range(start_iter, cfg.max_iters):
-        logged = trainer.train_step(next(batches), it)
-        for k, v in logged.items():
-            running[k].append(v)
-        done = it + 1
-        if done % cfg.log_every == 0 or done == cfg.max_iters:
-            elapsed = time.perf_counter() - tic
-            rate = (done - start_iter) / elapsed
-            means = {k: float(np.mean(v)) for k, v in running.items()}
-            eta = (cfg.max_iters - done) / max(rate, 1e-9)
-            log.info("iter %d/%d  %s  %.2f s/it  eta %s", done, cfg.max_iters,
-                     "  ".join(f"{k} {v:.4g}" for k, v in means.items()), 1 / rate,
-                     time.strftime("%H:%M:%S", time.gmtime(eta)))
-            metrics.write({"iter": done, "s_per_iter": 1 / rate, **means})
-            running.clear()
-        if done % cfg.eval_every == 0 or done == cfg.max_iters:
-            results = validate(model, val_loader, spec.num_classes, device,
-                               cfg.val_size or cfg.crop_size, cfg.val_scales, cfg.bkg_thre)
-            table, summary = iou_tables(results, list(spec.class_names))
-            log.info("validation at iteration %d (%s split)\n%s", done, cfg.val_split, table)
-            (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
-            metrics.write({"iter": done, "val": summary})
-        if done % cfg.save_every == 0 or done == cfg.max_iters:
-            save_checkpoint(training_state(trainer, done), ckpt_path)
-    final = {"iterations": cfg.max_iters, **{f"{k}_miou": v["miou"] for k, v in summary.items()},
-             "validation": summary}
-    (run_dir / "final.json").write_text(json.dumps(final, indent=2))
-    (run_dir / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    done = start_iter
+    with StopSignal() as stop:
+        batches = iter(loader)
+        tic = time.perf_counter()
+        for it in range(start_iter, cfg.max_iters):
+            logged = trainer.train_step(next(batches), it)
+            done = it + 1
+            for k, v in logged.items():
+                running[k].append(v)
+            if done % cfg.log_every == 0 or done == cfg.max_iters:
+                tic = _log_progress(cfg, running, done, tic, device, tracker)
+            if done % cfg.eval_every == 0 or done == cfg.max_iters:
+                val_tic = time.perf_counter()
+                results, panels = validate(
+                    model, val_loader, spec.num_classes, device, cfg.val_size or cfg.crop_size,
+                    cfg.val_scales, cfg.bkg_thre, info, trainer.autocast,
+                    num_panels=cfg.num_vis if tracker and tracker.run else 0)
+                table, summary = iou_tables(results, list(spec.class_names))
+                log.info("validation at iteration %d (%s split)\n%s", done, cfg.val_split, table)
+                if tracker:
+                    (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
+                    tracker.log_validation(summary, spec.class_names, done, panels)
+                tic += time.perf_counter() - val_tic
+            stopping = stop.received or (cfg.stop_at is not None and done >= cfg.stop_at)
+            if done % cfg.save_every == 0 or done == cfg.max_iters or stopping:
+                if info.is_main:
+                    save_checkpoint(training_state(trainer, done, tracker), ckpt_path)
+            if stopping:
+                break
+    if done < cfg.max_iters:
+        why = stop.received or f"--stop-at {cfg.stop_at}"
+        log.info("stopped at iteration %d (%s); checkpoint saved, resume with --resume", done,
+                 why)
+        if tracker:
+            tracker.finish()
+        return {"iterations": done, "stopped": why}
+    final = {"iterations": done, "skipped_steps": trainer.skipped_steps,
+             **{f"{k}_miou": v["miou"] for k, v in summary.items()}, "validation": summary}
+    if tracker:
+        tracker.summary({k: v for k, v in final.items() if k != "validation"})
+        tracker.finish()
+        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+        (run_dir / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return final
 
 
-def training_state(trainer: Trainer, iteration: int) -> dict[str, Any]:
-    """Everything needed to evaluate (model + config) and to resume (optimizer, RNGs)."""
+def _log_progress(cfg: TrainConfig, running: dict[str, list[float]], done: int, tic: float,
+                  device: torch.device, tracker: Optional[Tracker]) -> float:
+    """One concise line: losses, LR, s/it and img/s over the window, ETA; then reset."""
+    now = time.perf_counter()
+    sec_per_iter = (now - tic) / max(len(running["total"]), 1)
+    means = {k: float(np.mean(v)) for k, v in running.items()}
+    means["s_per_iter"] = sec_per_iter
+    means["img_per_s"] = cfg.batch_size / sec_per_iter
+    mem = gpu_memory_gb(device)
+    if mem is not None:
+        means["gpu_mem_gb"] = mem
+    eta = time.strftime("%H:%M:%S", time.gmtime((cfg.max_iters - done) * sec_per_iter))
+    losses = "  ".join(f"{k} {means[k]:.4g}" for k in running if k != "lr")
+    log.info("iter %d/%d  %s  lr %.3g  %.2f s/it  %.1f img/s  eta %s", done, cfg.max_iters,
+             losses, means.get("lr", float("nan")), sec_per_iter, means["img_per_s"], eta)
+    if tracker:
+        tracker.log(means, done)
+    running.clear()
+    return now
+
+
+def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
+                   ) -> dict[str, Any]:
+    """Everything needed to evaluate (model + config) and to resume exactly."""
     return {
         "model": trainer.model.state_dict(),
-        "loss_modules": trainer.loss_modules.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
+        "trainer": trainer.state_dict(),
         "iteration": iteration,
         "config": trainer.cfg.to_dict(),
-        "crop_rng": trainer.crop_rng.get_state(),
         "torch_rng": torch.get_rng_state(),
-        "python_rng": list(random.getstate()[1]),
+        "wandb_id": tracker.run_id if tracker else None,
     }
 
 
-def load_training_state(trainer: Trainer, state: dict[str, Any]) -> int:
+def restore(trainer: Trainer, state: dict[str, Any]) -> tuple[int, Optional[str]]:
+    """Load a training state; returns (iteration, wandb run id)."""
     trainer.model.load_state_dict(state["model"])
-    trainer.loss_modules.load_state_dict(state.get("loss_modules", {}))
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.crop_rng.set_state(state["crop_rng"])
+    trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["iteration"])
+    return int(state["iteration"]), state.get("wandb_id")

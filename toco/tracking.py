@@ -1,0 +1,129 @@
+"""Run records: a JSONL metrics file always, and a wandb dashboard when asked for.
+
+Only rank 0 tracks. If wandb cannot start (not installed, no network, not logged in), the
+run goes on with the JSONL file and says so once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger("toco")
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the code being run, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    """Writes `metrics.jsonl` and mirrors everything to wandb when enabled."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], mode: str = "disabled",
+                 project: str = "wsss-toco", name: Optional[str] = None,
+                 tags: Sequence[str] = (), resume_id: Optional[str] = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            wandb_dir = run_dir / "wandb_files"
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=project, name=name or run_dir.name, tags=list(tags), mode=mode,
+                dir=str(wandb_dir), config={**config, "git_commit": git_commit()},
+                id=resume_id, resume="allow" if resume_id else None,
+                settings=wandb.Settings(init_timeout=60, silent=True))
+        except Exception as err:  # any failure to start wandb must not stop training
+            log.warning("wandb could not start (%s: %s); continuing with metrics.jsonl only",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.run = None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return None if self.run is None else self.run.id
+
+    def _wandb(self, fn_name: str, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, fn_name)(*args, **kwargs)
+        except Exception as err:
+            log.warning("wandb %s failed (%s); disabling wandb for this run", fn_name, err)
+            self.run = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"iter": step, **metrics}) + "\n")
+        self._wandb("log", {f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def log_validation(self, summary: dict[str, dict], class_names: Sequence[str],
+                       step: int, panels: Optional[list[dict[str, Any]]] = None) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"iter": step, "val": summary}) + "\n")
+        if self.run is None:
+            return
+        import wandb
+
+        columns = ["class"] + list(summary)
+        rows = [[c] + [summary[k]["iou"].get(c) for k in summary] for c in class_names]
+        payload: dict[str, Any] = {f"val/{k}_miou": v["miou"] for k, v in summary.items()}
+        payload["val/iou_table"] = wandb.Table(columns=columns, data=rows)
+        if panels:
+            labels = dict(enumerate(class_names))
+            labels[255] = "ignore"
+            payload["val/panels"] = [
+                wandb.Image(p["image"], caption=p["caption"],
+                            masks={k: {"mask_data": v, "class_labels": labels}
+                                   for k, v in p["masks"].items()})
+                for p in panels]
+            payload["val/cam_heatmaps"] = [wandb.Image(p["heatmap"], caption=p["caption"])
+                                           for p in panels]
+        self._wandb("log", payload, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        self._wandb("finish")
+        self.run = None
+
+
+def heatmap(cam: Tensor) -> np.ndarray:
+    """(H, W) scores in [0, 1] → uint8 RGB 'jet-like' picture, without matplotlib."""
+    x = cam.clamp(0, 1).float().cpu().numpy()
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def to_uint8_image(image: Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] → (H, W, 3) uint8."""
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def gpu_memory_gb(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+os.environ.setdefault("WANDB_SILENT", "true")

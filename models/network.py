@@ -33,6 +33,9 @@ class ToCoNet(nn.Module):
         self.decoder = LargeFOV(dim, num_classes, hidden_dim=decoder_dim)
         self.proj_head = CTCHead(dim, out_dim=ctc_out_dim)
         self.proj_head_teacher = EMATeacher(self.proj_head, momentum=ema_momentum)
+        # Modules mapping EncoderOutput -> EncoderOutput (e.g. RCA's memory aggregation), run
+        # inside `encode` so training, the CAM passes and inference all see the same features.
+        self.feature_hooks = nn.ModuleList()
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
 
@@ -42,7 +45,10 @@ class ToCoNet(nn.Module):
 
     def encode(self, images: Tensor) -> EncoderOutput:
         """images: (B, 3, H, W) in [0, 1]."""
-        return self.backbone((images - self.pixel_mean) / self.pixel_std)
+        feats = self.backbone((images - self.pixel_mean) / self.pixel_std)
+        for hook in self.feature_hooks:
+            feats = hook(feats)
+        return feats
 
     def classify(self, feats: EncoderOutput) -> tuple[Tensor, Tensor]:
         """Image logits from the final and the aux tokens, each (B, C-1)."""
@@ -84,7 +90,8 @@ class ToCoNet(nn.Module):
         backbone = trainable(self.backbone.named_parameters())
         heads = trainable(list(self.classifier.named_parameters())
                           + list(self.aux_classifier.named_parameters())
-                          + list(self.proj_head.named_parameters()))
+                          + list(self.proj_head.named_parameters())
+                          + list(self.feature_hooks.named_parameters()))
         return [
             [p for n, p in backbone if "norm" not in n],
             [p for n, p in backbone if "norm" in n],

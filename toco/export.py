@@ -1,0 +1,77 @@
+"""Release export: model weights as .safetensors, the training config in its metadata.
+
+    python -m toco.export --checkpoint work_dirs/run/checkpoints/last.pt --output model.safetensors
+
+The EMA teacher head is dropped (it is only used for training); `load_release` rebuilds the
+network from the embedded config with random-init backbone weights and loads the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from toco.checkpoint import load_checkpoint
+from toco.cli import run_cli
+from toco.errors import UserError
+
+TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
+
+
+def export_release(checkpoint: str, output: str) -> Path:
+    """Write the inference weights of `checkpoint` to `output` atomically."""
+    state = load_checkpoint(checkpoint)
+    tensors = {k: v.contiguous() for k, v in state["model"].items()
+               if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
+                                          "iteration": str(state["iteration"])})
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load_release(path: str, device: str = "cpu"):
+    """(model, config) from a release file written by `export_release`."""
+    from toco import data
+    from toco.builders import build_model
+    from toco.config import TrainConfig
+
+    try:
+        with safe_open(path, framework="pt", device=device) as fh:
+            cfg = TrainConfig.from_dict(json.loads(fh.metadata()["config"]), path)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read release file {path}: {err}") from None
+    model = build_model(cfg, data.dataset_spec(cfg).num_classes, pretrained="none")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
+    if missing or unexpected:
+        raise UserError(f"{path} does not match its config: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    return model.to(device).eval(), cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    print(export_release(args.checkpoint, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -57,7 +57,8 @@ def build_optimizer(model: ToCoNet, cfg: TrainConfig,
     mults = (1.0, 1.0, cfg.head_lr_mult, cfg.head_lr_mult)
     return torch.optim.AdamW(
         [{"params": g, "lr": cfg.lr * m} for g, m in zip(groups, mults) if g],
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay)
+        lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
+        foreach=True)
 
 
 class Trainer:
@@ -67,7 +68,8 @@ class Trainer:
                  device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
         self.cfg = cfg
         self.model = model
-        self.loss_modules = torch.nn.ModuleList(loss_modules)
+        # Plug-ins may own parameters and buffers (ToCo's own terms have none).
+        self.loss_modules = torch.nn.ModuleList(loss_modules).to(device)
         self.device = device
         self.dist = dist_info
         self.amp_dtype = resolve_amp(cfg.amp, device)
@@ -149,7 +151,7 @@ class Trainer:
                 feats=feats, logits=logits, aux_logits=aux_logits,
                 seg_logits=model.segment(feats), cam=cam.float(), cam_aux=cam_aux.float(),
                 make_pseudo_label=self._pseudo_label, make_token_label=self._token_label,
-                make_ctc=lambda s: self._ctc(s, view2, local_view))
+                make_ctc=lambda s: self._ctc(s, view2, local_view), model=model)
             losses: dict[str, Tensor] = {}
             total = images.new_zeros(())
             for module in self.loss_modules:

@@ -24,6 +24,14 @@ def grouped_mean(fn: Callable[..., Tensor], group_size: int, *tensors: Tensor) -
                         for i in range(0, batch, group_size)]).mean()
 
 
+class GroupedLossModule(LossModule):
+    """A loss normalised over groups of `group_size` images (see `grouped_mean`)."""
+
+    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
+        super().__init__(weight, start_iter)
+        self.group_size = group_size
+
+
 class ClassificationLoss(LossModule):
     """Multi-label soft-margin loss on the final (`cls`) and aux (`cls_aux`) image logits."""
 
@@ -34,14 +42,10 @@ class ClassificationLoss(LossModule):
                 "cls_aux": multilabel_loss(state.aux_logits, state.cls_label)}
 
 
-class PatchTokenContrast(LossModule):
+class PatchTokenContrast(GroupedLossModule):
     """PTC: pull final-layer tokens of the same aux-CAM label together, push others apart."""
 
     names = ("ptc",)
-
-    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
-        super().__init__(weight, start_iter)
-        self.group_size = group_size
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         return {"ptc": grouped_mean(ptc_loss, self.group_size, state.feats.tokens,
@@ -65,14 +69,10 @@ class ClassTokenContrast(LossModule):
                                 always_add_negative_term=self.always_add_negative_term)}
 
 
-class SegmentationLoss(LossModule):
+class SegmentationLoss(GroupedLossModule):
     """Background/foreground-balanced CE of the decoder against the refined pseudo label."""
 
     names = ("seg",)
-
-    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
-        super().__init__(weight, start_iter)
-        self.group_size = group_size
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         label = state.pseudo_label

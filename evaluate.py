@@ -49,7 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "optional pydensecrf2 package; CPU, for comparison)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--output-json", help="write the scores to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--save-dir", help="write each prediction as a palette PNG <id>.png here "
+                   "(e.g. CRF-refined pseudo labels, or test-server submissions)")
+    p.add_argument("--predict-only", action="store_true",
+                   help="seg mode on a split without masks (e.g. VOC test): only --save-dir")
+    args = p.parse_args(argv)
+    if args.predict_only and (args.mode != "seg" or not args.save_dir):
+        raise ConfigError("--predict-only needs --mode seg and --save-dir")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     from toco.builders import build_model, resolve_device
     from toco.checkpoint import load_checkpoint
     from toco.config import TrainConfig
+    from datasets.files import save_palette_png
+    from toco.crf import CRF_BACKENDS, pydensecrf_available
     from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
     from toco.metrics import ConfusionMatrix, format_iou_table
 
-    from toco.crf import CRF_BACKENDS, pydensecrf_available
     if args.crf and args.mode != "seg":
         raise ConfigError("--crf refines segmentation predictions: use it with --mode seg")
     if args.crf and args.crf_backend == "pydensecrf" and not pydensecrf_available():
@@ -78,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                                    ("cache_dir", args.cache_dir)) if v is not None}
     cfg = TrainConfig.from_dict({**state["config"], **overrides}, "checkpoint config")
     spec = data.dataset_spec(cfg)
-    dataset = data.eval_dataset(cfg, args.split)
+    dataset = data.eval_dataset(cfg, args.split, with_masks=not args.predict_only)
+    save_dir = Path(args.save_dir) if args.save_dir else None
+    if save_dir:
+        save_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     model.load_state_dict(state["model"])
     model.eval()
@@ -92,20 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=2)
     with torch.no_grad():
         for batch in loader:
-            if "mask" not in batch:
-                raise ConfigError(f"split '{args.split}' has no ground-truth masks to score")
+            if "mask" not in batch and not args.predict_only:
+                raise ConfigError(f"split '{args.split}' has no ground-truth masks to score "
+                                  "(use --predict-only --save-dir DIR to export predictions)")
             image = batch["image"].to(device).float().div_(255)
-            mask = batch["mask"].to(device)
+            mask = batch["mask"].to(device) if "mask" in batch else None
             if cam_mode:
                 cls_label = batch["cls_label"].to(device).float()
                 cams = predict_cams(model, image, scales, flip=flip, size=args.size)
-                for name, cam in zip(names, cams):
-                    results[name].update(cams_to_prediction(cam, cls_label, bkg_thre), mask)
+                preds = [cams_to_prediction(cam, cls_label, bkg_thre) for cam in cams]
             else:
-                logits = predict_seg_logits(model, image, scales, flip=flip, size=args.size)
-                if crf is not None:
-                    logits = crf(batch["image"], torch.softmax(logits, dim=1))
-                results["seg"].update(logits.argmax(1), mask)
+                scores = predict_seg_logits(model, image, scales, flip=flip, size=args.size)
+                if crf is not None:          # refines the softmax of the fused logits
+                    scores = crf(batch["image"], torch.softmax(scores, dim=1))
+                preds = [scores.argmax(1)]
+            if mask is not None:
+                for name, pred in zip(names, preds):
+                    results[name].update(pred, mask)
+            if save_dir:
+                save_palette_png(preds[0][0].byte().cpu().numpy(),
+                                 save_dir / f"{batch['name'][0]}.png")
+    if args.predict_only:
+        print(f"wrote {len(dataset)} predictions to {save_dir}")
+        return 0
 
     print(format_iou_table(list(spec.class_names), {k: r.iou() for k, r in results.items()}))
     main_result = results[names[0]]

@@ -53,6 +53,8 @@ class DatasetSpec:
         layout: builds the layout of a split from the root, the cache folder and generator
             parameters (a VOC tree by default).
         generated: the root is generated under the cache folder when none is given.
+        default_recipe: a file in configs/ whose settings become the defaults when this
+            dataset is chosen (a recipe given with --config and flags still override them).
     """
 
     name: str
@@ -61,6 +63,7 @@ class DatasetSpec:
     val_split: str
     layout: LayoutFactory = _voc_layout
     generated: bool = False
+    default_recipe: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -80,7 +83,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "coco": DatasetSpec("coco", COCO_CLASSES, train_split="train", val_split="val_part",
                         layout=_coco_layout),  # fmt: skip
     "synthetic": DatasetSpec("synthetic", SYNTHETIC_CLASSES, train_split="train",
-                             val_split="val", layout=_synthetic_layout, generated=True),
+                             val_split="val", layout=_synthetic_layout, generated=True,
+                             default_recipe="synthetic.yaml"),
 }
 
 

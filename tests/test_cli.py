@@ -22,7 +22,8 @@ TINY = ["--backbone", "deit_tiny_patch16_224", "--backbone-depth", "2", "--aux-l
 
 
 def train_args(root: Path, work: Path, *extra: str) -> list[str]:
-    return ["--dataset", "voc", "--data-root", str(root), "--cache-dir", str(work.parent / "c"),
+    return ["--dataset", "voc", "--data-root", str(root), "--train-split", "train",
+            "--val-split", "val", "--cache-dir", str(work.parent / "c"),
             "--work-dir", str(work), *TINY, *extra]
 
 
@@ -154,3 +155,29 @@ def test_unreadable_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"garbage")
     code = run(evaluate, ["--checkpoint", str(bad)])
     assert_user_error(capsys, code, "cannot read checkpoint", "last.pt")
+
+
+def test_evaluate_exports_predictions_as_palette_pngs(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root, work = trained
+    out = tmp_path / "preds"
+    assert run(evaluate, ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--split", "val",
+                          "--save-dir", str(out), "--output-json", str(tmp_path / "s.json")]) == 0
+    pngs = sorted(p.stem for p in out.glob("*.png"))
+    assert pngs == ["img_a", "img_d", "img_e"]
+    png = Image.open(out / "img_a.png")
+    assert png.mode == "P" and png.size == (60, 40)  # original image size
+    assert np.asarray(png).max() < 21
+
+
+def test_predict_only_on_a_split_without_masks(trained, tmp_path, capsys):
+    root, work = trained
+    out = tmp_path / "test_preds"
+    ckpt = str(work / "checkpoints" / "last.pt")
+    assert run(evaluate, ["--checkpoint", ckpt, "--split", "test", "--predict-only",
+                          "--save-dir", str(out)]) == 0
+    assert sorted(p.stem for p in out.glob("*.png")) == ["img_b", "img_c"]
+    assert run(evaluate, ["--checkpoint", ckpt, "--split", "test", "--predict-only"]) == 2
+    assert "needs --mode seg and --save-dir" in capsys.readouterr().err

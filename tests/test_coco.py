@@ -423,9 +423,9 @@ def test_coco_recipes_follow_the_official_schedule(recipe, backbone):
     active = {n: {type(m).__name__ for m in build_loss_modules(cfg) if m.active(n)}
               for n in (0, 8000, 8001, 12000, 12001)}
     assert active[0] == active[8000] == {"ClassificationLoss"}  # only cls losses up to 8000
-    assert active[8001] == active[12000] == {"ClassificationLoss", "SegmentationLoss"}
-    assert active[12001] == {"ClassificationLoss", "SegmentationLoss", "PatchTokenContrast",
-                             "ClassTokenContrast"}  # fmt: skip
+    seg_reg = {"ClassificationLoss", "SegmentationLoss", "RegularizationLoss"}
+    assert active[8001] == active[12000] == seg_reg
+    assert active[12001] == seg_reg | {"PatchTokenContrast", "ClassTokenContrast"}
     uses_aux = [n < cfg.aux_cam_until_iter for n in (12000, 12001)]  # the engine's rule
     assert uses_aux == [True, False]
 

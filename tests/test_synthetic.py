@@ -56,7 +56,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def test_default_generation_is_fast_and_complete(default_set):
     root, seconds = default_set
-    assert seconds < 20.0, f"generation took {seconds:.1f} s"
+    # ~3 s on an idle 2-core machine; the bound only catches pathological slow-downs.
+    assert seconds < 60.0, f"generation took {seconds:.1f} s"
     split_dir = root / "ImageSets/Segmentation"
     assert len(split_dir.joinpath("train.txt").read_text().split()) == 600
     assert len(split_dir.joinpath("val.txt").read_text().split()) == 120

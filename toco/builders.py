@@ -10,12 +10,20 @@ from toco.errors import ConfigError
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
-    """ToCoNet for `num_classes` (background included); `pretrained` overrides cfg.pretrained."""
+    """ToCoNet for `num_classes` (background included), with the enabled plug-ins' feature hooks;
+    `pretrained` overrides cfg.pretrained."""
     kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
     backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
                            aux_layer=cfg.aux_layer, **kwargs)
-    return ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
-                   ema_momentum=cfg.ema_momentum)
+    model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
+                    ema_momentum=cfg.ema_momentum)
+    # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
+    # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
+    from toco.plugins import build_feature_hooks
+
+    for hook in build_feature_hooks(cfg, backbone.embed_dim, num_classes):
+        model.feature_hooks.append(hook)
+    return model
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,6 +27,8 @@ def train_dataset(cfg: TrainConfig) -> VOCTrainDataset:
         skip_bad_images=cfg.skip_bad_images, synthetic_params=_synthetic_params(cfg))
 
 
-def eval_dataset(cfg: TrainConfig, split: str) -> VOCEvalDataset:
+def eval_dataset(cfg: TrainConfig, split: str | None, with_masks: bool = True
+                 ) -> VOCEvalDataset:
     return datasets.build_eval_dataset(cfg.dataset, cfg.data_root, split, cfg.cache_dir,
+                                       with_masks=with_masks,
                                        synthetic_params=_synthetic_params(cfg))

@@ -15,6 +15,7 @@ from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
 from toco.distributed import DistInfo, average_gradients
+from toco.energy import RegularizationLoss
 from toco.errors import UserError
 from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
 from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenContrast, \
@@ -37,6 +38,8 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
         ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
                            always_add_negative_term=cfg.reference_quirks),
         SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
+        RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
+                           reference_gradient=cfg.reference_quirks),
     ]
 
 

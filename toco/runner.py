@@ -24,7 +24,9 @@ from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed
 from toco.engine import Trainer, build_loss_modules, validate
 from toco.errors import ConfigError, UserError
 from toco.metrics import ConfusionMatrix, format_iou_table
-from toco.sampling import ResumableSampler, SeededSamples
+from toco.plugins import PLUGIN_NAMES, build_plugins, enabled_plugins
+from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, \
+    dataset_labels
 from toco.tracking import Tracker, gpu_memory_gb
 
 log = logging.getLogger("toco")
@@ -120,6 +122,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                           f"{info.world_size} processes")
     local_batch = cfg.batch_size // info.world_size
+    if cfg.mcis and local_batch % 2:
+        raise ConfigError(f"--mcis pairs the images of each per-device batch: {local_batch} "
+                          f"images per device (--batch-size {cfg.batch_size} over "
+                          f"{info.world_size} processes) is odd")
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:
         raise ConfigError(f"per-device batch {local_batch} is not a multiple of "
                           f"--loss-group-size {cfg.loss_group_size}")
@@ -130,7 +136,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     train_set = data.train_dataset(cfg)
     val_set = data.eval_dataset(cfg, cfg.val_split)
     model = build_model(cfg, spec.num_classes).to(device)
-    trainer = Trainer(cfg, model, build_loss_modules(cfg), device, info)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, spec.num_classes, info, model)
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, device, info)
 
     run_dir = Path(cfg.work_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -145,6 +152,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         state = load_checkpoint(ckpt_path, map_location=device)
         start_iter, wandb_id = restore(trainer, state)
     broadcast_parameters(model, info)
+    broadcast_parameters(trainer.loss_modules, info)  # plug-in heads and memories
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +167,13 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
 
-    sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
-                               info.world_size, start_iter)
+    if cfg.mcis:  # MCIS: each per-rank batch is anchor/partner pairs sharing a class
+        sampler = PairedResumableSampler(dataset_labels(train_set), local_batch, cfg.seed,
+                                         info.rank, info.world_size, start_iter,
+                                         cfg.mcis_pair_policy)
+    else:
+        sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
+                                   info.world_size, start_iter)
     loader = DataLoader(SeededSamples(train_set, cfg.seed), batch_size=local_batch,
                         sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
@@ -188,7 +201,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                     cfg.val_scales, cfg.bkg_thre, info, trainer.autocast,
                     num_panels=cfg.num_vis if tracker and tracker.run else 0)
                 table, summary = iou_tables(results, list(spec.class_names))
-                log.info("validation at iteration %d (%s split)\n%s", done, cfg.val_split, table)
+                log.info("validation at iteration %d (%s split)\n%s", done,
+                         cfg.val_split or spec.val_split, table)
                 if tracker:
                     (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
                     tracker.log_validation(summary, spec.class_names, done, panels)
@@ -252,6 +266,12 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
 
 def restore(trainer: Trainer, state: dict[str, Any]) -> tuple[int, Optional[str]]:
     """Load a training state; returns (iteration, wandb run id)."""
+    saved = {p for p in PLUGIN_NAMES if state.get("config", {}).get(p, False)}
+    wanted = set(enabled_plugins(trainer.cfg))
+    if saved != wanted:
+        raise UserError(f"the checkpoint was trained with plug-ins {sorted(saved) or 'none'}, "
+                        f"this run has {sorted(wanted) or 'none'}: resume with the same "
+                        "--ppc/--rca/--mcis switches")
     trainer.model.load_state_dict(state["model"])
     trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["torch_rng"])

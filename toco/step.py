@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbone import EncoderOutput
@@ -38,7 +39,10 @@ class StepState:
         seg_logits: decoder output, (B, C, h, w).
         cam, cam_aux: multi-scale, min-max normalised CAMs (B, C-1, H, W), no grad.
         pseudo_label, token_label, ctc: computed on first access by the engine's providers.
-        extras: free room for plug-ins to share tensors with each other.
+        extras: free room for plug-ins to share tensors with each other (and the cache of
+            `rescaled_view`).
+        model: the network being trained (its `encode` and CAM classifiers), for plug-ins that
+            need extra passes or the classifier weights; None when a state is built by hand.
     """
 
     iteration: int
@@ -55,6 +59,7 @@ class StepState:
     make_token_label: Callable[["StepState"], Tensor]
     make_ctc: Callable[["StepState"], CTCOutputs]
     extras: dict[str, Any] = field(default_factory=dict)
+    model: Optional[nn.Module] = None
 
     @cached_property
     def pseudo_label(self) -> Tensor:
@@ -70,6 +75,24 @@ class StepState:
     def ctc(self) -> CTCOutputs:
         """Global + local views through the encoder and the CTC heads (extra encoder passes)."""
         return self.make_ctc(self)
+
+    def rescaled_view(self, scale: float, flip: bool = False) -> tuple[Tensor, EncoderOutput]:
+        """The main view bilinearly resized by `scale` (then mirrored if `flip`) and its encoder
+        output, with grad: one extra encoder pass, run on first use and cached per (scale, flip).
+
+        Pixel-aligned with `images` up to the scale (and the mirror), unlike the CTC views.
+        """
+        key = ("rescaled_view", float(scale), bool(flip))
+        if key not in self.extras:
+            if self.model is None:
+                raise RuntimeError("StepState.rescaled_view needs the state's model")
+            h, w = self.images.shape[-2:]
+            size = (max(1, int(h * scale)), max(1, int(w * scale)))
+            x = F.interpolate(self.images, size=size, mode="bilinear", align_corners=False)
+            if flip:
+                x = x.flip(-1)
+            self.extras[key] = (x, self.model.encode(x))
+        return self.extras[key]
 
 
 class LossModule(nn.Module):

@@ -1,0 +1,130 @@
+"""Extra time per training step of each seed plug-in over the base pipeline (same config).
+
+    python scripts/bench_plugins.py --threads 1 --steps 12 --rounds 2
+    python scripts/bench_plugins.py --device cuda --crop-size 448 --backbone deit_base_patch16_224
+
+Times `Trainer.train_step` on fixed random batches (no data loading), plug-ins on from iteration
+0, with RCA's contrast forced on (min fill 0, enqueue threshold 0) and its aggregation reading
+real centroids; the k-means refresh (every `rca_kmeans_every` iterations) is timed on its own.
+Configurations are interleaved step by step so that load drifts hit them alike; the median step
+time of each is reported, as wall time and as the process's CPU time (on a CPU shared with other
+jobs the latter is the steadier measure of the work a step does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from toco.builders import build_model
+from toco.config import TrainConfig
+from toco.engine import Trainer, build_loss_modules
+from toco.plugins import build_plugins
+
+
+def make_batch(cfg: TrainConfig, num_fg: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b, s = cfg.batch_size, cfg.crop_size
+    img = lambda: torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)
+    labels = torch.zeros(b, num_fg)
+    for i in range(0, b, 2):  # pairs share class i % num_fg (what the MCIS sampler guarantees)
+        labels[i:i + 2, i % num_fg] = 1
+        labels[i, (i + 3) % num_fg] = 1
+    return {"image": img(), "view2": img(), "local_view": img(), "cls_label": labels,
+            "img_box": torch.tensor([[0, s, 0, s]] * b)}
+
+
+def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes).to(device)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, num_classes, model=model)
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, device)
+    for p in plugins:
+        if hasattr(p, "memory"):  # a full memory and real centroids: the steady state
+            m = p.memory
+            m.enqueue(torch.nn.functional.normalize(torch.randn(m.size, m.num_classes, m.dim,
+                                                                device=device), dim=-1),
+                      torch.ones(m.size, m.num_classes, dtype=torch.bool, device=device))
+            m.refresh_centroids(cfg.rca_kmeans_iters)
+    return trainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="deit_tiny_patch16_224")
+    p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
+    p.add_argument("--crop-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-local-crops", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
+    p.add_argument("--output-json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    common = dict(backbone=args.backbone, pretrained=args.pretrained, crop_size=args.crop_size,
+                  batch_size=args.batch_size,
+                  num_local_crops=args.num_local_crops, device=args.device, plugin_start_iter=0,
+                  seg_start_iter=0, warmup_iters=1, rca_min_fill=0.0, rca_enqueue_thr=0.0,
+                  amp="none" if device.type == "cpu" else "auto")
+    flags = {"base": {}, "ppc": {"ppc": True}, "rca": {"rca": True}, "mcis": {"mcis": True},
+             "all": {"ppc": True, "rca": True, "mcis": True}}
+    trainers = {n: build(TrainConfig(**common, **flags[n]).validate(), args.num_classes, device)
+                for n in args.configs}
+    batches = [make_batch(trainers[args.configs[0]].cfg, args.num_classes - 1, i)
+               for i in range(args.steps + args.warmup)]
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    cpu: dict[str, list[float]] = {n: [] for n in trainers}
+    it = {n: 0 for n in trainers}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.rounds):
+        for i, b in enumerate(batches):
+            for name, trainer in trainers.items():  # step by step: load drift hits all alike
+                sync()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                trainer.train_step(b, it[name])
+                sync()
+                it[name] += 1
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
+    result = {"device": args.device, "threads": args.threads, "backbone": args.backbone,
+              "crop_size": args.crop_size, "batch_size": args.batch_size, "steps": {}}
+    base = statistics.median(times["base"]) if "base" in times else None
+    base_cpu = statistics.median(cpu["base"]) if "base" in cpu else None
+    for name, ts in times.items():
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
+        result["steps"][name] = {
+            "median_s": med, "median_cpu_s": med_cpu,
+            "overhead": None if base is None else med / base - 1,
+            "overhead_cpu": None if base_cpu is None else med_cpu / base_cpu - 1}
+        extra = "" if base is None else (f"  {(med / base - 1) * 100:+.1f}% wall, "
+                                         f"{(med_cpu / base_cpu - 1) * 100:+.1f}% process CPU")
+        print(f"{name:5s} {med:.3f} s/step, {med_cpu:.3f} s CPU (n={len(ts)}){extra}")
+    if "rca" in trainers:
+        mem = next(p for p in trainers["rca"].loss_modules if hasattr(p, "memory")).memory
+        sync()
+        tic = time.perf_counter()
+        mem.refresh_centroids(trainers["rca"].cfg.rca_kmeans_iters)
+        sync()
+        km = time.perf_counter() - tic
+        every = trainers["rca"].cfg.rca_kmeans_every
+        result["rca_kmeans_s"] = km
+        print(f"rca k-means refresh: {km:.3f} s every {every} iterations "
+              f"({km / every * 1000:.2f} ms per iteration amortised)")
+    if args.output_json:
+        with open(args.output_json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

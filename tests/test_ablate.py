@@ -1,0 +1,159 @@
+"""The plug-in switchboard: flags off leave training bit-identical; config checks; the ablation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from models.backbone import ViTBackbone
+from models.network import ToCoNet
+from toco.ablate import seconds_per_iter, subset_plugins
+from toco.config import TrainConfig, parse_config
+from toco.engine import Trainer, build_loss_modules
+from toco.errors import ConfigError
+
+TINY = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=2, aux_layer=0,
+            crop_size=32, local_crop_size=16, num_local_crops=2, batch_size=2, decoder_dim=8,
+            cam_scales=(1.0, 0.5), par_iters=2, par_dilations=(1, 2), seg_start_iter=1,
+            warmup_iters=1, device="cpu")
+
+
+def batch(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    img = lambda: torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return {"image": img(), "view2": img(), "local_view": img(),
+            "cls_label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+            "img_box": torch.tensor([[0, 32, 0, 32], [4, 28, 0, 30]])}
+
+
+def run_steps(trainer: Trainer, n: int = 3) -> list[dict]:
+    return [trainer.train_step(batch(i), i) for i in range(n)]
+
+
+def test_training_with_every_plugin_off_is_bit_identical_to_plain_toco():
+    from toco.builders import build_model
+    from toco.plugins import build_plugins
+
+    # plug-in hyper-parameters set, switches off: nothing of them may leak into the step
+    cfg = TrainConfig(**TINY, ppc_tau=0.3, rca_dim=16, mcis_w_co=3.0, w_ppc=1.0, w_rca=1.0,
+                      plugin_start_iter=0).validate()
+    torch.manual_seed(0)
+    plain = ToCoNet(ViTBackbone(cfg.backbone, "none", aux_layer=0, depth=2), 4, decoder_dim=8,
+                    ema_momentum=cfg.ema_momentum)
+    reference = Trainer(cfg, plain, build_loss_modules(cfg), torch.device("cpu"))
+    rng_after_plain = torch.get_rng_state()
+
+    torch.manual_seed(0)
+    model = build_model(cfg, 4)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+    assert plugins == [] and len(model.feature_hooks) == 0
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)  # no random draw was added
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
+
+    torch.manual_seed(1)
+    want = run_steps(reference)
+    torch.manual_seed(1)
+    got = run_steps(trainer)
+    assert got == want  # every logged loss, bit for bit
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_plugins_on_change_the_step_and_stay_finite():
+    from toco.builders import build_model
+    from toco.plugins import build_plugins
+
+    cfg = TrainConfig(**{**TINY, "crop_size": 64, "local_crop_size": 32}, ppc=True, rca=True,
+                      mcis=True, plugin_start_iter=0, rca_enqueue_thr=0.0, rca_min_fill=0.0,
+                      rca_kmeans_every=1, rca_dim=16, rca_mem_size=4,
+                      rca_num_centroids=2, rca_min_tokens=1,
+                      rca_mask_source="cam_mean").validate()
+    torch.manual_seed(0)
+    model = build_model(cfg, 4)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+    assert [type(p).__name__ for p in plugins] == ["PixelPrototypeContrast", "RegionalContrast",
+                                                    "CrossImageSemantics"]
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
+    b = batch(0)
+    b = {k: (torch.nn.functional.interpolate(v.float(), size=(64, 64)).to(torch.uint8)
+             if k in ("image", "view2", "local_view") else v) for k, v in b.items()}
+    b["img_box"] = torch.tensor([[0, 64, 0, 64], [0, 64, 0, 64]])
+    logs = [trainer.train_step(b, i) for i in range(3)]
+    for log in logs:
+        assert all(math.isfinite(v) for v in log.values())
+        assert {"ppc_cp", "ppc_cc", "ppc_intra", "rca", "mcis_co", "mcis_ex"} <= set(log)
+    assert int(plugins[1].memory.count.sum()) > 0
+    # plug-in parameters are trained (x10 head group), hooks' parameters too
+    head_params = {id(p) for p in trainer.optimizer.param_groups[2]["params"]}
+    for module in plugins + [model.feature_hooks[0]]:
+        assert all(id(p) in head_params for p in module.parameters())
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--ppc", "--ppc-view2-scale", "0.1"], "under 32 px"),
+    (["--ppc-semi-hard", "5", "3"], "ppc_semi_hard"),
+    (["--ppc-hard-pixel", "0.5", "0.7", "0.6"], "ppc_hard_pixel"),
+    (["--ppc", "--ppc-terms", "0", "0", "0"], "every ppc_terms weight 0"),
+    (["--rca-num-centroids", "9", "--rca-mem-size", "4"], "rca_num_centroids"),
+    (["--rca-momentum", "1"], "rca_momentum"),
+    (["--rca", "--no-rca-contrast", "--no-rca-aggregation"], "does nothing"),
+    (["--mcis", "--batch-size", "5"], "is odd"),
+    (["--rca-mask-source", "saliency"], "invalid choice"),
+    (["--plugin-start-iter", "-1"], "plugin_start_iter"),
+])
+def test_bad_plugin_settings_are_config_errors(flags, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(flags)
+
+
+def test_plugin_start_defaults_to_the_seg_start():
+    assert TrainConfig(seg_start_iter=123).validate().plugin_start == 123
+    assert TrainConfig(seg_start_iter=123, plugin_start_iter=7).validate().plugin_start == 7
+
+
+def test_subset_names():
+    assert subset_plugins("base") == () and subset_plugins("all") == ("ppc", "rca", "mcis")
+    assert subset_plugins("mcis+ppc") == ("ppc", "mcis")
+    with pytest.raises(ConfigError, match="unknown subset"):
+        subset_plugins("ppc+crf")
+
+
+def test_seconds_per_iter_skips_warm_up_and_pre_plugin_windows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"iter": 2, "s_per_iter": 9.0}, {"iter": 4, "s_per_iter": 1.0},
+            {"iter": 4, "val": {}}, {"iter": 6, "s_per_iter": 2.0}, {"iter": 10, "s_per_iter": 3.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert seconds_per_iter(path, 0) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3) / 8)
+    assert seconds_per_iter(path, 4) == pytest.approx((2 * 2 + 4 * 3) / 6)
+    assert seconds_per_iter(path, 100) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3) / 8)
+
+
+def test_tiny_ablation_writes_one_table(tmp_path):
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import TINY as CLI_TINY
+    from toco import ablate
+    from toco.cli import run_cli
+
+    root = make_standard_voc_tree(tmp_path / "VOC2012")
+    out = tmp_path / "abl"
+    argv = ["--out", str(out), "--subsets", "base", "all", "--no-isolate", "--dataset", "voc",
+            "--data-root", str(root), "--train-split", "train", "--val-split", "val",
+            "--cache-dir", str(tmp_path / "c"), *CLI_TINY,
+            "--batch-size", "4", "--max-iters", "3", "--seg-start-iter", "1", "--warmup-iters",
+            "1", "--eval-every", "3", "--log-every", "1", "--plugin-start-iter", "0",
+            "--threads", "1"]
+    assert run_cli(lambda: ablate.main(argv)) == 0
+    table = (out / "ablation.md").read_text()
+    assert "| base |" in table and "| all |" in table and "pseudo-label mIoU" in table
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["runs"]) == ["base", "all"]
+    for row in report["runs"].values():
+        for key in ("cam_miou", "aux_cam_miou", "pseudo_label_miou", "seg_miou"):
+            assert 0 <= row[key] <= 100
+        assert row["s_per_iter"] > 0 and row["peak_memory_mb"] > 0
+    assert report["runs"]["all"]["plugins"] == ["ppc", "rca", "mcis"]
+    # results are reused: a second call trains nothing and rewrites the same table
+    assert run_cli(lambda: ablate.main(argv)) == 0
+    assert (out / "ablation.md").read_text() == table

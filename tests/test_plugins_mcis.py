@@ -1,0 +1,237 @@
+"""MCIS plug-in: co-attention maths and symmetry, the losses, and the class-aware pair sampler."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.backbone import EncoderOutput
+from models.heads import CAMClassifier
+from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, \
+    cross_image_cam
+from toco.sampling import PairedResumableSampler, ResumableSampler
+from toco.step import StepState
+
+
+def np_softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_co_attention_shapes_and_formula():
+    torch.manual_seed(0)
+    head = CoAttention(6, 4)
+    fm, fn = torch.randn(2, 5, 6), torch.randn(2, 3, 6)
+    att_m, att_n = head.attend(fm, fn)
+    assert att_m.shape == (2, 5, 6) and att_n.shape == (2, 3, 6)
+    w = head.affinity.weight.detach().numpy()
+    for p in range(2):
+        m, n = fm[p].numpy(), fn[p].numpy()
+        s = (m @ w.T) @ n.T / math.sqrt(6)  # S_ij = (W f_m,i) . f_n,j
+        np.testing.assert_allclose(att_n[p].detach().numpy(), np_softmax(s, 0).T @ m, rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(att_m[p].detach().numpy(), np_softmax(s, 1) @ n, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_co_attention_is_symmetric_under_swapping_the_pair():
+    torch.manual_seed(1)
+    head = CoAttention(6, 4)
+    with torch.no_grad():  # a symmetric W: swapping the images swaps the outputs
+        head.affinity.weight.copy_(head.affinity.weight + head.affinity.weight.t())
+    fm, fn = torch.randn(3, 4, 6), torch.randn(3, 7, 6)
+    a_m, a_n = head.attend(fm, fn)
+    b_n, b_m = head.attend(fn, fm)
+    torch.testing.assert_close(a_m, b_m)
+    torch.testing.assert_close(a_n, b_n)
+    general = CoAttention(6, 4)
+    transposed = CoAttention(6, 4)
+    with torch.no_grad():  # in general (m, n) with W equals (n, m) with W^T
+        transposed.affinity.weight.copy_(general.affinity.weight.t())
+    a_m, a_n = general.attend(fm, fn)
+    b_n, b_m = transposed.attend(fn, fm)
+    torch.testing.assert_close(a_m, b_m)
+    torch.testing.assert_close(a_n, b_n)
+
+
+def test_low_rank_affinity_has_the_same_shapes():
+    head = CoAttention(8, 3, lowrank_dim=2)
+    att_m, att_n = head.attend(torch.randn(1, 4, 8), torch.randn(1, 6, 8))
+    assert att_m.shape == (1, 4, 8) and att_n.shape == (1, 6, 8)
+    assert sum(p.numel() for p in head.affinity.parameters()) == 2 * 8 * 2
+
+
+def make_state(tokens: torch.Tensor, labels: torch.Tensor, iteration: int = 10, model=None):
+    b = tokens.shape[0]
+    return StepState(iteration=iteration, images=torch.zeros(b, 3, 8, 8), cls_label=labels,
+                     img_box=torch.zeros(b, 4), feats=EncoderOutput(tokens.mean((-2, -1)), tokens,
+                                                                    tokens),
+                     logits=torch.zeros_like(labels), aux_logits=torch.zeros_like(labels),
+                     seg_logits=torch.zeros(b, 4, 2, 2), cam=None, cam_aux=None,
+                     make_pseudo_label=None, make_token_label=None, make_ctc=None, model=model)
+
+
+def mlsm(logits, labels):
+    x, y = logits.detach().numpy().astype(np.float64), labels.numpy()
+    ls = -(y * np.log(1 / (1 + np.exp(-x))) + (1 - y) * np.log(1 / (1 + np.exp(x))))
+    return ls.mean(axis=1)
+
+
+def test_losses_match_independent_values_and_skip_empty_unshared_rows():
+    torch.manual_seed(2)
+    tokens = torch.randn(4, 6, 2, 3)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0],    # pair 0: common {0}, m has {1}
+                           [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])   # pair 1: common {2}, nothing else
+    mcis = CrossImageSemantics(6, 4, w_co=1.0, w_ex=2.0)
+    out = mcis.compute(make_state(tokens, labels))
+    x = tokens.flatten(2).transpose(1, 2)
+    att_m, att_n = mcis.head.attend(x[0::2], x[1::2])
+    w = mcis.head.classifier.weight
+    co = torch.cat([att_m, att_n]).mean(1) @ w.t()
+    common = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+    assert float(out["mcis_co"]) == pytest.approx(mlsm(co, torch.cat([common, common])).mean(),
+                                                  rel=1e-5)
+    gate = lambda f, a: f * (1 - torch.sigmoid(a @ mcis.head.gate.weight.t()))
+    ex = torch.cat([gate(x[0::2], att_m), gate(x[1::2], att_n)]).mean(1) @ w.t()
+    y_ex = torch.tensor([[0, 1.0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])  # rows m0, m1, n0, n1
+    per_row = mlsm(ex, y_ex)
+    assert float(out["mcis_ex"]) == pytest.approx(2.0 * per_row[0], rel=1e-5)
+    official = CrossImageSemantics(6, 4, w_ex=1.0, ex_empty_rows=True)
+    official.load_state_dict(mcis.state_dict())
+    assert float(official.compute(make_state(tokens, labels))["mcis_ex"]) == pytest.approx(
+        per_row.mean(), rel=1e-5)
+    late = CrossImageSemantics(6, 4, ex_start=11).compute(make_state(tokens, labels))
+    assert set(late) == {"mcis_co"}
+
+
+def test_losses_backpropagate_and_can_share_the_classifier():
+    tokens = torch.randn(2, 6, 2, 2, requires_grad=True)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    model = torch.nn.Module()
+    model.classifier = CAMClassifier(6, 3)
+    mcis = CrossImageSemantics(6, 4, share_classifier=True)
+    assert mcis.head.classifier is None
+    out = mcis.compute(make_state(tokens, labels, model=model))
+    sum(out.values()).backward()
+    assert model.classifier.conv.weight.grad.abs().sum() > 0
+    assert tokens.grad.abs().sum() > 0 and mcis.head.affinity.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="pairs"):
+        mcis.compute(make_state(torch.randn(3, 6, 2, 2), torch.ones(3, 3), model=model))
+
+
+def test_cross_image_cam_keeps_each_class_from_its_partners():
+    class Net(torch.nn.Module):
+        patch_size = 4
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, 6, 4, stride=4)
+            self.classifier = CAMClassifier(6, 3)
+
+        def encode(self, x):
+            t = self.embed(x)
+            return EncoderOutput(t.mean((-2, -1)), t, t)
+
+    torch.manual_seed(3)
+    net, mcis = Net(), CrossImageSemantics(6, 4)
+    cam_m, cam_n = co_attention_cams(net, mcis, torch.rand(2, 3, 16, 16), torch.rand(2, 3, 8, 12))
+    assert cam_m.shape == (2, 3, 4, 4) and cam_n.shape == (2, 3, 2, 3)
+    cam = cross_image_cam(net, mcis, torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0]]),
+                          {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 8, 8)]})
+    assert cam.shape == (1, 3, 16, 16) and cam[:, 1].abs().sum() == 0
+    assert 0 <= float(cam.min()) and float(cam.max()) <= 1
+
+
+def random_labels(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, k)) < 0.25
+    labels[np.arange(n), rng.integers(0, k, n)] = True  # every image has a class
+    return labels
+
+
+def take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_pair_sampler_always_pairs_images_sharing_a_class():
+    labels = random_labels(60, 6, 0)
+    labels[:3] = False
+    labels[:3, 5] = True
+    labels[3:, 5] = False
+    labels[10, 5] = True  # class 5: images 0, 1, 2, 10
+    labels[~labels.any(axis=1), 0] = True
+    sampler = PairedResumableSampler(labels, 4, seed=1)
+    keys = take(sampler, 4 * 60)  # four epochs of anchors (15 iterations each)
+    idx = [k % 60 for k in keys]
+    for a, p in zip(idx[0::2], idx[1::2]):
+        assert (labels[a] & labels[p]).any()
+        assert a != p
+    assert len(set(keys)) == len(keys)  # each (epoch, anchor, role) has its own augmentation
+    anchors_epoch0 = idx[0:60:2]
+    assert len(set(anchors_epoch0)) == 30  # no anchor repeats within an epoch
+
+
+def test_pair_sampler_resumes_and_shards_like_the_resumable_sampler():
+    labels = random_labels(40, 5, 2)
+    full = take(PairedResumableSampler(labels, 4, seed=3), 4 * 25)
+    resumed = take(PairedResumableSampler(labels, 4, seed=3, start_iter=7), 4 * 18)
+    assert resumed == full[4 * 7:]
+    ranks = [take(PairedResumableSampler(labels, 2, seed=3, rank=r, world_size=2), 2 * 20)
+             for r in range(2)]
+    for t in range(20):  # iteration t: the two ranks hold different anchors
+        a0, a1 = ranks[0][2 * t] % 40, ranks[1][2 * t] % 40
+        assert a0 != a1
+    again = take(PairedResumableSampler(labels, 4, seed=3), 4 * 25)
+    assert again == full
+    assert take(PairedResumableSampler(labels, 4, seed=4), 8) != full[:8]
+    assert PairedResumableSampler(labels, 4, seed=3).iters_per_epoch == 20
+    assert ResumableSampler(40, 4, 3).iters_per_epoch == 10  # anchors only: twice the iterations
+
+
+def test_random_policy_and_bad_batches():
+    labels = random_labels(10, 3, 4)
+    keys = take(PairedResumableSampler(labels, 2, seed=0, policy="random"), 40)
+    assert all(a % 10 != p % 10 for a, p in zip(keys[0::2], keys[1::2]))
+    with pytest.raises(ValueError, match="even"):
+        PairedResumableSampler(labels, 3, seed=0)
+
+
+def test_mcis_trains_through_the_cli(tmp_path):
+    import train
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import run, train_args
+
+    root = make_standard_voc_tree(tmp_path / "VOC2012")
+    work = tmp_path / "run"
+    argv = train_args(root, work, "--max-iters", "3", "--mcis", "--plugin-start-iter", "0",
+                      "--eval-every", "3", "--log-every", "1", "--threads", "1")
+    argv[argv.index("--batch-size") + 1] = "4"
+    assert run(train, argv) == 0
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "total" in r]
+    assert len(losses) == 3
+    assert all(math.isfinite(r["mcis_co"]) and math.isfinite(r["mcis_ex"]) for r in losses)
+    # cross-image CAM inference from the checkpoint (the co-attention head is in the trainer state)
+    from toco.plugins import mcis_eval
+
+    out = tmp_path / "mcis.json"
+    assert run(mcis_eval, ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--partners",
+                           "2", "--size", "32", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 <= report["miou"] <= 100 and report["num_images"] == 3
+
+
+def test_odd_batch_is_refused(tmp_path, capsys):
+    import train
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import run, train_args
+
+    root = make_standard_voc_tree(tmp_path / "VOC2012")
+    argv = train_args(root, tmp_path / "run", "--max-iters", "1", "--mcis")
+    argv[argv.index("--batch-size") + 1] = "3"
+    assert run(train, argv) == 2
+    assert "--batch-size 3 is odd" in capsys.readouterr().err

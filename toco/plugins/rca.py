@@ -1,0 +1,440 @@
+"""RCA: regional semantic contrast and aggregation (Zhou et al., CVPR 2022) as a ToCo plug-in
+(seeds spec 1).
+
+Pieces:
+- `RCAMemory`: the class-wise regional memory M_k (K classes x L slots x d), its write pointer
+  and fill count, and the k-means centroids U_k. All are persistent buffers.
+- `RCAAggregation`: a feature hook of the network (`model.feature_hooks`): every encoder pass
+  (training, the CAM passes, inference) maps the final tokens X to
+  X' = X + gamma * Out(softmax(Q(X) K(U)^T / sqrt(d)) V(U)), gamma a zero-initialised gate, so
+  the trained model carries the memory centroids in its state_dict.
+- `RegionalContrast`: the loss module. Region embeddings r_{b,c} = normalise(mean of g(X) over the
+  region of class c in image b) (g: projection head D -> 512 -> d, on the tokens *before*
+  aggregation); region-to-memory InfoNCE with every filled slot of the class as a positive
+  (tau 0.07), embedding mixup; FIFO enqueue of confident regions, all-gathered across ranks; a
+  deterministic k-means refresh of U every `kmeans_every` iterations.
+
+Fixes of the official code (seeds spec 1.4), each with the official behaviour one flag away:
+- random-noise slots: the memory starts empty and only filled slots are used
+  (`noise_init=True`: N(0, 1) slots that count as filled, the official start);
+- slot update: plain FIFO overwrite (`update='ema'`: 0.99 blend into the slot, official);
+- multi-label masking: every class is pooled under its own mask (`cumulative_mask=True`: the
+  official in-place masking, class k pooled under the product of the earlier classes' masks);
+- attention: softmax over the centroids (`attention='dot'`: the official S = 2 Q K^T, unnormalised);
+- one embedding space for queries and memory (the official code stores raw backbone features
+  but queries in the projected space): not reachable, the mismatch has no use;
+- DataParallel buffer loss: the enqueue is all-gathered, so the memory is identical on every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbone import EncoderOutput
+from toco.distributed import DistInfo, all_gather_cat
+from toco.config import TrainConfig
+from toco.errors import ConfigError
+from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
+    step_generator, step_seed
+from toco.step import LossModule, StepState
+
+
+class RCAMemory(nn.Module):
+    """Class-wise FIFO memory of region embeddings and its k-means centroids.
+
+    Buffers (all persistent): `mem` (K, L, d), `ptr` (K,) next slot to write, `count` (K,) filled
+    slots (slots 0..count-1 are filled: FIFO fills them in order before wrapping), `cent`
+    (K, k, d) centroids U and `cent_ok` (K,) classes whose centroids exist.
+
+    Args:
+        num_fg_classes: K = C - 1.
+        size: L slots per class.
+        dim: d.
+        num_centroids: k per class.
+        noise_init: start from N(0, 1) slots and centroids that count as filled (official code).
+    """
+
+    def __init__(self, num_fg_classes: int, size: int, dim: int, num_centroids: int,
+                 noise_init: bool = False) -> None:
+        super().__init__()
+        self.size, self.dim, self.num_centroids = size, dim, num_centroids
+        k = num_fg_classes
+        if noise_init:
+            mem, cent = torch.randn(k, size, dim), torch.randn(k, num_centroids, dim)
+        else:
+            mem, cent = torch.zeros(k, size, dim), torch.zeros(k, num_centroids, dim)
+        self.register_buffer("mem", mem)
+        self.register_buffer("ptr", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("count", torch.full((k,), size if noise_init else 0,
+                                                 dtype=torch.long))
+        self.register_buffer("cent", cent)
+        self.register_buffer("cent_ok", torch.full((k,), noise_init, dtype=torch.bool))
+
+    @property
+    def num_classes(self) -> int:
+        return self.mem.shape[0]
+
+    def filled(self) -> Tensor:
+        """(K, L) bool: slots holding an entry."""
+        slots = torch.arange(self.size, device=self.count.device)
+        return slots[None] < self.count[:, None]
+
+    @torch.no_grad()
+    def enqueue(self, emb: Tensor, ok: Tensor, update: str = "fifo",
+                momentum: float = 0.99) -> None:
+        """Write the entries emb[e, k] with ok[e, k] into class k's queue, in order of e.
+
+        emb: (E, K, d); ok: (E, K) bool. FIFO: entry j of class k (j-th true of ok[:, k]) goes to
+        slot (ptr_k + j) mod L; if more than L arrive only the last L are kept (the earlier ones
+        would be overwritten anyway). 'ema' blends into a filled slot, M <- m M + (1 - m) e,
+        as the official code does; an empty slot takes e. No host synchronisation.
+        """
+        k, size = self.num_classes, self.size
+        ok = ok.to(torch.bool)
+        n_new = ok.sum(dim=0)  # (K,)
+        order = ok.long().cumsum(dim=0) - 1  # j of each entry within its class
+        if emb.shape[0] <= size:
+            self._enqueue_rows(emb, ok, n_new, order, update, momentum)
+            return
+        keep = ok & (order >= (n_new - size)[None])
+        slot = (self.ptr[None] + order) % size  # (E, K)
+        entry = torch.arange(1, emb.shape[0] + 1, device=emb.device)[:, None].expand_as(slot)
+        src = torch.zeros(k, size, dtype=torch.long, device=emb.device)
+        src.scatter_reduce_(1, slot.t(), torch.where(keep, entry, 0).t(), reduce="amax")
+        written = src > 0  # (K, L); src - 1 = the entry written there
+        index = (src - 1).clamp_min(0)[..., None].expand(k, size, emb.shape[-1])
+        new = emb.to(self.mem.dtype).transpose(0, 1).gather(1, index)  # (K, L, d)
+        if update == "ema":
+            new = torch.where(self.filled()[..., None], momentum * self.mem + (1 - momentum) * new,
+                              new)
+        self.mem.copy_(torch.where(written[..., None], new, self.mem))
+        self.ptr.copy_((self.ptr + n_new) % size)
+        self.count.copy_((self.count + n_new).clamp_max(size))
+
+    def _enqueue_rows(self, emb: Tensor, ok: Tensor, n_new: Tensor, order: Tensor, update: str,
+                      momentum: float) -> None:
+        """`enqueue` touching only E x K rows (E <= L): entry e of class k writes slot
+        (ptr_k + j) mod L if it is the j-th new entry of k; the other entries rewrite the slots
+        right after those with their own contents, so all E x K indices are distinct (a
+        deterministic index_copy_) and the result equals the sequential FIFO."""
+        k, size, d = self.num_classes, self.size, self.dim
+        skipped = (~ok).long().cumsum(dim=0) - 1
+        offset = torch.where(ok, order, n_new[None] + skipped)  # (E, K), distinct per class
+        slot = (self.ptr[None] + offset) % size
+        flat = (torch.arange(k, device=emb.device)[None] * size + slot).reshape(-1)
+        table = self.mem.view(k * size, d)
+        old = table.index_select(0, flat).view(*slot.shape, d)
+        new = emb.to(self.mem.dtype)
+        if update == "ema":
+            was_filled = (slot < self.count[None])[..., None]
+            new = torch.where(was_filled, momentum * old + (1 - momentum) * new, new)
+        table.index_copy_(0, flat, torch.where(ok[..., None], new, old).reshape(-1, d))
+        self.ptr.copy_((self.ptr + n_new) % size)
+        self.count.copy_((self.count + n_new).clamp_max(size))
+
+    @torch.no_grad()
+    def refresh_centroids(self, iters: int = 10, seed: int = 0) -> None:
+        """k-means (Lloyd, Euclidean) on the normalised filled slots of every class at once.
+
+        Deterministic given the memory and `seed`: the k initial centres are filled slots drawn
+        without replacement by a seeded generator on the memory's device, so every rank that
+        holds the same memory gets the same centroids. A class with fewer filled slots than k
+        uses their mean, repeated; a class with none has no centroids (cent_ok False).
+        """
+        k_cls, size, k = self.num_classes, self.size, self.num_centroids
+        x = F.normalize(self.mem.float(), dim=-1)  # (K, L, d)
+        filled = self.filled()
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(seed % (2**63 - 1))
+        keys = torch.rand(k_cls, size, generator=gen, device=x.device).masked_fill(~filled, -1.0)
+        init = keys.topk(k, dim=1).indices  # (K, k): distinct slots, filled ones first
+        cent = x.gather(1, init[..., None].expand(k_cls, k, x.shape[-1]))
+        w = filled.to(x.dtype)
+        for _ in range(iters):
+            d2 = (cent.square().sum(-1)[:, None, :] - 2 * x @ cent.transpose(1, 2))  # (K, L, k)
+            assign = F.one_hot(d2.argmin(dim=-1), k).to(x.dtype) * w[..., None]
+            mass = assign.sum(dim=1)  # (K, k)
+            sums = assign.transpose(1, 2) @ x  # (K, k, d)
+            cent = torch.where(mass[..., None] > 0, sums / mass.clamp_min(1)[..., None], cent)
+        mean = (x * w[..., None]).sum(1) / w.sum(1).clamp_min(1)[:, None]
+        few = (self.count < k)[:, None, None]
+        cent = torch.where(few, mean[:, None].expand_as(cent), cent)
+        self.cent.copy_(cent.to(self.cent.dtype))
+        self.cent_ok.copy_(self.count > 0)
+
+
+class AggregatedOutput(EncoderOutput):
+    """An EncoderOutput whose `raw_tokens` attribute keeps the final tokens before aggregation
+    (RCA's contrast queries come from X, not from X')."""
+
+
+class RCAAggregation(nn.Module):
+    """Semantic aggregation over the memory centroids U, as a network feature hook.
+
+    X' = X + gamma * W_o (A V(U)) with A = softmax_j(Q(X) . K(U_j) / sqrt(d)) over the C-1 x k
+    existing centroids ('softmax'), or A = 2 Q(X) K(U)^T unnormalised ('dot', official).
+    gamma starts at 0, so the network is unchanged until it learns to use the memory; with no
+    centroid yet the output is X.
+
+    Args:
+        embed_dim: D.
+        memory: the RCAMemory whose centroids are read (shared with the loss module).
+        attention: 'softmax' or 'dot'.
+    """
+
+    def __init__(self, embed_dim: int, memory: RCAMemory, attention: str = "softmax") -> None:
+        super().__init__()
+        if attention not in ("softmax", "dot"):
+            raise ConfigError(f"rca attention must be 'softmax' or 'dot', got {attention!r}")
+        d = memory.dim
+        self.memory = memory
+        self.attention = attention
+        self.q = nn.Linear(embed_dim, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.out = nn.Linear(d, embed_dim)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def aggregate(self, tokens: Tensor) -> Tensor:
+        """The aggregated context W_o (A V(U)) for tokens (B, D, h, w), as (B, D, h, w)."""
+        b, _, h, w = tokens.shape
+        x = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        mem = self.memory
+        # Copies: the loss module refreshes the buffers in place while this graph is alive.
+        u = mem.cent.detach().reshape(-1, mem.dim).to(x.dtype, copy=True)  # (K k, d)
+        ok = mem.cent_ok.repeat_interleave(mem.num_centroids)  # (K k,)
+        # Q(X) K(U)^T and Out(A V(U)) with the linear maps folded into the M = (C-1) k centroids
+        # first: (x W_q^T + b_q) K^T = x (W_q^T K^T) + b_q K^T and Out(A V) = A (V W_o^T) + b_o.
+        # Same values, but per token D x M products instead of D x d ones (2-3x fewer FLOPs in
+        # every encoder pass, the multi-scale CAM passes included).
+        key = self.k(u)  # (M, d)
+        logits = x @ (self.q.weight.t() @ key.t()) + key @ self.q.bias  # (B, N, M)
+        values = self.v(u) @ self.out.weight.t()  # (M, D)
+        if self.attention == "softmax":
+            # Missing centroids get the lowest finite logit and are zeroed after the softmax
+            # (with -inf a class-less memory would give NaN rows, and NaN gradients).
+            logits = (logits / math.sqrt(mem.dim)).float()
+            logits = logits.masked_fill(~ok, torch.finfo(logits.dtype).min)
+            attn = (logits.softmax(dim=-1) * ok).to(values.dtype)
+        else:
+            attn = 2.0 * logits * ok.to(logits.dtype)
+        ctx = attn @ values + self.out.bias  # (B, N, D)
+        return ctx.transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, feats: EncoderOutput) -> EncoderOutput:
+        tokens = feats.tokens + self.gate.to(feats.tokens.dtype) * self.aggregate(feats.tokens)
+        out = AggregatedOutput(feats.cls, tokens, feats.aux_tokens)
+        out.raw_tokens = getattr(feats, "raw_tokens", feats.tokens)
+        return out
+
+
+def region_masks(source: str, state: StepState, grid: tuple[int, int], high_thre: float,
+                 aux_cam_until_iter: int = 0) -> Tensor:
+    """(B, K, h, w) float {0, 1} region masks of every class on the token grid (labels not
+    applied, except through the pseudo labels).
+
+    'pseudo_label': ToCo's token pseudo labels == k + 1 (reliable foreground; uncertain and
+    padded tokens are excluded); 'cam_thr': the multi-scale CAM area-pooled to the grid >
+    high_thre; 'cam_mean': P = softmax over classes of the online CAM, P_k > mean_p P_k (official).
+    """
+    k = state.cls_label.shape[1]
+    if source == "pseudo_label":
+        label = state.token_label
+        classes = torch.arange(1, k + 1, device=label.device)
+        return (label[:, None] == classes[None, :, None, None]).float()
+    if source == "cam_thr":
+        cam = state.cam_aux if state.iteration < aux_cam_until_iter else state.cam
+        return (F.interpolate(cam.float(), size=grid, mode="area") > high_thre).float()
+    if source == "cam_mean":
+        if state.model is None:
+            raise RuntimeError("rca mask_source 'cam_mean' needs StepState.model")
+        with torch.no_grad():
+            p = state.model.classifier.cam(state.feats.tokens.detach()).float().softmax(dim=1)
+        return (p > p.mean(dim=(-2, -1), keepdim=True)).float()
+    raise ConfigError(f"unknown rca mask source {source!r}")
+
+
+def contrast_per_query(q: Tensor, targets: Sequence[Tensor], mem: Tensor, filled: Tensor,
+                       tau: float) -> list[Tensor]:
+    """RCA's multi-positive InfoNCE of queries against the memory, per query and target.
+
+    q: (R, d) normalised; each target: (R,) class index; mem: (K, L, d); filled: (K, L).
+    With s_j = q . m_j / tau over the normalised filled slots:
+        L(q, t) = mean_{j in M_t} [ -s_j + log(exp(s_j) + sum_{n not in M_t} exp(s_n)) ].
+    A class without filled slots gives 0. The similarities are computed once for all targets
+    (the mixup loss needs two per query).
+    """
+    kcls, size, d = mem.shape
+    m = F.normalize(mem.float(), dim=-1).reshape(kcls * size, d)
+    s = ((q.float() @ m.t()) / tau).reshape(-1, kcls, size)  # (R, K, L)
+    ok = filled.reshape(kcls, size)
+    # log sum_{j in M_k} exp(s_j) per class (a class without entries: ~MASKED_LOGIT)
+    class_lse = torch.logsumexp(s.masked_fill(~ok[None], MASKED_LOGIT), dim=2)  # (R, K)
+    out = []
+    for target in targets:
+        same = torch.arange(kcls, device=q.device)[None] == target[:, None]  # (R, K)
+        neg_lse = torch.logsumexp(class_lse.masked_fill(same, MASKED_LOGIT), dim=1)
+        s_t = s.gather(1, target[:, None, None].expand(-1, 1, size)).squeeze(1)  # (R, L)
+        pos = ok[target]  # (R, L)
+        per = torch.logaddexp(s_t, neg_lse[:, None]) - s_t
+        per = torch.where(pos, per, torch.zeros_like(per))
+        out.append(per.sum(dim=1) / pos.sum(dim=1).clamp_min(1))
+    return out
+
+
+class RegionalContrast(LossModule):
+    """RCA's loss module: region contrast against the memory, enqueue and centroid refresh.
+
+    It is called from iteration 0 so the memory fills during ToCo's warm-up; the contrast loss
+    (`rca`) is returned from `contrast_start` on, for classes whose queue is at least
+    `min_fill` full. The module's `memory` is the same RCAMemory the network's RCAAggregation
+    hook reads (when aggregation is on), so both state_dicts hold it. The enqueue happens inside
+    `compute`, so a step that `--nonfinite skip` drops has still written the memory.
+
+    Args:
+        embed_dim, num_classes: D and C (background included).
+        memory: the shared RCAMemory.
+        weight: --w-rca (1.0 when the contrast is off: nothing is returned then).
+        contrast_start: first iteration of the contrast loss (None: no contrast).
+        dim: d of the projection g.
+        tau: temperature.
+        mask_source: see `region_masks`.
+        high_thre: CAM threshold of the 'cam_thr' masks.
+        enqueue_thr: regions are enqueued when sigmoid(image logit) > this.
+        min_tokens: regions with fewer tokens are skipped.
+        min_fill: fraction of L a class needs before it is used by the contrast.
+        update, momentum: memory write rule ('fifo' or 'ema').
+        cumulative_mask: official multi-label masking bug in the enqueue.
+        kmeans_every, kmeans_iters: centroid refresh period and Lloyd steps.
+        mixup_p, mixup_alpha: probability of mixing a query with another region, Beta(a, a).
+        aux_cam_until_iter: as ToCo's, for the 'cam_thr' masks.
+        seed, dist_info: per-step randomness and the enqueue all-gather.
+    """
+
+    names = ("rca",)
+
+    def __init__(self, embed_dim: int, num_classes: int, memory: RCAMemory,
+                 weight: float = 0.1, contrast_start: Optional[int] = 0, dim: int = 256,
+                 tau: float = 0.07, mask_source: str = "pseudo_label", high_thre: float = 0.7,
+                 enqueue_thr: float = 0.7, min_tokens: int = 4, min_fill: float = 0.5,
+                 update: str = "fifo", momentum: float = 0.99, cumulative_mask: bool = False,
+                 kmeans_every: int = 500, kmeans_iters: int = 10, mixup_p: float = 0.5,
+                 mixup_alpha: float = 8.0, aux_cam_until_iter: int = 0, seed: int = 0,
+                 dist_info: DistInfo = DistInfo()) -> None:
+        super().__init__(weight, start_iter=0)
+        if update not in ("fifo", "ema"):
+            raise ConfigError(f"rca update must be 'fifo' or 'ema', got {update!r}")
+        if memory.dim != dim or memory.num_classes != num_classes - 1:
+            raise ConfigError("RCA memory shape does not match the plug-in's dim/classes")
+        self.memory = memory
+        self.proj = ProjectionHead(embed_dim, 512, dim)
+        self.contrast_start = contrast_start
+        self.tau, self.mask_source, self.high_thre = tau, mask_source, high_thre
+        self.enqueue_thr, self.min_tokens, self.min_fill = enqueue_thr, min_tokens, min_fill
+        self.update, self.momentum, self.cumulative_mask = update, momentum, cumulative_mask
+        self.kmeans_every, self.kmeans_iters = kmeans_every, kmeans_iters
+        self.mixup_p, self.mixup_alpha = mixup_p, mixup_alpha
+        self.aux_cam_until_iter = aux_cam_until_iter
+        self.seed, self.dist = seed, dist_info
+
+    def active(self, iteration: int) -> bool:  # the memory fills even when the weight is 0
+        return iteration >= self.start_iter
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        it = state.iteration
+        raw = getattr(state.feats, "raw_tokens", state.feats.tokens)
+        grid = tuple(raw.shape[-2:])
+        present = state.cls_label > 0  # (B, K)
+        masks = region_masks(self.mask_source, state, grid, self.high_thre,
+                             self.aux_cam_until_iter) * present[:, :, None, None]
+        n_tok = masks.sum(dim=(-2, -1))  # (B, K)
+        region_ok = present & (n_tok >= self.min_tokens)
+        contrast = (self.contrast_start is not None and it >= self.contrast_start
+                    and self.weight > 0)
+        with torch.set_grad_enabled(contrast and torch.is_grad_enabled()):
+            z = self.proj(raw).float()  # (B, h, w, d)
+        with full_precision(z), torch.set_grad_enabled(contrast and torch.is_grad_enabled()):
+            pooled = torch.einsum("bkhw,bhwd->bkd", masks, z) / n_tok.clamp_min(1)[..., None]
+            r = F.normalize(pooled, dim=-1)
+        out: dict[str, Tensor] = {}
+        if contrast:
+            with full_precision(z):
+                out["rca"] = self._contrast(r, region_ok, it)
+        with torch.no_grad(), full_precision(z):
+            emb = r.detach()
+            if self.cumulative_mask:
+                emb = F.normalize(self._cumulative_pool(masks, z.detach(), present, n_tok), dim=-1)
+            logits = state.logits.detach().float()
+            enq = region_ok & (torch.sigmoid(logits) > self.enqueue_thr)
+            self.memory.enqueue(all_gather_cat(emb.contiguous(), self.dist),
+                                all_gather_cat(enq, self.dist), self.update, self.momentum)
+            if (it + 1) % self.kmeans_every == 0:
+                self.memory.refresh_centroids(self.kmeans_iters,
+                                              step_seed(self.seed, it, 0, 0x524341))
+        return out
+
+    @staticmethod
+    def _cumulative_pool(masks: Tensor, z: Tensor, present: Tensor, n_tok: Tensor) -> Tensor:
+        """The official enqueue: class k of an image pooled under the product of the masks of
+        its present classes up to k, divided by the size of its own mask."""
+        factors = torch.where(present[:, :, None, None], masks, torch.ones_like(masks))
+        cum = factors.cumprod(dim=1) * present[:, :, None, None]
+        return torch.einsum("bkhw,bhwd->bkd", cum, z) / n_tok.clamp_min(1)[..., None]
+
+    def _contrast(self, r: Tensor, region_ok: Tensor, iteration: int) -> Tensor:
+        """Mean over the usable regions of lambda L(q, c) + (1 - lambda) L(q, c')."""
+        b, k, d = r.shape
+        mem = self.memory
+        ready = mem.count >= max(1, math.ceil(self.min_fill * mem.size))  # (K,)
+        target = torch.arange(k, device=r.device).repeat(b)  # (B K,)
+        flat = r.reshape(b * k, d)
+        usable = (region_ok & ready[None]).reshape(-1)
+        # Mixup partner: a uniformly random usable region (Gumbel-max; itself allowed).
+        gen = step_generator(r.device, self.seed, iteration, self.dist.rank, 0x4D4958)
+        gumbel = -torch.log(-torch.log(torch.rand(b * k, b * k, generator=gen,
+                                                   device=r.device).clamp(1e-12, 1 - 1e-7)))
+        partner = (gumbel + torch.where(usable, 0.0, float("-inf"))[None]).argmax(dim=1)
+        rng = np.random.default_rng(step_seed(self.seed, iteration, self.dist.rank, 0x4C414D))
+        lam = torch.from_numpy(rng.beta(self.mixup_alpha, self.mixup_alpha, b * k)).float()
+        mix = torch.from_numpy(rng.random(b * k) < self.mixup_p)
+        lam = torch.where(mix, lam, torch.ones_like(lam)).to(r.device)
+        lam = torch.where(usable[partner], lam, torch.ones_like(lam))
+        q = F.normalize(lam[:, None] * flat + (1 - lam[:, None]) * flat[partner], dim=-1)
+        own, other = contrast_per_query(q, [target, target[partner]], mem.mem, mem.filled(),
+                                        self.tau)
+        return masked_mean(lam * own + (1 - lam) * other, usable)
+
+
+def build_rca_memory(cfg: TrainConfig, num_classes: int) -> RCAMemory:
+    return RCAMemory(num_classes - 1, cfg.rca_mem_size, cfg.rca_dim, cfg.rca_num_centroids,
+                     noise_init=cfg.rca_noise_init)
+
+
+def build_rca_hook(cfg: TrainConfig, embed_dim: int, num_classes: int) -> Optional[RCAAggregation]:
+    """The network's aggregation hook (None when RCA or its aggregation is off)."""
+    if not (cfg.rca and cfg.rca_aggregation):
+        return None
+    return RCAAggregation(embed_dim, build_rca_memory(cfg, num_classes), cfg.rca_attention)
+
+
+def build_rca(cfg: TrainConfig, embed_dim: int, num_classes: int, dist_info: DistInfo,
+              memory: Optional[RCAMemory] = None) -> RegionalContrast:
+    """The loss module; `memory` is the aggregation hook's when the network has one."""
+    contrast = cfg.rca_contrast and cfg.w_rca > 0
+    return RegionalContrast(
+        embed_dim, num_classes,
+        memory if memory is not None else build_rca_memory(cfg, num_classes),
+        weight=cfg.w_rca if contrast else 1.0,
+        contrast_start=cfg.plugin_start if contrast else None, dim=cfg.rca_dim, tau=cfg.rca_tau,
+        mask_source=cfg.rca_mask_source, high_thre=cfg.high_thre,
+        enqueue_thr=cfg.rca_enqueue_thr, min_tokens=cfg.rca_min_tokens,
+        min_fill=cfg.rca_min_fill, update=cfg.rca_update, momentum=cfg.rca_momentum,
+        cumulative_mask=cfg.rca_cumulative_mask, kmeans_every=cfg.rca_kmeans_every,
+        kmeans_iters=cfg.rca_kmeans_iters, mixup_p=cfg.rca_mixup_p,
+        mixup_alpha=cfg.rca_mixup_alpha, aux_cam_until_iter=cfg.aux_cam_until_iter,
+        seed=cfg.seed, dist_info=dist_info)

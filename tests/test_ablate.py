@@ -128,6 +128,10 @@ def test_seconds_per_iter_skips_warm_up_and_pre_plugin_windows(tmp_path):
     assert seconds_per_iter(path, 0) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3) / 8)
     assert seconds_per_iter(path, 4) == pytest.approx((2 * 2 + 4 * 3) / 6)
     assert seconds_per_iter(path, 100) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3) / 8)
+    with path.open("a") as fh:  # resumed from a checkpoint at 8: logs 10 again, then 12
+        fh.write(json.dumps({"iter": 10, "s_per_iter": 50.0}) + "\n")
+        fh.write(json.dumps({"iter": 12, "s_per_iter": 1.0}) + "\n")
+    assert seconds_per_iter(path, 0) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3 + 2 * 1) / 10)
 
 
 def test_tiny_ablation_writes_one_table(tmp_path):

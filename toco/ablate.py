@@ -65,7 +65,8 @@ def seconds_per_iter(metrics_path: Path, from_iter: int) -> Optional[float]:
     windows, prev = [], 0
     for r in records:
         if "s_per_iter" in r:
-            windows.append((prev, r["iter"] - prev, r["s_per_iter"]))
+            if r["iter"] > prev:  # a resumed run logs again from its checkpoint: skip that one
+                windows.append((prev, r["iter"] - prev, r["s_per_iter"]))
             prev = r["iter"]
     if len(windows) > 1:
         windows = windows[1:]

@@ -79,9 +79,10 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "voc": DatasetSpec("voc", VOC_CLASSES, train_split="train_aug", val_split="val"),
+    "voc": DatasetSpec("voc", VOC_CLASSES, train_split="train_aug", val_split="val",
+                       default_recipe="voc_vit_b.yaml"),
     "coco": DatasetSpec("coco", COCO_CLASSES, train_split="train", val_split="val_part",
-                        layout=_coco_layout),  # fmt: skip
+                        layout=_coco_layout, default_recipe="coco_vit_b.yaml"),
     "synthetic": DatasetSpec("synthetic", SYNTHETIC_CLASSES, train_split="train",
                              val_split="val", layout=_synthetic_layout, generated=True,
                              default_recipe="synthetic.yaml"),
@@ -109,6 +110,7 @@ def build_train_dataset(
     photometric: bool = True,
     skip_bad_images: bool = False,
     synthetic_params: dict[str, Any] | None = None,
+    label_source: str = "masks",
 ) -> VOCTrainDataset:
     """Training dataset ``name``; ``split=None`` picks the dataset's default training split."""
     spec = get_dataset_spec(name)
@@ -124,6 +126,7 @@ def build_train_dataset(
         photometric=photometric,
         skip_bad_images=skip_bad_images,
         class_names=spec.class_names,
+        label_source=label_source,
     )
 
 
@@ -135,6 +138,7 @@ def build_eval_dataset(
     *,
     with_masks: bool = True,
     synthetic_params: dict[str, Any] | None = None,
+    label_source: str = "masks",
 ) -> VOCEvalDataset:
     """Evaluation dataset ``name``; ``split=None`` picks the dataset's default eval split."""
     spec = get_dataset_spec(name)
@@ -146,6 +150,7 @@ def build_eval_dataset(
         cache_dir=cache_dir,
         with_masks=with_masks,
         class_names=spec.class_names,
+        label_source=label_source,
     )
 
 

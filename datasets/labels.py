@@ -229,6 +229,7 @@ def image_labels(
     drop_empty: bool = True,
     require_masks: bool = True,
     class_names: Sequence[str] | None = None,
+    source: str = "masks",
 ) -> dict[str, np.ndarray]:
     """Image-level labels (float32 0/1, length C-1, no background) of ``split``.
 
@@ -242,12 +243,20 @@ def image_labels(
         require_masks: every id needs a mask (evaluation); otherwise ids without one take their
             labels from their annotation file (needs ``class_names``).
         class_names: the C class names, for annotation files that name classes.
+        source: "masks" (the classes present in each mask) or "annotations" (every object
+            of the image's annotation file, e.g. VOC ``Annotations/<id>.xml``, as ToCo's label
+            file; the masks are still checked, and ids without an annotation file keep their
+            mask's classes).
     """
     check_num_classes(num_classes)
+    if source not in ("masks", "annotations"):
+        raise ValueError(f"label source must be 'masks' or 'annotations', got {source!r}")
     names = layout.read_split(split)
     entries = _scan_entries(layout, split, names, num_classes, cache_dir, require_masks,
                             class_names)  # fmt: skip
     classes = apply_annotation_labels(layout, names, entries, num_classes)
+    if source == "annotations":
+        _use_annotation_files(layout, split, names, classes, class_names)
     labels: dict[str, np.ndarray] = {}
     empty = []
     for name in names:
@@ -264,6 +273,28 @@ def image_labels(
     if not labels:
         raise DataError(f"split '{split}' of {layout.root} has no image with a foreground class")
     return labels
+
+
+def _use_annotation_files(layout: SegLayout, split: str, names: list[str],
+                          classes: dict[str, list[int]],
+                          class_names: Sequence[str] | None) -> None:
+    """Replace the classes of every id that has an annotation file by that file's objects."""
+    if layout.annotation_labels() is not None:
+        return  # the layout's labels already come from its annotations (COCO)
+    without = []
+    for name in names:
+        path = layout.annotation_path(name)
+        if class_names is not None and path is not None and path.is_file():
+            classes[name] = xml_labels(path, class_names)
+        else:
+            without.append(name)
+    if without:
+        warnings.warn(
+            f"split '{split}' of {layout.root}: labels from annotation files were asked for, "
+            f"but {len(without)} of {len(names)} id(s) have none; they use their mask's "
+            f"classes: {first_few(without)}",
+            stacklevel=3,
+        )
 
 
 def annotation_file_labels(

@@ -90,6 +90,7 @@ class VOCTrainDataset(Dataset):
             the file.
         class_names: the C names, to read labels from annotation files where a mask is missing
             (default: VOC's for 21 classes).
+        label_source: "masks" or "annotations" (see ``datasets.labels.image_labels``).
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class VOCTrainDataset(Dataset):
         photometric: bool = True,
         skip_bad_images: bool = False,
         class_names: Sequence[str] | None = None,
+        label_source: str = "masks",
     ):
         if crop_size < 1:
             raise ConfigError(f"crop_size must be positive, got {crop_size}")
@@ -113,6 +115,7 @@ class VOCTrainDataset(Dataset):
         self.labels = image_labels(
             self.layout, split, num_classes, Path(cache_dir) if cache_dir else None,
             require_masks=False, class_names=class_names or default_class_names(num_classes),
+            source=label_source,
         )  # fmt: skip
         self.names = list(self.labels)
         self.split, self.num_classes = split, num_classes
@@ -182,6 +185,7 @@ class VOCEvalDataset(Dataset):
         cache_dir: str | Path | None = None,
         with_masks: bool = True,
         class_names: Sequence[str] | None = None,
+        label_source: str = "masks",
     ):
         check_num_classes(num_classes)
         self.layout = as_layout(root)
@@ -190,7 +194,7 @@ class VOCEvalDataset(Dataset):
         if with_masks:
             self.labels = image_labels(
                 self.layout, split, num_classes, Path(cache_dir) if cache_dir else None,
-                drop_empty=False, class_names=names,
+                drop_empty=False, class_names=names, source=label_source,
             )  # fmt: skip
             self.names = list(self.labels)
         else:

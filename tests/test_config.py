@@ -9,16 +9,10 @@ def test_no_arguments_give_the_synthetic_demo_recipe():
     from toco.config import CONFIG_DIR, load_yaml
 
     cfg, _ = parse_config([])
-    assert cfg == TrainConfig.from_dict(load_yaml(str(CONFIG_DIR / "synthetic.yaml")))
+    expected = TrainConfig.from_dict({**load_yaml(str(CONFIG_DIR / "synthetic.yaml")),
+                                      "recipe": "configs/synthetic.yaml"})
+    assert cfg == expected
     assert cfg.dataset == "synthetic" and cfg.backbone_depth == 6
-
-
-def test_other_datasets_start_from_the_toco_voc_defaults():
-    cfg, _ = parse_config(["--dataset", "voc", "--data-root", "/data"])
-    assert cfg == TrainConfig(dataset="voc", data_root="/data").validate()
-    assert (cfg.high_thre, cfg.low_thre, cfg.bkg_thre) == (0.7, 0.25, 0.5)
-    assert (cfg.crop_size, cfg.batch_size, cfg.max_iters, cfg.lr) == (448, 4, 20000, 6e-5)
-    assert cfg.work_dir == "work_dirs/voc" and cfg.backbone_depth is None
 
 
 def test_yaml_supplies_defaults_and_flags_override(tmp_path):

@@ -82,7 +82,7 @@ class TrainConfig:
     w_ptc: float = _opt(0.2, "weight of patch-token contrast", group="loss")
     w_ctc: float = _opt(0.5, "weight of class-token contrast", group="loss")
     w_seg: float = _opt(0.1, "weight of the segmentation loss", group="loss")
-    w_reg: float = _opt(0.0, "weight of the dense energy (CRF) regulariser", group="loss")
+    w_reg: float = _opt(0.05, "weight of the dense energy (CRF) regulariser", group="loss")
     seg_start_iter: int = _opt(2001, "iteration where the seg and reg losses switch on",
                                group="loss")
     contrast_start_iter: int = _opt(0, "iteration where PTC and CTC switch on", group="loss")
@@ -104,9 +104,40 @@ class TrainConfig:
     par_iters: int = _opt(10, "PAR propagation steps", group="pseudo")
     par_dilations: tuple = _opt((1, 2, 4, 8, 12, 24), "PAR neighbour dilations", group="pseudo")
     refine_down_scale: int = _opt(2, "PAR runs at 1/this of the crop size", group="pseudo")
-    reference_quirks: bool = _opt(False, "restore the official code's known bugs B1-B3 "
-                                  "(unscaled PTC box, independent local-view flip, CTC extra "
-                                  "term)", group="pseudo")
+
+    # Fidelity: where this code may differ from the official ToCo run (docs/fidelity.md).
+    # Defaults are the official behaviour, except for pure bug fixes (misaligned boxes/crops).
+    reference_quirks: bool = _opt(False, "restore every official behaviour listed in "
+                                  "docs/fidelity.md at once (explicit per-item flags still win)",
+                                  group="fidelity")
+    dormant_terms: str = _opt("step", "a loss term before its start iteration: 'step' = as "
+                              "the official run (its parameters take zero-gradient AdamW steps, "
+                              "the CTC teacher EMA runs every iteration) without computing it; "
+                              "'skip' = its parameters wait untouched", ["step", "skip"],
+                              "fidelity")
+    reg_gradient: str = _opt("reference", "gradient of the energy loss: rloss's "
+                             "-(2/B)·Gate·(K S)·ROI ('reference') or the exact derivative",
+                             ["reference", "exact"], "fidelity")
+    ctc_negative_term: bool = _opt(True, "CTC adds log(1 + sum of negatives) per teacher view, "
+                                   "as the official for-else does (B3)", group="fidelity")
+    par_input: str = _opt("uint8", "PAR sees the image truncated to uint8 as the official "
+                          "code does (B17), or the exact float image", ["uint8", "float"],
+                          "fidelity")
+    ptc_box: str = _opt("grid", "PTC labels are cut with the image box scaled to the token grid "
+                        "(fix) or with the pixel box applied unscaled as the official code does "
+                        "(B1)", ["grid", "pixels"], "fidelity")
+    local_view_flip: str = _opt("aligned", "the CTC local view is flipped with the main view "
+                                "(fix) or independently as the official code does (B2)",
+                                ["aligned", "independent"], "fidelity")
+    image_labels: str = _opt("masks", "image-level labels from the segmentation masks or from "
+                             "the per-image annotation files (VOC Annotations/*.xml, as the "
+                             "official label file); ids without an annotation file use their "
+                             "mask", ["masks", "annotations"], "data")
+
+    # Recorded, not set: the recipe file(s) whose values this run started from.
+    recipe: Optional[str] = field(default=None, metadata={
+        "help": "recipe file(s) applied (filled in by the parser)", "group": "run",
+        "internal": True})
 
     # Seed plug-ins (toco/plugins): PPC, RCA, MCIS; any subset can be on
     ppc: bool = _opt(False, "PPC: pixel-to-prototype contrast between the main view and a "
@@ -211,8 +242,9 @@ class TrainConfig:
     save_every: int = _opt(1000, "write checkpoints/last.pt every N iterations", group="run")
     threads: Optional[int] = _opt(None, "CPU threads for torch (default: torch's choice)",
                                   group="run")
-    amp: str = _opt("auto", "mixed precision; auto = bf16 on GPUs that support it, else none",
-                    ["auto", "none", "bf16", "fp16"], "run")
+    amp: str = _opt("none", "mixed precision: none = fp32 (the official runs; TF32 per --tf32), "
+                    "auto = bf16 on GPUs that support it", ["auto", "none", "bf16", "fp16"],
+                    "run")
     tf32: bool = _opt(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs", group="run")
     loss_group_size: int = _opt(0, "compute PTC and seg losses per group of this many images "
                                 "and average (ToCo: 2 images per GPU); 0 = the whole per-device "
@@ -331,6 +363,20 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# The official run's behaviour for every switchable difference (docs/fidelity.md);
+# `reference_quirks: true` applies all of it over the recipe, below explicit flags.
+OFFICIAL_BEHAVIOUR: dict[str, Any] = {
+    "dormant_terms": "step",
+    "reg_gradient": "reference",
+    "ctc_negative_term": True,
+    "par_input": "uint8",
+    "ptc_box": "pixels",
+    "local_view_flip": "independent",
+    "image_labels": "annotations",
+    "amp": "none",
+    "tf32": True,
+}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -400,6 +446,8 @@ def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML recipe whose values become the defaults")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in _FIELDS.items():
+        if f.metadata.get("internal"):
+            continue
         group_name = f.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
         flag = "--" + name.replace("_", "-")
@@ -429,24 +477,41 @@ def parse_config(argv: Optional[Sequence[str]] = None,
     parser = build_parser(extra)
     args = parser.parse_args(argv)
     recipe = _coerce(load_yaml(args.config), args.config) if args.config else {}
+    recipe.pop("recipe", None)  # a saved config.yaml used as a recipe
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
     dataset = flags.get("dataset", recipe.get("dataset", _FIELDS["dataset"].default))
-    values = {**dataset_defaults(dataset), **recipe, **flags}
+    default_path, defaults = dataset_recipe(dataset)
+    values = {**defaults, **recipe}
+    if {**values, **flags}.get("reference_quirks"):
+        values.update(OFFICIAL_BEHAVIOUR)
+    values.update(flags)
+    applied = [str(p) for p in (default_path, args.config) if p]
+    values["recipe"] = " + ".join(_display_path(p) for p in applied) or None
     return TrainConfig.from_dict(values, "command line"), args
+
+
+def _display_path(path: str) -> str:
+    """Recipe paths inside the project are shown relative to it."""
+    try:
+        return str(Path(path).resolve().relative_to(CONFIG_DIR.parent))
+    except ValueError:
+        return path
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def dataset_defaults(dataset: str) -> dict[str, Any]:
-    """The settings of the dataset's default recipe (e.g. the synthetic demo), if it has one."""
+def dataset_recipe(dataset: str) -> tuple[Optional[Path], dict[str, Any]]:
+    """The dataset's default recipe (the synthetic demo, ToCo's VOC or COCO run): its path and
+    settings, or (None, {}) when it has none."""
     from datasets import get_dataset_spec  # late: datasets depends on toco.errors only
 
     recipe = get_dataset_spec(dataset).default_recipe
     if recipe is None:
-        return {}
+        return None, {}
     path = CONFIG_DIR / recipe
-    return _coerce(load_yaml(str(path)), str(path))
+    return path, _coerce(load_yaml(str(path)), str(path))
+
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -20,15 +20,17 @@ def dataset_spec(cfg: TrainConfig) -> DatasetSpec:
 
 
 def train_dataset(cfg: TrainConfig) -> VOCTrainDataset:
-    # Reference bug B2 (independent local-view flip) belongs to the quirks switch.
     return datasets.build_train_dataset(
         cfg.dataset, cfg.data_root, cfg.train_split, cfg.crop_size, cfg.cache_dir,
-        scale_range=tuple(cfg.scale_range), align_local_flip=not cfg.reference_quirks,
-        skip_bad_images=cfg.skip_bad_images, synthetic_params=_synthetic_params(cfg))
+        scale_range=tuple(cfg.scale_range),
+        align_local_flip=cfg.local_view_flip == "aligned",  # "independent": reference bug B2
+        skip_bad_images=cfg.skip_bad_images, synthetic_params=_synthetic_params(cfg),
+        label_source=cfg.image_labels)
 
 
 def eval_dataset(cfg: TrainConfig, split: str | None, with_masks: bool = True
                  ) -> VOCEvalDataset:
     return datasets.build_eval_dataset(cfg.dataset, cfg.data_root, split, cfg.cache_dir,
                                        with_masks=with_masks,
-                                       synthetic_params=_synthetic_params(cfg))
+                                       synthetic_params=_synthetic_params(cfg),
+                                       label_source=cfg.image_labels)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.network import ToCoNet
+from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
 from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam, \
     refine_cams_with_bkg
 from toco.config import TrainConfig
@@ -36,15 +36,16 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
         ClassificationLoss(cfg.w_cls),
         PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter, cfg.loss_group_size),
         ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
-                           always_add_negative_term=cfg.reference_quirks),
+                           always_add_negative_term=cfg.ctc_negative_term),
         SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
         RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
-                           reference_gradient=cfg.reference_quirks),
+                           reference_gradient=cfg.reg_gradient == "reference"),
     ]
 
 
 def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for --amp (None = full fp32). 'auto': bf16 on capable GPUs."""
+    """The autocast dtype for --amp (None = fp32, the official precision). 'auto': bf16 on
+    GPUs that support it (opt-in: not shown to leave the published results unchanged)."""
     if mode == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -62,6 +63,31 @@ def build_optimizer(model: ToCoNet, cfg: TrainConfig,
         [{"params": g, "lr": cfg.lr * m} for g, m in zip(groups, mults) if g],
         lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
         foreach=True)
+
+
+def zero_fill_missing_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Give every parameter without a gradient a zero one.
+
+    The official step computes every loss term and multiplies the dormant ones by 0, so the
+    parameters only those terms reach (the decoder before the seg loss starts, the CTC head
+    before CTC starts on COCO) still take AdamW steps: the step count advances, the moments
+    decay and the decoupled weight decay shrinks them. A zero gradient reproduces exactly that
+    without running the dormant term's forward and backward passes.
+    """
+    for p in params:
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
+def truncate_like_reference(images: Tensor) -> Tensor:
+    """The image PAR sees in the official code (bug B17): ImageNet-normalised, de-normalised
+    with the 0-255 constants and cast to uint8 (truncation), over 255. images: [0, 1]."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    normalised = (images - mean) / std
+    value = normalised * (std * 255) + mean * 255
+    # The official cast of a value a rounding error below 0 is undefined; clamp makes it 0.
+    return value.clamp_(0, 255).to(torch.uint8).float() / 255
 
 
 class Trainer:
@@ -87,6 +113,7 @@ class Trainer:
                                                      cfg.max_iters, cfg.warmup_ratio,
                                                      cfg.poly_power)
         self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + dist_info.rank)
+        self._teacher_updated = False  # by this step's CTC branch
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -99,7 +126,9 @@ class Trainer:
         cam = state.cam_aux if state.iteration < cfg.aux_cam_until_iter else state.cam
         valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
                                     cfg.high_thre, cfg.low_thre, ignore_mid=True)
-        return refine_cams_with_bkg(self.par, state.images, valid_cam, state.cls_label,
+        images = truncate_like_reference(state.images) if cfg.par_input == "uint8" \
+            else state.images
+        return refine_cams_with_bkg(self.par, images, valid_cam, state.cls_label,
                                     state.img_box, cfg.high_thre, cfg.low_thre,
                                     cfg.refine_down_scale)
 
@@ -107,9 +136,9 @@ class Trainer:
         cfg = self.cfg
         grid = state.feats.aux_tokens.shape[-2:]
         cam = F.interpolate(state.cam_aux, size=grid, mode="bilinear", align_corners=False)
-        # Reference bug B1: the pixel box was applied unscaled to the token grid.
-        box = state.img_box if cfg.reference_quirks else box_to_grid(state.img_box,
-                                                                     self.model.patch_size)
+        # ptc_box "pixels" is reference bug B1: the pixel box applied unscaled to the grid.
+        box = state.img_box if cfg.ptc_box == "pixels" else box_to_grid(state.img_box,
+                                                                        self.model.patch_size)
         return cam_to_label(cam, state.cls_label, box, cfg.bkg_thre, cfg.high_thre,
                             cfg.low_thre, ignore_mid=True)[1]
 
@@ -126,6 +155,7 @@ class Trainer:
         global_cls = torch.cat([state.feats.cls, cls_view2])
         # ToCo updates the EMA teacher before computing its output, with pre-step weights.
         self.model.update_teacher()
+        self._teacher_updated = True
         teacher = self.model.project_teacher(global_cls)
         student = self.model.project(torch.cat([global_cls, cls_local]))
         return CTCOutputs(student=student, teacher=teacher, flags=flags)
@@ -145,6 +175,7 @@ class Trainer:
         cls_label = batch["cls_label"].to(dev, non_blocking=True).float()
         img_box = batch["img_box"].to(dev, non_blocking=True).long()
 
+        self._teacher_updated = False
         with self.autocast():
             cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales)
             feats = model.encode(images)
@@ -163,6 +194,9 @@ class Trainer:
                         losses[name] = value.float()
                         total = total + module.weight * value.float()
         losses["total"] = total
+        if cfg.dormant_terms == "step" and not self._teacher_updated:
+            # The official step runs the CTC branch (EMA included) even at weight 0.
+            model.update_teacher()
         # One host sync per step: the logged values double as the NaN/inf check.
         values = torch.stack([v.detach() for v in losses.values()]).cpu().tolist()
         logged = dict(zip(losses, values))
@@ -183,12 +217,14 @@ class Trainer:
             return {**logged, "skipped": 1.0}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        average_gradients((p for g in self.optimizer.param_groups for p in g["params"]),
-                          self.dist)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.dormant_terms == "step":
+            zero_fill_missing_grads(params)
+        average_gradients(params, self.dist)
+        logged["lr"] = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        logged["lr"] = self.optimizer.param_groups[0]["lr"]
         return logged
 
     def state_dict(self) -> dict:

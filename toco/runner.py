@@ -164,6 +164,11 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     log.info("torch %s, %s x%d, amp %s, %d train / %d val images, %s, global batch %d",
              torch.__version__, device, info.world_size, trainer.amp_dtype or "fp32",
              len(train_set), len(val_set), cfg.backbone, cfg.batch_size)
+    log.info("recipe %s; fidelity: dormant terms %s, reg gradient %s, CTC log term %s, "
+             "PAR input %s, PTC box %s, local-view flip %s, image labels from %s",
+             cfg.recipe or "none (built-in defaults and flags)", cfg.dormant_terms,
+             cfg.reg_gradient, "on" if cfg.ctc_negative_term else "off", cfg.par_input,
+             cfg.ptc_box, cfg.local_view_flip, cfg.image_labels)
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
 

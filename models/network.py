@@ -56,7 +56,10 @@ class ToCoNet(nn.Module):
 
     def cams(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw (cam, cam_aux) at token resolution; the decoder is not run."""
-        feats = self.encode(images)
+        return self.cams_of(self.encode(images))
+
+    def cams_of(self, feats: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """Raw (cam, cam_aux) of encoder features computed already."""
         return self.classifier.cam(feats.tokens), self.aux_classifier.cam(feats.aux_tokens)
 
     def segment(self, feats: EncoderOutput) -> Tensor:

@@ -14,6 +14,7 @@ from tests.fixtures import ImageSpec, make_voc_tree, write_voc_xml
 from toco.builders import build_model
 from toco.config import CONFIG_DIR, OFFICIAL_BEHAVIOUR, TrainConfig, parse_config
 from toco.energy import RegularizationLoss, dense_energy_loss
+from toco.cam import multi_scale_cam
 from toco.engine import Trainer, build_loss_modules, truncate_like_reference
 from toco.schedule import poly_warmup_factor
 from toco.step import LossModule, StepState
@@ -126,6 +127,7 @@ class ComputedAtZeroWeight(LossModule):
         super().__init__(inner.weight, 0)
         self.inner = inner
         self.names = inner.names
+        self.needs_decoder = inner.needs_decoder
         self.iteration = 0
 
     @property
@@ -144,12 +146,14 @@ class ComputedAtZeroWeight(LossModule):
         return self.inner.compute(state)
 
 
-def trainers(cfg: TrainConfig) -> tuple[Trainer, Trainer]:
-    """The engine's trainer and the straightforward zero-weight loop, from the same weights."""
+def trainers(cfg: TrainConfig, zero_weight: bool = True) -> tuple[Trainer, Trainer]:
+    """The engine's trainer and a second one from the same weights: the straightforward loop
+    that computes dormant terms at weight 0 (zero_weight), or a plain copy."""
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=7)
     fast = Trainer(cfg, model, build_loss_modules(cfg), torch.device("cpu"))
-    ref_modules = [ComputedAtZeroWeight(m) for m in build_loss_modules(cfg)]
+    ref_modules = [ComputedAtZeroWeight(m) if zero_weight else m
+                   for m in build_loss_modules(cfg)]
     ref = Trainer(cfg, copy.deepcopy(model), ref_modules, torch.device("cpu"))
     return fast, ref
 
@@ -347,3 +351,50 @@ def test_cli_runs_log_the_recipe(tmp_path):
     assert "recipe configs/voc_vit_b.yaml" in text
     assert yaml.safe_load((work / "config.yaml").read_text())["recipe"] == \
         "configs/voc_vit_b.yaml"
+
+
+# ---- the optimised step equals a straightforward one ----
+def test_optimised_step_gives_the_losses_and_gradients_of_a_straightforward_step(monkeypatch):
+    """Shortcuts: the main pass doubles as the scale-1.0 CAM pass, and the decoder does not run
+    while no active term reads it. The straightforward step runs the CAM passes separately and
+    the decoder always. Tolerance 1e-5: the same float32 maths, batched differently (B vs 2B
+    rows per matmul) may round differently in the last bits."""
+    import toco.engine as engine
+
+    cfg = tiny_cfg(seg_start_iter=1, cam_scales=(1.0, 0.5, 1.5))
+    fast, ref = trainers(cfg, zero_weight=False)
+
+    def straightforward(cam_fn, images, scales, flip=True, given=None):
+        return multi_scale_cam(cam_fn, images, scales, flip)
+
+    grads = {}
+    for name, trainer in (("fast", fast), ("ref", ref)):
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, name=name: grads.setdefault(name, []).append(
+                [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    with monkeypatch.context() as m:
+        m.setattr(engine, "multi_scale_cam", straightforward)
+        m.setattr(type(ref.model), "segment", lambda self, feats: self.decoder(feats.tokens))
+        for module in ref.loss_modules:
+            module.needs_decoder = True  # always run the decoder, as the official step does
+        logged_ref = [ref.train_step(tiny_batch(t), t) for t in range(2)]
+    logged_fast = [fast.train_step(tiny_batch(t), t) for t in range(2)]
+    for a, b in zip(logged_fast, logged_ref):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    for step_fast, step_ref in zip(grads["fast"], grads["ref"]):
+        for gf, gr in zip(step_fast, step_ref):
+            torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-7)
+
+
+def test_given_scale_one_maps_equal_a_separate_pass():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), num_classes=7)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        own = model.cams(images)
+        separate = multi_scale_cam(model.cams, images, (1.0, 0.5))
+        reused = multi_scale_cam(model.cams, images, (1.0, 0.5), given=own)
+    for a, b in zip(separate, reused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -29,6 +29,7 @@ def multi_scale_cam(
     images: Tensor,
     scales: Sequence[float] = (1.0, 0.5, 1.5),
     flip: bool = True,
+    given: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-scale, flip-max CAMs, min-max normalised per (image, class) (spec 2.1).
 
@@ -36,6 +37,9 @@ def multi_scale_cam(
     always): x_s = bilinear resize of images to (int(s H), int(s W)); both maps of cam_fn on
     [x_s; flip(x_s)] are upsampled to (H, W), then max(original, un-flipped), then ReLU. The sum
     over scales is normalised: cam <- cam - min; cam <- cam / (max + 1e-5).
+
+    given: the raw maps cam_fn(images) when the caller already has them (the training step's
+    own pass over the same images, detached); then scale 1.0 only runs the flipped copy.
 
     Returns (cam, cam_aux), each (B, C-1, H, W) with values in [0, 1).
     """
@@ -50,10 +54,13 @@ def multi_scale_cam(
             if min(size) < 1:
                 raise ValueError(f"CAM scale {s} turns a {h}x{w} image into an empty {size} one")
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)], dim=0)
+        if s == 1.0 and given is not None:
+            raw = given if not flip else [torch.cat([g, f]) for g, f in
+                                          zip(given, cam_fn(x.flip(-1)))]
+        else:
+            raw = cam_fn(torch.cat([x, x.flip(-1)], dim=0) if flip else x)
         maps = []
-        for m in cam_fn(x):
+        for m in raw:
             # Upsample BEFORE the flip-max, as the reference does.
             m = F.interpolate(_float(m), size=(h, w), mode="bilinear", align_corners=False)
             if flip:

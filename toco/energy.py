@@ -84,6 +84,7 @@ class RegularizationLoss(LossModule):
     """
 
     names = ("reg",)
+    needs_decoder = True
 
     def __init__(self, weight: float, start_iter: int = 0, sigma_rgb: float = 15.0,
                  sigma_xy: float = 100.0, scale_factor: float = 0.5, inner_weight: float = 1e-7,

@@ -22,6 +22,7 @@ from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenCo
     SegmentationLoss
 from toco.metrics import ConfusionMatrix
 from toco.par import PAR
+from toco.profiling import StageTimer
 from toco.schedule import build_poly_warmup_scheduler
 from toco.step import CTCOutputs, LossModule, StepState
 
@@ -114,6 +115,7 @@ class Trainer:
                                                      cfg.poly_power)
         self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + dist_info.rank)
         self._teacher_updated = False  # by this step's CTC branch
+        self.stages = StageTimer(enabled=False, device=device)  # scripts/benchmark.py times
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -122,6 +124,10 @@ class Trainer:
 
     # ---- pseudo-label providers (called lazily through StepState) ----
     def _pseudo_label(self, state: StepState) -> Tensor:
+        with self.stages("pseudo_labels"):
+            return self._refined_label(state)
+
+    def _refined_label(self, state: StepState) -> Tensor:
         cfg = self.cfg
         cam = state.cam_aux if state.iteration < cfg.aux_cam_until_iter else state.cam
         valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
@@ -133,6 +139,10 @@ class Trainer:
                                     cfg.refine_down_scale)
 
     def _token_label(self, state: StepState) -> Tensor:
+        with self.stages("pseudo_labels"):
+            return self._grid_label(state)
+
+    def _grid_label(self, state: StepState) -> Tensor:
         cfg = self.cfg
         grid = state.feats.aux_tokens.shape[-2:]
         cam = F.interpolate(state.cam_aux, size=grid, mode="bilinear", align_corners=False)
@@ -143,6 +153,10 @@ class Trainer:
                             cfg.low_thre, ignore_mid=True)[1]
 
     def _ctc(self, state: StepState, view2: Tensor, local_view: Tensor) -> CTCOutputs:
+        with self.stages("ctc_views"):
+            return self._ctc_views(state, view2, local_view)
+
+    def _ctc_views(self, state: StepState, view2: Tensor, local_view: Tensor) -> CTCOutputs:
         cfg = self.cfg
         roi = cam_to_roi_mask(state.cam_aux, state.cls_label, cfg.low_thre, cfg.high_thre)
         crops, flags = sample_local_crops(local_view, roi, cfg.num_local_crops,
@@ -176,20 +190,29 @@ class Trainer:
         img_box = batch["img_box"].to(dev, non_blocking=True).long()
 
         self._teacher_updated = False
+        stage = self.stages
+        active = [m for m in self.loss_modules if m.active(iteration)]
         with self.autocast():
-            cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales)
-            feats = model.encode(images)
-            logits, aux_logits = model.classify(feats)
+            with stage("main_pass"):
+                feats = model.encode(images)
+                logits, aux_logits = model.classify(feats)
+                seg_logits = (model.segment(feats) if any(m.needs_decoder for m in active)
+                              else None)
+            with stage("ms_cam"), torch.no_grad():
+                # The main pass doubles as the scale-1.0 CAM pass: the model has no dropout,
+                # so its tokens are those of a separate no-grad pass.
+                own = tuple(m.detach() for m in model.cams_of(feats))
+                cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales, given=own)
             state = StepState(
                 iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
-                feats=feats, logits=logits, aux_logits=aux_logits,
-                seg_logits=model.segment(feats), cam=cam.float(), cam_aux=cam_aux.float(),
+                feats=feats, logits=logits, aux_logits=aux_logits, seg_logits=seg_logits,
+                cam=cam.float(), cam_aux=cam_aux.float(),
                 make_pseudo_label=self._pseudo_label, make_token_label=self._token_label,
                 make_ctc=lambda s: self._ctc(s, view2, local_view), model=model)
             losses: dict[str, Tensor] = {}
             total = images.new_zeros(())
-            for module in self.loss_modules:
-                if module.active(iteration):
+            with stage("losses"):
+                for module in active:
                     for name, value in module.compute(state).items():
                         losses[name] = value.float()
                         total = total + module.weight * value.float()
@@ -216,15 +239,17 @@ class Trainer:
             self.scheduler.step()
             return {**logged, "skipped": 1.0}
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.dormant_terms == "step":
-            zero_fill_missing_grads(params)
-        average_gradients(params, self.dist)
-        logged["lr"] = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        with stage("backward"):
+            self.scaler.scale(total).backward()
+        with stage("optimizer"):
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if cfg.dormant_terms == "step":
+                zero_fill_missing_grads(params)
+            average_gradients(params, self.dist)
+            logged["lr"] = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         return logged
 
     def state_dict(self) -> dict:

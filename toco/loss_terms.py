@@ -73,6 +73,7 @@ class SegmentationLoss(GroupedLossModule):
     """Background/foreground-balanced CE of the decoder against the refined pseudo label."""
 
     names = ("seg",)
+    needs_decoder = True
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         label = state.pseudo_label

@@ -36,7 +36,8 @@ class StepState:
         img_box: (B, 4) [y0, y1, x0, x1], the part of each crop holding real pixels.
         feats: encoder output of the main view (class token, final and aux token maps; with grad).
         logits, aux_logits: image logits, (B, C-1).
-        seg_logits: decoder output, (B, C, h, w).
+        seg_logits: decoder output, (B, C, h, w); None in a step where no active loss module
+            `needs_decoder` (the decoder is not run then).
         cam, cam_aux: multi-scale, min-max normalised CAMs (B, C-1, H, W), no grad.
         pseudo_label, token_label, ctc: computed on first access by the engine's providers.
         extras: free room for plug-ins to share tensors with each other (and the cache of
@@ -52,7 +53,7 @@ class StepState:
     feats: EncoderOutput
     logits: Tensor
     aux_logits: Tensor
-    seg_logits: Tensor
+    seg_logits: Optional[Tensor]
     cam: Tensor
     cam_aux: Tensor
     make_pseudo_label: Callable[["StepState"], Tensor]
@@ -104,6 +105,8 @@ class LossModule(nn.Module):
     """
 
     names: tuple[str, ...] = ()
+    # True for a term that reads `state.seg_logits`: the engine runs the decoder only then.
+    needs_decoder: bool = False
 
     def __init__(self, weight: float, start_iter: int = 0) -> None:
         super().__init__()

@@ -20,10 +20,12 @@ class ToCoNet(nn.Module):
         decoder_dim: LargeFOV width (512 in ToCo).
         ctc_out_dim: output width of the CTC projection head (1024 in ToCo).
         ema_momentum: momentum of the CTC teacher head.
+        ctc_hidden_dim: width of the CTC head's MLP (2048 in ToCo).
     """
 
     def __init__(self, backbone: ViTBackbone, num_classes: int, decoder_dim: int = 512,
-                 ctc_out_dim: int = 1024, ema_momentum: float = 0.9) -> None:
+                 ctc_out_dim: int = 1024, ema_momentum: float = 0.9,
+                 ctc_hidden_dim: int = 2048) -> None:
         super().__init__()
         dim = backbone.embed_dim
         self.num_classes = num_classes
@@ -31,7 +33,7 @@ class ToCoNet(nn.Module):
         self.classifier = CAMClassifier(dim, num_classes - 1)
         self.aux_classifier = CAMClassifier(dim, num_classes - 1)
         self.decoder = LargeFOV(dim, num_classes, hidden_dim=decoder_dim)
-        self.proj_head = CTCHead(dim, out_dim=ctc_out_dim)
+        self.proj_head = CTCHead(dim, out_dim=ctc_out_dim, hidden_dim=ctc_hidden_dim)
         self.proj_head_teacher = EMATeacher(self.proj_head, momentum=ema_momentum)
         # Modules mapping EncoderOutput -> EncoderOutput (e.g. RCA's memory aggregation), run
         # inside `encode` so training, the CAM passes and inference all see the same features.

@@ -25,7 +25,7 @@ TOCO_COMMON = {
     "crop_size": 448, "scale_range": (0.5, 2.0), "lr": 6e-5, "head_lr_mult": 10.0,
     "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_iters": 1500, "warmup_ratio": 1e-6,
     "poly_power": 0.9, "w_cls": 1.0, "w_ptc": 0.2, "w_ctc": 0.5, "w_seg": 0.1, "w_reg": 0.05,
-    "ema_momentum": 0.9, "num_local_crops": 8, "local_crop_size": 96, "ctc_neg_ratio": 0.2,
+    "ema_momentum": 0.9, "ctc_hidden_dim": 2048, "ctc_out_dim": 1024, "num_local_crops": 8, "local_crop_size": 96, "ctc_neg_ratio": 0.2,
     "cam_scales": (1.0, 0.5, 1.5), "low_thre": 0.25, "par_iters": 10,
     "par_dilations": (1, 2, 4, 8, 12, 24), "refine_down_scale": 2, "aux_layer": -3,
     "decoder_dim": 512, "loss_group_size": 2, "amp": "none", "tf32": True, "val_size": 448,
@@ -398,3 +398,38 @@ def test_given_scale_one_maps_equal_a_separate_pass():
         reused = multi_scale_cam(model.cams, images, (1.0, 0.5), given=own)
     for a, b in zip(separate, reused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- CPU threads never compete with the data-loader workers ----
+@pytest.mark.parametrize("cores, workers, procs, expected", [
+    (2, 1, 1, 1), (2, 0, 1, 2), (8, 2, 1, 6), (8, 2, 2, 2), (2, 4, 1, 1), (4, 0, 4, 1)])
+def test_default_threads_leave_room_for_workers(monkeypatch, cores, workers, procs, expected):
+    import toco.runner as runner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner, "available_cores", lambda: cores)
+    cfg = tiny_cfg(num_workers=workers)
+    threads, why = runner.cpu_threads(cfg, torch.device("cpu"), procs)
+    assert threads == expected and f"{cores} cores" in why
+    assert runner.cpu_threads(tiny_cfg(threads=3), torch.device("cpu"))[0] == 3
+
+
+def test_compiled_blocks_compute_the_same_tokens():
+    from toco.builders import compile_backbone
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), num_classes=7)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model.encode(images)
+        compile_backbone(model, "default", backend="eager")
+        for size in (32, 48):  # two token counts, one dynamic graph
+            compiled = model.encode(torch.nn.functional.interpolate(images, size=size))
+        compiled = model.encode(images)
+    torch.testing.assert_close(compiled.tokens, plain.tokens)
+    assert set(model.state_dict()) == set(build_model(tiny_cfg(), num_classes=7).state_dict())
+
+
+def test_backbone_uses_fused_attention():
+    model = build_model(tiny_cfg(), num_classes=7)
+    assert all(block.attn.fused_attn for block in model.backbone.vit.blocks)

@@ -16,7 +16,8 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
                            aux_layer=cfg.aux_layer, **kwargs)
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
-                    ema_momentum=cfg.ema_momentum)
+                    ema_momentum=cfg.ema_momentum, ctc_hidden_dim=cfg.ctc_hidden_dim,
+                    ctc_out_dim=cfg.ctc_out_dim)
     # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
     # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
     from toco.plugins import build_feature_hooks
@@ -32,3 +33,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
+
+
+def compile_backbone(model: ToCoNet, mode: str, backend: str = "inductor") -> None:
+    """torch.compile each transformer block in place (state-dict keys are unchanged).
+
+    Blocks rather than the whole network: ToCo feeds the encoder five input sizes per step
+    (crop, CAM scales, local crops), and `dynamic=True` lets one graph serve all token counts.
+    """
+    if mode == "none":
+        return
+    for block in model.backbone.vit.blocks:
+        block.compile(mode=None if mode == "default" else mode, dynamic=True, backend=backend)

@@ -92,6 +92,8 @@ class TrainConfig:
     ema_momentum: float = _opt(0.9, "EMA momentum of the CTC teacher head", group="loss")
     num_local_crops: int = _opt(8, "local crops per image for CTC", group="loss")
     local_crop_size: int = _opt(96, "local crop size for CTC (pixels)", group="loss")
+    ctc_hidden_dim: int = _opt(2048, "width of the CTC projection head's MLP", group="loss")
+    ctc_out_dim: int = _opt(1024, "output width of the CTC projection head", group="loss")
     ctc_neg_ratio: float = _opt(0.2, "a local crop whose ROI mean is <= this is a negative",
                                 group="loss")
 
@@ -245,6 +247,9 @@ class TrainConfig:
     amp: str = _opt("none", "mixed precision: none = fp32 (the official runs; TF32 per --tf32), "
                     "auto = bf16 on GPUs that support it", ["auto", "none", "bf16", "fp16"],
                     "run")
+    compile: str = _opt("none", "torch.compile the backbone's blocks (GPU runs; the first "
+                        "steps of each input size are slow while it compiles)",
+                        ["none", "default", "reduce-overhead", "max-autotune"], "run")
     tf32: bool = _opt(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs", group="run")
     loss_group_size: int = _opt(0, "compute PTC and seg losses per group of this many images "
                                 "and average (ToCo: 2 images per GPU); 0 = the whole per-device "
@@ -274,6 +279,7 @@ class TrainConfig:
                  f"{f.name}: '{value}' is not one of {list(choices or [])}")
         for name in ("crop_size", "batch_size", "max_iters", "eval_every", "log_every",
                      "save_every", "par_iters", "num_local_crops", "local_crop_size",
+                     "ctc_hidden_dim", "ctc_out_dim",
                      "refine_down_scale", "synthetic_train", "synthetic_val"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_iters", "seg_start_iter", "contrast_start_iter",

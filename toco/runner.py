@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from toco import data
-from toco.builders import build_model, resolve_device
+from toco.builders import build_model, compile_backbone, resolve_device
 from toco.checkpoint import load_checkpoint, save_checkpoint
 from toco.config import TrainConfig, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, \
@@ -88,14 +89,45 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def configure_precision(cfg: TrainConfig, device: torch.device) -> None:
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int = 1
+                ) -> tuple[int, str]:
+    """Torch threads for this process, and why.
+
+    On the CPU, torch's OpenMP threads spin-wait for each other: any other busy process on
+    their cores (a data-loader worker, another rank) can make a step many times slower. So by
+    default the threads and the data-loader workers of all local processes together never
+    exceed the cores: threads = cores / processes - workers, at least 1.
+    """
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        return cfg.threads, "set by --threads"
+    if "OMP_NUM_THREADS" in os.environ:  # torchrun sets 1; a user's choice also wins
+        return torch.get_num_threads(), "OMP_NUM_THREADS; --threads overrides"
+    if device.type != "cpu":
+        return torch.get_num_threads(), "torch's default on a GPU run; --threads overrides"
+    cores = available_cores()
+    threads = max(1, cores // max(local_world_size, 1) - cfg.num_workers)
+    return threads, (f"{cores} cores, {local_world_size} process(es), {cfg.num_workers} "
+                     "data-loader worker(s) each; --threads overrides")
+
+
+def configure_precision(cfg: TrainConfig, device: torch.device,
+                        local_world_size: int = 1) -> str:
+    """Threads, denormals and TF32; returns a line for the log saying what was chosen."""
+    threads, why = cpu_threads(cfg, device, local_world_size)
+    torch.set_num_threads(threads)
     # Denormal values (tiny activations and optimizer moments) make CPU maths up to 20x slower.
     torch.set_flush_denormal(True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return f"{threads} CPU thread(s) ({why})"
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -129,13 +161,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:
         raise ConfigError(f"per-device batch {local_batch} is not a multiple of "
                           f"--loss-group-size {cfg.loss_group_size}")
-    configure_precision(cfg, device)
+    threads_line = configure_precision(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     seed_everything(cfg.seed)
 
     spec = data.dataset_spec(cfg)
     train_set = data.train_dataset(cfg)
     val_set = data.eval_dataset(cfg, cfg.val_split)
     model = build_model(cfg, spec.num_classes).to(device)
+    compile_backbone(model, cfg.compile)
     plugins = build_plugins(cfg, model.backbone.embed_dim, spec.num_classes, info, model)
     trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, device, info)
 
@@ -169,6 +202,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
              cfg.recipe or "none (built-in defaults and flags)", cfg.dormant_terms,
              cfg.reg_gradient, "on" if cfg.ctc_negative_term else "off", cfg.par_input,
              cfg.ptc_box, cfg.local_view_flip, cfg.image_labels)
+    log.info("%s, %d data-loader worker(s)", threads_line, cfg.num_workers)
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
 
@@ -183,8 +217,11 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                         sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
     val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    val_loader = DataLoader(val_shard, batch_size=1, shuffle=False,
-                            num_workers=min(cfg.num_workers, 2))
+    val_workers = min(cfg.num_workers, 2)
+    # Validation runs every eval_every iterations: keep its workers instead of re-forking.
+    val_loader = DataLoader(val_shard, batch_size=1, shuffle=False, num_workers=val_workers,
+                            persistent_workers=val_workers > 0,
+                            pin_memory=device.type == "cuda")
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}

@@ -104,7 +104,7 @@ def write_report(out_dir: Path, title: str, summary: dict[str, Any],
 body {{ font-family: sans-serif; margin: 1.5em; }}
 .bar {{ fill: #4a7fb5; }} .na {{ fill: #999; }}
 figure {{ display: inline-block; margin: 0 6px 6px 0; }}
-figure img {{ max-width: 220px; max-height: 220px; image-rendering: pixelated; }}
+figure img {{ width: 200px; height: auto; image-rendering: pixelated; }}
 figcaption {{ font-size: 11px; color: #555; }}
 pre {{ background: #f4f4f4; padding: 0.6em; font-size: 11px; overflow-x: auto; }}
 </style></head>

@@ -74,12 +74,15 @@ def test_provenance_traces_the_number(trained, tmp_path):
     assert "git_commit" in prov["code"] or "package_version" in prov["code"]
 
 
-def test_pseudo_labels_export_round_trip(trained, tmp_path):
+@pytest.mark.parametrize("crf", [False, True])
+def test_pseudo_labels_export_round_trip(trained, tmp_path, crf):
     root, ckpt = trained
     out = tmp_path / "pseudo"
     record = evaluate_json(ckpt, tmp_path / "ps.json", "--mode", "pseudo", "--split", "val",
-                           "--save-dir", str(out))
+                           "--save-dir", str(out), *(["--crf"] if crf else []))
     assert record["mode"] == "pseudo" and record["cam_source"] == "cam"
+    crf_params = record["provenance"]["protocol"]["crf_params"]
+    assert (crf_params["bilateral_sxy"] == 36.0) if crf else crf_params is None
     ids = STANDARD_SPLITS["val"]
     split_list = out / "ImageSets" / "Segmentation" / "val.txt"
     assert split_list.read_text().split() == ids

@@ -128,15 +128,17 @@ def test_floor_patch_fit_drops_the_remainder_and_stretches_once():
 
 def test_crf_refinement_with_identity_crf_equals_the_training_refinement():
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, 3, 24, 32, generator=g)
-    cams = torch.rand(2, 5, 24, 32, generator=g)
-    cls_label = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.float32)
+    images = torch.rand(3, 3, 24, 32, generator=g)
+    cams = torch.rand(3, 5, 24, 32, generator=g)
+    cls_label = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]],
+                             dtype=torch.float32)  # the last image has no class: background
     valid = cams * cls_label[:, :, None, None]
     par = PAR(3, (1, 2))
     want = refine_cams_with_bkg(par, images, valid, cls_label, None, 0.55, 0.3, 2)
     got = refine_with_crf(par, images, valid, cls_label, 0.55, 0.3, 2, lambda img, p: p)
     assert torch.equal(got, want)
     assert (want == 255).any() and (want == 0).any() and (want == 3).any()  # all kinds occur
+    assert (want[2] == 0).all()
 
     def keep_background(img, probs):  # a "CRF" that forces background: no foreground left
         out = torch.zeros_like(probs)

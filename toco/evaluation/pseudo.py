@@ -53,7 +53,7 @@ def refine_with_crf(par: PAR, images: Tensor, valid_cam: Tensor, cls_label: Tens
         fg = valid_cam[i:i + 1, keys[1:] - 1].float()
         labels = []
         for thre in (high_thre, low_thre):
-            stack = torch.cat([torch.full_like(fg[:, :1], thre), fg], dim=1)
+            stack = torch.cat([fg.new_full((1, 1, h, w), thre), fg], dim=1)
             probs = _resize(stack, small.shape[-2:]).softmax(dim=1)
             refined = _resize(par(small[i:i + 1], probs), (h, w))
             refined = refined / refined.sum(dim=1, keepdim=True).clamp_min(1e-12)

@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> EvalRequest:
                    help="how many worst and best images the report shows")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--amp", choices=["none", "bf16", "fp16", "run"], default="none",
+                   help="autocast precision of the forward passes (none = fp32, as ToCo's "
+                        "tools; run = the training run's --amp, as its in-training validation)")
     r.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
     args = p.parse_args(argv)
     request = EvalRequest(**vars(args))

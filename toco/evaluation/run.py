@@ -51,6 +51,7 @@ class EvalRequest:
     crf: bool = False
     crf_backend: str = "torch"
     device: str = "auto"
+    amp: str = "none"
     workers: int = 2
     output_json: Optional[str] = None
     save_dir: Optional[str] = None
@@ -93,15 +94,23 @@ class Predictor:
     """Predictions of one checkpoint under one protocol, per batch of one image."""
 
     def __init__(self, model, cfg, protocol: Protocol, mode: str, bkg_thre: float,
-                 use_aux_cam: bool, device: torch.device) -> None:
+                 use_aux_cam: bool, device: torch.device,
+                 amp_dtype: Optional[torch.dtype] = None) -> None:
         from toco.par import PAR
 
         self.model, self.cfg, self.protocol, self.mode = model, cfg, protocol, mode
         self.bkg_thre, self.use_aux_cam = bkg_thre, use_aux_cam
         self.par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
+        self.device_type, self.amp_dtype = device.type, amp_dtype
+
+    def autocast(self):
+        """The forward passes' precision; CAM maths, PAR, the CRF and argmax stay fp32."""
+        return torch.autocast(self.device_type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
     def cams(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        cam, cam_aux = self.protocol.cams(self.model, image)
+        with self.autocast():
+            cam, cam_aux = self.protocol.cams(self.model, image)
         return cam.float(), cam_aux.float()
 
     def pseudo(self, image: Tensor, cls_label: Tensor, crf: bool) -> Tensor:
@@ -109,10 +118,11 @@ class Predictor:
         if crf:
             def refine(img: Tensor, probs: Tensor) -> Tensor:
                 return apply_crf(self.protocol, img, probs, PSEUDO_CRF)
-        return pseudo_labels(self.model, image, cls_label, self.cfg, self.par,
-                             size=self.protocol.size, use_aux_cam=self.use_aux_cam,
-                             cam_scales=self.protocol.cam_scales,
-                             patch_fit=self.protocol.patch_fit, crf=refine)
+        with self.autocast():
+            return pseudo_labels(self.model, image, cls_label, self.cfg, self.par,
+                                 size=self.protocol.size, use_aux_cam=self.use_aux_cam,
+                                 cam_scales=self.protocol.cam_scales,
+                                 patch_fit=self.protocol.patch_fit, crf=refine)
 
     def __call__(self, image_u8: Tensor, cls_label: Tensor
                  ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
@@ -121,7 +131,8 @@ class Predictor:
 
         image = image_u8.float().div(255)
         if self.mode == "seg":
-            logits = self.protocol.seg_logits(self.model, image)
+            with self.autocast():
+                logits = self.protocol.seg_logits(self.model, image).float()
             return {"seg": seg_prediction(self.protocol, logits, image_u8)}, logits
         if self.mode == "cam":
             cam, cam_aux = self.cams(image)
@@ -166,6 +177,7 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     from toco.builders import build_model
     from toco.checkpoint import load_checkpoint
     from toco.config import TrainConfig
+    from toco.engine import resolve_amp
     from toco.runner import configure_precision
 
     state = load_checkpoint(req.checkpoint, map_location=device)
@@ -191,7 +203,8 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     model.eval()
     bkg_thre = cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre
     use_aux_cam = int(state.get("iteration", 0)) < cfg.aux_cam_until_iter
-    predict = Predictor(model, cfg, protocol, req.mode, bkg_thre, use_aux_cam, device)
+    amp_dtype = resolve_amp(cfg.amp if req.amp == "run" else req.amp, device)
+    predict = Predictor(model, cfg, protocol, req.mode, bkg_thre, use_aux_cam, device, amp_dtype)
 
     scored = not req.predict_only
     names = {"seg": ["seg"], "cam": ["cam", "aux_cam"], "pseudo": ["pseudo"]}[req.mode]
@@ -254,7 +267,7 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
         "scales": list(protocol.seg_scales if req.mode == "seg" else protocol.cam_scales),
         "flip": protocol.flip if req.mode == "seg" else protocol.cam_flip,
         "size": protocol.size, "crf": protocol.crf, "checkpoint": str(req.checkpoint),
-        "world_size": info.world_size,
+        "world_size": info.world_size, "precision": str(amp_dtype or "fp32"),
     }
     if scored:
         main_matrix = matrices[names[0]]
@@ -275,7 +288,9 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     if req.mode == "pseudo":
         record["cam_source"] = "aux_cam" if use_aux_cam else "cam"
         record["thresholds"] = {"high": cfg.high_thre, "low": cfg.low_thre}
-    record["provenance"] = provenance(req.checkpoint, state, protocol.to_dict(), cfg.dataset,
+    record["provenance"] = provenance(req.checkpoint, state,
+                                      {**protocol.to_dict(), "precision": record["precision"]},
+                                      cfg.dataset,
                                       split, len(dataset), info.world_size, device)
 
     if req.save_dir:

@@ -124,9 +124,15 @@ def test_voc_submission_archive(trained, tmp_path):
         assert np.asarray(img).max() <= 20
 
 
-def test_bad_combinations_are_one_line_errors(trained, capsys):
-    _, ckpt = trained
+def test_bad_combinations_are_one_line_errors(trained, capsys, tmp_path):
+    root, ckpt = trained
     base = ["--checkpoint", str(ckpt)]
+    unlabelled = shutil.copytree(root, tmp_path / "voc")
+    for name in STANDARD_SPLITS["test"]:
+        (unlabelled / "SegmentationClass" / f"{name}.png").unlink()
+    code = run(evaluate, base + ["--split", "test", "--data-root", str(unlabelled),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert_user_error(capsys, code, "img_b", "--predict-only")
     assert_user_error(capsys, run(evaluate, base + ["--submission", "voc"]), "--save-dir")
     assert_user_error(capsys, run(evaluate, base + ["--report", "r", "--predict-only",
                                                     "--save-dir", "x"]), "--report needs")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from datasets.files import image_size, save_palette_png, write_bytes_atomic
-from toco.errors import ConfigError, UserError
+from toco.errors import ConfigError, DataError, UserError
 from toco.evaluation.protocol import PSEUDO_CRF, SEG_CRF, Protocol, apply_crf, \
     build_protocol, seg_prediction
 from toco.evaluation.pseudo import PseudoLabelScores, pseudo_labels
@@ -169,10 +169,20 @@ def run_evaluation(req: EvalRequest) -> Optional[dict[str, Any]]:
         cleanup_distributed()
 
 
-def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str, Any]]:
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
+@dataclass
+class Setup:
+    """The loaded run, data and protocol of one evaluation."""
 
+    state: dict[str, Any]
+    cfg: Any
+    spec: Any
+    split: str
+    protocol: Protocol
+    dataset: Any
+    predict: Predictor
+
+
+def _setup(req: EvalRequest, device: torch.device) -> Setup:
     from toco import data
     from toco.builders import build_model
     from toco.checkpoint import load_checkpoint
@@ -185,7 +195,6 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
                                    ("cache_dir", req.cache_dir)) if v is not None}
     cfg = TrainConfig.from_dict({**state["config"], **overrides}, "checkpoint config")
     spec = data.dataset_spec(cfg)
-    split = req.split or spec.val_split
     if req.submission and spec.num_classes != 21:
         raise ConfigError(f"--submission voc needs a 21-class model; this one has "
                           f"{spec.num_classes} ({cfg.dataset})")
@@ -196,119 +205,168 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
         scale_fusion=req.scale_fusion, patch_fit=req.patch_fit,
         crf=req.crf_backend if req.crf else None,
         crf_params=PSEUDO_CRF if req.mode == "pseudo" else SEG_CRF, **scale_overrides)
-    dataset = data.eval_dataset(cfg, split, with_masks=not req.predict_only)
+    split = req.split or spec.val_split
+    try:
+        dataset = data.eval_dataset(cfg, split, with_masks=not req.predict_only)
+    except DataError as err:
+        if req.predict_only or "mask" not in str(err):
+            raise
+        raise DataError(f"{err} (a split without masks is predicted, not scored: "
+                        "--predict-only --save-dir DIR, or --submission voc)") from None
     configure_precision(cfg, device)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    bkg_thre = cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre
-    use_aux_cam = int(state.get("iteration", 0)) < cfg.aux_cam_until_iter
-    amp_dtype = resolve_amp(cfg.amp if req.amp == "run" else req.amp, device)
-    predict = Predictor(model, cfg, protocol, req.mode, bkg_thre, use_aux_cam, device, amp_dtype)
+    predict = Predictor(
+        model, cfg, protocol, req.mode, cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre,
+        use_aux_cam=int(state.get("iteration", 0)) < cfg.aux_cam_until_iter, device=device,
+        amp_dtype=resolve_amp(cfg.amp if req.amp == "run" else req.amp, device))
+    return Setup(state, cfg, spec, split, protocol, dataset, predict)
 
-    scored = not req.predict_only
-    names = {"seg": ["seg"], "cam": ["cam", "aux_cam"], "pseudo": ["pseudo"]}[req.mode]
-    matrices = {k: ConfusionMatrix(spec.num_classes, device=device) for k in names}
-    pseudo_scores = PseudoLabelScores(spec.num_classes, device)
-    per_image: list[tuple[int, str, float]] = []
-    shard = range(info.rank, len(dataset), info.world_size)
-    loader = DataLoader(Subset(dataset, shard), batch_size=1, shuffle=False,
+
+class Tally:
+    """What a pass keeps: confusion matrices, pixel counts and (for a report) image scores."""
+
+    def __init__(self, mode: str, num_classes: int, device: torch.device,
+                 keep_image_scores: bool) -> None:
+        self.mode, self.num_classes = mode, num_classes
+        names = {"seg": ["seg"], "cam": ["cam", "aux_cam"], "pseudo": []}[mode]
+        self.matrices = {k: ConfusionMatrix(num_classes, device=device) for k in names}
+        self.pseudo = PseudoLabelScores(num_classes, device)
+        if mode == "pseudo":  # both views of the same labels, the first is the main number
+            self.matrices = {"pseudo": self.pseudo.ignored, "pseudo_strict": self.pseudo.strict}
+        self.image_scores: Optional[list[tuple[int, str, float]]] = (
+            [] if keep_image_scores else None)
+
+    def update(self, preds: dict[str, Tensor], mask: Tensor, index: int, name: str) -> None:
+        if self.mode == "pseudo":
+            self.pseudo.update(preds["pseudo"], mask)
+        else:
+            for key, pred in preds.items():
+                self.matrices[key].update(pred, mask)
+        if self.image_scores is not None:
+            main = next(iter(preds.values()))
+            self.image_scores.append((index, name, image_score(
+                main[0].cpu().numpy(), mask[0].cpu().numpy(), self.num_classes)))
+
+    def all_reduce_(self, world_size: int) -> None:
+        """Sum over processes (no-op in one process); image scores are gathered to all."""
+        if world_size <= 1:
+            return
+        if self.mode == "pseudo":
+            self.pseudo.all_reduce_()  # its two matrices and the coverage counts
+        else:
+            for matrix in self.matrices.values():
+                matrix.all_reduce_()
+        if self.image_scores is not None:
+            parts: list = [None] * world_size
+            torch.distributed.all_gather_object(parts, self.image_scores)
+            self.image_scores = [item for part in parts for item in part]
+
+    def table(self, class_names: list[str]) -> str:
+        return format_iou_table(class_names, {k: m.iou() for k, m in self.matrices.items()})
+
+    def scores(self, class_names: list[str]) -> dict[str, Any]:
+        """The record's score fields (mIoU in percent, per-class IoU, mode-specific extras)."""
+        main = next(iter(self.matrices.values()))
+        out: dict[str, Any] = {"miou": main.miou(), "iou": {
+            c: (None if math.isnan(v) else v * 100) for c, v in zip(class_names,
+                                                                   main.iou().tolist())}}
+        if self.mode == "cam":
+            out["aux_cam_miou"] = self.matrices["aux_cam"].miou()
+        if self.mode == "pseudo":
+            out["coverage"] = self.pseudo.coverage
+            out["miou_uncertain_as_miss"] = self.pseudo.strict.miou()
+        return out
+
+
+def _stream(req: EvalRequest, setup: Setup, info, device: torch.device, tally: Tally) -> None:
+    """This process's share of the split: predict, score and write each image, keep nothing."""
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    shard = range(info.rank, len(setup.dataset), info.world_size)
+    loader = DataLoader(Subset(setup.dataset, shard), batch_size=1, shuffle=False,
                         num_workers=req.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(loader, total=len(loader), desc=f"{req.mode} {split}", unit="img",
+    bar = tqdm(loader, total=len(loader), desc=f"{req.mode} {setup.split}", unit="img",
                disable=None if info.is_main else True, dynamic_ncols=True, file=sys.stderr)
     with torch.no_grad():
         for index, batch in zip(shard, bar):
-            if scored and "mask" not in batch:
-                raise ConfigError(f"split '{split}' has no ground-truth masks to score (use "
-                                  "--predict-only --save-dir DIR to export predictions)")
             name = str(batch["name"][0])
-            preds, logits = predict(batch["image"].to(device),
-                                    batch["cls_label"].to(device).float())
-            main = preds[names[0]]
-            if scored:
-                mask = batch["mask"].to(device)
-                if req.mode == "pseudo":
-                    pseudo_scores.update(main, mask)
-                else:
-                    for key, pred in preds.items():
-                        matrices[key].update(pred, mask)
-                if req.report:
-                    per_image.append((index, name, image_score(
-                        main[0].cpu().numpy(), mask[0].cpu().numpy(), spec.num_classes)))
+            preds, logits = setup.predict(batch["image"].to(device),
+                                          batch["cls_label"].to(device).float())
+            if "mask" in batch:
+                tally.update(preds, batch["mask"].to(device), index, name)
             out = _output_path(req, name)
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                save_palette_png(main[0].byte().cpu().numpy(), out)
+                save_palette_png(next(iter(preds.values()))[0].byte().cpu().numpy(), out)
             if req.save_logits and logits is not None:
                 Path(req.save_logits).mkdir(parents=True, exist_ok=True)
                 np.save(Path(req.save_logits) / f"{name}.npy", logits[0].half().cpu().numpy())
-        bar.close()
+    bar.close()
 
-    if req.mode == "pseudo":
-        pseudo_scores.all_reduce_()
-        matrices = {"pseudo": pseudo_scores.ignored, "pseudo_strict": pseudo_scores.strict}
-    else:
-        for matrix in matrices.values():
-            matrix.all_reduce_()
-    if info.enabled and req.report:
-        gathered: list = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, per_image)
-        per_image = [item for part in gathered for item in part]
+
+def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str, Any]]:
+    from toco.evaluation.provenance import provenance
+
+    setup = _setup(req, device)
+    cfg, protocol, split, dataset = setup.cfg, setup.protocol, setup.split, setup.dataset
+    tally = Tally(req.mode, setup.spec.num_classes, device, keep_image_scores=bool(req.report))
+    _stream(req, setup, info, device, tally)
+    tally.all_reduce_(info.world_size)
     if info.enabled:
         torch.distributed.barrier()  # every rank's files are written
     if not info.is_main:
         return None
 
-    from toco.evaluation.provenance import provenance
-
+    seg = req.mode == "seg"
+    precision = str(setup.predict.amp_dtype or "fp32")
     record: dict[str, Any] = {
         "mode": req.mode, "protocol": protocol.name, "split": split, "dataset": cfg.dataset,
         "num_images": len(dataset),
-        "scales": list(protocol.seg_scales if req.mode == "seg" else protocol.cam_scales),
-        "flip": protocol.flip if req.mode == "seg" else protocol.cam_flip,
-        "size": protocol.size, "crf": protocol.crf, "checkpoint": str(req.checkpoint),
-        "world_size": info.world_size, "precision": str(amp_dtype or "fp32"),
+        "scales": list(protocol.seg_scales if seg else protocol.cam_scales),
+        "flip": protocol.flip if seg else protocol.cam_flip, "size": protocol.size,
+        "crf": protocol.crf, "checkpoint": str(req.checkpoint),
+        "world_size": info.world_size, "precision": precision,
     }
-    if scored:
-        main_matrix = matrices[names[0]]
-        iou = main_matrix.iou()
-        print(format_iou_table(list(spec.class_names), {k: m.iou() for k, m in matrices.items()}))
-        record["miou"] = main_matrix.miou()
-        record["iou"] = {c: (None if math.isnan(v) else v * 100)
-                         for c, v in zip(spec.class_names, iou.tolist())}
-        if req.mode == "cam":
-            record["bkg_thre"] = bkg_thre
-            record["aux_cam_miou"] = matrices["aux_cam"].miou()
-        if req.mode == "pseudo":
-            record["coverage"] = pseudo_scores.coverage
-            record["miou_uncertain_as_miss"] = pseudo_scores.strict.miou()
+    if req.mode == "cam":
+        record["bkg_thre"] = setup.predict.bkg_thre
+    if req.mode == "pseudo":
+        record["cam_source"] = "aux_cam" if setup.predict.use_aux_cam else "cam"
+        record["thresholds"] = {"high": cfg.high_thre, "low": cfg.low_thre}
+    if not req.predict_only:
+        print(tally.table(list(setup.spec.class_names)))
+        record.update(tally.scores(list(setup.spec.class_names)))
         print(f"mIoU ({req.mode}, {protocol.name}, {split}, {len(dataset)} images): "
               f"{record['miou']:.2f}" + (f", coverage {record['coverage']:.3f}"
                                          if req.mode == "pseudo" else ""))
-    if req.mode == "pseudo":
-        record["cam_source"] = "aux_cam" if use_aux_cam else "cam"
-        record["thresholds"] = {"high": cfg.high_thre, "low": cfg.low_thre}
-    record["provenance"] = provenance(req.checkpoint, state,
-                                      {**protocol.to_dict(), "precision": record["precision"]},
-                                      cfg.dataset,
-                                      split, len(dataset), info.world_size, device)
-
+    record["provenance"] = provenance(req.checkpoint, setup.state,
+                                      {**protocol.to_dict(), "precision": precision},
+                                      cfg.dataset, split, len(dataset), info.world_size, device)
     if req.save_dir:
         _finish_save_dir(req, dataset, split, record)
     if req.report:
-        worst, best = pick_extremes(per_image, req.report_images)
-        sections = {f"Worst {len(worst)} images": [], f"Best {len(best)} images": []}
-        for key, chosen in zip(sections, (worst, best)):
-            sections[key] = [_report_row(predict, dataset[i], s, device) for i, _, s in chosen]
-        page = write_report(Path(req.report), f"{req.mode} mIoU {record['miou']:.2f} on "
-                            f"{cfg.dataset} {split} ({protocol.name})",
-                            {k: v for k, v in record.items() if k not in ("iou", "provenance")},
-                            list(spec.class_names), iou.tolist(), sections)
-        record["report"] = str(page)
-        print(f"report: {page}")
+        record["report"] = str(_write_report(req, setup, tally, record, device))
+        print(f"report: {record['report']}")
     if req.output_json:
         write_bytes_atomic(Path(req.output_json), json.dumps(record, indent=2).encode())
     return record
+
+
+def _write_report(req: EvalRequest, setup: Setup, tally: Tally, record: dict[str, Any],
+                  device: torch.device) -> Path:
+    worst, best = pick_extremes(tally.image_scores or [], req.report_images)
+    sections = {f"Worst {len(worst)} images": [
+                    _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in worst],
+                f"Best {len(best)} images": [
+                    _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in best]}
+    main = next(iter(tally.matrices.values()))
+    title = (f"{req.mode} mIoU {record['miou']:.2f} on {setup.cfg.dataset} {setup.split} "
+             f"({setup.protocol.name})")
+    summary = {k: v for k, v in record.items() if k not in ("iou", "provenance")}
+    return write_report(Path(req.report), title, summary, list(setup.spec.class_names),
+                        main.iou().tolist(), sections)
 
 
 def _finish_save_dir(req: EvalRequest, dataset, split: str, record: dict[str, Any]) -> None:

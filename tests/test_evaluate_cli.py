@@ -204,8 +204,9 @@ def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path
         assert sharded["provenance"]["world_size"] == 2
         for key in ("miou", "iou", "num_images", "coverage", "miou_uncertain_as_miss"):
             assert sharded.get(key) == single.get(key), (kind, key)
-        files = {d: sorted(p.relative_to(tmp_path / f"{kind}_{d}") for p in
-                           (tmp_path / f"{kind}_{d}").rglob("*.png")) for d in ("single", "sharded")}
+        files = {d: sorted(p.relative_to(tmp_path / f"{kind}_{d}")
+                           for p in (tmp_path / f"{kind}_{d}").rglob("*.png"))
+                 for d in ("single", "sharded")}
         assert files["single"] == files["sharded"] and len(files["single"]) >= 4
         for rel in files["single"]:
             assert (tmp_path / f"{kind}_single" / rel).read_bytes() == \

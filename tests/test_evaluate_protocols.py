@@ -92,8 +92,10 @@ def test_overrides_mark_the_protocol_custom():
     cfg = TrainConfig()
     assert build_protocol("voc-ms", cfg).name == "voc-ms"
     assert build_protocol("voc-ms", cfg, scales=[1.0, 1.5, 1.25]).name == "voc-ms"  # same
-    custom = build_protocol("voc-ms", cfg, flip=False, size=0, patch_fit="floor")
-    assert custom.name == "voc-ms+custom" and not custom.flip and custom.patch_fit == "floor"
+    floor = build_protocol("voc-ms", cfg, patch_fit="floor")  # the official tool's own way
+    assert floor.name == "voc-ms" and floor.patch_fit == "floor"
+    custom = build_protocol("voc-ms", cfg, flip=False, size=0)
+    assert custom.name == "voc-ms+custom" and not custom.flip and custom.size is None
     assert build_protocol("coco-ms", cfg, size=0).size is None
     crf = build_protocol("train-val", cfg, crf="torch").to_dict()
     assert crf["crf"] == "torch" and crf["crf_params"]["bilateral_sxy"] == 121.0

@@ -100,7 +100,8 @@ def named_protocol(name: str, cfg: TrainConfig, mode: str = "seg") -> Protocol:
     raise ConfigError(f"unknown --protocol {name!r}; choose one of {', '.join(PROTOCOL_NAMES)}")
 
 
-def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *, scales: Optional[Sequence[float]] = None,
+def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *,
+                   scales: Optional[Sequence[float]] = None,
                    flip: Optional[bool] = None, size: Optional[int] = None,
                    flip_fusion: Optional[str] = None, scale_fusion: Optional[str] = None,
                    cam_scales: Optional[Sequence[float]] = None, cam_flip: Optional[bool] = None,
@@ -109,7 +110,9 @@ def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *, scales: Op
     """A named protocol with explicit overrides (None keeps the protocol's value).
 
     `size` 0 means the original size. Overridden protocols keep their name with a "+custom"
-    suffix, so a JSON never claims a published protocol it did not follow.
+    suffix, so a JSON never claims a published protocol it did not follow. `patch_fit` is not
+    an override of the protocol (the official tools floor; the fix of B12 pads) and is recorded
+    on its own.
     """
     base = named_protocol(name, cfg, mode)
     changes: dict[str, Any] = {}
@@ -129,9 +132,9 @@ def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *, scales: Op
         changes["flip_fusion"] = flip_fusion
     if scale_fusion is not None:
         changes["scale_fusion"] = scale_fusion
-    changes["patch_fit"] = patch_fit
     custom = {k: v for k, v in changes.items() if getattr(base, k) != v}
-    proto = dataclasses.replace(base, **custom, name=base.name + ("+custom" if custom else ""))
+    proto = dataclasses.replace(base, **custom, patch_fit=patch_fit,
+                                name=base.name + ("+custom" if custom else ""))
     if crf:
         proto = dataclasses.replace(proto, crf=crf, crf_params=dict(crf_params or SEG_CRF))
     return proto

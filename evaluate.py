@@ -1,5 +1,7 @@
-"""Evaluate a checkpoint: segmentation, CAM or pseudo-label mIoU on a split, as JSON; export
-predictions, pseudo labels or a test-server archive; optionally an HTML report.
+"""Evaluate a checkpoint: seg, CAM or pseudo-label mIoU on a split, exports and reports.
+
+Scores go to stdout and --output-json; predictions, pseudo labels or a test-server archive to
+--save-dir; an HTML page to --report.
 
     python evaluate.py --checkpoint work_dirs/synthetic/checkpoints/last.pt --mode seg
     torchrun --nproc_per_node=4 evaluate.py --checkpoint last.pt --protocol voc-ms --crf
@@ -23,9 +25,18 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None/False of flags whose help already says what they do."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> EvalRequest:
     p = _Parser(description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_Help)
     p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of a run")
     p.add_argument("--dataset", choices=sorted(DATASETS),
                    help="dataset kind (default: the one the model was trained on)")

@@ -65,7 +65,7 @@ def _bar_chart(class_names: Sequence[str], iou: Sequence[float]) -> str:
             f' height="{height}" font-size="11" font-family="sans-serif">{"".join(rows)}</svg>')
 
 
-def _save_panel(kind: str, data: np.ndarray, path: Path) -> None:
+def _save_panel(data: np.ndarray, path: Path) -> None:
     if data.ndim == 2:  # a label map: palette PNG (255 = uncertain / ignored shows cream)
         save_palette_png(data.astype(np.uint8), path)
     else:
@@ -92,7 +92,7 @@ def write_report(out_dir: Path, title: str, summary: dict[str, Any],
                     continue
                 slug = panel.replace(" ", "_")
                 rel = f"images/{row['name']}_{slug}.png"
-                _save_panel(panel, row["panels"][panel], out_dir / rel)
+                _save_panel(row["panels"][panel], out_dir / rel)
                 cells.append(f'<figure><img src="{html.escape(rel)}" alt="{panel}">'
                              f'<figcaption>{panel}</figcaption></figure>')
             items.append(f'<div class="row"><h3>{html.escape(row["name"])} '

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -167,15 +168,18 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
     assert found["bars"] >= 1
 
 
-def _sharded_worker(rank: int, world: int, init_file: str, argv_sets: list[list[str]]) -> None:
+def _sharded_worker(rank: int, world: int, init_file: str, argv_sets: list[list[str]],
+                    expected_code: int = 0) -> None:
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     for i, argv in enumerate(argv_sets):
+        # a short timeout: a rank left waiting fails the test instead of hanging it
         dist.init_process_group("gloo", init_method=f"file://{init_file}.{i}", rank=rank,
-                                world_size=world)
-        assert run(evaluate, argv) == 0  # evaluate tears the group down at the end
+                                world_size=world, timeout=timedelta(seconds=60))
+        code = run(evaluate, argv)  # evaluate tears the group down at the end
+        assert code == expected_code, (rank, code)
 
 
 def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path):
@@ -216,3 +220,20 @@ def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path
     assert sorted(p.name for p in (tmp_path / "rep_single" / "images").iterdir()) == \
         sorted(p.name for p in (tmp_path / "rep_sharded" / "images").iterdir())
     assert single_report.count("<img") == sharded_report.count("<img") == 10
+
+
+def test_a_failing_process_stops_all_of_them(trained, tmp_path, capfd):
+    import torch.multiprocessing as mp
+
+    root, ckpt = trained
+    broken = shutil.copytree(root, tmp_path / "voc")
+    jpeg = broken / "JPEGImages" / "img_e.jpg"  # 3rd val image: rank 0's shard of 2
+    data = jpeg.read_bytes()
+    jpeg.write_bytes(data[:len(data) * 3 // 4])  # header readable, pixels truncated
+    argv = ["--checkpoint", str(ckpt), "--workers", "0", "--data-root", str(broken),
+            "--cache-dir", str(tmp_path / "cache"), "--output-json", str(tmp_path / "x.json")]
+    mp.start_processes(_sharded_worker, nprocs=2, start_method="fork",
+                       args=(2, str(tmp_path / "pg"), [argv], 2))
+    err = capfd.readouterr().err
+    assert "img_e.jpg" in err and "another process failed" in err
+    assert not (tmp_path / "x.json").exists()

@@ -307,13 +307,30 @@ def _stream(req: EvalRequest, setup: Setup, info, device: torch.device, tally: T
     bar.close()
 
 
+def _agree_on_failure(info, device: torch.device, failed: bool) -> None:
+    """Every rank learns whether any rank failed its pass, so none waits forever for a rank
+    that has stopped (e.g. on an unreadable image in its shard)."""
+    if not info.enabled:
+        return
+    flag = torch.tensor([float(failed)], device=device)
+    torch.distributed.all_reduce(flag)
+    if flag.item() > 0 and not failed:
+        raise UserError("evaluation stopped: another process failed (its error is printed "
+                        "above)")
+
+
 def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str, Any]]:
     from toco.evaluation.provenance import provenance
 
     setup = _setup(req, device)
     cfg, protocol, split, dataset = setup.cfg, setup.protocol, setup.split, setup.dataset
     tally = Tally(req.mode, setup.spec.num_classes, device, keep_image_scores=bool(req.report))
-    _stream(req, setup, info, device, tally)
+    try:
+        _stream(req, setup, info, device, tally)
+    except Exception:
+        _agree_on_failure(info, device, failed=True)
+        raise
+    _agree_on_failure(info, device, failed=False)
     tally.all_reduce_(info.world_size)
     if info.enabled:
         torch.distributed.barrier()  # every rank's files are written

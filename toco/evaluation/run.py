@@ -7,6 +7,7 @@ computed, and rank 0 alone writes the JSON, the split list, the archive and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -213,7 +214,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
             raise
         raise DataError(f"{err} (a split without masks is predicted, not scored: "
                         "--predict-only --save-dir DIR, or --submission voc)") from None
-    configure_precision(cfg, device)
+    configure_precision(dataclasses.replace(cfg, num_workers=req.workers), device)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     model.load_state_dict(state["model"])
     model.eval()

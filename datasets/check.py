@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 from datasets import get_dataset_spec
 from datasets.coco import (
     annotation_file,
@@ -136,11 +138,14 @@ def _check_in_worker(name: str) -> list[Problem]:
 
 
 def _run_items(job: ItemCheck, names: list[str], workers: int) -> list[Problem]:
-    """check_item over ``names``, in ``workers`` processes (the job is sent once to each)."""
+    """check_item over ``names``, in ``workers`` processes (the job is sent once to each),
+    with a progress bar on a terminal."""
+    bar = {"total": len(names), "unit": "img", "disable": None, "file": sys.stderr,
+           "leave": False}
     if workers <= 1 or len(names) < 64:
-        return [p for name in names for p in check_item(job, name)]
+        return [p for name in tqdm(names, **bar) for p in check_item(job, name)]
     with multiprocessing.Pool(workers, initializer=_set_worker_job, initargs=(job,)) as pool:
-        results = pool.map(_check_in_worker, names, chunksize=32)
+        results = list(tqdm(pool.imap(_check_in_worker, names, chunksize=32), **bar))
     return [p for found in results for p in found]
 
 

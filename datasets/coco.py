@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from datasets.coco_annotations import (
     CATEGORY_TO_CLASS,
@@ -382,6 +383,8 @@ def _render_all(todo: list, manifest: dict[str, Any], manifest_file: Path, worke
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         results = pool.imap_unordered(_render, todo, chunksize=16) if pool else map(_render, todo)
+        results = tqdm(results, total=total, initial=total - len(todo), unit="mask",
+                       disable=None, file=sys.stderr)
         for count, (stem, digest) in enumerate(results, start=1):
             checksums[stem] = digest
             if count % CHECKPOINT_EVERY == 0:
@@ -517,7 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for subset in args.subsets:
             start = time.perf_counter()
             manifest = prepare_subset(root, out, subset, workers=max(1, args.workers),
-                                      progress=_progress_printer())  # fmt: skip
+                                      progress=None if sys.stderr.isatty()  # tqdm there
+                                      else _progress_printer())  # fmt: skip
             print(f"{subset}: {len(manifest['checksums']) or 'pre-converted'} masks, "
                   f"{time.perf_counter() - start:.1f} s -> {out}")  # fmt: skip
         return 0

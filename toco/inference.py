@@ -1,11 +1,15 @@
-"""Prediction for evaluation: segmentation and CAM labels for one image at a time.
+"""Prediction for evaluation: segmentation logits and CAMs for one image (or batch) at a time.
 
-Inputs of any size are zero-padded to a multiple of the patch size and the outputs cropped back,
-so no remainder pixels are dropped and nothing is stretched (reference bug B12).
+Inputs whose side is not a multiple of the patch size are handled in one of two ways
+(`patch_fit`):
+- "pad" (default, our fix of reference bug B12): zero-pad to the next multiple, run, upsample
+  the token maps to the padded size and crop back, so no pixel is dropped or stretched;
+- "floor" (the official tools): run on the largest multiple of the patch that fits (the
+  patch convolution drops the remainder pixels) and stretch the token maps over the whole image.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,20 +18,8 @@ from torch import Tensor
 from models.network import ToCoNet
 from toco.cam import cam_to_label, multi_scale_cam
 
-
-def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
-
-
-def _run_padded(fn, x: Tensor, multiple: int) -> tuple[Tensor, ...]:
-    """Apply a token-stride map function to padded x; return maps at x's size."""
-    h, w = x.shape[-2:]
-    padded = _pad_to_multiple(x, multiple)
-    outs = fn(padded)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    return tuple(F.interpolate(o, size=padded.shape[-2:], mode="bilinear",
-                               align_corners=False)[..., :h, :w] for o in outs)
+PATCH_FITS = ("pad", "floor")
+FUSIONS = ("sum", "max")
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -36,39 +28,80 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def token_maps(fn: Callable, x: Tensor, multiple: int, patch_fit: str = "pad"
+               ) -> tuple[Tensor, ...]:
+    """Apply a token-stride map function `fn` to x of any size (see the module docstring).
+
+    "pad" returns maps at x's size; "floor" returns the raw token maps, which the caller
+    stretches to the size it wants with ONE bilinear resize, as the official tools do.
+    """
+    h, w = x.shape[-2:]
+    if patch_fit == "floor":
+        hf, wf = h - h % multiple, w - w % multiple
+        if hf == 0 or wf == 0:
+            raise ValueError(f"a {h}x{w} input is smaller than one {multiple}px patch")
+        outs = fn(x[..., :hf, :wf])
+        return outs if isinstance(outs, tuple) else (outs,)
+    if patch_fit != "pad":
+        raise ValueError(f"patch_fit must be one of {PATCH_FITS}, got {patch_fit!r}")
+    padded = F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple))
+    outs = fn(padded)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return tuple(F.interpolate(o, size=padded.shape[-2:], mode="bilinear",
+                               align_corners=False)[..., :h, :w] for o in outs)
+
+
+def _fuse(a: Tensor, b: Tensor, how: str) -> Tensor:
+    if how == "sum":
+        return a + b
+    if how == "max":
+        return torch.maximum(a, b)
+    raise ValueError(f"fusion must be one of {FUSIONS}, got {how!r}")
+
+
+def scaled(image: Tensor, s: float) -> Tensor:
+    """Bilinear resize to (int(s H), int(s W)), the reference's rounding; s = 1 is a no-op."""
+    if s == 1.0:
+        return image
+    h, w = image.shape[-2:]
+    return _resize(image, (max(1, int(h * s)), max(1, int(w * s))))
+
+
 @torch.no_grad()
 def predict_seg_logits(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0,),
-                       flip: bool = False, size: Optional[int] = None) -> Tensor:
+                       flip: bool = False, size: Optional[int] = None,
+                       flip_fusion: str = "sum", scale_fusion: str = "max",
+                       patch_fit: str = "pad") -> Tensor:
     """Segmentation logits (B, C, H, W) at the input's size.
 
-    `size` first resizes the input to a size x size square (ToCo's in-training protocol).
-    Per scale the flip pair is fused by SUM, scales by element-wise MAX (ToCo's VOC tool).
+    `size` first resizes the input to a size x size square. For each scale the logits of the
+    input and of its mirror image are upsampled to the input's size, the mirror's un-flipped,
+    and the pair fused by `flip_fusion`; the scales are then fused by `scale_fusion`.
+    ToCo's VOC tool: flip SUM, scales MAX; its COCO tool: flip MAX, scales SUM.
     """
     out_size = image.shape[-2:]
     base = _resize(image, (size, size)) if size else image
     fused = None
     for s in scales:
-        x = base if s == 1.0 else _resize(
-            base, (max(1, int(base.shape[-2] * s)), max(1, int(base.shape[-1] * s))))
+        x = scaled(base, s)
+        n = x.shape[0]
+        batch = torch.cat([x, x.flip(-1)]) if flip else x
+        logits = _resize(token_maps(model, batch, model.patch_size, patch_fit)[0], out_size)
         if flip:
-            logits = _run_padded(model, torch.cat([x, x.flip(-1)]), model.patch_size)[0]
-            logits = _resize(logits, out_size)
-            n = x.shape[0]
-            logits = logits[:n] + logits[n:].flip(-1)
-        else:
-            logits = _resize(_run_padded(model, x, model.patch_size)[0], out_size)
-        fused = logits if fused is None else torch.maximum(fused, logits)
+            logits = _fuse(logits[:n], logits[n:].flip(-1), flip_fusion)
+        fused = logits if fused is None else _fuse(fused, logits, scale_fusion)
     return fused
 
 
 @torch.no_grad()
 def predict_cams(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                 flip: bool = True, size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                 flip: bool = True, size: Optional[int] = None, patch_fit: str = "pad"
+                 ) -> tuple[Tensor, Tensor]:
     """Multi-scale normalised (cam, cam_aux), each (B, C-1, H, W) at the input's size."""
     out_size = image.shape[-2:]
     x = _resize(image, (size, size)) if size else image
-    cam, cam_aux = multi_scale_cam(lambda t: _run_padded(model.cams, t, model.patch_size), x,
-                                   scales, flip=flip)
+    cam, cam_aux = multi_scale_cam(
+        lambda t: token_maps(model.cams, t, model.patch_size, patch_fit), x, scales, flip=flip)
     return _resize(cam, out_size), _resize(cam_aux, out_size)
 
 

@@ -21,8 +21,10 @@ from toco.errors import ConfigError, UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# timm model classes whose forward this encoder reproduces.
+# timm modules and model classes whose forward this encoder reproduces.
+SUPPORTED_MODULES = ("vision_transformer", "deit", "eva")
 SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
+SUPPORTED_HINT = "ViT/DeiT, DINOv2, CLIP, SigLIP, EVA-02"
 
 
 class EncoderOutput(NamedTuple):
@@ -72,6 +74,9 @@ def create_vit(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     """
     if not timm.is_model(name):
         raise _unknown_backbone(name)
+    if not timm.models.is_model_in_modules(timm.models.get_arch_name(name), SUPPORTED_MODULES):
+        raise ConfigError(f"backbone '{name}' is not one of the timm ViTs ToCo runs "
+                          f"({SUPPORTED_HINT}; timm modules {', '.join(SUPPORTED_MODULES)})")
     kwargs = dict(num_classes=0, dynamic_img_size=True, **kwargs)
     if pretrained == "none":
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -103,8 +108,7 @@ def _check_supported(name: str, model: nn.Module) -> None:
     kind = type(model).__name__
     if kind not in SUPPORTED_CLASSES:
         raise ConfigError(f"backbone '{name}' is a timm {kind}; ToCo runs timm ViTs only "
-                          f"({', '.join(SUPPORTED_CLASSES)}: ViT/DeiT, DINOv2, CLIP, SigLIP, "
-                          "EVA-02)")
+                          f"({', '.join(SUPPORTED_CLASSES)}: {SUPPORTED_HINT})")
     if model.cls_token is None and getattr(model, "attn_pool", None) is None \
             and model.global_pool not in ("avg", "avgmax", "max"):
         raise ConfigError(f"backbone '{name}' has neither a class token nor a pooled image "

@@ -317,3 +317,34 @@ def test_unsupported_backbones_stop_at_start_up_with_one_line():
         ViTBackbone("vit_base_patch16_siglip_224", global_pool="", **TINY)
     with pytest.raises(ConfigError, match="patch dropout"):
         ViTBackbone("deit_tiny_patch16_224", patch_drop_rate=0.5, **TINY)
+
+
+@pytest.mark.parametrize("recipe,grid", [("voc_dinov2_b", 32), ("voc_clip_b", 20)])
+def test_backbone_recipes_load_and_build(recipe, grid, tmp_path):
+    from toco.builders import build_model
+    from toco.config import CONFIG_DIR
+
+    cfg, _ = parse_config(["--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--data-root",
+                           str(tmp_path), "--pretrained", "none", "--backbone-depth", "6"])
+    assert cfg.input_norm == "backbone" and cfg.layer_decay < 1
+    model = build_model(cfg, 21)
+    assert cfg.crop_size // model.patch_size == grid and cfg.crop_size % model.patch_size == 0
+    opt = build_optimizer(model, cfg)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr)  # final norm: undecayed
+    frozen = [n for n, t in model.backbone.named_parameters() if not t.requires_grad]
+    if cfg.trainable_blocks is None:
+        assert frozen == ["vit.pos_embed"]
+    else:
+        assert "vit.blocks.0.attn.qkv.weight" in frozen and len(frozen) > 1
+
+
+def test_local_weights_file_loads_a_patch14_rope_backbone_exactly(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tiny_backbone("eva02")
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.vit.state_dict().items()}, str(path))
+    dst = ViTBackbone(FAMILIES["eva02"][0], pretrained=str(path), aux_layer=1, **TINY,
+                      **FAMILIES["eva02"][1])
+    for (k, a), b in zip(src.vit.state_dict().items(), dst.vit.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -120,8 +120,8 @@ def _check_supported(name: str, model: nn.Module) -> None:
 
 
 def _norms_after_pooling(vit: nn.Module) -> bool:
-    """Avg-pool models (EVA-02, SigLIP-gap) keep `norm` as Identity and normalise after pooling
-    (`fc_norm`); ToCo wants normalised tokens, so it applies that norm to every token."""
+    """Avg-pool models with an `fc_norm` (EVA-02) keep `norm` as Identity and normalise after
+    pooling; ToCo wants normalised tokens, so it applies that norm to every token."""
     fc_norm = getattr(vit, "fc_norm", None)
     return isinstance(vit.norm, nn.Identity) and fc_norm is not None \
         and not isinstance(fc_norm, nn.Identity)
@@ -136,8 +136,8 @@ class ViTBackbone(nn.Module):
         aux_layer: index into the blocks whose raw (pre-norm) output gives the aux tokens;
             -3 is the 10th of 12 blocks, as in ToCo.
         freeze_pos_embed: ToCo never trains the position table.
-        pos_embed_antialias: antialias when shrinking the position table (timm's own forward
-            does; ToCo does not).
+        pos_embed_antialias: resize the position table as timm's own forward does (antialiased
+            bicubic, a different kernel at every size) instead of ToCo's plain bicubic.
         trainable_blocks: None trains the whole backbone (ToCo); K trains only the last K blocks
             and the final norm/pool (0 freezes the backbone).
         **kwargs: passed to `timm.create_model` (e.g. depth=6 for a shallower test model).

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
-from scripts.bench_plugins import make_batch
+from scripts.bench_plugins import make_batch, time_interleaved
 from toco.builders import build_model
 from toco.config import TrainConfig
 from toco.engine import Trainer, build_loss_modules
@@ -60,21 +59,7 @@ def main() -> None:
                 for n in args.configs}
     batches = [make_batch(trainers[args.configs[0]].cfg, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
-    wall: dict[str, list[float]] = {n: [] for n in trainers}
-    cpu: dict[str, list[float]] = {n: [] for n in trainers}
-    it = {n: 0 for n in trainers}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.rounds):
-        for i, b in enumerate(batches):
-            for name, trainer in trainers.items():  # interleaved: load drift hits all alike
-                sync()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                trainer.train_step(b, it[name])
-                sync()
-                it[name] += 1
-                if i >= args.warmup:
-                    wall[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
+    wall, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
     result = {"device": args.device, "threads": args.threads, "backbone": args.backbone,
               "depth": args.depth, "crop_size": args.crop_size, "batch_size": args.batch_size,
               "num_local_crops": args.num_local_crops, "steps": {}}

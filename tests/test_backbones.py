@@ -29,7 +29,7 @@ FAMILIES = {
     "siglip": ("vit_base_patch16_siglip_224", dict(img_size=64)),
     "eva02": ("eva02_tiny_patch14_224", dict(img_size=56)),
 }
-# Also checked token for token: distillation token, and a SigLIP pooled by mean + fc_norm.
+# Also checked token for token: a distillation token, and a SigLIP pooled by the token mean.
 PARITY_ONLY = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=64)),
     "siglip_gap": ("vit_base_patch16_siglip_gap_224", dict(img_size=64)),

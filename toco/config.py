@@ -67,8 +67,9 @@ class TrainConfig:
     input_norm: str = _opt("backbone", "input mean/std: the backbone's pretraining values, or "
                            "ImageNet's (ToCo's published ViT-B/DeiT-B recipes)",
                            ["backbone", "imagenet"], "model")
-    pos_embed_antialias: bool = _opt(False, "antialias when shrinking the position table (timm's "
-                                     "forward does; ToCo does not)", group="model")
+    pos_embed_antialias: bool = _opt(False, "resize the position table with antialiased bicubic "
+                                     "as timm's forward does (ToCo: plain bicubic)",
+                                     group="model")
     freeze_backbone: bool = _opt(False, "train no backbone parameter (the encoder then runs "
                                  "without autograd)", group="model")
     trainable_blocks: Optional[int] = _opt(None, "train only the last K backbone blocks (and the "

@@ -6,10 +6,12 @@ values so that LayerScale (DINOv2), zero-initialised tokens and unit norms hide 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import yaml
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
@@ -348,3 +350,39 @@ def test_local_weights_file_loads_a_patch14_rope_backbone_exactly(tmp_path):
                       **FAMILIES["eva02"][1])
     for (k, a), b in zip(src.vit.state_dict().items(), dst.vit.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("backbone,depth", [("eva02_tiny_patch14_224", 2),
+                                            ("vit_base_patch16_siglip_224", 1)])
+def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
+    """train.py → evaluate.py (sizes off the patch grid) → release export, one odd family each:
+    patch 14 + rotary embeddings + fc_norm tokens, and no class token (attention pool)."""
+    import evaluate
+    import train
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import run, train_args
+    from toco.export import export_release, load_release
+
+    root = make_standard_voc_tree(tmp_path / "VOC2012")
+    work = tmp_path / "run"
+    patch = 14 if "patch14" in backbone else 16
+    argv = train_args(root, work, "--max-iters", "2", "--eval-every", "2", "--seg-start-iter",
+                      "1", "--warmup-iters", "1", "--threads", "1", "--backbone", backbone,
+                      "--crop-size", str(4 * patch), "--local-crop-size", str(2 * patch),
+                      "--backbone-depth", str(depth), "--trainable-blocks", "1",
+                      "--layer-decay", "0.8")
+    assert run(train, argv) == 0
+    recorded = yaml.safe_load((work / "config.yaml").read_text())
+    assert recorded["trainable_blocks"] == 1 and recorded["layer_decay"] == 0.8
+    assert recorded["input_norm"] == "backbone"
+    ckpt = str(work / "checkpoints" / "last.pt")
+    for mode in ("seg", "cam"):
+        out = tmp_path / f"{mode}.json"
+        assert run(evaluate, ["--checkpoint", ckpt, "--mode", mode, "--device", "cpu",
+                              "--output-json", str(out)]) == 0
+        assert 0 <= json.loads(out.read_text())["miou"] <= 100  # percent
+    model, _ = load_release(str(export_release(ckpt, str(tmp_path / "m.safetensors"))))
+    state = torch.load(ckpt, weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        if not k.startswith("proj_head_teacher."):
+            assert torch.equal(v, state[k]), k

@@ -386,3 +386,17 @@ def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
     for k, v in model.state_dict().items():
         if not k.startswith("proj_head_teacher."):
             assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--backbone", "beit_base_patch16_224"], "is not one of the timm ViTs ToCo runs"),
+    (["--backbone-depth", "2", "--trainable-blocks", "3"], "trainable_blocks 3 out of range"),
+])
+def test_train_refuses_an_unusable_backbone_with_one_line(extra, needle, tmp_path, capsys):
+    import train
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import assert_user_error, run, train_args
+
+    root = make_standard_voc_tree(tmp_path / "VOC2012")
+    code = run(train, train_args(root, tmp_path / "run", "--max-iters", "1", *extra))
+    assert_user_error(capsys, code, needle)

@@ -11,13 +11,12 @@ interleaved step by step; medians of wall and process CPU time are reported, wit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
 import torch
 
-from scripts.bench_plugins import make_batch, time_interleaved
+from scripts.bench_plugins import bench_parser, make_batch, time_interleaved
 from toco.builders import build_model
 from toco.config import TrainConfig
 from toco.engine import Trainer, build_loss_modules
@@ -31,21 +30,10 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="deit_small_patch16_224")
-    p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
+    p = bench_parser(__doc__.splitlines()[0], "deit_small_patch16_224", batch_size=2,
+                     num_local_crops=4, steps=6, warmup=1)
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks")
-    p.add_argument("--crop-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--num-local-crops", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=21)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(FLAGS), choices=list(FLAGS))
-    p.add_argument("--output-json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -75,21 +75,29 @@ def time_interleaved(trainers: dict[str, Trainer], batches: list[dict], rounds: 
     return wall, cpu
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="deit_tiny_patch16_224")
+def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
+                 steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The flags every step benchmark takes (model, batch, device, timing rounds, output)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--backbone", default=backbone)
     p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
     p.add_argument("--crop-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-local-crops", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--num-local-crops", type=int, default=num_local_crops)
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
     p.add_argument("--output-json")
+    return p
+
+
+def main() -> None:
+    p = bench_parser(__doc__.splitlines()[0], "deit_tiny_patch16_224", batch_size=4,
+                     num_local_crops=8, steps=10, warmup=2)
+    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -4,11 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.backbone import EncoderOutput, ViTBackbone
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, EncoderOutput, ViTBackbone
 from models.heads import CAMClassifier, CTCHead, EMATeacher, LargeFOV
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ToCoNet(nn.Module):
@@ -21,11 +18,14 @@ class ToCoNet(nn.Module):
         ctc_out_dim: output width of the CTC projection head (1024 in ToCo).
         ema_momentum: momentum of the CTC teacher head.
         ctc_hidden_dim: width of the CTC head's MLP (2048 in ToCo).
+        pixel_mean, pixel_std: input normalisation (ToCo: ImageNet's, whatever the backbone).
     """
 
     def __init__(self, backbone: ViTBackbone, num_classes: int, decoder_dim: int = 512,
                  ctc_out_dim: int = 1024, ema_momentum: float = 0.9,
-                 ctc_hidden_dim: int = 2048) -> None:
+                 ctc_hidden_dim: int = 2048,
+                 pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 pixel_std: tuple[float, float, float] = IMAGENET_STD) -> None:
         super().__init__()
         dim = backbone.embed_dim
         self.num_classes = num_classes
@@ -38,8 +38,8 @@ class ToCoNet(nn.Module):
         # Modules mapping EncoderOutput -> EncoderOutput (e.g. RCA's memory aggregation), run
         # inside `encode` so training, the CAM passes and inference all see the same features.
         self.feature_hooks = nn.ModuleList()
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
 
     @property
     def patch_size(self) -> int:

@@ -52,21 +52,52 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
     return trainer
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="deit_tiny_patch16_224")
+def time_interleaved(trainers: dict[str, Trainer], batches: list[dict], rounds: int,
+                     warmup: int, device: torch.device
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each trainer's steps, the configurations interleaved step
+    by step (load drifts hit all alike); the first `warmup` batches of each round are untimed."""
+    wall: dict[str, list[float]] = {n: [] for n in trainers}
+    cpu: dict[str, list[float]] = {n: [] for n in trainers}
+    it = {n: 0 for n in trainers}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(rounds):
+        for i, b in enumerate(batches):
+            for name, trainer in trainers.items():
+                sync()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                trainer.train_step(b, it[name])
+                sync()
+                it[name] += 1
+                if i >= warmup:
+                    wall[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
+    return wall, cpu
+
+
+def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
+                 steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The flags every step benchmark takes (model, batch, device, timing rounds, output)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--backbone", default=backbone)
     p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
     p.add_argument("--crop-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-local-crops", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--num-local-crops", type=int, default=num_local_crops)
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
     p.add_argument("--output-json")
+    return p
+
+
+def main() -> None:
+    p = bench_parser(__doc__.splitlines()[0], "deit_tiny_patch16_224", batch_size=4,
+                     num_local_crops=8, steps=10, warmup=2)
+    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -82,21 +113,7 @@ def main() -> None:
                 for n in args.configs}
     batches = [make_batch(trainers[args.configs[0]].cfg, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
-    times: dict[str, list[float]] = {n: [] for n in trainers}
-    cpu: dict[str, list[float]] = {n: [] for n in trainers}
-    it = {n: 0 for n in trainers}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.rounds):
-        for i, b in enumerate(batches):
-            for name, trainer in trainers.items():  # step by step: load drift hits all alike
-                sync()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                trainer.train_step(b, it[name])
-                sync()
-                it[name] += 1
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
+    times, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
     result = {"device": args.device, "threads": args.threads, "backbone": args.backbone,
               "crop_size": args.crop_size, "batch_size": args.batch_size, "steps": {}}
     base = statistics.median(times["base"]) if "base" in times else None
@@ -112,6 +129,7 @@ def main() -> None:
         print(f"{name:5s} {med:.3f} s/step, {med_cpu:.3f} s CPU (n={len(ts)}){extra}")
     if "rca" in trainers:
         mem = next(p for p in trainers["rca"].loss_modules if hasattr(p, "memory")).memory
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         tic = time.perf_counter()
         mem.refresh_centroids(trainers["rca"].cfg.rca_kmeans_iters)

@@ -30,6 +30,8 @@ TOCO_COMMON = {
     "par_dilations": (1, 2, 4, 8, 12, 24), "refine_down_scale": 2, "aux_layer": -3,
     "decoder_dim": 512, "loss_group_size": 2, "amp": "none", "tf32": True, "val_size": 448,
     "val_scales": (1.0, 0.5, 1.5), "seed": 0, "log_every": 200, "pretrained": "timm",
+    "input_norm": "imagenet", "pos_embed_antialias": False, "freeze_backbone": False,
+    "trainable_blocks": None, "layer_decay": 1.0,
     # official behaviours, except the two fixes of misaligned boxes / crops
     "dormant_terms": "step", "reg_gradient": "reference", "ctc_negative_term": True,
     "par_input": "uint8", "image_labels": "annotations", "ptc_box": "grid",
@@ -433,3 +435,15 @@ def test_compiled_blocks_compute_the_same_tokens():
 def test_backbone_uses_fused_attention():
     model = build_model(tiny_cfg(), num_classes=7)
     assert all(block.attn.fused_attn for block in model.backbone.vit.blocks)
+
+
+def test_configs_saved_before_a_setting_existed_keep_their_behaviour():
+    saved = {k: v for k, v in tiny_cfg().to_dict().items()
+             if k not in ("input_norm", "dormant_terms", "par_input", "ptc_box")}
+    cfg = TrainConfig.from_saved(saved)
+    assert (cfg.input_norm, cfg.dormant_terms, cfg.par_input, cfg.ptc_box) == \
+        ("imagenet", "skip", "float", "grid")
+    cfg = TrainConfig.from_saved({**saved, "reference_quirks": True})
+    assert cfg.ptc_box == "pixels"
+    full = tiny_cfg(par_input="uint8").to_dict()
+    assert TrainConfig.from_saved(full) == TrainConfig.from_dict(full)  # today's: unchanged

@@ -149,3 +149,17 @@ def test_network_cams_use_classifier_weights():
     torch.testing.assert_close(logits, pooled @ net.classifier.conv.weight[:, :, 0, 0].T,
                                rtol=1e-4, atol=1e-5)
     assert net.segment(feats).shape == (2, 4, 4, 3)
+
+
+def test_network_normalises_inputs_with_its_mean_and_std():
+    torch.manual_seed(0)
+    bb = ViTBackbone("deit_tiny_patch16_224", **TINY).eval()
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    net = ToCoNet(bb, num_classes=3, decoder_dim=8, pixel_mean=mean, pixel_std=std).eval()
+    x = torch.rand(1, 3, 32, 48)
+    by_hand = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net.encode(x).tokens, bb(by_hand).tokens)
+    default = ToCoNet(bb, num_classes=3, decoder_dim=8)  # ToCo's ImageNet values
+    assert default.pixel_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert default.pixel_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models.backbone import ViTBackbone
+from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
 from toco.config import TrainConfig
 from toco.errors import ConfigError
@@ -13,11 +13,14 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     """ToCoNet for `num_classes` (background included), with the enabled plug-ins' feature hooks;
     `pretrained` overrides cfg.pretrained."""
     kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
+    trainable_blocks = 0 if cfg.freeze_backbone else cfg.trainable_blocks
     backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
-                           aux_layer=cfg.aux_layer, **kwargs)
+                           aux_layer=cfg.aux_layer, pos_embed_antialias=cfg.pos_embed_antialias,
+                           trainable_blocks=trainable_blocks, **kwargs)
+    mean, std = input_normalisation(cfg, backbone)
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
                     ema_momentum=cfg.ema_momentum, ctc_hidden_dim=cfg.ctc_hidden_dim,
-                    ctc_out_dim=cfg.ctc_out_dim)
+                    ctc_out_dim=cfg.ctc_out_dim, pixel_mean=mean, pixel_std=std)
     # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
     # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
     from toco.plugins import build_feature_hooks
@@ -25,6 +28,13 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     for hook in build_feature_hooks(cfg, backbone.embed_dim, num_classes):
         model.feature_hooks.append(hook)
     return model
+
+
+def input_normalisation(cfg: TrainConfig, backbone: ViTBackbone) -> tuple[tuple, tuple]:
+    """(mean, std) of the input: ImageNet's, or those the backbone was pretrained with."""
+    if cfg.input_norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return backbone.pretrained_mean, backbone.pretrained_std
 
 
 def resolve_device(name: str) -> torch.device:

@@ -55,8 +55,8 @@ class TrainConfig:
                                  group="data")
 
     # Model
-    backbone: str = _opt("vit_base_patch16_224.orig_in21k_ft_in1k", "timm ViT/DeiT name",
-                         group="model")
+    backbone: str = _opt("vit_base_patch16_224.orig_in21k_ft_in1k", "timm ViT name (ViT/DeiT, "
+                         "DINOv2, CLIP, SigLIP, EVA-02; see README 'Backbones')", group="model")
     pretrained: str = _opt("timm", "'none', 'timm' (hub) or a local checkpoint path",
                            group="model")
     backbone_depth: Optional[int] = _opt(None, "override the backbone's number of blocks "
@@ -64,6 +64,16 @@ class TrainConfig:
     aux_layer: int = _opt(-3, "block whose pre-norm tokens feed the aux classifier",
                           group="model")
     decoder_dim: int = _opt(512, "LargeFOV decoder width", group="model")
+    input_norm: str = _opt("backbone", "input mean/std: the backbone's pretraining values, or "
+                           "ImageNet's (ToCo's published ViT-B/DeiT-B recipes)",
+                           ["backbone", "imagenet"], "model")
+    pos_embed_antialias: bool = _opt(False, "resize the position table with antialiased bicubic "
+                                     "as timm's forward does (ToCo: plain bicubic)",
+                                     group="model")
+    freeze_backbone: bool = _opt(False, "train no backbone parameter (the encoder then runs "
+                                 "without autograd)", group="model")
+    trainable_blocks: Optional[int] = _opt(None, "train only the last K backbone blocks (and the "
+                                           "final norm/pool); default: all", group="model")
 
     # Optimisation
     batch_size: int = _opt(4, "global batch size", group="optim")
@@ -76,6 +86,10 @@ class TrainConfig:
     warmup_iters: int = _opt(1500, "linear LR warm-up iterations", group="optim")
     warmup_ratio: float = _opt(1e-6, "LR factor at iteration 0", group="optim")
     poly_power: float = _opt(0.9, "power of the poly decay", group="optim")
+    layer_decay: float = _opt(1.0, "layer-wise LR decay of the backbone (BEiT-style): block i "
+                              "(0-based) of L gets lr x decay^(L-i), the embeddings "
+                              "decay^(L+1), the final norm lr; 1 = off",
+                              group="optim")
 
     # Losses and their schedule
     w_cls: float = _opt(1.0, "weight of the classification losses (final and aux)", group="loss")
@@ -300,6 +314,12 @@ class TrainConfig:
              "cam_scales must be positive")
         need(self.local_crop_size <= self.crop_size,
              f"local_crop_size ({self.local_crop_size}) exceeds crop_size ({self.crop_size})")
+        need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        need(self.trainable_blocks is None or self.trainable_blocks >= 0,
+             f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
+        need(not (self.freeze_backbone and self.trainable_blocks),
+             "--freeze-backbone contradicts --trainable-blocks "
+             f"{self.trainable_blocks}: use one of them")
         need(self.stop_at is None or 0 < self.stop_at <= self.max_iters,
              f"stop_at must be in 1..max_iters, got {self.stop_at}")
         need(self.dataset == "synthetic" or self.data_root is not None,
@@ -367,6 +387,28 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
         return cls(**_coerce(values, source)).validate()
 
+    @classmethod
+    def from_saved(cls, values: dict[str, Any], source: str = "checkpoint config"
+                   ) -> "TrainConfig":
+        """The config stored in a checkpoint or export. A setting added after it was written
+        takes the value that reproduces how that run actually behaved, not today's default."""
+        return cls.from_dict({**behaviour_before_settings(values), **values}, source)
+
+
+def behaviour_before_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """What runs written before a setting existed did, for settings whose default differs."""
+    quirks = bool(saved.get("reference_quirks", False))
+    return {
+        "input_norm": "imagenet",
+        "dormant_terms": "skip",
+        "par_input": "float",
+        "image_labels": "masks",
+        "ctc_negative_term": quirks,
+        "reg_gradient": "reference" if quirks else "exact",
+        "ptc_box": "pixels" if quirks else "grid",
+        "local_view_flip": "independent" if quirks else "aligned",
+    }
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -382,6 +424,7 @@ OFFICIAL_BEHAVIOUR: dict[str, Any] = {
     "image_labels": "annotations",
     "amp": "none",
     "tf32": True,
+    "input_norm": "imagenet",
 }
 _HINTS = typing.get_type_hints(TrainConfig)
 

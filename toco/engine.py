@@ -56,14 +56,11 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,
                     extra_params: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
-    """AdamW over ToCo's four groups (LR x1, x1, x10, x10); plug-in parameters join the x10."""
-    groups = model.param_groups()
-    groups[2] = groups[2] + list(extra_params)
-    mults = (1.0, 1.0, cfg.head_lr_mult, cfg.head_lr_mult)
-    return torch.optim.AdamW(
-        [{"params": g, "lr": cfg.lr * m} for g, m in zip(groups, mults) if g],
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
-        foreach=True)
+    """AdamW over ToCo's four groups (LR x1, x1, x10, x10) or layer-decayed backbone groups
+    (toco/optim.py); plug-in parameters join the heads."""
+    from toco.optim import build_adamw
+
+    return build_adamw(model, cfg, extra_params)
 
 
 def zero_fill_missing_grads(params: Iterable[torch.nn.Parameter]) -> None:

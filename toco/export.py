@@ -51,7 +51,7 @@ def load_release(path: str, device: str = "cpu"):
 
     try:
         with safe_open(path, framework="pt", device=device) as fh:
-            cfg = TrainConfig.from_dict(json.loads(fh.metadata()["config"]), path)
+            cfg = TrainConfig.from_saved(json.loads(fh.metadata()["config"]), path)
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read release file {path}: {err}") from None

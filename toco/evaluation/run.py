@@ -194,7 +194,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
     state = load_checkpoint(req.checkpoint, map_location=device)
     overrides = {k: v for k, v in (("dataset", req.dataset), ("data_root", req.data_root),
                                    ("cache_dir", req.cache_dir)) if v is not None}
-    cfg = TrainConfig.from_dict({**state["config"], **overrides}, "checkpoint config")
+    cfg = TrainConfig.from_saved({**state["config"], **overrides})
     spec = data.dataset_spec(cfg)
     if req.submission and spec.num_classes != 21:
         raise ConfigError(f"--submission voc needs a 21-class model; this one has "

@@ -32,7 +32,7 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
     from toco.plugins import build_plugins
 
     state = load_checkpoint(checkpoint, map_location=device)
-    cfg = TrainConfig.from_dict(state["config"], "checkpoint config")
+    cfg = TrainConfig.from_saved(state["config"])
     if not cfg.mcis:
         raise ConfigError(f"{checkpoint} was not trained with --mcis: it has no co-attention head")
     num_classes = data.dataset_spec(cfg).num_classes

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 import timm
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -168,6 +169,7 @@ class ViTBackbone(nn.Module):
             self.vit.pos_embed.requires_grad_(False)
         if trainable_blocks is not None:
             self.train_last_blocks(trainable_blocks)
+        self.grad_checkpointing = False  # set by the trainer (--grad-checkpointing)
 
     # ---- stages: 0 = embeddings, 1..depth = blocks, depth + 1 = final norm / pooling ----
     def stage_of(self, param_name: str) -> int:
@@ -229,11 +231,14 @@ class ViTBackbone(nn.Module):
         x, (h, w), rope = self._embed(x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p])
         per_block_rope = getattr(vit, "rope_mixed", False)
         aux = None
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(vit.blocks):
-            if rope is None:
-                x = block(x)
+            kwargs = {} if rope is None else {"rope": rope[i] if per_block_rope else rope}
+            if checkpointed and x.requires_grad:
+                # Recompute the block in backward instead of keeping its activations.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
-                x = block(x, rope=rope[i] if per_block_rope else rope)
+                x = block(x, **kwargs)
             if i == self.aux_index:
                 aux = x
         x = vit.norm(x)  # timm's forward_features ends here

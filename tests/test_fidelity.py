@@ -447,3 +447,29 @@ def test_configs_saved_before_a_setting_existed_keep_their_behaviour():
     assert cfg.ptc_box == "pixels"
     full = tiny_cfg(par_input="uint8").to_dict()
     assert TrainConfig.from_saved(full) == TrainConfig.from_dict(full)  # today's: unchanged
+
+
+def test_grad_checkpointing_gives_the_same_step(monkeypatch):
+    """Recomputing the blocks in backward changes memory, not numbers (same kernels, same
+    order): losses and gradients agree to float rounding."""
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, _ = trainers(tiny_cfg(seg_start_iter=0))
+    torch.manual_seed(0)
+    cfg = tiny_cfg(seg_start_iter=0, grad_checkpointing=True)
+    ckpt = Trainer(cfg, build_model(cfg, num_classes=7), build_loss_modules(cfg),
+                   torch.device("cpu"))
+    assert ckpt.model.backbone.grad_checkpointing
+    grads = {}
+    for name, trainer in (("plain", plain), ("ckpt", ckpt)):
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, name=name: grads.__setitem__(name, [
+                p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+        logged = trainer.train_step(tiny_batch(0), 0)
+        grads[name + "_loss"] = logged["total"]
+    assert calls, "no block was checkpointed"
+    assert grads["plain_loss"] == pytest.approx(grads["ckpt_loss"], rel=1e-6)
+    for a, b in zip(grads["plain"], grads["ckpt"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -21,6 +21,7 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
                     ema_momentum=cfg.ema_momentum, ctc_hidden_dim=cfg.ctc_hidden_dim,
                     ctc_out_dim=cfg.ctc_out_dim, pixel_mean=mean, pixel_std=std)
+    backbone.grad_checkpointing = cfg.grad_checkpointing
     # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
     # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
     from toco.plugins import build_feature_hooks

@@ -264,6 +264,9 @@ class TrainConfig:
     compile: str = _opt("none", "torch.compile the backbone's blocks (GPU runs; the first "
                         "steps of each input size are slow while it compiles)",
                         ["none", "default", "reduce-overhead", "max-autotune"], "run")
+    grad_checkpointing: bool = _opt(False, "recompute the backbone blocks in backward instead "
+                                    "of storing their activations (less memory, ~30% more "
+                                    "compute; same numbers)", group="run")
     tf32: bool = _opt(True, "allow TF32 matmuls/convolutions on Ampere+ GPUs", group="run")
     loss_group_size: int = _opt(0, "compute PTC and seg losses per group of this many images "
                                 "and average (ToCo: 2 images per GPU); 0 = the whole per-device "

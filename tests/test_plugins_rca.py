@@ -165,7 +165,7 @@ def tiny_cfg(**kw) -> TrainConfig:
                 aux_layer=0, crop_size=32,
                 local_crop_size=16,
                 decoder_dim=8, rca=True, rca_dim=8, rca_mem_size=5, rca_num_centroids=2)
-    return TrainConfig(**{**base, **kw}).validate()
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_path):

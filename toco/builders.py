@@ -10,19 +10,18 @@ from toco.errors import ConfigError
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
-    """ToCoNet for `num_classes` (background included), with the enabled plug-ins' feature hooks;
+    """ToCoNet for `num_classes` (background included), with the enabled plug-ins' parts;
     `pretrained` overrides cfg.pretrained."""
     kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
     backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
                            aux_layer=cfg.aux_layer, **kwargs)
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
                     ema_momentum=cfg.ema_momentum)
-    # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
-    # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
-    from toco.plugins import build_feature_hooks
+    # Plug-in parts of the network (RCA's aggregation) are rebuilt from the config by training,
+    # the CAM passes, evaluation and export alike. Nothing when every plug-in is off.
+    from toco.plugins import attach_plugins
 
-    for hook in build_feature_hooks(cfg, backbone.embed_dim, num_classes):
-        model.feature_hooks.append(hook)
+    attach_plugins(model, cfg, num_classes)
     return model
 
 

@@ -1,4 +1,5 @@
-"""PPC: pixel-to-prototype contrast (Du et al., CVPR 2022) as a ToCo plug-in (seeds spec 2).
+"""PPC: pixel-to-prototype contrast (Du et al., CVPR 2022) as a ToCo plug-in
+(design notes: docs/plugins.md).
 
 View S is ToCo's main crop; view T is S resized by `view_scale` (optionally mirrored) and run
 through the encoder with grad (one extra pass at scale^2 of the tokens). Everything happens on
@@ -25,7 +26,7 @@ the official ranks; with them the intra term is exactly 0 when n <= 3). The `ema
 scope keeps a running prototype of every class seen so far (a persistent buffer) and uses it for
 the classes absent from the batch, so the negatives of the official all-class setting exist.
 
-Fixes of the official code (seeds spec 2.4): a real background score instead of a constant
+Fixes of the official code (docs/plugins.md): a real background score instead of a constant
 channel, prototypes for present classes only (`absent_protos` restores the official negatives),
 the positive never counted twice in the semi-hard denominator, the class mean of the hard-pixel
 loss taken over classes that were actually sampled, no unused random negatives, vectorised.

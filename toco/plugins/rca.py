@@ -1,5 +1,5 @@
 """RCA: regional semantic contrast and aggregation (Zhou et al., CVPR 2022) as a ToCo plug-in
-(seeds spec 1).
+(design notes: docs/plugins.md).
 
 Pieces:
 - `RCAMemory`: the class-wise regional memory M_k (K classes x L slots x d), its write pointer
@@ -27,7 +27,7 @@ Where the aggregation is inserted (`aggregation_insert`): 'all' rewrites the fin
 every encoder pass (classifier, CAMs, PTC, decoder); 'decoder' only the decoder's input (the CAMs
 and pseudo labels are then those of plain ToCo).
 
-Fixes of the official code (seeds spec 1.4), each with the official behaviour one flag away:
+Fixes of the official code (docs/plugins.md), each with the official behaviour one flag away:
 - random-noise slots: the memory starts empty and only filled slots are used
   (`noise_init=True`: N(0, 1) slots that count as filled, the official start);
 - slot update: plain FIFO overwrite (`update='ema'`: 0.99 blend into the slot, official);

@@ -284,7 +284,8 @@ class PluginSet:
             raise AttributeError(f"no plug-in named {name!r}") from None
 
     def names(self) -> list[str]:
-        return [n for n in registered() if n in self._settings or n in _REGISTRY]
+        """Every registered plug-in (one registered after this set was made gets defaults)."""
+        return list(registered())
 
     def enabled(self) -> list[str]:
         """Names of the plug-ins switched on, in registry order."""

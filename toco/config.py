@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from toco.errors import ConfigError
-from toco.plugins.registry import PluginSet, add_plugin_flags, merge_plugin_values, \
-    plugin_flag_values, split_plugin_values
+from toco.plugins.registry import PluginSet, add_plugin_flags, flatten_plugin_values, \
+    nest_plugin_values, split_plugin_values
 
 
 def _opt(default: Any, help: str, choices: Sequence[Any] | None = None, group: str = "misc",
@@ -198,7 +198,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        return cls(**_coerce(values, source)).validate()
+        return cls(**nest_plugin_values(_coerce(values, source))).validate()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -218,10 +218,10 @@ def _element_type(name: str) -> type:
 def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Normalise keys (dashes → underscores), reject unknown ones, convert value types.
 
-    Plug-in settings (the `plugins:` section, or older flat keys) come back typed under
-    "plugins" as {name: {setting: value}}."""
+    Plug-in settings (the `plugins:` section, the plug-in flags, or older flat keys) come back
+    typed as dotted keys `plugins.<name>.<setting>`, so layers merge setting by setting."""
     values, plugin_values = split_plugin_values(values, source)
-    out: dict[str, Any] = {"plugins": plugin_values} if plugin_values else {}
+    out = flatten_plugin_values(plugin_values)
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in _FIELDS:
@@ -308,12 +308,8 @@ def parse_config(argv: Optional[Sequence[str]] = None,
     args = parser.parse_args(argv)
     recipe = _coerce(load_yaml(args.config), args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
-    flags["plugins"] = plugin_flag_values(args)
     dataset = flags.get("dataset", recipe.get("dataset", _FIELDS["dataset"].default))
-    defaults = dataset_defaults(dataset)
-    values = {**defaults, **recipe, **flags}
-    values["plugins"] = merge_plugin_values(*(v.get("plugins")
-                                              for v in (defaults, recipe, flags)))
+    values = {**dataset_defaults(dataset), **recipe, **flags}
     return TrainConfig.from_dict(values, "command line"), args
 
 

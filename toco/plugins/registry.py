@@ -193,37 +193,35 @@ def _coerce_section(name: str, values: Any, source: str) -> dict[str, Any]:
 
 def split_plugin_values(values: dict[str, Any], source: str
                         ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Split a flat mapping of settings into (the core keys, the typed plug-in values).
+    """Split a mapping of settings into (the core keys, the typed plug-in values
+    {name: {setting: value}}).
 
-    Plug-in values come from the `plugins:` section and from the flat keys of older recipes and
-    checkpoints: `<name>` (enable), `w_<name>` (weight), `<name>_<setting>`, and
-    `plugin_start_iter` (every plug-in's start_iter; a plug-in's own start_iter wins). A flat key
-    that looks like a plug-in setting but is none raises ConfigError naming it.
+    Plug-in values come from the `plugins:` section ({name: {setting: value}}), from dotted keys
+    `plugins.<name>.<setting>` (how parsed layers are merged, see `flatten_plugin_values`), and
+    from the flat keys of older recipes and checkpoints: `<name>` (enable), `w_<name>` (weight),
+    `<name>_<setting>`, and `plugin_start_iter` (every plug-in's start_iter; within one mapping a
+    plug-in's own start_iter wins). Later keys override earlier ones. A flat key that looks like
+    a plug-in setting but is none raises ConfigError naming it.
     """
     plugins = registered()
     core: dict[str, Any] = {}
     common: dict[str, dict[str, Any]] = {}
-    flat: dict[str, dict[str, Any]] = {}
-    section: dict[str, dict[str, Any]] = {}
+    ordered: list[dict[str, dict[str, Any]]] = []
     for raw, value in values.items():
         key = str(raw).replace("-", "_")
         if key == SECTION:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{SECTION}' must map plug-in names to settings")
-            for name, sub in value.items():
-                if name not in plugins:
-                    raise _unknown("plug-in", str(name), plugins, source)
-                section.setdefault(name, {}).update(_coerce_section(name, sub, source))
+            ordered.append(_section_values(value, source))
         elif key == ALL_START_KEY:
-            for name in plugins:
-                common[name] = _coerce_section(name, {"start_iter": value}, source)
+            common = {n: _coerce_section(n, {"start_iter": value}, source) for n in plugins}
+        elif key.startswith(SECTION + "."):
+            name, _, setting_name = key[len(SECTION) + 1:].partition(".")
+            if name not in plugins:
+                raise _unknown("plug-in", name, plugins, source)
+            ordered.append({name: _coerce_section(name, {setting_name: value}, source)})
         elif key in plugins:
-            flat.setdefault(key, {}).update(_coerce_section(key, {"enable": value}, source))
+            ordered.append({key: _coerce_section(key, {"enable": value}, source)})
         elif key.startswith("w_") and key[2:] in plugins:
-            flat.setdefault(key[2:], {}).update(_coerce_section(key[2:], {"weight": value},
-                                                                source))
+            ordered.append({key[2:]: _coerce_section(key[2:], {"weight": value}, source)})
         else:
             owner = next((n for n in plugins if key.startswith(n + "_")), None)
             if owner is None:
@@ -235,9 +233,41 @@ def split_plugin_values(values: dict[str, Any], source: str
                     f"{source}: '{key}' is no longer a setting: plug-in settings live in the "
                     f"'{SECTION}.{owner}' section, which has no '{setting_name}' (known: "
                     f"{', '.join(_fields(plugins[owner].settings))})")
-            flat.setdefault(owner, {}).update(
-                _coerce_section(owner, {setting_name: value}, source))
-    return core, merge_plugin_values(common, flat, section)
+            ordered.append({owner: _coerce_section(owner, {setting_name: value}, source)})
+    return core, merge_plugin_values(common, *ordered)
+
+
+def _section_values(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    """The `plugins` entry: {name: settings} (a recipe) or the keys the plug-in flags set."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{SECTION}' must map plug-in names to settings")
+    plugins = registered()
+    named = {k: v for k, v in value.items() if k in plugins}
+    others = {k: v for k, v in value.items() if k not in plugins}
+    for key in others:
+        if not (key == ALL_START_KEY or str(key).startswith(SECTION + ".")):
+            raise _unknown("plug-in", str(key), plugins, source)
+    out = split_plugin_values(others, source)[1] if others else {}
+    return merge_plugin_values(out, {n: _coerce_section(n, v, source) for n, v in named.items()})
+
+
+def flatten_plugin_values(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{name: {setting: value}} -> {'plugins.<name>.<setting>': value}: parsed layers (dataset
+    recipe, --config recipe, flags) then merge setting by setting with a plain dict update."""
+    return {f"{SECTION}.{n}.{k}": v for n, sub in values.items() for k, v in sub.items()}
+
+
+def nest_plugin_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse for the constructor: dotted keys gathered into {'plugins': {name: {...}}}."""
+    core = {k: v for k, v in values.items() if not str(k).startswith(SECTION + ".")}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if str(key).startswith(SECTION + "."):
+            name, _, setting_name = key[len(SECTION) + 1:].partition(".")
+            nested.setdefault(name, {})[setting_name] = value
+    return {**core, SECTION: nested} if nested else core
 
 
 def merge_plugin_values(*layers: Optional[dict[str, dict[str, Any]]]
@@ -338,45 +368,49 @@ def flag_name(plugin: str, name: str) -> str:
     return plugin if name == "enable" else f"{plugin}-{name}".replace("_", "-")
 
 
+class _PluginFlag(argparse.Action):
+    """Stores `key: value` into the namespace's `plugins` dict (one dest for all plug-in flags,
+    so the core parser passes them on as the `plugins` setting)."""
+
+    def __init__(self, option_strings: list[str], dest: str, key: str = "", **kwargs) -> None:
+        self.key = key
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = dict(getattr(namespace, self.dest, None) or {})
+        given[self.key] = self.const if self.nargs == 0 else values
+        setattr(namespace, self.dest, given)
+
+
 def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting of every registered plug-in (dest 'plugins.<name>.<setting>'), the
-    older spelling `--w-<name>` for the weight, and `--plugin-start-iter` for all plug-ins."""
-    parser.add_argument("--" + ALL_START_KEY.replace("_", "-"), type=int, dest=ALL_START_KEY,
-                        default=argparse.SUPPRESS,
-                        help="start_iter of every plug-in (a plug-in's own flag wins)")
+    """One flag per setting of every registered plug-in (`--name`/`--no-name` for `enable`,
+    `--name-<setting>`, also `--w-<name>` for the weight) and `--plugin-start-iter` for all."""
+    common = {"dest": SECTION, "action": _PluginFlag, "default": argparse.SUPPRESS}
+    parser.add_argument("--" + ALL_START_KEY.replace("_", "-"), key=ALL_START_KEY, type=int,
+                        help="start_iter of every plug-in (a plug-in's own flag wins)",
+                        **common)
     for name, plugin in registered().items():
         group = parser.add_argument_group(f"plug-in {name}", plugin.summary)
         for f in dataclasses.fields(plugin.settings):
-            flags = ["--" + flag_name(name, f.name)]
-            if f.name == "weight":
-                flags.append(f"--w-{name}")
+            key = f"{SECTION}.{name}.{f.name}"
+            flag = "--" + flag_name(name, f.name)
             typ = _scalar_type(plugin.settings, f.name)
-            kwargs: dict[str, Any] = {"dest": f"{SECTION}.{name}.{f.name}",
-                                      "default": argparse.SUPPRESS,
-                                      "help": plugin.summary if f.name == "enable"
-                                      else f.metadata["help"]}
+            help_text = plugin.summary if f.name == "enable" else f.metadata["help"]
             if typ is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif typ is tuple:
+                group.add_argument(flag, key=key, nargs=0, const=True,
+                                   help=f"{help_text} (--no-{flag[2:]}: off)", **common)
+                group.add_argument("--no-" + flag[2:], key=key, nargs=0, const=False,
+                                   help=argparse.SUPPRESS, **common)
+                continue
+            flags = [flag, f"--w-{name}"] if f.name == "weight" else [flag]
+            kwargs: dict[str, Any] = {"key": key, "help": help_text, **common}
+            if typ is tuple:
                 kwargs.update(nargs="+", type=f.metadata["elem"])
             else:
                 kwargs["type"] = typ
                 if "choices" in f.metadata:
                     kwargs["choices"] = f.metadata["choices"]
             group.add_argument(*flags, **kwargs)
-
-
-def plugin_flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The plug-in values given on the command line (typed), as split_plugin_values returns."""
-    given = vars(args)
-    common = ({n: {"start_iter": given[ALL_START_KEY]} for n in registered()}
-              if ALL_START_KEY in given else {})
-    own: dict[str, dict[str, Any]] = {}
-    for key, value in given.items():
-        if key.startswith(SECTION + "."):
-            _, name, setting_name = key.split(".", 2)
-            own.setdefault(name, {})[setting_name] = value
-    return merge_plugin_values(common, own)
 
 
 def enabled_in(config: dict[str, Any]) -> list[str]:

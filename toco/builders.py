@@ -17,8 +17,8 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
                            aux_layer=cfg.aux_layer, **kwargs)
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
                     ema_momentum=cfg.ema_momentum)
-    # Plug-in parts of the network (RCA's aggregation) are rebuilt from the config by training,
-    # the CAM passes, evaluation and export alike. Nothing when every plug-in is off.
+    # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
+    # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
     from toco.plugins import attach_plugins
 
     attach_plugins(model, cfg, num_classes)

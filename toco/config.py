@@ -112,7 +112,8 @@ class TrainConfig:
 
     # Seed plug-ins: every registered plug-in's settings (toco/plugins/registry.py)
     plugins: PluginSet = field(default_factory=PluginSet, metadata={
-        "help": "plug-in settings, one section per plug-in", "group": "plugins"})
+        "help": "plug-in settings, one section per plug-in (flags: the plug-in groups)",
+        "group": "plugins", "internal": True})
 
     # Run
     work_dir: Optional[str] = _opt(None, "run folder (default: work_dirs/<dataset>)",
@@ -275,7 +276,7 @@ def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML recipe whose values become the defaults")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in _FIELDS.items():
-        if name == "plugins":
+        if f.metadata.get("internal"):
             continue
         group_name = f.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))

@@ -132,7 +132,10 @@ def registered() -> dict[str, Plugin]:
         _builtins_loaded = True
         for module in BUILTIN_PLUGINS:
             importlib.import_module(module)
-    return dict(_REGISTRY)
+    # Built-ins in BUILTIN_PLUGINS order whatever was imported first, then the others.
+    rank = {m.rsplit(".", 1)[-1]: i for i, m in enumerate(BUILTIN_PLUGINS)}
+    order = sorted(_REGISTRY, key=lambda n: (rank.get(n, len(rank)), n not in rank))
+    return {n: _REGISTRY[n] for n in order}
 
 
 def plugin_names() -> tuple[str, ...]:

@@ -324,6 +324,10 @@ class PluginSet:
         """Names of the plug-ins switched on, in registry order."""
         return [n for n in self.names() if self[n].enable]
 
+    def first_start(self, cfg: "TrainConfig") -> int:
+        """The earliest start iteration of any plug-in, on or off (a common timing window)."""
+        return min((self[n].start(cfg) for n in self.names()), default=cfg.seg_start_iter)
+
     def with_enabled(self, names: Iterable[str]) -> "PluginSet":
         """A copy with exactly `names` switched on."""
         on = set(names)

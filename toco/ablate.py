@@ -142,7 +142,8 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
         "cam_miou": final.get("cam_miou"), "aux_cam_miou": final.get("aux_cam_miou"),
         "pseudo_label_miou": confusion.miou(), "pseudo_label_coverage": coverage,
         "seg_miou": final.get("seg_miou"),
-        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl", cfg.plugins.first_start(cfg)),
+        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl",
+                                       cfg.plugins.first_start(cfg)),
         "peak_memory_mb": peak, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
         else "max_rss", "iterations": final.get("iterations"), "wall_s": wall,
         "work_dir": str(run_dir), "config": cfg.to_dict(),
@@ -296,7 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result_path.write_text(json.dumps(runs[name][seed], indent=2))
     meta = {"dataset": cfg.dataset, "backbone": cfg.backbone, "max_iters": cfg.max_iters,
             "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "device": device.type,
-            "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg), "isolated": args.isolate,
+            "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg),
+            "isolated": args.isolate,
             "command": "python -m toco.ablate " + " ".join(argv)}
     print(write_table(runs, out, meta))
     return 0

@@ -266,7 +266,8 @@ def _self_partner(image: Tensor, kind: str, scale: float) -> Tensor:
 def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor,
                     cls_label: Tensor, partners: dict[int, Sequence[Tensor]],
                     self_pairs: bool = True, score_thr: float = 0.1) -> Tensor:
-    """MCIS inference with related images (the official scorer), for one image (1, 3, H, W) in [0, 1].
+    """MCIS inference with related images (the official scorer), for one image (1, 3, H, W) in
+    [0, 1].
 
     For each present class c, the raw co-attention maps of channel c:
     - of the image w.r.t. each partner in `partners[c]` (images containing c, any size);

@@ -472,6 +472,6 @@ def build_ppc(settings: PPCSettings, ctx: BuildContext) -> list[LossModule]:
 register(Plugin("ppc", PPCSettings, "PPC: pixel-to-prototype contrast between the main view "
                 "and a rescaled second view (training only)", build_ppc))
 
-__all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores", "prototypes",
-           "prototype_ce", "semi_hard_negatives", "semi_hard_ce", "hard_pixel_weights",
-           "class_balanced_mean", "ppc_pseudo_label", "rank_within_class"]
+__all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores",
+           "prototypes", "prototype_ce", "semi_hard_negatives", "semi_hard_ce",
+           "hard_pixel_weights", "class_balanced_mean", "ppc_pseudo_label", "rank_within_class"]

@@ -134,7 +134,7 @@ def registered() -> dict[str, Plugin]:
             importlib.import_module(module)
     # Built-ins in BUILTIN_PLUGINS order whatever was imported first, then the others.
     rank = {m.rsplit(".", 1)[-1]: i for i, m in enumerate(BUILTIN_PLUGINS)}
-    order = sorted(_REGISTRY, key=lambda n: (rank.get(n, len(rank)), n not in rank))
+    order = sorted(_REGISTRY, key=lambda n: rank.get(n, len(rank)))  # stable: others in order
     return {n: _REGISTRY[n] for n in order}
 
 
@@ -157,6 +157,8 @@ def _convert(cls: type[PluginSettings], name: str, value: Any, where: str) -> An
     typ = _scalar_type(cls, name)
     try:
         if value is None:
+            if type(None) not in typing.get_args(typing.get_type_hints(cls)[name]):
+                raise ValueError("a value is required")
             return None
         if typ is tuple:
             seq = value if isinstance(value, (list, tuple)) else [value]

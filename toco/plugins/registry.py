@@ -396,6 +396,7 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     `--name-<setting>`, also `--w-<name>` for the weight) and `--plugin-start-iter` for all."""
     common = {"dest": SECTION, "action": _PluginFlag, "default": argparse.SUPPRESS}
     parser.add_argument("--" + ALL_START_KEY.replace("_", "-"), key=ALL_START_KEY, type=int,
+                        metavar="ITER",
                         help="start_iter of every plug-in (a plug-in's own flag wins)",
                         **common)
     for name, plugin in registered().items():
@@ -404,15 +405,23 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
             key = f"{SECTION}.{name}.{f.name}"
             flag = "--" + flag_name(name, f.name)
             typ = _scalar_type(plugin.settings, f.name)
-            help_text = plugin.summary if f.name == "enable" else f.metadata["help"]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = (f"switch {name} on" if f.name == "enable" else f.metadata["help"])
             if typ is bool:
                 group.add_argument(flag, key=key, nargs=0, const=True,
-                                   help=f"{help_text} (--no-{flag[2:]}: off)", **common)
+                                   help=f"{help_text} (--no-{flag[2:]}: off; default: "
+                                   f"{'on' if default else 'off'})", **common)
                 group.add_argument("--no-" + flag[2:], key=key, nargs=0, const=False,
                                    help=argparse.SUPPRESS, **common)
                 continue
             flags = [flag, f"--w-{name}"] if f.name == "weight" else [flag]
-            kwargs: dict[str, Any] = {"key": key, "help": help_text, **common}
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            choices = f.metadata.get("choices")
+            kwargs: dict[str, Any] = {
+                "key": key, "help": help_text if default is None
+                else f"{help_text} (default: {shown})",
+                "metavar": "{" + ",".join(map(str, choices)) + "}" if choices
+                else f.name.upper(), **common}
             if typ is tuple:
                 kwargs.update(nargs="+", type=f.metadata["elem"])
             else:

@@ -34,7 +34,8 @@ from toco.plugins import build_plugins  # noqa: E402
 
 BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.10, "all": 0.45}
 # recipe keys that concern data or the run, not the step being timed
-SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pretrained")
+SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pretrained",
+             "recipe")
 
 
 def make_batch(cfg: TrainConfig, num_fg: int, seed: int) -> dict:
@@ -64,23 +65,55 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
     return trainer
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", help="YAML recipe whose model/crop/loss settings are timed")
-    p.add_argument("--backbone", default=None, help="default: the recipe's, else "
-                   "deit_tiny_patch16_224")
+def time_interleaved(trainers: dict[str, Trainer], batches: list[dict], rounds: int,
+                     warmup: int, device: torch.device
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each trainer's steps, the configurations interleaved step
+    by step (load drifts hit all alike); the first `warmup` batches of each round are untimed."""
+    wall: dict[str, list[float]] = {n: [] for n in trainers}
+    cpu: dict[str, list[float]] = {n: [] for n in trainers}
+    it = {n: 0 for n in trainers}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(rounds):
+        for i, b in enumerate(batches):
+            for name, trainer in trainers.items():
+                sync()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
+                trainer.train_step(b, it[name])
+                sync()
+                it[name] += 1
+                if i >= warmup:
+                    wall[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
+    return wall, cpu
+
+
+def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
+                 steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The flags every step benchmark takes (model, batch, device, timing rounds, output)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--backbone", default=backbone)
     p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
-    p.add_argument("--crop-size", type=int, default=None, help="default: the recipe's, else 160")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step (one device)")
-    p.add_argument("--num-local-crops", type=int, default=None)
+    p.add_argument("--crop-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--num-local-crops", type=int, default=num_local_crops)
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
     p.add_argument("--output-json")
+    return p
+
+
+def main() -> None:
+    p = bench_parser(__doc__.splitlines()[0], "deit_tiny_patch16_224", batch_size=4,
+                     num_local_crops=8, steps=10, warmup=2)
+    p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
+    p.add_argument("--recipe", help="YAML recipe whose model, crop and loss settings are timed "
+                   "(--backbone, --crop-size, --num-local-crops override it)")
+    p.set_defaults(backbone=None, crop_size=None, num_local_crops=None)  # recipe, then these:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -101,21 +134,7 @@ def main() -> None:
     first = trainers[args.configs[0]].cfg
     batches = [make_batch(first, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
-    times: dict[str, list[float]] = {n: [] for n in trainers}
-    cpu: dict[str, list[float]] = {n: [] for n in trainers}
-    it = {n: 0 for n in trainers}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.rounds):
-        for i, b in enumerate(batches):
-            for name, trainer in trainers.items():  # step by step: load drift hits all alike
-                sync()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                trainer.train_step(b, it[name])
-                sync()
-                it[name] += 1
-                if i >= args.warmup:
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
+    times, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
     result = {"device": args.device, "threads": args.threads, "backbone": first.backbone,
               "crop_size": first.crop_size, "batch_size": args.batch_size,
               "recipe": args.recipe, "steps": {}}
@@ -137,6 +156,7 @@ def main() -> None:
         print(f"{name:5s} {med:.3f} s/step, {med_cpu:.3f} s CPU (n={len(ts)}){extra}")
     if "rca" in trainers:
         mem = next(p for p in trainers["rca"].loss_modules if hasattr(p, "memory")).memory
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         tic = time.perf_counter()
         mem.refresh_centroids(trainers["rca"].cfg.plugins.rca.kmeans_iters)

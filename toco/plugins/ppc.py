@@ -399,6 +399,8 @@ def tok_stride(size_s: int, size_t: int, patch: int) -> float:
 class PPCSettings(PluginSettings):
     """PPC's settings (YAML section `plugins: {ppc: ...}`, flags `--ppc-*`)."""
 
+    before = {"semi_hard_window": "absolute"}  # checkpoints from before the relative window
+
     weight: float = setting(0.1, "weight of the PPC losses")
     tau: float = setting(0.1, "temperature")
     proj_dim: int = setting(128, "projection width")

@@ -25,7 +25,7 @@ import difflib
 import importlib
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 from toco.errors import ConfigError
 
@@ -57,7 +57,12 @@ def setting(default: Any, help: str, choices: Sequence[Any] | None = None,
 
 @dataclass
 class PluginSettings:
-    """Settings every plug-in has; subclasses add theirs (with `setting`) and override `check`."""
+    """Settings every plug-in has; subclasses add theirs (with `setting`) and override `check`.
+
+    `before`: for settings added after checkpoints were written whose default changes what a run
+    does, the value that reproduces the older behaviour (see `behaviour_before_settings`)."""
+
+    before: ClassVar[dict[str, Any]] = {}
 
     enable: bool = setting(False, "switch the plug-in on")
     weight: float = setting(0.1, "weight of the plug-in's losses")
@@ -429,6 +434,14 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
                 if "choices" in f.metadata:
                     kwargs["choices"] = f.metadata["choices"]
             group.add_argument(*flags, **kwargs)
+
+
+def behaviour_before_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """For a stored config: the plug-in settings it predates, at the values that reproduce how
+    its run behaved (each plug-in's `before`), as dotted keys to put under the stored values."""
+    _, given = split_plugin_values(saved, "checkpoint config")
+    return {f"{SECTION}.{name}.{key}": value for name, plugin in registered().items()
+            for key, value in plugin.settings.before.items() if key not in given.get(name, {})}
 
 
 def enabled_in(config: dict[str, Any]) -> list[str]:

@@ -1,28 +1,41 @@
 """Extra time per training step of each seed plug-in over the base pipeline (same config).
 
-    python scripts/bench_plugins.py --threads 1 --steps 12 --rounds 2
-    python scripts/bench_plugins.py --device cuda --crop-size 448 --backbone deit_base_patch16_224
+    python scripts/bench_plugins.py --threads 1 --steps 12 --rounds 2          # small, CPU
+    python scripts/bench_plugins.py --recipe configs/voc_vit_b.yaml --batch-size 2 \
+        --device cuda --steps 20 --rounds 3                    # the base recipe's size, 1 GPU
 
 Times `Trainer.train_step` on fixed random batches (no data loading), plug-ins on from iteration
-0, with RCA's contrast forced on (min fill 0, enqueue threshold 0) and its aggregation reading
-real centroids; the k-means refresh (every `rca_kmeans_every` iterations) is timed on its own.
-Configurations are interleaved step by step so that load drifts hit them alike; the median step
-time of each is reported, as wall time and as the process's CPU time (on a CPU shared with other
-jobs the latter is the steadier measure of the work a step does).
+0 with their default settings, the seg loss (and so the pseudo labels) on from 0, RCA's enqueue
+threshold at 0 and its aggregation reading real centroids; the k-means refresh (every
+`kmeans_every` iterations) is timed on its own. `--recipe` takes the model, crop and loss
+settings of a training recipe (weights random unless --pretrained). Configurations are
+interleaved step by step (A B C ... A B C ...) so that load drifts hit them alike; the median
+step time of each is reported, as wall time and as the process's CPU time (on a CPU shared with
+other jobs the latter is the steadier measure of the work a step does), with the overhead over
+`base` and the budget it must stay within (PPC 30%, RCA 10%, MCIS 10%, all three 45%).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from toco.builders import build_model
-from toco.config import TrainConfig
-from toco.engine import Trainer, build_loss_modules
-from toco.plugins import build_plugins
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from toco.builders import build_model  # noqa: E402
+from toco.config import TrainConfig, load_yaml  # noqa: E402
+from toco.engine import Trainer, build_loss_modules  # noqa: E402
+from toco.plugins import build_plugins  # noqa: E402
+
+BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.10, "all": 0.45}
+# recipe keys that concern data or the run, not the step being timed
+SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pretrained",
+             "recipe")
 
 
 def make_batch(cfg: TrainConfig, num_fg: int, seed: int) -> dict:
@@ -48,7 +61,7 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
             m.enqueue(torch.nn.functional.normalize(torch.randn(m.size, m.num_classes, m.dim,
                                                                 device=device), dim=-1),
                       torch.ones(m.size, m.num_classes, dtype=torch.bool, device=device))
-            m.refresh_centroids(cfg.rca_kmeans_iters)
+            m.refresh_centroids(cfg.plugins.rca.kmeans_iters)
     return trainer
 
 
@@ -98,44 +111,58 @@ def main() -> None:
     p = bench_parser(__doc__.splitlines()[0], "deit_tiny_patch16_224", batch_size=4,
                      num_local_crops=8, steps=10, warmup=2)
     p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
+    p.add_argument("--recipe", help="YAML recipe whose model, crop and loss settings are timed "
+                   "(--backbone, --crop-size, --num-local-crops override it)")
+    p.set_defaults(backbone=None, crop_size=None, num_local_crops=None)  # recipe, then these:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    common = dict(backbone=args.backbone, pretrained=args.pretrained, crop_size=args.crop_size,
-                  batch_size=args.batch_size,
-                  num_local_crops=args.num_local_crops, device=args.device, plugin_start_iter=0,
-                  seg_start_iter=0, warmup_iters=1, rca_min_fill=0.0, rca_enqueue_thr=0.0,
-                  amp="none" if device.type == "cpu" else "auto")
+    recipe = {k: v for k, v in (load_yaml(args.recipe) if args.recipe else {}).items()
+              if k not in SKIP_KEYS}
+    given = {k: v for k, v in (("backbone", args.backbone), ("crop_size", args.crop_size),
+                               ("num_local_crops", args.num_local_crops)) if v is not None}
+    common = {"backbone": "deit_tiny_patch16_224", "crop_size": 160, "num_local_crops": 8,
+              **recipe, **given, "dataset": "synthetic", "pretrained": args.pretrained,
+              "batch_size": args.batch_size, "device": args.device, "plugin_start_iter": 0,
+              "seg_start_iter": 0, "warmup_iters": 1, "rca_enqueue_thr": 0.0,
+              "amp": "none" if device.type == "cpu" else "auto"}
     flags = {"base": {}, "ppc": {"ppc": True}, "rca": {"rca": True}, "mcis": {"mcis": True},
              "all": {"ppc": True, "rca": True, "mcis": True}}
-    trainers = {n: build(TrainConfig(**common, **flags[n]).validate(), args.num_classes, device)
+    trainers = {n: build(TrainConfig.from_dict({**common, **flags[n]}), args.num_classes, device)
                 for n in args.configs}
-    batches = [make_batch(trainers[args.configs[0]].cfg, args.num_classes - 1, i)
+    first = trainers[args.configs[0]].cfg
+    batches = [make_batch(first, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
     times, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
-    result = {"device": args.device, "threads": args.threads, "backbone": args.backbone,
-              "crop_size": args.crop_size, "batch_size": args.batch_size, "steps": {}}
+    result = {"device": args.device, "threads": args.threads, "backbone": first.backbone,
+              "crop_size": first.crop_size, "batch_size": args.batch_size,
+              "recipe": args.recipe, "steps": {}}
     base = statistics.median(times["base"]) if "base" in times else None
     base_cpu = statistics.median(cpu["base"]) if "base" in cpu else None
     for name, ts in times.items():
         med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
+        overhead = None if base is None else med / base - 1
+        budget = BUDGETS.get(name)
         result["steps"][name] = {
-            "median_s": med, "median_cpu_s": med_cpu,
-            "overhead": None if base is None else med / base - 1,
-            "overhead_cpu": None if base_cpu is None else med_cpu / base_cpu - 1}
+            "median_s": med, "median_cpu_s": med_cpu, "overhead": overhead,
+            "overhead_cpu": None if base_cpu is None else med_cpu / base_cpu - 1,
+            "budget": budget, "within_budget": None if overhead is None or budget is None
+            else overhead <= budget, "n": len(ts)}
         extra = "" if base is None else (f"  {(med / base - 1) * 100:+.1f}% wall, "
                                          f"{(med_cpu / base_cpu - 1) * 100:+.1f}% process CPU")
+        if budget is not None and overhead is not None:
+            extra += f"  (budget {budget * 100:.0f}%: {'ok' if overhead <= budget else 'OVER'})"
         print(f"{name:5s} {med:.3f} s/step, {med_cpu:.3f} s CPU (n={len(ts)}){extra}")
     if "rca" in trainers:
         mem = next(p for p in trainers["rca"].loss_modules if hasattr(p, "memory")).memory
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         tic = time.perf_counter()
-        mem.refresh_centroids(trainers["rca"].cfg.rca_kmeans_iters)
+        mem.refresh_centroids(trainers["rca"].cfg.plugins.rca.kmeans_iters)
         sync()
         km = time.perf_counter() - tic
-        every = trainers["rca"].cfg.rca_kmeans_every
+        every = trainers["rca"].cfg.plugins.rca.kmeans_every
         result["rca_kmeans_s"] = km
         print(f"rca k-means refresh: {km:.3f} s every {every} iterations "
               f"({km / every * 1000:.2f} ms per iteration amortised)")

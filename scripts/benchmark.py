@@ -70,7 +70,7 @@ def random_batch(cfg: TrainConfig, num_classes: int, gen: torch.Generator) -> di
 
 def all_terms_on(cfg: TrainConfig) -> int:
     starts = [cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter,
-              cfg.plugin_start]
+              cfg.plugins.first_start(cfg)]
     return max(starts) + 1
 
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else None, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "config": {"backbone": cfg.backbone, "crop_size": cfg.crop_size,
                    "batch_size": cfg.batch_size, "amp": cfg.amp, "recipe": cfg.recipe,
-                   "plugins": [p for p in ("ppc", "rca", "mcis") if getattr(cfg, p)]},
+                   "plugins": cfg.plugins.enabled()},
         "train_s_per_iter": s_it, "train_s_per_iter_rounds": full,
         "train_images_per_s": cfg.batch_size / s_it,
         "stage_s_per_iter": stages,

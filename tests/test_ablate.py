@@ -37,8 +37,8 @@ def test_training_with_every_plugin_off_is_bit_identical_to_plain_toco():
     from toco.plugins import build_plugins
 
     # plug-in hyper-parameters set, switches off: nothing of them may leak into the step
-    cfg = TrainConfig(**TINY, ppc_tau=0.3, rca_dim=16, mcis_w_co=3.0, w_ppc=1.0, w_rca=1.0,
-                      plugin_start_iter=0).validate()
+    cfg = TrainConfig.from_dict(dict(**TINY, ppc_tau=0.3, rca_dim=16, mcis_w_co=3.0, w_ppc=1.0,
+                                     w_rca=1.0, plugin_start_iter=0))
     torch.manual_seed(0)
     plain = ToCoNet(ViTBackbone(cfg.backbone, "none", aux_layer=0, depth=2), 4, decoder_dim=8,
                     ema_momentum=cfg.ema_momentum)
@@ -65,11 +65,11 @@ def test_plugins_on_change_the_step_and_stay_finite():
     from toco.builders import build_model
     from toco.plugins import build_plugins
 
-    cfg = TrainConfig(**{**TINY, "crop_size": 64, "local_crop_size": 32}, ppc=True, rca=True,
-                      mcis=True, plugin_start_iter=0, rca_enqueue_thr=0.0, rca_min_fill=0.0,
-                      rca_kmeans_every=1, rca_dim=16, rca_mem_size=4,
-                      rca_num_centroids=2, rca_min_tokens=1,
-                      rca_mask_source="cam_mean").validate()
+    cfg = TrainConfig.from_dict(dict(
+        **{**TINY, "crop_size": 64, "local_crop_size": 32}, ppc=True, rca=True, mcis=True,
+        plugin_start_iter=0, rca_enqueue_thr=0.0, rca_kmeans_every=1, rca_dim=16,
+        rca_mem_size=4, rca_num_centroids=2, rca_min_tokens=1, rca_mask_source="cam_mean",
+        mcis_co_cam="online_fuse", mcis_self_pairs=True))
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
@@ -83,7 +83,8 @@ def test_plugins_on_change_the_step_and_stay_finite():
     logs = [trainer.train_step(b, i) for i in range(3)]
     for log in logs:
         assert all(math.isfinite(v) for v in log.values())
-        assert {"ppc_cp", "ppc_cc", "ppc_intra", "rca", "mcis_co", "mcis_ex"} <= set(log)
+        assert {"ppc_cp", "ppc_cc", "ppc_intra", "rca", "mcis_co", "mcis_ex",
+                "mcis_self"} <= set(log)
     assert int(plugins[1].memory.count.sum()) > 0
     # plug-in parameters are trained (x10 head group), hooks' parameters too
     head_params = {id(p) for p in trainer.optimizer.param_groups[2]["params"]}
@@ -93,15 +94,17 @@ def test_plugins_on_change_the_step_and_stay_finite():
 
 @pytest.mark.parametrize("flags, needle", [
     (["--ppc", "--ppc-view2-scale", "0.1"], "under 32 px"),
-    (["--ppc-semi-hard", "5", "3"], "ppc_semi_hard"),
-    (["--ppc-hard-pixel", "0.5", "0.7", "0.6"], "ppc_hard_pixel"),
-    (["--ppc", "--ppc-terms", "0", "0", "0"], "every ppc_terms weight 0"),
-    (["--rca-num-centroids", "9", "--rca-mem-size", "4"], "rca_num_centroids"),
-    (["--rca-momentum", "1"], "rca_momentum"),
+    (["--ppc", "--ppc-semi-hard", "5", "3"], r"plugins.ppc.semi_hard \(--ppc-semi-hard\)"),
+    (["--ppc", "--ppc-hard-pixel", "0.5", "0.7", "0.6"], "ppc.hard_pixel"),
+    (["--ppc", "--ppc-terms", "0", "0", "0"], "every plugins.ppc.terms"),
+    (["--ppc", "--ppc-proto-scope", "global"], "invalid choice"),
+    (["--rca", "--rca-num-centroids", "9", "--rca-mem-size", "4"], "rca.num_centroids"),
+    (["--rca", "--rca-momentum", "1"], "rca.momentum"),
     (["--rca", "--no-rca-contrast", "--no-rca-aggregation"], "does nothing"),
     (["--mcis", "--batch-size", "5"], "is odd"),
     (["--rca-mask-source", "saliency"], "invalid choice"),
-    (["--plugin-start-iter", "-1"], "plugin_start_iter"),
+    (["--plugin-start-iter", "-1"], "start_iter must be >= 0"),
+    (["--w-rca", "-1"], "plugins.rca.weight must be >= 0"),
 ])
 def test_bad_plugin_settings_are_config_errors(flags, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -109,8 +112,11 @@ def test_bad_plugin_settings_are_config_errors(flags, needle):
 
 
 def test_plugin_start_defaults_to_the_seg_start():
-    assert TrainConfig(seg_start_iter=123).validate().plugin_start == 123
-    assert TrainConfig(seg_start_iter=123, plugin_start_iter=7).validate().plugin_start == 7
+    cfg = TrainConfig(seg_start_iter=123).validate()
+    assert cfg.plugins.ppc.start(cfg) == 123
+    cfg = TrainConfig.from_dict({"seg_start_iter": 123, "plugin_start_iter": 7,
+                                 "plugins": {"rca": {"start_iter": 9}}})
+    assert [cfg.plugins[n].start(cfg) for n in ("ppc", "rca", "mcis")] == [7, 9, 7]
 
 
 def test_subset_names():
@@ -134,7 +140,7 @@ def test_seconds_per_iter_skips_warm_up_and_pre_plugin_windows(tmp_path):
     assert seconds_per_iter(path, 0) == pytest.approx((2 * 1 + 2 * 2 + 4 * 3 + 2 * 1) / 10)
 
 
-def test_tiny_ablation_writes_one_table(tmp_path):
+def test_tiny_ablation_runs_every_subset_for_every_seed(tmp_path):
     from tests.fixtures import make_standard_voc_tree
     from tests.test_cli import TINY as CLI_TINY
     from toco import ablate
@@ -142,22 +148,49 @@ def test_tiny_ablation_writes_one_table(tmp_path):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     out = tmp_path / "abl"
-    argv = ["--out", str(out), "--subsets", "base", "all", "--no-isolate", "--dataset", "voc",
-            "--data-root", str(root), "--train-split", "train", "--val-split", "val",
-            "--cache-dir", str(tmp_path / "c"), *CLI_TINY,
-            "--batch-size", "4", "--max-iters", "3", "--seg-start-iter", "1", "--warmup-iters",
-            "1", "--eval-every", "3", "--log-every", "1", "--plugin-start-iter", "0",
+    argv = ["--out", str(out), "--subsets", "base", "all", "--seeds", "0", "1", "--no-isolate",
+            "--dataset", "voc", "--data-root", str(root), "--train-split", "train",
+            "--val-split", "val", "--cache-dir", str(tmp_path / "c"), *CLI_TINY,
+            "--batch-size", "4", "--max-iters", "2", "--seg-start-iter", "1", "--warmup-iters",
+            "1", "--eval-every", "2", "--log-every", "1", "--plugin-start-iter", "0",
             "--threads", "1"]
     assert run_cli(lambda: ablate.main(argv)) == 0
-    table = (out / "ablation.md").read_text()
-    assert "| base |" in table and "| all |" in table and "pseudo-label mIoU" in table
     report = json.loads((out / "ablation.json").read_text())
     assert list(report["runs"]) == ["base", "all"]
-    for row in report["runs"].values():
-        for key in ("cam_miou", "aux_cam_miou", "pseudo_label_miou", "seg_miou"):
-            assert 0 <= row[key] <= 100
-        assert row["s_per_iter"] > 0 and row["peak_memory_mb"] > 0
-    assert report["runs"]["all"]["plugins"] == ["ppc", "rca", "mcis"]
+    for name, by_seed in report["runs"].items():
+        assert sorted(by_seed) == ["0", "1"]
+        assert [r["seed"] for r in by_seed.values()] == [0, 1]
+        for row in by_seed.values():
+            for key in ("cam_miou", "aux_cam_miou", "pseudo_label_miou", "seg_miou"):
+                assert 0 <= row[key] <= 100
+            assert row["s_per_iter"] > 0 and row["peak_memory_mb"] > 0
+        stats = report["summary"][name]["stats"]["cam_miou"]
+        values = [r["cam_miou"] for r in by_seed.values()]
+        assert stats["n"] == 2 and stats["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert report["runs"]["all"]["0"]["plugins"] == ["ppc", "rca", "mcis"]
+    assert (out / "all" / "seed1" / "checkpoints" / "last.pt").exists()
+    text = (out / "ablation.md").read_text()
+    assert "| base | 2 |" in text and "| all | 2 |" in text and "Per seed" in text
+    assert "| all | 1 |" in text  # the per-seed table
     # results are reused: a second call trains nothing and rewrites the same table
     assert run_cli(lambda: ablate.main(argv)) == 0
-    assert (out / "ablation.md").read_text() == table
+    assert (out / "ablation.md").read_text() == text
+
+
+def test_seed_statistics_and_the_spread_rule():
+    from toco.ablate import seed_statistics, versus_base
+
+    def runs(values):
+        return {s: {"cam_miou": v, "aux_cam_miou": v, "pseudo_label_miou": v, "seg_miou": None,
+                    "s_per_iter": 1.0, "peak_memory_mb": 1.0} for s, v in enumerate(values)}
+
+    base = seed_statistics(runs([50.0, 52.0, 54.0]))  # mean 52, std 2
+    assert base["cam_miou"]["mean"] == 52.0 and base["cam_miou"]["std"] == pytest.approx(2.0)
+    assert base["seg_miou"] == {"n": 0, "mean": None, "std": None, "per_seed": {}}
+    far = versus_base(seed_statistics(runs([56.5, 57.0, 57.5])), base)  # +5 > 0.5 + 2
+    near = versus_base(seed_statistics(runs([53.0, 55.0, 57.0])), base)  # +3 < 2 + 2
+    one = versus_base(seed_statistics(runs([60.0])), base)
+    assert far["cam_miou"] == {"diff": pytest.approx(5.0), "exceeds_seed_spread": True}
+    assert near["cam_miou"]["exceeds_seed_spread"] is False
+    assert one["cam_miou"]["exceeds_seed_spread"] is None and "seg_miou" not in far

@@ -123,19 +123,22 @@ def test_losses_backpropagate_and_can_share_the_classifier():
         mcis.compute(make_state(torch.randn(3, 6, 2, 2), torch.ones(3, 3), model=model))
 
 
+class Net(torch.nn.Module):
+    """encode: a stride-4 conv 'patch embedding' (D = 6); ToCo's CAM classifier (3 classes)."""
+
+    patch_size = 4
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 6, 4, stride=4)
+        self.classifier = CAMClassifier(6, 3)
+
+    def encode(self, x):
+        t = self.embed(x)
+        return EncoderOutput(t.mean((-2, -1)), t, t)
+
+
 def test_cross_image_cam_keeps_each_class_from_its_partners():
-    class Net(torch.nn.Module):
-        patch_size = 4
-
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Conv2d(3, 6, 4, stride=4)
-            self.classifier = CAMClassifier(6, 3)
-
-        def encode(self, x):
-            t = self.embed(x)
-            return EncoderOutput(t.mean((-2, -1)), t, t)
-
     torch.manual_seed(3)
     net, mcis = Net(), CrossImageSemantics(6, 4)
     cam_m, cam_n = co_attention_cams(net, mcis, torch.rand(2, 3, 16, 16), torch.rand(2, 3, 8, 12))
@@ -144,6 +147,144 @@ def test_cross_image_cam_keeps_each_class_from_its_partners():
                           {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 8, 8)]})
     assert cam.shape == (1, 3, 16, 16) and cam[:, 1].abs().sum() == 0
     assert 0 <= float(cam.min()) and float(cam.max()) <= 1
+
+
+def _unit_map(raw, size=(16, 16)):
+    m = torch.nn.functional.interpolate(torch.relu(raw), size=size, mode="bilinear",
+                                        align_corners=False)
+    return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
+def test_cross_image_cam_adds_self_pairs_and_filters_maps_by_score():
+    torch.manual_seed(4)
+    net, mcis = Net(), CrossImageSemantics(6, 4)
+    image, label = torch.rand(1, 3, 16, 16), torch.tensor([[0.0, 1.0, 0.0]])
+    partners = {1: [torch.rand(1, 3, 16, 16), torch.rand(1, 3, 12, 12)]}
+    partner_maps = [co_attention_cams(net, mcis, image, p)[0][:, 1:2] for p in partners[1]]
+    flip = co_attention_cams(net, mcis, image, image.flip(-1))[1].flip(-1)[:, 1:2]
+    small = co_attention_cams(net, mcis, image,
+                              torch.nn.functional.interpolate(image, size=(12, 12),
+                                                              mode="bilinear"))[1][:, 1:2]
+    big = co_attention_cams(net, mcis, image,
+                            torch.nn.functional.interpolate(image, size=(32, 32),
+                                                            mode="bilinear"))[1][:, 1:2]
+    maps = partner_maps + [flip, small, big]
+    every = cross_image_cam(net, mcis, image, label, partners, score_thr=-1.0)
+    expected = sum(_unit_map(m) for m in maps) / 5  # 2 partners + 3 self-pairs
+    torch.testing.assert_close(every[:, 1:2], expected, rtol=1e-4, atol=1e-5)
+    # a threshold no map passes: only the mirror pair counts, still divided by all five
+    strict = cross_image_cam(net, mcis, image, label, partners, score_thr=1.0)
+    torch.testing.assert_close(strict[:, 1:2], _unit_map(flip) / 5, rtol=1e-4, atol=1e-5)
+    # the official filter: sigmoid(mean of the raw map) > 0.1
+    kept = [m for m in maps if float(torch.sigmoid(m.mean())) > 0.1 or m is flip]
+    official = cross_image_cam(net, mcis, image, label, partners)
+    torch.testing.assert_close(official[:, 1:2], sum(_unit_map(m) for m in kept) / 5,
+                               rtol=1e-4, atol=1e-5)
+    no_self = cross_image_cam(net, mcis, image, label, partners, self_pairs=False,
+                              score_thr=-1.0)
+    torch.testing.assert_close(no_self[:, 1:2], sum(_unit_map(m) for m in partner_maps) / 2,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_partners_come_from_the_pool_and_share_the_class():
+    import random
+
+    from toco.plugins.mcis import sample_partners
+
+    pool = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0], [0, 0, 1.0]])
+    picks = sample_partners(torch.tensor([1.0, 1.0, 0.0]), pool, 20, random.Random(0))
+    assert set(picks) == {0, 1}
+    assert set(picks[0]) == {0, 2} and set(picks[1]) == {1, 2}
+    only_self = sample_partners(torch.tensor([0.0, 0.0, 1.0]), pool, 3, random.Random(0),
+                                exclude=3)
+    assert only_self == {2: [3, 3, 3]}  # the image itself only when no other has the class
+    assert sample_partners(torch.tensor([0.0, 0.0, 1.0]), pool[:3], 2, random.Random(0)) == {2: []}
+
+
+def _co_cam_by_hand(mcis, tokens, size):
+    """Normalised co-attention CAMs of pairs (0, 1), (2, 3), ... computed independently."""
+    b, d, h, w = tokens.shape
+    x = tokens.flatten(2).transpose(1, 2)
+    wa, wc = mcis.head.affinity.weight, mcis.head.classifier.weight
+    out = []
+    for i in range(b):
+        m, n = (i, i + 1) if i % 2 == 0 else (i - 1, i)
+        s = torch.einsum("md,ed,ne->mn", x[m], wa, x[n]) / math.sqrt(d)  # (W f_m) . f_n
+        # the anchor attended by its partner (softmax over n), the partner by the anchor (over m)
+        att = s.softmax(dim=1) @ x[n] if i == m else s.softmax(dim=0).t() @ x[m]
+        cam = (att @ wc.t()).t().reshape(1, -1, h, w)
+        cam = torch.nn.functional.interpolate(torch.relu(cam), size=size, mode="bilinear",
+                                              align_corners=False)
+        cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+        out.append(cam / (cam.amax(dim=(-2, -1), keepdim=True) + 1e-5))
+    return torch.cat(out)
+
+
+def test_online_fusion_is_the_max_with_the_co_attention_cam_on_shared_classes():
+    torch.manual_seed(5)
+    tokens = torch.randn(4, 6, 3, 3)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0],    # pair 0 shares class 0
+                           [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])   # pair 1 shares 1 and 2
+    state = make_state(tokens, labels)
+    state.cam = torch.rand(4, 3, 12, 12) * 0.5
+    on = CrossImageSemantics(6, 4, co_cam="online_fuse")
+    co = _co_cam_by_hand(on, tokens, (12, 12))
+    shared = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 1.0], [0, 1.0, 1.0]])
+    fused = on.pseudo_label_cam(state, state.cam)
+    want = torch.where(shared[..., None, None] > 0, torch.maximum(state.cam, co), state.cam)
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-5)
+    assert (fused > state.cam).any()  # the co-attention CAM is higher somewhere
+    mean = CrossImageSemantics(6, 4, co_cam="online_fuse", co_cam_fuse="mean")
+    mean.load_state_dict(on.state_dict())
+    torch.testing.assert_close(mean.pseudo_label_cam(state, state.cam),
+                               torch.where(shared[..., None, None] > 0, (state.cam + co) / 2,
+                                           state.cam), rtol=1e-4, atol=1e-5)
+    off = CrossImageSemantics(6, 4)
+    assert off.pseudo_label_cam(state, state.cam) is state.cam
+    late = CrossImageSemantics(6, 4, co_cam="online_fuse", co_cam_start=11)
+    assert late.pseudo_label_cam(state, state.cam) is state.cam  # iteration 10 < 11
+
+
+def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
+    from tests.test_ablate import TINY, batch
+    from toco.builders import build_model
+    from toco.config import TrainConfig
+    from toco.engine import Trainer, build_loss_modules
+    from toco.plugins import build_plugins
+
+    def trainer(**plugin):
+        cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0,
+                                                                   **plugin}}})
+        torch.manual_seed(0)
+        model = build_model(cfg, 4)
+        plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+        return Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
+
+    def state(t, cam):
+        b = batch(0)
+        images = b["image"].float() / 255
+        feats = t.model.encode(images)
+        return StepState(iteration=3, images=images, cls_label=torch.tensor([[1.0, 0, 0]] * 2),
+                         img_box=b["img_box"], feats=feats, logits=None, aux_logits=None,
+                         seg_logits=None, cam=cam, cam_aux=cam, make_pseudo_label=None,
+                         make_token_label=None, make_ctc=None, model=t.model)
+
+    on, off = trainer(co_cam="online_fuse"), trainer()
+    off.loss_modules.load_state_dict(on.loss_modules.state_dict())
+    cam = torch.zeros(2, 3, 32, 32)
+    cam[:, 0, :16] = 0.9  # class 0 confidently in the top half only
+    with torch.no_grad():
+        base = Trainer(off.cfg, off.model, build_loss_modules(off.cfg), torch.device("cpu"))
+        plain = base._pseudo_label(state(base, cam))
+        label_off = off._pseudo_label(state(off, cam))
+        label_on = on._pseudo_label(state(on, cam))
+        mcis = on.loss_modules[-1]
+        co, _ = mcis.co_attention_maps(state(on, cam))
+    assert torch.equal(label_off, plain)
+    assert not torch.equal(label_on, plain)
+    # where the fused CAM is foreground (> high_thre) but the CAM alone is not, the label changed
+    newly = (co[:, 0] > on.cfg.high_thre) & (cam[:, 0] <= on.cfg.low_thre)
+    assert newly.any() and (label_on[newly] != plain[newly]).any()
 
 
 def random_labels(n: int, k: int, seed: int) -> np.ndarray:
@@ -223,6 +364,7 @@ def test_mcis_trains_through_the_cli(tmp_path):
                            "2", "--size", "32", "--output-json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert 0 <= report["miou"] <= 100 and report["num_images"] == 3
+    assert report["partner_split"] == "train" and report["self_pairs"]
 
 
 def test_odd_batch_is_refused(tmp_path, capsys):
@@ -235,3 +377,25 @@ def test_odd_batch_is_refused(tmp_path, capsys):
     argv[argv.index("--batch-size") + 1] = "3"
     assert run(train, argv) == 2
     assert "--batch-size 3 is odd" in capsys.readouterr().err
+
+
+def test_self_pairs_loss_is_the_co_attention_with_the_mirror_image():
+    torch.manual_seed(6)
+    net = Net()
+    images = torch.rand(2, 3, 12, 12)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    feats = net.encode(images)
+    state = StepState(iteration=10, images=images, cls_label=labels, img_box=torch.zeros(2, 4),
+                      feats=feats, logits=None, aux_logits=None, seg_logits=None, cam=None,
+                      cam_aux=None, make_pseudo_label=None, make_token_label=None, make_ctc=None,
+                      model=net)
+    mcis = CrossImageSemantics(6, 4, self_pairs=True)
+    out = mcis.compute(state)
+    x = feats.tokens.flatten(2).transpose(1, 2)
+    xf = net.encode(images.flip(-1)).tokens.flatten(2).transpose(1, 2)
+    att_x, att_f = mcis.head.attend(x, xf)
+    scores = torch.cat([att_x, att_f]).mean(1) @ mcis.head.classifier.weight.t()
+    assert float(out["mcis_self"]) == pytest.approx(
+        mlsm(scores, torch.cat([labels, labels])).mean(), rel=1e-5)
+    out["mcis_self"].backward()
+    assert net.embed.weight.grad.abs().sum() > 0

@@ -239,3 +239,64 @@ def test_no_prototype_at_all_gives_zero_loss_and_finite_gradients():
     assert not valid.any()
     loss.sum().backward()
     assert torch.isfinite(sim.grad).all()
+
+
+def test_scaled_window_is_the_official_one_at_21_prototypes():
+    from toco.plugins.ppc import scaled_window
+
+    def window(n):
+        lo, hi = scaled_window(3, 13, torch.tensor(n))
+        return int(lo), int(hi)
+
+    assert window(21) == (3, 13)  # the official ranks
+    assert window(3) == (0, 2)  # ceil(13 * 3 / 21) = 2: the nearest other prototype stays
+    assert window(81) == (11, 51)  # COCO: skip the top ~14%, keep to the ~63rd percentile
+    assert window(1) == (0, 1)  # never empty
+
+
+def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
+    net = FakeNet()
+    state = make_state(net, scale_cam_from_online=False)
+    state.cls_label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # 3 prototypes with bg
+    relative = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0))
+    official = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0),
+                                      semi_hard_window="absolute")
+    official.load_state_dict(relative.state_dict())
+    intra = relative.compute(state)["ppc_intra"]
+    assert float(intra) > 0.05
+    intra.backward()
+    assert relative.proj.fc2.weight.grad.abs().sum() > 0
+    # the official absolute ranks [3, 13) hold no negative among 3 prototypes: exactly 0
+    state = make_state(net, scale_cam_from_online=False)
+    state.cls_label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert float(official.compute(state)["ppc_intra"]) == 0.0
+
+
+def test_ema_prototypes_blend_and_stand_in_for_absent_classes():
+    ppc = PixelPrototypeContrast(2, 4, proj_dim=2, proto_scope="ema", ema_momentum=0.9)
+    assert set(ppc.state_dict()) >= {"proto_ema", "proto_seen"}
+    assert "proto_ema" not in PixelPrototypeContrast(2, 4, proj_dim=2).state_dict()
+    p1 = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
+    p2 = F.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 1.0], [2.0, 2.0]]), dim=1)
+    ppc._update_ema(p1, torch.tensor([True, False, True, False]))
+    assert ppc.proto_seen.tolist() == [True, False, True, False]
+    assert torch.allclose(ppc.proto_ema[[0, 2]], p1[[0, 2]]) and ppc.proto_ema[1].abs().sum() == 0
+    ppc._update_ema(p2, torch.tensor([True, True, False, False]))
+    blended = 0.9 * p1[0] + 0.1 * p2[0]
+    assert torch.allclose(ppc.proto_ema[0], blended / blended.norm())  # seen: EMA, renormalised
+    assert torch.allclose(ppc.proto_ema[1], p2[1])  # first sight: the batch prototype
+    assert torch.allclose(ppc.proto_ema[2], p1[2])  # absent: unchanged
+    p3 = torch.full((4, 2), 0.5)
+    protos, ok = ppc._with_ema(p3, torch.tensor([False, True, False, False]))
+    assert ok.tolist() == [True, True, True, False]
+    assert torch.allclose(protos[1], p3[1])  # the batch's own prototype wins
+    assert torch.allclose(protos[[0, 2]], ppc.proto_ema[[0, 2]])
+
+
+def test_ema_scope_trains_and_fills_its_buffers():
+    net = FakeNet()
+    ppc = PixelPrototypeContrast(8, 4, bg_thr=0.3, proto_scope="ema")
+    out = ppc.compute(make_state(net, scale_cam_from_online=False))
+    assert all(torch.isfinite(v) for v in out.values())
+    assert ppc.proto_seen.tolist() == [True, True, True, True]  # bg and the 3 classes of y
+    assert torch.allclose(ppc.proto_ema.norm(dim=1), torch.ones(4))

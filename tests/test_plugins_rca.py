@@ -165,7 +165,7 @@ def tiny_cfg(**kw) -> TrainConfig:
                 aux_layer=0, crop_size=32,
                 local_crop_size=16,
                 decoder_dim=8, rca=True, rca_dim=8, rca_mem_size=5, rca_num_centroids=2)
-    return TrainConfig(**{**base, **kw}).validate()
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_path):
@@ -282,3 +282,84 @@ def test_contrast_gradients_stay_finite_with_empty_classes():
     assert own.tolist() == [0.0, 0.0, 0.0] and torch.allclose(other, torch.zeros(3), atol=1e-6)
     (own.sum() + other.sum()).backward()
     assert torch.isfinite(q.grad).all()
+
+
+def test_projection_head_is_trained_from_the_first_memory_write():
+    from tests.test_ablate import TINY, batch
+    from toco.builders import build_model
+    from toco.engine import Trainer, build_loss_modules
+    from toco.plugins import build_plugins
+
+    cfg = TrainConfig.from_dict({**TINY, "plugins": {"rca": {
+        "enable": True, "start_iter": 2, "mask_source": "cam_mean", "enqueue_thr": 0.0,
+        "min_tokens": 1, "dim": 8, "mem_size": 6, "num_centroids": 2, "kmeans_every": 1}}})
+    torch.manual_seed(0)
+    model = build_model(cfg, 4)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
+    rca = plugins[0]
+    for it in range(2):  # before the start: no write, no centroid, the head untouched
+        assert "rca" not in trainer.train_step(batch(it), it)
+        assert int(rca.memory.count.sum()) == 0 and not rca.memory.cent_ok.any()
+        grad = rca.proj.fc1.weight.grad  # None, or zeros where dormant terms take AdamW steps
+        assert grad is None or not grad.any()
+    logged = trainer.train_step(batch(2), 2)
+    assert int(rca.memory.count.sum()) > 0  # the first write ...
+    assert logged["rca"] > 0  # ... and, in the same step, a contrast against it
+    assert rca.proj.fc1.weight.grad.abs().sum() > 0
+    assert rca.proj.fc2.weight.grad.abs().sum() > 0
+
+
+def test_contrast_is_taken_against_the_memory_after_the_write():
+    class State:  # just what RegionalContrast.compute reads with cam_thr masks
+        iteration = 0
+        cls_label = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        logits = torch.full((2, 2), 5.0)
+        cam = torch.zeros(2, 2, 4, 4)
+        cam_aux = cam
+
+    State.cam[0, 0, :2], State.cam[1, 1, 2:] = 1.0, 1.0
+    torch.manual_seed(1)
+    tokens = torch.randn(2, 6, 2, 2)
+    State.feats = EncoderOutput(torch.zeros(2, 6), tokens, tokens)
+    rca = RegionalContrast(6, 3, RCAMemory(2, 4, 4, 1), dim=4, mask_source="cam_thr",
+                           high_thre=0.5, min_tokens=1, mixup_p=0.0)
+    loss = rca.compute(State)["rca"]
+    g = rca.proj(tokens)  # (B, h, w, d); regions: row 0 of image 0, row 1 of image 1
+    z = F.normalize(torch.stack([g[0, 0].mean(0), g[1, 1].mean(0)]), dim=-1)
+    assert torch.allclose(rca.memory.mem[[0, 1], 0], z.detach(), atol=1e-6)
+    # one entry per class: each region's only positive is itself, its negative the other
+    s = (z @ z.t()).detach() / 0.07
+    expected = torch.stack([torch.logaddexp(s[0, 0], s[0, 1]) - s[0, 0],
+                            torch.logaddexp(s[1, 1], s[1, 0]) - s[1, 1]]).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_aggregation_can_rewrite_only_the_decoder_input():
+    from toco.builders import build_model
+    from toco.plugins import build_plugins
+    from toco.plugins.rca import AggregatedDecoder
+
+    torch.manual_seed(6)
+    cfg = tiny_cfg(rca_aggregation_insert="decoder")
+    model = build_model(cfg, 4)
+    assert len(model.feature_hooks) == 0 and isinstance(model.decoder, AggregatedDecoder)
+    (plugin,) = build_plugins(cfg, 192, 4, model=model)
+    assert plugin.memory is model.decoder.aggregation.memory
+    plugin.memory.enqueue(F.normalize(torch.randn(5, 3, 8), dim=-1), torch.ones(5, 3).bool())
+    plugin.memory.refresh_centroids(2, seed=0)
+    with torch.no_grad():
+        model.decoder.aggregation.gate.fill_(0.5)
+    torch.manual_seed(6)
+    plain = build_model(tiny_cfg(rca=False), 4)
+    plain.load_state_dict({k.replace("decoder.decoder.", "decoder."): v
+                           for k, v in model.state_dict().items()
+                           if not k.startswith("decoder.aggregation.")})
+    model.eval(), plain.eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        feats, plain_feats = model.encode(x), plain.encode(x)
+        assert torch.equal(feats.tokens, plain_feats.tokens)  # CAMs and PTC see plain tokens
+        agg = model.decoder.aggregation.rewrite(plain_feats.tokens)
+        assert not torch.equal(agg, plain_feats.tokens)
+        assert torch.allclose(model(x), plain.decoder(agg), atol=1e-6)

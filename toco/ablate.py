@@ -1,21 +1,26 @@
-"""Ablation of the seed plug-ins: the same recipe trained with each plug-in subset, one table.
+"""Seed-honest ablation of the plug-ins: every plug-in subset trained with every seed, one table.
 
-    python -m toco.ablate --out work_dirs/ablation                       # synthetic set, 5 runs
-    python -m toco.ablate --out abl --subsets base ppc all --config configs/voc_vit_b.yaml \\
-        --data-root VOCdevkit/VOC2012
+    python -m toco.ablate --out work_dirs/ablation --seeds 0 1 2       # synthetic set, 15 runs
+    python -m toco.ablate --out abl --subsets base ppc all --seeds 0 1 2 \\
+        --config configs/voc_vit_b.yaml --data-root VOCdevkit/VOC2012
 
-Every training flag of train.py is accepted and passed to every run; only --ppc/--rca/--mcis and
---work-dir are set per subset (runs go to OUT/<subset>). Subsets: base, ppc, rca, mcis, all, or
-names joined with '+' (e.g. ppc+rca). Each run happens in its own process (--no-isolate: in this
-one), so peak memory is per run: max RSS of the training process on the CPU
-(resource.getrusage), torch.cuda.max_memory_allocated on a GPU. A subset whose result file
-exists is not trained again, so an interrupted ablation resumes where it stopped.
+Every training flag of train.py is accepted and passed to every run (e.g. `--max-iters 600` for a
+shorter ablation); only the plug-in switches, --seed and --work-dir are set per run (runs go to
+OUT/<subset>/seed<k>). Subsets: base, all, a plug-in name, or names joined with '+' (ppc+rca).
+`--seeds` defaults to the config's seed. Each run happens in its own process (--no-isolate: in
+this one), so peak memory is per run: max RSS of the training process on the CPU
+(resource.getrusage), torch.cuda.max_memory_allocated on a GPU. A run whose result file exists is
+not trained again, so an interrupted ablation resumes where it stopped.
 
-Columns: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU (the
-PAR-refined training pseudo-label rule on the validation split, toco.pseudo_eval), the mean
+Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU
+(the PAR-refined training pseudo-label rule on the validation split, toco.pseudo_eval), the mean
 seconds per iteration over the logging windows after the plug-ins switched on (the first window,
-warm-up, left out), its ratio to the base run, and the peak memory. Written to OUT/ablation.md
-and OUT/ablation.json.
+warm-up, left out) and the peak memory. The table gives, per subset, the number of seeds n and
+each metric's mean ± sample standard deviation over them, with the difference to `base`; a
+difference is marked `*` when it exceeds the seed spread, i.e. |mean - base mean| > std + base
+std (needs n >= 2 on both sides; a conservative rule: a run-to-run wobble of one spread on each
+side cannot produce it). A second table lists every seed's values. Written to OUT/ablation.md
+and OUT/ablation.json (all per-seed values and the statistics).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -33,29 +39,42 @@ from typing import Any, Optional, Sequence
 from toco.cli import run_cli
 from toco.config import TrainConfig, load_yaml, parse_config, save_config
 from toco.errors import ConfigError, UserError
+from toco.plugins.registry import plugin_names
 
-PLUGINS = ("ppc", "rca", "mcis")
-DEFAULT_SUBSETS = ("base", "ppc", "rca", "mcis", "all")
+# (key, column title, number format); the first four are compared with `base` for significance
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("cam_miou", "CAM mIoU", ".2f"), ("aux_cam_miou", "aux CAM mIoU", ".2f"),
+    ("pseudo_label_miou", "pseudo-label mIoU", ".2f"), ("seg_miou", "seg mIoU", ".2f"),
+    ("s_per_iter", "s/iter", ".3f"), ("peak_memory_mb", "peak memory (MiB)", ".0f"))
+SCORES = tuple(k for k, _, _ in METRICS[:4])
+
+
+def default_subsets() -> tuple[str, ...]:
+    return ("base", *plugin_names(), "all")
 
 
 def subset_plugins(name: str) -> tuple[str, ...]:
     """'base' -> (), 'all' -> every plug-in, 'ppc+rca' -> ('ppc', 'rca')."""
+    plugins = plugin_names()
     if name == "base":
         return ()
     if name == "all":
-        return PLUGINS
+        return plugins
     parts = tuple(p for p in name.split("+") if p)
-    bad = [p for p in parts if p not in PLUGINS]
+    bad = [p for p in parts if p not in plugins]
     if bad or not parts:
         raise ConfigError(f"--subsets: unknown subset '{name}' (use base, all, or plug-in names "
-                          f"{', '.join(PLUGINS)} joined with '+')")
-    return tuple(p for p in PLUGINS if p in parts)
+                          f"{', '.join(plugins)} joined with '+')")
+    return tuple(p for p in plugins if p in parts)
 
 
-def subset_config(cfg: TrainConfig, name: str, out: Path) -> TrainConfig:
-    on = subset_plugins(name)
-    return dataclasses.replace(cfg, work_dir=str(out / name),
-                               **{p: p in on for p in PLUGINS}).validate()
+def subset_config(cfg: TrainConfig, name: str, out: Path, seed: int) -> TrainConfig:
+    """The run of subset `name` with `seed`, in OUT/<name>/seed<seed>."""
+    return dataclasses.replace(cfg, work_dir=str(out / name / f"seed{seed}"), seed=seed,
+                               plugins=cfg.plugins.with_enabled(subset_plugins(name))
+                               ).validate()
+
+
 
 
 def seconds_per_iter(metrics_path: Path, from_iter: int) -> Optional[float]:
@@ -119,11 +138,12 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     confusion, coverage = evaluate_pseudo_labels(model, loader, spec.num_classes, device, cfg,
                                                  cfg.val_size or cfg.crop_size)
     return {
-        "plugins": [p for p in PLUGINS if getattr(cfg, p)],
+        "plugins": cfg.plugins.enabled(), "seed": cfg.seed,
         "cam_miou": final.get("cam_miou"), "aux_cam_miou": final.get("aux_cam_miou"),
         "pseudo_label_miou": confusion.miou(), "pseudo_label_coverage": coverage,
         "seg_miou": final.get("seg_miou"),
-        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl", cfg.plugin_start),
+        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl",
+                                       cfg.plugins.first_start(cfg)),
         "peak_memory_mb": peak, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
         else "max_rss", "iterations": final.get("iterations"), "wall_s": wall,
         "work_dir": str(run_dir), "config": cfg.to_dict(),
@@ -144,31 +164,83 @@ def _fmt(value: Optional[float], spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_table(rows: dict[str, dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
-    """ablation.md (markdown table) and ablation.json in `out`; returns the markdown."""
-    base = rows.get("base", {}).get("s_per_iter")
-    lines = [
-        "| subset | CAM mIoU | aux CAM mIoU | pseudo-label mIoU | seg mIoU | s/iter | "
-        "time vs base | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        ratio = (r["s_per_iter"] / base if base and r.get("s_per_iter") else None)
-        r["time_vs_base"] = ratio
-        lines.append(" | ".join([
-            f"| {name}", _fmt(r["cam_miou"]), _fmt(r["aux_cam_miou"]),
-            _fmt(r["pseudo_label_miou"]), _fmt(r["seg_miou"]), _fmt(r["s_per_iter"], ".3f"),
-            "-" if ratio is None else f"{(ratio - 1) * 100:+.1f}%",
-            _fmt(r["peak_memory_mb"], ".0f")]) + " |")
+def seed_statistics(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per metric: n, mean, std (sample, n - 1; None for n < 2) and the per-seed values."""
+    out = {}
+    for key, _, _ in METRICS:
+        values = {seed: r[key] for seed, r in runs.items() if r.get(key) is not None}
+        vals = list(values.values())
+        out[key] = {"n": len(vals), "mean": statistics.fmean(vals) if vals else None,
+                    "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                    "per_seed": values}
+    return out
+
+
+def versus_base(stats: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per score: the difference of the means to base and whether it exceeds the seed spread
+    (|diff| > std + base std; None when either side has fewer than 2 seeds)."""
+    out = {}
+    for key in SCORES:
+        a, b = stats[key], base[key]
+        if a["mean"] is None or b["mean"] is None:
+            continue
+        diff = a["mean"] - b["mean"]
+        exceeds = (None if a["std"] is None or b["std"] is None
+                   else abs(diff) > a["std"] + b["std"])
+        out[key] = {"diff": diff, "exceeds_seed_spread": exceeds}
+    return out
+
+
+def _cell(stat: dict[str, Any], spec: str, delta: Optional[dict[str, Any]] = None) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = format(stat["mean"], spec)
+    if stat["std"] is not None:
+        text += " ± " + format(stat["std"], spec)
+    if delta is not None:
+        text += f" ({delta['diff']:+{spec}}{'*' if delta['exceeds_seed_spread'] else ''})"
+    return text
+
+
+def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
+                meta: dict[str, Any]) -> str:
+    """ablation.md (summary and per-seed tables) and ablation.json in `out`; returns the
+    summary table."""
+    stats = {name: seed_statistics(by_seed) for name, by_seed in runs.items()}
+    base = stats.get("base")
+    titles = [t for _, t, _ in METRICS]
+    lines = ["| subset | seeds | " + " | ".join(titles) + " | time vs base |",
+             "|---|---|" + "---|" * (len(titles) + 1)]
+    summary: dict[str, Any] = {}
+    for name, st in stats.items():
+        deltas = versus_base(st, base) if base is not None and name != "base" else {}
+        t, tb = st["s_per_iter"]["mean"], base["s_per_iter"]["mean"] if base else None
+        ratio = t / tb if t and tb else None
+        summary[name] = {"stats": st, "vs_base": deltas, "time_vs_base": ratio}
+        cells = [_cell(st[k], spec, deltas.get(k)) for k, _, spec in METRICS]
+        n = max(s["n"] for s in st.values())
+        time_cell = "-" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {time_cell} |")
     text = "\n".join(lines) + "\n"
+    per_seed = ["| subset | seed | " + " | ".join(titles) + " |",
+                "|---|---|" + "---|" * len(titles)]
+    for name, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items()):
+            per_seed.append(f"| {name} | {seed} | " + " | ".join(
+                _fmt(r.get(k), spec) for k, _, spec in METRICS) + " |")
     memory = ("CUDA allocator peak" if meta["device"] == "cuda"
               else "max RSS of the training process")
-    notes = (f"\n{meta['dataset']} dataset, {meta['backbone']}, {meta['max_iters']} iterations, "
-             f"global batch {meta['batch_size']}, crop {meta['crop_size']}, device "
-             f"{meta['device']}; plug-ins on from iteration {meta['plugin_start']}. Peak memory: "
-             f"{memory}.\n")
-    (out / "ablation.md").write_text(text + notes)
-    (out / "ablation.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
+    notes = (f"\nmean ± sample std over the seeds (n = seeds column); (diff) = mean - base mean, "
+             f"* = exceeds the seed spread (|diff| > std + base std).\n{meta['dataset']} dataset, "
+             f"{meta['backbone']}, {meta['max_iters']} iterations, global batch "
+             f"{meta['batch_size']}, crop {meta['crop_size']}, device {meta['device']}, seeds "
+             f"{' '.join(map(str, meta['seeds']))}; plug-ins on from iteration "
+             f"{meta['plugin_start']}. Peak memory: {memory}.\n")
+    (out / "ablation.md").write_text(text + notes + "\nPer seed:\n\n" + "\n".join(per_seed)
+                                     + "\n")
+    (out / "ablation.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary,
+         "runs": {n: {str(k): v for k, v in r.items()} for n, r in runs.items()}}, indent=2))
     return text
 
 
@@ -189,40 +261,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def extra(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("ablation")
         group.add_argument("--out", required=True, help="folder of the runs and the table")
-        group.add_argument("--subsets", nargs="+", default=list(DEFAULT_SUBSETS),
-                           help="plug-in subsets: base, ppc, rca, mcis, all, or a+b")
+        group.add_argument("--subsets", nargs="+", default=list(default_subsets()),
+                           help="plug-in subsets: base, all, a plug-in name, or a+b")
+        group.add_argument("--seeds", nargs="+", type=int, default=None,
+                           help="train every subset with each of these seeds (default: --seed)")
         group.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                            help="train each subset in its own process (per-run peak memory)")
 
     cfg, args = parse_config(argv, extra)
     out = Path(args.out)
     names = list(dict.fromkeys(args.subsets))
-    configs = {name: subset_config(cfg, name, out) for name in names}
+    seeds = list(dict.fromkeys(args.seeds if args.seeds else [cfg.seed]))
+    configs = {(name, seed): subset_config(cfg, name, out, seed)
+               for name in names for seed in seeds}
     out.mkdir(parents=True, exist_ok=True)
     from toco.builders import resolve_device
 
     device = resolve_device(cfg.device)
-    rows: dict[str, dict[str, Any]] = {}
-    for name, sub in configs.items():
-        result_path = out / f"{name}.result.json"
+    runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
+    for (name, seed), sub in configs.items():
+        tag = f"{name}.seed{seed}"
+        result_path = out / f"{tag}.result.json"
         if result_path.exists():
-            rows[name] = json.loads(result_path.read_text())
-            if rows[name].get("config") != sub.to_dict():
+            runs[name][seed] = json.loads(result_path.read_text())
+            if runs[name][seed].get("config") != sub.to_dict():
                 raise UserError(f"{result_path} comes from a different configuration; "
                                 "choose another --out (or delete it)")
             continue
-        print(f"== ablation: {name} ({', '.join(subset_plugins(name)) or 'no plug-in'})",
-              flush=True)
+        print(f"== ablation: {name} ({', '.join(subset_plugins(name)) or 'no plug-in'}), "
+              f"seed {seed}", flush=True)
         if args.isolate:
-            rows[name] = _run_isolated(sub, out, name)
+            runs[name][seed] = _run_isolated(sub, out, tag)
         else:
-            rows[name] = run_one(sub)
-            result_path.write_text(json.dumps(rows[name], indent=2))
+            runs[name][seed] = run_one(sub)
+            result_path.write_text(json.dumps(runs[name][seed], indent=2))
     meta = {"dataset": cfg.dataset, "backbone": cfg.backbone, "max_iters": cfg.max_iters,
             "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "device": device.type,
-            "plugin_start": cfg.plugin_start, "isolated": args.isolate,
+            "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg),
+            "isolated": args.isolate,
             "command": "python -m toco.ablate " + " ".join(argv)}
-    print(write_table(rows, out, meta))
+    print(write_table(runs, out, meta))
     return 0
 
 

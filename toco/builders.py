@@ -10,7 +10,7 @@ from toco.errors import ConfigError
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
-    """ToCoNet for `num_classes` (background included), with the enabled plug-ins' feature hooks;
+    """ToCoNet for `num_classes` (background included), with the enabled plug-ins' parts;
     `pretrained` overrides cfg.pretrained."""
     kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
     trainable_blocks = 0 if cfg.freeze_backbone else cfg.trainable_blocks
@@ -24,10 +24,9 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     backbone.grad_checkpointing = cfg.grad_checkpointing
     # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
     # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
-    from toco.plugins import build_feature_hooks
+    from toco.plugins import attach_plugins
 
-    for hook in build_feature_hooks(cfg, backbone.embed_dim, num_classes):
-        model.feature_hooks.append(hook)
+    attach_plugins(model, cfg, num_classes)
     return model
 
 

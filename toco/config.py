@@ -12,11 +12,14 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
 from toco.errors import ConfigError
+from toco.plugins.registry import PluginSet, add_plugin_flags, flatten_plugin_values, \
+    nest_plugin_values, split_plugin_values
+from toco.plugins.registry import behaviour_before_settings as plugins_before
 
 
 def _opt(default: Any, help: str, choices: Sequence[Any] | None = None, group: str = "misc",
@@ -155,94 +158,10 @@ class TrainConfig:
         "help": "recipe file(s) applied (filled in by the parser)", "group": "run",
         "internal": True})
 
-    # Seed plug-ins (toco/plugins): PPC, RCA, MCIS; any subset can be on
-    ppc: bool = _opt(False, "PPC: pixel-to-prototype contrast between the main view and a "
-                     "rescaled second view (training only)", group="plugins")
-    rca: bool = _opt(False, "RCA: regional memory bank, region contrast and memory "
-                     "aggregation (the aggregation also runs at inference)", group="plugins")
-    mcis: bool = _opt(False, "MCIS: co-attention between in-batch image pairs sharing a class "
-                      "(the sampler pairs the images)", group="plugins")
-    w_ppc: float = _opt(0.1, "weight of the PPC losses", group="plugins")
-    w_rca: float = _opt(0.1, "weight of the RCA region contrast", group="plugins")
-    w_mcis: float = _opt(0.5, "weight of the MCIS co-attention losses", group="plugins")
-    plugin_start_iter: Optional[int] = _opt(None, "iteration where the plug-in losses switch "
-                                            "on (default: seg_start_iter)", group="plugins")
-    ppc_tau: float = _opt(0.1, "PPC temperature", group="plugins")
-    ppc_proj_dim: int = _opt(128, "PPC projection width", group="plugins")
-    ppc_proj_relu: bool = _opt(False, "ReLU after the PPC projection (official code)",
-                               group="plugins")
-    ppc_view2_scale: float = _opt(0.5, "PPC second view: the main view resized by this",
-                                  group="plugins")
-    ppc_view2_flip: bool = _opt(False, "PPC second view is also mirrored", group="plugins")
-    ppc_topk_ratio: float = _opt(0.125, "PPC prototype: top-K pixels per class over the batch, "
-                                 "K = ratio x tokens of one second-view image", group="plugins")
-    ppc_bg_thr: Optional[float] = _opt(None, "PPC label: foreground where the best present-class "
-                                       "CAM score exceeds this (default: bkg_thre)",
-                                       group="plugins")
-    ppc_ignore_band: bool = _opt(False, "PPC label: scores in (low_thre, high_thre] are ignored",
-                                 group="plugins")
-    ppc_absent_protos: bool = _opt(False, "PPC: prototypes of classes absent from the batch "
-                                   "serve as negatives (official code)", group="plugins")
-    ppc_proto_scope: str = _opt("batch", "PPC prototypes from this rank's batch or from all "
-                                "ranks' (gather)", ["batch", "gather"], "plugins")
-    ppc_semi_hard: tuple = _opt((3, 13), "PPC semi-hard negatives: prototype similarity ranks "
-                                "[first, last) (0-based; official: 3 13)", group="plugins",
-                                elem=int)
-    ppc_hard_pixel: tuple = _opt((0.5, 0.1, 0.6), "PPC hard pixels per class: random fraction, "
-                                 "and the ascending-similarity rank window (lo, hi] as "
-                                 "fractions", group="plugins", elem=float)
-    ppc_terms: tuple = _opt((1.0, 1.0, 1.0), "PPC relative weights of the cross-prototype, "
-                            "cross-CAM and intra-view terms (0 skips a term)", group="plugins",
-                            elem=float)
-    rca_dim: int = _opt(256, "RCA embedding width d", group="plugins")
-    rca_mem_size: int = _opt(500, "RCA memory slots L per class", group="plugins")
-    rca_tau: float = _opt(0.07, "RCA contrast temperature", group="plugins")
-    rca_contrast: bool = _opt(True, "RCA region-to-memory contrast loss", group="plugins")
-    rca_aggregation: bool = _opt(True, "RCA aggregation of the final tokens over the memory "
-                                 "centroids (training and inference)", group="plugins")
-    rca_attention: str = _opt("softmax", "RCA aggregation attention: softmax over centroids "
-                              "(scaled by sqrt(d)) or the official unnormalised dot",
-                              ["softmax", "dot"], "plugins")
-    rca_update: str = _opt("fifo", "RCA memory write: FIFO overwrite or the official EMA blend "
-                           "into the slot", ["fifo", "ema"], "plugins")
-    rca_momentum: float = _opt(0.99, "RCA EMA-slot momentum (rca_update ema)", group="plugins")
-    rca_noise_init: bool = _opt(False, "RCA memory starts as N(0,1) noise counted as filled "
-                                "(official code) instead of empty", group="plugins")
-    rca_cumulative_mask: bool = _opt(False, "RCA enqueue pools each class under the product of "
-                                     "the masks of the image's earlier classes (official bug)",
-                                     group="plugins")
-    rca_mask_source: str = _opt("pseudo_label", "RCA region masks: token pseudo labels, CAM > "
-                                "high_thre, or softmax(online CAM) > its mean (official)",
-                                ["pseudo_label", "cam_thr", "cam_mean"], "plugins")
-    rca_enqueue_thr: float = _opt(0.7, "RCA enqueues a region when sigmoid(image logit) > this",
-                                  group="plugins")
-    rca_min_tokens: int = _opt(4, "RCA ignores regions of fewer tokens", group="plugins")
-    rca_min_fill: float = _opt(0.5, "RCA contrast uses a class once this fraction of its "
-                               "memory is filled", group="plugins")
-    rca_num_centroids: int = _opt(10, "RCA k-means centroids per class", group="plugins")
-    rca_kmeans_every: int = _opt(500, "RCA k-means refresh period (iterations)",
-                                 group="plugins")
-    rca_kmeans_iters: int = _opt(10, "RCA Lloyd steps per refresh", group="plugins")
-    rca_mixup_p: float = _opt(0.5, "RCA probability of mixing a query with another region",
-                              group="plugins")
-    rca_mixup_alpha: float = _opt(8.0, "RCA mixup lambda ~ Beta(alpha, alpha)", group="plugins")
-    mcis_pair_policy: str = _opt("share_one", "MCIS partner of each anchor: an image sharing a "
-                                 "class, or any image", ["share_one", "random"], "plugins")
-    mcis_w_co: float = _opt(1.0, "MCIS relative weight of the co-attention (common classes) "
-                            "loss", group="plugins")
-    mcis_w_ex: float = _opt(1.0, "MCIS relative weight of the contrastive co-attention "
-                            "(unshared classes) loss", group="plugins")
-    mcis_ex_start_iter: int = _opt(0, "MCIS unshared-class loss from max(plugin start, this)",
-                                   group="plugins")
-    mcis_pool: str = _opt("gap", "MCIS pooling of the co-attention CAMs", ["gap", "gmp"],
-                          "plugins")
-    mcis_share_classifier: bool = _opt(False, "MCIS co-attention CAMs use ToCo's classifier "
-                                       "instead of their own", group="plugins")
-    mcis_lowrank_dim: int = _opt(0, "MCIS affinity W = U V^T of this rank (0: full D x D)",
-                                 group="plugins")
-    mcis_ex_empty_rows: bool = _opt(False, "MCIS unshared-class loss also on images whose "
-                                    "unshared label is empty, whenever the batch has one "
-                                    "(official)", group="plugins")
+    # Seed plug-ins: every registered plug-in's settings (toco/plugins/registry.py)
+    plugins: PluginSet = field(default_factory=PluginSet, metadata={
+        "help": "plug-in settings, one section per plug-in (flags: the plug-in groups)",
+        "group": "plugins", "internal": True})
 
     # Run
     work_dir: Optional[str] = _opt(None, "run folder (default: work_dirs/<dataset>)",
@@ -327,75 +246,30 @@ class TrainConfig:
              f"stop_at must be in 1..max_iters, got {self.stop_at}")
         need(self.dataset == "synthetic" or self.data_root is not None,
              f"--data-root is required for --dataset {self.dataset}")
-        self._validate_plugins(need)
+        self.plugins.validate(self)
         return self
-
-    def _validate_plugins(self, need: Callable[[bool, str], None]) -> None:
-        for name in ("w_ppc", "w_rca", "w_mcis", "mcis_w_co", "mcis_w_ex",
-                     "mcis_ex_start_iter", "mcis_lowrank_dim"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("ppc_tau", "ppc_proj_dim", "rca_dim", "rca_mem_size", "rca_tau",
-                     "rca_num_centroids", "rca_kmeans_every", "rca_kmeans_iters",
-                     "rca_min_tokens", "rca_mixup_alpha"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.plugin_start_iter is None or self.plugin_start_iter >= 0,
-             f"plugin_start_iter must be >= 0, got {self.plugin_start_iter}")
-        need(0 < self.ppc_view2_scale <= 1,
-             f"ppc_view2_scale must be in (0, 1], got {self.ppc_view2_scale}")
-        need(not self.ppc or self.crop_size * self.ppc_view2_scale >= 32,
-             f"ppc_view2_scale {self.ppc_view2_scale} x crop_size {self.crop_size} leaves the "
-             "PPC second view under 32 px (fewer than 2x2 tokens)")
-        need(0 < self.ppc_topk_ratio <= 1,
-             f"ppc_topk_ratio must be in (0, 1], got {self.ppc_topk_ratio}")
-        need(self.ppc_bg_thr is None or 0 <= self.ppc_bg_thr <= 1,
-             f"ppc_bg_thr must be in [0, 1], got {self.ppc_bg_thr}")
-        need(len(self.ppc_semi_hard) == 2 and 0 <= self.ppc_semi_hard[0] < self.ppc_semi_hard[1],
-             f"ppc_semi_hard must be two ranks 0 <= first < last, got {self.ppc_semi_hard}")
-        need(len(self.ppc_hard_pixel) == 3 and 0 <= self.ppc_hard_pixel[0] <= 1
-             and 0 <= self.ppc_hard_pixel[1] <= self.ppc_hard_pixel[2] <= 1,
-             "ppc_hard_pixel must be (random fraction in [0, 1], lo, hi) with "
-             f"0 <= lo <= hi <= 1, got {self.ppc_hard_pixel}")
-        need(len(self.ppc_terms) == 3 and all(t >= 0 for t in self.ppc_terms),
-             f"ppc_terms must be three weights >= 0, got {self.ppc_terms}")
-        need(not self.ppc or any(t > 0 for t in self.ppc_terms),
-             "--ppc with every ppc_terms weight 0 computes nothing; switch --ppc off instead")
-        need(not self.rca or self.rca_contrast or self.rca_aggregation,
-             "--rca with both rca_contrast and rca_aggregation off does nothing")
-        need(self.rca_num_centroids <= self.rca_mem_size,
-             f"rca_num_centroids ({self.rca_num_centroids}) exceeds rca_mem_size "
-             f"({self.rca_mem_size})")
-        for name in ("rca_momentum", "rca_enqueue_thr", "rca_min_fill", "rca_mixup_p"):
-            need(0 <= getattr(self, name) <= 1,
-                 f"{name} must be in [0, 1], got {getattr(self, name)}")
-        need(self.rca_momentum < 1, "rca_momentum must be < 1 (1 never writes the memory)")
-        need(not self.mcis or self.batch_size % 2 == 0,
-             f"--mcis pairs the images of each batch: --batch-size {self.batch_size} is odd")
-        need(not self.mcis or self.mcis_w_co > 0 or self.mcis_w_ex > 0,
-             "--mcis with mcis_w_co and mcis_w_ex both 0 computes nothing")
-
-    @property
-    def plugin_start(self) -> int:
-        """Iteration where the plug-in losses switch on (`plugin_start_iter`, else the seg start)."""
-        return self.seg_start_iter if self.plugin_start_iter is None else self.plugin_start_iter
 
     def __post_init__(self) -> None:
         if self.work_dir is None:
             self.work_dir = f"work_dirs/{self.dataset}"
+        self.plugins = PluginSet(self.plugins)  # a copy: configs never share plug-in settings
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["plugins"] = self.plugins.to_dict()
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        return cls(**_coerce(values, source)).validate()
+        return cls(**nest_plugin_values(_coerce(values, source))).validate()
 
     @classmethod
     def from_saved(cls, values: dict[str, Any], source: str = "checkpoint config"
                    ) -> "TrainConfig":
         """The config stored in a checkpoint or export. A setting added after it was written
         takes the value that reproduces how that run actually behaved, not today's default."""
-        return cls.from_dict({**behaviour_before_settings(values), **values}, source)
+        return cls.from_dict({**behaviour_before_settings(values), **plugins_before(values),
+                              **values}, source)
 
 
 def behaviour_before_settings(saved: dict[str, Any]) -> dict[str, Any]:
@@ -443,8 +317,12 @@ def _element_type(name: str) -> type:
 
 
 def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Normalise keys (dashes → underscores), reject unknown ones, convert value types."""
-    out = {}
+    """Normalise keys (dashes → underscores), reject unknown ones, convert value types.
+
+    Plug-in settings (the `plugins:` section, the plug-in flags, or older flat keys) come back
+    typed as dotted keys `plugins.<name>.<setting>`, so layers merge setting by setting."""
+    values, plugin_values = split_plugin_values(values, source)
+    out = flatten_plugin_values(plugin_values)
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in _FIELDS:
@@ -515,6 +393,7 @@ def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         group.add_argument(flag, **kwargs)
+    add_plugin_flags(parser)
     if extra is not None:
         extra(parser)
     return parser

@@ -127,6 +127,10 @@ class Trainer:
     def _refined_label(self, state: StepState) -> Tensor:
         cfg = self.cfg
         cam = state.cam_aux if state.iteration < cfg.aux_cam_until_iter else state.cam
+        with torch.no_grad():  # plug-in hook: e.g. MCIS fuses its co-attention CAMs in
+            for module in self.loss_modules:
+                if module.active(state.iteration):
+                    cam = module.pseudo_label_cam(state, cam)
         valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
                                     cfg.high_thre, cfg.low_thre, ignore_mid=True)
         images = truncate_like_reference(state.images) if cfg.par_input == "uint8" \

@@ -25,7 +25,8 @@ from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed
 from toco.engine import Trainer, build_loss_modules, validate
 from toco.errors import ConfigError, UserError
 from toco.metrics import ConfusionMatrix, format_iou_table
-from toco.plugins import PLUGIN_NAMES, build_plugins, enabled_plugins
+from toco.plugins import build_plugins, enabled_plugins, pair_policy
+from toco.plugins.registry import enabled_in
 from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, \
     dataset_labels
 from toco.tracking import Tracker, gpu_memory_gb
@@ -154,8 +155,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                           f"{info.world_size} processes")
     local_batch = cfg.batch_size // info.world_size
-    if cfg.mcis and local_batch % 2:
-        raise ConfigError(f"--mcis pairs the images of each per-device batch: {local_batch} "
+    pairs = pair_policy(cfg)  # a plug-in (MCIS) wants batches of image pairs
+    if pairs and local_batch % 2:
+        raise ConfigError(f"the plug-ins {', '.join(enabled_plugins(cfg))} pair the images of "
+                          f"each per-device batch: {local_batch} "
                           f"images per device (--batch-size {cfg.batch_size} over "
                           f"{info.world_size} processes) is odd")
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:
@@ -206,10 +209,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
 
-    if cfg.mcis:  # MCIS: each per-rank batch is anchor/partner pairs sharing a class
+    if pairs:  # MCIS: each per-rank batch is anchor/partner pairs sharing a class
         sampler = PairedResumableSampler(dataset_labels(train_set), local_batch, cfg.seed,
-                                         info.rank, info.world_size, start_iter,
-                                         cfg.mcis_pair_policy)
+                                         info.rank, info.world_size, start_iter, pairs)
     else:
         sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
                                    info.world_size, start_iter)
@@ -308,12 +310,12 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
 
 def restore(trainer: Trainer, state: dict[str, Any]) -> tuple[int, Optional[str]]:
     """Load a training state; returns (iteration, wandb run id)."""
-    saved = {p for p in PLUGIN_NAMES if state.get("config", {}).get(p, False)}
+    saved = set(enabled_in(state.get("config", {})))
     wanted = set(enabled_plugins(trainer.cfg))
     if saved != wanted:
         raise UserError(f"the checkpoint was trained with plug-ins {sorted(saved) or 'none'}, "
                         f"this run has {sorted(wanted) or 'none'}: resume with the same "
-                        "--ppc/--rca/--mcis switches")
+                        "plug-in switches (--ppc, --rca, --mcis, ...)")
     trainer.model.load_state_dict(state["model"])
     trainer.load_state_dict(state["trainer"])
     torch.set_rng_state(state["torch_rng"])

@@ -118,3 +118,11 @@ class LossModule(nn.Module):
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def pseudo_label_cam(self, state: StepState, cam: Tensor) -> Tensor:
+        """Hook of the pixel pseudo labels: the normalised CAM (B, C-1, H, W) in [0, 1] that is
+        thresholded and PAR-refined, rewritten by this module (e.g. fused with another map).
+
+        Called by the pseudo-label provider for every active module, in module order, before the
+        label exists; must not need grad (it runs without). Default: unchanged."""
+        return cam

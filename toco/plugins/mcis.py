@@ -1,4 +1,5 @@
-"""MCIS: mining cross-image semantics (Sun et al., ECCV 2020) as a ToCo plug-in (seeds spec 3).
+"""MCIS: mining cross-image semantics (Sun et al., ECCV 2020) as a ToCo plug-in
+(design notes: docs/plugins.md).
 
 Pairs are formed inside the batch (no extra encoder pass): with --mcis the sampler
 (`toco.sampling.PairedResumableSampler`) emits each per-rank batch as anchor/partner pairs
@@ -16,22 +17,34 @@ Symbols (paper / official code), for a pair (m, n) of final token maps F_m (N_m 
                of the batch has an unshared class; `ex_empty_rows`)
 MLSM is the multi-label soft-margin loss; pool is GAP (MCIS) or GMP (ToCo's classifier pooling).
 
-Deviations: the affinity is scaled by 1/sqrt(D) (ViT tokens after LayerNorm make the official
-unscaled softmax one-hot); self-pairs (flip / 0.75x / 2x of the anchor) are not implemented.
+Online co-attention CAMs (`co_cam: online_fuse`): the paper's related-image localisation maps,
+during training. For every image, the co-attention CAM W_co F^att w.r.t. its in-batch partner
+(and w.r.t. its own mirror image with `self_pairs`) is ReLU'd, upsampled and min-max normalised
+like ToCo's CAM, then fused (max or mean) into the CAM the pixel pseudo labels are refined from,
+on the classes the pair shares (a self-pair shares all). Through `LossModule.pseudo_label_cam`.
+
+Self-pairs (`self_pairs`): the anchor paired with its mirror image (one extra encoder pass with
+grad), L_self = MLSM(co-attention scores of both sides, [y; y]). The official code also pairs
+it with 0.75x and 2x resizes; those are only in the offline scorer (toco.plugins.mcis_eval).
+
+Deviation: the affinity is scaled by 1/sqrt(D) (ViT tokens after LayerNorm make the official
+unscaled softmax one-hot).
 """
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toco.config import TrainConfig
 from toco.errors import ConfigError
 from toco.losses import multilabel_loss
+from toco.plugins.common import minmax_normalise
+from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
 from toco.step import LossModule, StepState
 
 
@@ -112,20 +125,30 @@ class CrossImageSemantics(LossModule):
         pool: 'gap' or 'gmp'.
         lowrank_dim, share_classifier: see CoAttention.
         ex_empty_rows: official L_ex rows (every image whenever the batch has an unshared class).
+        self_pairs: pair each image with its mirror image too (`mcis_self`, one extra pass).
+        co_cam: 'online_fuse' fuses the co-attention CAMs into the pseudo-label CAM; 'off'.
+        co_cam_fuse: 'max' or 'mean' of the two normalised maps.
+        co_cam_start: first iteration of the fusion (never before start_iter).
     """
 
-    names = ("mcis_co", "mcis_ex")
+    names = ("mcis_co", "mcis_ex", "mcis_self")
 
     def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.5,
                  start_iter: int = 0, w_co: float = 1.0, w_ex: float = 1.0, ex_start: int = 0,
                  pool: str = "gap", lowrank_dim: int = 0, share_classifier: bool = False,
-                 ex_empty_rows: bool = False) -> None:
+                 ex_empty_rows: bool = False, self_pairs: bool = False, co_cam: str = "off",
+                 co_cam_fuse: str = "max", co_cam_start: int = 0) -> None:
         super().__init__(weight, start_iter)
         if pool not in ("gap", "gmp"):
             raise ConfigError(f"mcis pool must be 'gap' or 'gmp', got {pool!r}")
+        if co_cam not in ("off", "online_fuse") or co_cam_fuse not in ("max", "mean"):
+            raise ConfigError(f"mcis co_cam must be off/online_fuse and co_cam_fuse max/mean, "
+                              f"got {co_cam!r}, {co_cam_fuse!r}")
         self.head = CoAttention(embed_dim, num_classes - 1, lowrank_dim, share_classifier)
         self.w_co, self.w_ex, self.ex_start = w_co, w_ex, ex_start
         self.pool, self.ex_empty_rows = pool, ex_empty_rows
+        self.self_pairs, self.co_cam, self.co_cam_fuse = self_pairs, co_cam, co_cam_fuse
+        self.co_cam_start = max(start_iter, co_cam_start)
 
     def shared_weight(self, state: StepState) -> Optional[Tensor]:
         if self.head.classifier is not None or state.model is None:
@@ -158,7 +181,59 @@ class CrossImageSemantics(LossModule):
             per_row = row_multilabel_loss(ex, y_ex)
             rows = rows.to(per_row.dtype)
             out["mcis_ex"] = self.w_ex * (per_row * rows).sum() / rows.sum().clamp_min(1)
+        if self.self_pairs:
+            xf = self._mirror_tokens(state).flatten(2).transpose(1, 2)
+            att_x, att_f = self.head.attend(x, xf)
+            scores = pooled_scores(torch.cat([att_x, att_f]), weight, self.pool)
+            out["mcis_self"] = multilabel_loss(scores, torch.cat([y, y]))
         return out
+
+    @staticmethod
+    def _mirror_tokens(state: StepState) -> Tensor:
+        """Final tokens of the mirrored main view (one extra encoder pass with grad, cached)."""
+        if state.model is None:
+            raise RuntimeError("MCIS self-pairs need StepState.model (the mirror image's pass)")
+        return state.rescaled_view(1.0, flip=True)[1].tokens
+
+    def co_attention_maps(self, state: StepState) -> tuple[Tensor, Tensor]:
+        """Normalised co-attention CAMs of every image of the step and where they apply:
+        (maps (B, C-1, H, W) in [0, 1], weight (B, C-1, 1, 1) = number of maps averaged per
+        class). Partner maps apply to the classes a pair shares, self-pair maps to all."""
+        tokens = state.feats.tokens.detach()
+        b, _, h, w = tokens.shape
+        x = tokens.flatten(2).transpose(1, 2)
+        weight = self.head.class_weight(self.shared_weight(state)).detach()
+        y = state.cls_label.float()
+        att_m, att_n = self.head.attend(x[0::2], x[1::2])
+        paired = torch.empty_like(x)
+        paired[0::2], paired[1::2] = att_m, att_n
+        common = torch.empty_like(y)
+        common[0::2] = common[1::2] = y[0::2] * y[1::2]
+        size = tuple(state.cam.shape[-2:])
+        maps = self._normalised(co_cam(paired, weight, (h, w)), size) * common[..., None, None]
+        count = common.clone()
+        if self.self_pairs:
+            xf = self._mirror_tokens(state).detach().flatten(2).transpose(1, 2)
+            att_x, _ = self.head.attend(x, xf)
+            maps = maps + self._normalised(co_cam(att_x, weight, (h, w)), size) * y[..., None,
+                                                                                     None]
+            count = count + y
+        return maps / count.clamp_min(1)[..., None, None], count[..., None, None]
+
+    @staticmethod
+    def _normalised(cam: Tensor, size: tuple[int, int]) -> Tensor:
+        """ReLU, bilinear upsampling to `size`, min-max per (image, class): as ToCo's CAM."""
+        cam = F.interpolate(F.relu(cam.float()), size=size, mode="bilinear", align_corners=False)
+        return minmax_normalise(cam)
+
+    def pseudo_label_cam(self, state: StepState, cam: Tensor) -> Tensor:
+        """Online fusion (co_cam 'online_fuse'): max / mean of the CAM and the co-attention CAM
+        on the classes that have one; elsewhere, or with 'off', the CAM unchanged."""
+        if self.co_cam == "off" or state.iteration < self.co_cam_start:
+            return cam
+        maps, count = self.co_attention_maps(state)
+        fused = torch.maximum(cam, maps) if self.co_cam_fuse == "max" else (cam + maps) / 2
+        return torch.where(count > 0, fused.to(cam.dtype), cam)
 
 
 @torch.no_grad()
@@ -175,46 +250,119 @@ def co_attention_cams(model: nn.Module, plugin: CrossImageSemantics, images_m: T
             co_cam(att_n, weight, tuple(fn.shape[-2:])))
 
 
+# The official scorer's self-pairs: the image paired with its mirror, a 0.75x and a 2x resize.
+SELF_PAIRS: tuple[tuple[str, float], ...] = (("flip", 1.0), ("scale", 0.75), ("scale", 2.0))
+
+
+def _self_partner(image: Tensor, kind: str, scale: float) -> Tensor:
+    if kind == "flip":
+        return image.flip(-1)
+    h, w = image.shape[-2:]
+    return F.interpolate(image, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                         mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor,
-                    cls_label: Tensor, partners: dict[int, Sequence[Tensor]]) -> Tensor:
-    """MCIS inference with related images, for one image (1, 3, H, W) in [0, 1].
+                    cls_label: Tensor, partners: dict[int, Sequence[Tensor]],
+                    self_pairs: bool = True, score_thr: float = 0.1) -> Tensor:
+    """MCIS inference with related images (the official scorer), for one image (1, 3, H, W) in
+    [0, 1].
 
-    For each present class c: the co-attention CAM of the image w.r.t. each partner in
-    `partners[c]` (images containing c, any size), ReLU, normalised by its max, averaged over the
-    partners; channel c is kept. Returns (1, C-1, H, W) in [0, 1] (absent classes 0).
+    For each present class c, the raw co-attention maps of channel c:
+    - of the image w.r.t. each partner in `partners[c]` (images containing c, any size);
+    - with `self_pairs`, of the *partner side* of the pairs (image, mirror image) (mirrored
+      back), (image, 0.75x image) and (image, 2x image).
+    Each map is ReLU'd, divided by its max and upsampled to (H, W). A map counts when
+    sigmoid(mean of its raw values) > `score_thr` (the mirror pair's always counts); the channel
+    is the sum of the counted maps divided by the number of maps, counted or not (the official
+    rule). Returns (1, C-1, H, W) in [0, 1] (absent classes 0). The single-image CAM is not used.
     """
     h, w = image.shape[-2:]
     k = cls_label.shape[-1]
+    present = torch.nonzero(cls_label.reshape(-1) > 0).flatten().tolist()
+    # (raw maps (1, C-1, h', w'), always counted?) shared by all classes: the self-pairs
+    shared = []
+    if self_pairs:
+        for kind, scale in SELF_PAIRS:
+            _, cam = co_attention_cams(model, plugin, image, _self_partner(image, kind, scale))
+            shared.append((cam.flip(-1) if kind == "flip" else cam, kind == "flip"))
     out = image.new_zeros(1, k, h, w)
-    for c in torch.nonzero(cls_label.reshape(-1) > 0).flatten().tolist():
-        maps = []
-        for partner in partners.get(c, ()):
-            cam, _ = co_attention_cams(model, plugin, image, partner)
-            cam = F.relu(cam[:, c:c + 1].float())
-            cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)
-            maps.append(cam / (cam.amax(dim=(-2, -1), keepdim=True) + 1e-5))
+    for c in present:
+        maps = [(co_attention_cams(model, plugin, image, partner)[0], False)
+                for partner in partners.get(c, ())] + shared
+        total = image.new_zeros(1, 1, h, w)
+        for cam, always in maps:
+            raw = cam[:, c:c + 1].float()
+            if not always and float(torch.sigmoid(raw.mean())) <= score_thr:
+                continue
+            m = F.interpolate(F.relu(raw), size=(h, w), mode="bilinear", align_corners=False)
+            total += m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
         if maps:
-            out[:, c] = torch.stack(maps).mean(0)[:, 0]
+            out[:, c] = total[:, 0] / len(maps)
     return out
 
 
-def sample_partners(labels: Tensor, index: int, num: int, rng: random.Random
-                    ) -> dict[int, list[int]]:
-    """For image `index`, `num` other images (with replacement, never itself unless it is the
-    only one) containing each of its classes: {class: [dataset index, ...]}."""
+def sample_partners(image_label: Tensor, pool_labels: Tensor, num: int, rng: random.Random,
+                    exclude: Optional[int] = None) -> dict[int, list[int]]:
+    """For an image with multi-hot `image_label` (C-1,), `num` images of the partner pool
+    (`pool_labels` (N, C-1), e.g. the training split) containing each of its classes, drawn
+    with replacement: {class: [pool index, ...]}. `exclude`: the image's own pool index, never
+    drawn unless it is the only candidate. A class no pool image has gets no partner."""
     out: dict[int, list[int]] = {}
-    for c in torch.nonzero(labels[index] > 0).flatten().tolist():
-        pool = [i for i in torch.nonzero(labels[:, c] > 0).flatten().tolist() if i != index]
-        out[c] = [rng.choice(pool or [index]) for _ in range(num)]
+    for c in torch.nonzero(image_label > 0).flatten().tolist():
+        pool = [i for i in torch.nonzero(pool_labels[:, c] > 0).flatten().tolist()
+                if i != exclude] or ([exclude] if exclude is not None
+                                     and pool_labels[exclude, c] > 0 else [])
+        out[c] = [rng.choice(pool) for _ in range(num)] if pool else []
     return out
 
 
-def build_mcis(cfg: TrainConfig, embed_dim: int, num_classes: int) -> CrossImageSemantics:
-    start = cfg.plugin_start
-    return CrossImageSemantics(
-        embed_dim, num_classes, weight=cfg.w_mcis, start_iter=start, w_co=cfg.mcis_w_co,
-        w_ex=cfg.mcis_w_ex, ex_start=max(start, cfg.mcis_ex_start_iter), pool=cfg.mcis_pool,
-        lowrank_dim=cfg.mcis_lowrank_dim, share_classifier=cfg.mcis_share_classifier,
-        ex_empty_rows=cfg.mcis_ex_empty_rows)
+@dataclass
+class MCISSettings(PluginSettings):
+    """MCIS's settings (YAML section `plugins: {mcis: ...}`, flags `--mcis-*`)."""
 
+    weight: float = setting(0.5, "weight of the MCIS co-attention losses")
+    pair_policy: str = setting("share_one", "partner of each anchor: an image sharing a class, "
+                               "or any image", ["share_one", "random"])
+    w_co: float = setting(1.0, "relative weight of the co-attention (common classes) loss")
+    w_ex: float = setting(1.0, "relative weight of the contrastive co-attention (unshared "
+                          "classes) loss")
+    ex_start_iter: int = setting(0, "unshared-class loss from max(plug-in start, this)")
+    pool: str = setting("gap", "pooling of the co-attention CAMs", ["gap", "gmp"])
+    share_classifier: bool = setting(False, "co-attention CAMs use ToCo's classifier instead "
+                                     "of their own")
+    lowrank_dim: int = setting(0, "affinity W = U V^T of this rank (0: full D x D)")
+    ex_empty_rows: bool = setting(False, "unshared-class loss also on images whose unshared "
+                                  "label is empty, whenever the batch has one (official)")
+    self_pairs: bool = setting(False, "also pair each image with its mirror image (loss "
+                               "mcis_self; +1 encoder pass with grad)")
+    co_cam: str = setting("off", "online_fuse: fuse the co-attention CAMs into the CAM the "
+                          "pseudo labels are refined from", ["off", "online_fuse"])
+    co_cam_fuse: str = setting("max", "how the co-attention CAM is fused", ["max", "mean"])
+    co_cam_start_iter: int = setting(0, "fusion from max(plug-in start, this): the "
+                                     "co-attention head starts untrained")
+
+    def check(self, cfg, need, key) -> None:
+        for name in ("w_co", "w_ex", "ex_start_iter", "lowrank_dim", "co_cam_start_iter"):
+            need(getattr(self, name) >= 0, f"{key(name)} must be >= 0, got "
+                 f"{getattr(self, name)}")
+        need(cfg.batch_size % 2 == 0,
+             f"MCIS pairs the images of each batch: --batch-size {cfg.batch_size} is odd")
+        need(self.w_co > 0 or self.w_ex > 0 or self.self_pairs,
+             f"MCIS with {key('w_co')} and {key('w_ex')} both 0 computes nothing")
+
+
+def build_mcis(s: MCISSettings, ctx: BuildContext) -> list[LossModule]:
+    start = s.start(ctx.cfg)
+    return [CrossImageSemantics(
+        ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=start, w_co=s.w_co,
+        w_ex=s.w_ex, ex_start=max(start, s.ex_start_iter), pool=s.pool,
+        lowrank_dim=s.lowrank_dim, share_classifier=s.share_classifier,
+        ex_empty_rows=s.ex_empty_rows, self_pairs=s.self_pairs, co_cam=s.co_cam,
+        co_cam_fuse=s.co_cam_fuse, co_cam_start=s.co_cam_start_iter)]
+
+
+register(Plugin("mcis", MCISSettings, "MCIS: co-attention between in-batch image pairs sharing "
+                "a class (the sampler pairs the images)", build_mcis,
+                pair_policy=lambda s: s.pair_policy))

@@ -1,4 +1,5 @@
-"""PPC: pixel-to-prototype contrast (Du et al., CVPR 2022) as a ToCo plug-in (seeds spec 2).
+"""PPC: pixel-to-prototype contrast (Du et al., CVPR 2022) as a ToCo plug-in
+(design notes: docs/plugins.md).
 
 View S is ToCo's main crop; view T is S resized by `view_scale` (optionally mirrored) and run
 through the encoder with grad (one extra pass at scale^2 of the tokens). Everything happens on
@@ -17,13 +18,22 @@ Symbols (paper / official code):
                [first, last)) and hard pixel sampling (per class: a random fraction plus the
                ascending-similarity rank window [floor(hi n) - floor((hi - lo) n), floor(hi n)))
 
-Fixes of the official code (seeds spec 2.4): a real background score instead of a constant
+The official window [3, 13) was designed for 21 prototypes (VOC, every class has one). Here only
+the classes of the batch have prototypes (2-6 with ToCo's 2-4 images), so by default the window
+is scaled to the n prototypes that exist: [floor(3 n / 21), ceil(13 n / 21)), which is [3, 13)
+at n = 21 and keeps the nearest other prototype at n = 3 (`semi_hard_window: absolute` gives
+the official ranks; with them the intra term is exactly 0 when n <= 3). The `ema` prototype
+scope keeps a running prototype of every class seen so far (a persistent buffer) and uses it for
+the classes absent from the batch, so the negatives of the official all-class setting exist.
+
+Fixes of the official code (docs/plugins.md): a real background score instead of a constant
 channel, prototypes for present classes only (`absent_protos` restores the official negatives),
 the positive never counted twice in the semi-hard denominator, the class mean of the hard-pixel
 loss taken over classes that were actually sampled, no unused random negatives, vectorised.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -31,13 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toco.distributed import DistInfo, all_gather_cat
-from toco.config import TrainConfig
 from toco.errors import ConfigError
 from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
     minmax_normalise, step_generator, tokens_in_box
+from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
 from toco.step import LossModule, StepState
 
 IGNORE = 255
+# The number of prototypes the official semi-hard window [3, 13) was designed for (VOC: 21).
+OFFICIAL_PROTOTYPES = 21
 
 
 def ppc_pseudo_label(cam: Tensor, cls_label: Tensor, bg_thr: float, valid: Tensor,
@@ -96,8 +108,19 @@ def prototype_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
-def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: int, last: int
-                        ) -> Tensor:
+def scaled_window(first: int, last: int, num_protos: Tensor,
+                  reference: int = OFFICIAL_PROTOTYPES) -> tuple[Tensor, Tensor]:
+    """The rank window [first, last) of `reference` prototypes scaled to `num_protos` existing
+    ones: [floor(first n / ref), max(that + 1, ceil(last n / ref))), as 0-dim tensors (no host
+    sync). Equal to [first, last) at n = ref; never empty."""
+    n = num_protos.to(torch.float64)
+    lo = torch.floor(first * n / reference + 1e-9)
+    hi = torch.maximum(lo + 1, torch.ceil(last * n / reference - 1e-9))
+    return lo.to(torch.long), hi.to(torch.long)
+
+
+def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: "int | Tensor",
+                        last: "int | Tensor") -> Tensor:
     """(M, C) bool: the negatives of each pixel for the intra-view loss.
 
     All existing prototypes are ranked by descending similarity (the positive included, rank 0 =
@@ -110,8 +133,8 @@ def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: int
             & (classes[None] != label[:, None]))
 
 
-def semi_hard_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float, first: int,
-                 last: int) -> tuple[Tensor, Tensor]:
+def semi_hard_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float,
+                 first: "int | Tensor", last: "int | Tensor") -> tuple[Tensor, Tensor]:
     """-log( exp(s_y / tau) / (exp(s_y / tau) + sum_{n in semi-hard} exp(s_n / tau)) ) per pixel."""
     logits = sim / tau
     keep = semi_hard_negatives(sim, label, proto_ok, first, last)
@@ -195,8 +218,13 @@ class PixelPrototypeContrast(LossModule):
         bg_thr: beta, the background threshold of the pseudo labels.
         ignore_band: (low, high) uncertain band to ignore, or None (official: no band).
         absent_protos: absent classes get prototypes too (negatives only; official).
-        proto_scope: 'batch' (this rank) or 'gather' (all ranks' pixels, identical prototypes).
+        proto_scope: 'batch' (this rank), 'gather' (all ranks' pixels, identical prototypes) or
+            'ema' (gather, plus a running prototype of every class seen so far, used for the
+            classes absent from the batch; persistent buffers `proto_ema`, `proto_seen`).
+        ema_momentum: momentum of the 'ema' prototypes.
         semi_hard: (first, last) prototype ranks kept as intra-view negatives.
+        semi_hard_window: 'relative' scales (first, last) from 21 prototypes to the number that
+            exist (see `scaled_window`); 'absolute' uses the ranks as given (official).
         hard_pixel: (random fraction, lo, hi) of the hard pixel sampling.
         terms: relative weights of (L_cp, L_cc, L_intra); 0 skips the term.
         aux_cam_until_iter: before it, pseudo labels come from the aux CAMs (as ToCo's).
@@ -210,14 +238,18 @@ class PixelPrototypeContrast(LossModule):
                  proj_relu: bool = False, view_scale: float = 0.5, view_flip: bool = False,
                  topk_ratio: float = 0.125, bg_thr: float = 0.5,
                  ignore_band: Optional[tuple[float, float]] = None,
-                 absent_protos: bool = False, proto_scope: str = "batch",
-                 semi_hard: Sequence[int] = (3, 13),
+                 absent_protos: bool = False, proto_scope: str = "gather",
+                 ema_momentum: float = 0.9, semi_hard: Sequence[int] = (3, 13),
+                 semi_hard_window: str = "relative",
                  hard_pixel: Sequence[float] = (0.5, 0.1, 0.6),
                  terms: Sequence[float] = (1.0, 1.0, 1.0), aux_cam_until_iter: int = 0,
                  seed: int = 0, dist_info: DistInfo = DistInfo()) -> None:
         super().__init__(weight, start_iter)
-        if proto_scope not in ("batch", "gather"):
-            raise ConfigError(f"ppc proto_scope must be 'batch' or 'gather', got {proto_scope!r}")
+        if proto_scope not in ("batch", "gather", "ema"):
+            raise ConfigError(f"ppc proto_scope must be batch, gather or ema, got {proto_scope!r}")
+        if semi_hard_window not in ("relative", "absolute"):
+            raise ConfigError(f"ppc semi_hard_window must be relative or absolute, "
+                              f"got {semi_hard_window!r}")
         self.num_classes = num_classes
         self.proj = ProjectionHead(embed_dim, 256, proj_dim, final_relu=proj_relu)
         self.tau = tau
@@ -225,6 +257,10 @@ class PixelPrototypeContrast(LossModule):
         self.topk_ratio, self.bg_thr, self.ignore_band = topk_ratio, bg_thr, ignore_band
         self.absent_protos, self.proto_scope = absent_protos, proto_scope
         self.semi_hard = (int(semi_hard[0]), int(semi_hard[1]))
+        self.semi_hard_window, self.ema_momentum = semi_hard_window, ema_momentum
+        if proto_scope == "ema":  # only then: checkpoints of the other scopes hold no buffer
+            self.register_buffer("proto_ema", torch.zeros(num_classes, proj_dim))
+            self.register_buffer("proto_seen", torch.zeros(num_classes, dtype=torch.bool))
         self.hard_pixel = tuple(float(v) for v in hard_pixel)
         self.terms = tuple(float(t) for t in terms)
         self.aux_cam_until_iter = aux_cam_until_iter
@@ -247,7 +283,7 @@ class PixelPrototypeContrast(LossModule):
         pix_scores = scores.permute(0, 2, 3, 1).reshape(-1, c)
         pix_ok = (label != IGNORE).reshape(-1)
         present = cls_label > 0
-        if self.proto_scope == "gather":
+        if self.proto_scope in ("gather", "ema"):
             pix_emb = all_gather_cat(pix_emb.contiguous(), self.dist)
             pix_scores = all_gather_cat(pix_scores.contiguous(), self.dist)
             pix_ok = all_gather_cat(pix_ok, self.dist)
@@ -295,6 +331,11 @@ class PixelPrototypeContrast(LossModule):
         k = max(1, round(self.topk_ratio * grid[0] * grid[1]))
         p_s, ok_s = self._prototypes(emb_s, cam_s, lab_s, y, k)
         p_t, ok_t = self._prototypes(emb_t, cam_t, lab_t, y, k)
+        if self.proto_scope == "ema":
+            batch_s, batch_ok_s = p_s, ok_s
+            p_s, ok_s = self._with_ema(p_s, ok_s)
+            p_t, ok_t = self._with_ema(p_t, ok_t)
+            self._update_ema(batch_s, batch_ok_s)
 
         v_s, v_t = emb_s.reshape(-1, emb_s.shape[-1]), emb_t.reshape(-1, emb_t.shape[-1])
         l_s, l_t = lab_s.reshape(-1), lab_t.reshape(-1)
@@ -316,11 +357,32 @@ class PixelPrototypeContrast(LossModule):
                 self._intra(sim_s_ps, l_s, ok_s, gen) + self._intra(sim_t_pt, l_t, ok_t, gen))
         return out
 
+    def _with_ema(self, protos: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch prototypes, with the running ones for seen classes the batch lacks."""
+        fallback = self.proto_seen & ~ok
+        return (torch.where(fallback[:, None], self.proto_ema.to(protos.dtype), protos),
+                ok | self.proto_seen)
+
+    @torch.no_grad()
+    def _update_ema(self, protos: Tensor, ok: Tensor) -> None:
+        """p_ema <- normalise(m p_ema + (1 - m) p) for the classes of the batch (first sight:
+        p). The prototypes come from every rank's pixels, so the update is rank-identical."""
+        m = self.ema_momentum
+        blend = F.normalize(m * self.proto_ema + (1 - m) * protos.detach().float(), dim=1)
+        new = torch.where(self.proto_seen[:, None], blend, protos.detach().float())
+        self.proto_ema.copy_(torch.where(ok[:, None], new, self.proto_ema))
+        self.proto_seen.copy_(self.proto_seen | ok)
+
+    def _window(self, proto_ok: Tensor) -> "tuple[int | Tensor, int | Tensor]":
+        if self.semi_hard_window == "absolute":
+            return self.semi_hard
+        return scaled_window(*self.semi_hard, proto_ok.sum())
+
     def _intra(self, sim: Tensor, label: Tensor, proto_ok: Tensor,
                gen: torch.Generator) -> Tensor:
         """L_intra of one view: semi-hard prototypes on hard-sampled pixels."""
         c = sim.shape[1]
-        loss, valid = semi_hard_ce(sim, label, proto_ok, self.tau, *self.semi_hard)
+        loss, valid = semi_hard_ce(sim, label, proto_ok, self.tau, *self._window(proto_ok))
         sim_pos = sim.gather(1, label.clamp(0, c - 1)[:, None]).squeeze(1)
         weights, group = hard_pixel_weights(sim_pos, label, valid, c, *self.hard_pixel,
                                             generator=gen)
@@ -333,21 +395,85 @@ def tok_stride(size_s: int, size_t: int, patch: int) -> float:
     return patch * size_s / size_t
 
 
-def build_ppc(cfg: TrainConfig, embed_dim: int, num_classes: int, dist_info: DistInfo
-              ) -> PixelPrototypeContrast:
-    """PPC from the config's ppc_* fields."""
-    bg_thr = cfg.bkg_thre if cfg.ppc_bg_thr is None else cfg.ppc_bg_thr
-    return PixelPrototypeContrast(
-        embed_dim, num_classes, weight=cfg.w_ppc, start_iter=cfg.plugin_start,
-        tau=cfg.ppc_tau, proj_dim=cfg.ppc_proj_dim, proj_relu=cfg.ppc_proj_relu,
-        view_scale=cfg.ppc_view2_scale, view_flip=cfg.ppc_view2_flip,
-        topk_ratio=cfg.ppc_topk_ratio, bg_thr=bg_thr,
-        ignore_band=(cfg.low_thre, cfg.high_thre) if cfg.ppc_ignore_band else None,
-        absent_protos=cfg.ppc_absent_protos, proto_scope=cfg.ppc_proto_scope,
-        semi_hard=cfg.ppc_semi_hard, hard_pixel=cfg.ppc_hard_pixel, terms=cfg.ppc_terms,
-        aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed, dist_info=dist_info)
+@dataclass
+class PPCSettings(PluginSettings):
+    """PPC's settings (YAML section `plugins: {ppc: ...}`, flags `--ppc-*`)."""
+
+    before = {"semi_hard_window": "absolute"}  # checkpoints from before the relative window
+
+    weight: float = setting(0.1, "weight of the PPC losses")
+    tau: float = setting(0.1, "temperature")
+    proj_dim: int = setting(128, "projection width")
+    proj_relu: bool = setting(False, "ReLU after the projection (official code)")
+    view2_scale: float = setting(0.5, "second view: the main view resized by this")
+    view2_flip: bool = setting(False, "second view is also mirrored")
+    topk_ratio: float = setting(0.125, "prototype: top-K pixels per class over the batch, "
+                                "K = ratio x tokens of one second-view image")
+    bg_thr: Optional[float] = setting(None, "label: foreground where the best present-class CAM "
+                                      "score exceeds this (default: bkg_thre)")
+    ignore_band: bool = setting(False, "label: scores in (low_thre, high_thre] are ignored")
+    absent_protos: bool = setting(False, "prototypes of classes absent from the batch serve as "
+                                  "negatives (official code)")
+    proto_scope: str = setting("gather", "prototypes from this rank's batch, from all ranks' "
+                               "(gather; = batch on one process), or gather plus running "
+                               "prototypes of every class seen (ema)", ["batch", "gather", "ema"])
+    ema_momentum: float = setting(0.9, "momentum of the running prototypes (proto_scope ema)")
+    semi_hard: tuple = setting((3, 13), "semi-hard negatives: prototype similarity ranks "
+                               "[first, last) (0-based; official: 3 13 of 21)", elem=int)
+    semi_hard_window: str = setting("relative", "relative: the ranks scaled from 21 prototypes "
+                                    "to the number that exist; absolute: as given (official)",
+                                    ["relative", "absolute"])
+    hard_pixel: tuple = setting((0.5, 0.1, 0.6), "hard pixels per class: random fraction, and "
+                                "the ascending-similarity rank window (lo, hi] as fractions",
+                                elem=float)
+    terms: tuple = setting((1.0, 1.0, 1.0), "relative weights of the cross-prototype, cross-CAM "
+                           "and intra-view terms (0 skips a term)", elem=float)
+
+    def check(self, cfg, need, key) -> None:
+        for name in ("tau", "proj_dim"):
+            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
+                 f"{getattr(self, name)}")
+        need(0 < self.view2_scale <= 1, f"{key('view2_scale')} must be in (0, 1], got "
+             f"{self.view2_scale}")
+        need(cfg.crop_size * self.view2_scale >= 32,
+             f"{key('view2_scale')} {self.view2_scale} x crop_size {cfg.crop_size} leaves the "
+             "PPC second view under 32 px (fewer than 2x2 tokens)")
+        need(0 < self.topk_ratio <= 1, f"{key('topk_ratio')} must be in (0, 1], got "
+             f"{self.topk_ratio}")
+        need(self.bg_thr is None or 0 <= self.bg_thr <= 1,
+             f"{key('bg_thr')} must be in [0, 1], got {self.bg_thr}")
+        need(0 <= self.ema_momentum < 1, f"{key('ema_momentum')} must be in [0, 1), got "
+             f"{self.ema_momentum}")
+        need(len(self.semi_hard) == 2 and 0 <= self.semi_hard[0] < self.semi_hard[1],
+             f"{key('semi_hard')} must be two ranks 0 <= first < last, got {self.semi_hard}")
+        need(len(self.hard_pixel) == 3 and 0 <= self.hard_pixel[0] <= 1
+             and 0 <= self.hard_pixel[1] <= self.hard_pixel[2] <= 1,
+             f"{key('hard_pixel')} must be (random fraction in [0, 1], lo, hi) with "
+             f"0 <= lo <= hi <= 1, got {self.hard_pixel}")
+        need(len(self.terms) == 3 and all(t >= 0 for t in self.terms),
+             f"{key('terms')} must be three weights >= 0, got {self.terms}")
+        need(any(t > 0 for t in self.terms),
+             f"PPC with every {key('terms')} weight 0 computes nothing; switch it off instead")
 
 
-__all__ = ["PixelPrototypeContrast", "build_ppc", "class_scores", "prototypes",
-           "prototype_ce", "semi_hard_negatives", "semi_hard_ce", "hard_pixel_weights",
-           "class_balanced_mean", "ppc_pseudo_label", "rank_within_class"]
+def build_ppc(settings: PPCSettings, ctx: BuildContext) -> list[LossModule]:
+    """PPC's loss module from its settings (and the core thresholds and seed)."""
+    cfg, s = ctx.cfg, settings
+    return [PixelPrototypeContrast(
+        ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=s.start(cfg), tau=s.tau,
+        proj_dim=s.proj_dim, proj_relu=s.proj_relu, view_scale=s.view2_scale,
+        view_flip=s.view2_flip, topk_ratio=s.topk_ratio,
+        bg_thr=cfg.bkg_thre if s.bg_thr is None else s.bg_thr,
+        ignore_band=(cfg.low_thre, cfg.high_thre) if s.ignore_band else None,
+        absent_protos=s.absent_protos, proto_scope=s.proto_scope, ema_momentum=s.ema_momentum,
+        semi_hard=s.semi_hard, semi_hard_window=s.semi_hard_window, hard_pixel=s.hard_pixel,
+        terms=s.terms, aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed,
+        dist_info=ctx.dist_info)]
+
+
+register(Plugin("ppc", PPCSettings, "PPC: pixel-to-prototype contrast between the main view "
+                "and a rescaled second view (training only)", build_ppc))
+
+__all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores",
+           "prototypes", "prototype_ce", "semi_hard_negatives", "semi_hard_ce",
+           "hard_pixel_weights", "class_balanced_mean", "ppc_pseudo_label", "rank_within_class"]

@@ -1,5 +1,5 @@
 """RCA: regional semantic contrast and aggregation (Zhou et al., CVPR 2022) as a ToCo plug-in
-(seeds spec 1).
+(design notes: docs/plugins.md).
 
 Pieces:
 - `RCAMemory`: the class-wise regional memory M_k (K classes x L slots x d), its write pointer
@@ -10,11 +10,24 @@ Pieces:
   the trained model carries the memory centroids in its state_dict.
 - `RegionalContrast`: the loss module. Region embeddings r_{b,c} = normalise(mean of g(X) over the
   region of class c in image b) (g: projection head D -> 512 -> d, on the tokens *before*
-  aggregation); region-to-memory InfoNCE with every filled slot of the class as a positive
-  (tau 0.07), embedding mixup; FIFO enqueue of confident regions, all-gathered across ranks; a
+  aggregation); FIFO enqueue of confident regions, all-gathered across ranks; region-to-memory
+  InfoNCE with every filled slot of the class as a positive (tau 0.07), embedding mixup; a
   deterministic k-means refresh of U every `kmeans_every` iterations.
 
-Fixes of the official code (seeds spec 1.4), each with the official behaviour one flag away:
+When the memory is written: from the plug-in's start iteration on, the same iteration the
+contrast starts, and the contrast of a step is taken against the memory *after* that step's
+write. So the projection g is trained from the very first entry on (the first batch's regions
+are each other's positives and negatives), and no slot or centroid is ever computed in an
+untrained projection that drifts once training starts. (Filling the memory during ToCo's warm-up
+in a random g, as before, meant the contrast began against a memory of stale embeddings.) With
+the contrast off (aggregation only) g is never trained: the memory then lives in a fixed random
+projection of the tokens.
+
+Where the aggregation is inserted (`aggregation_insert`): 'all' rewrites the final tokens of
+every encoder pass (classifier, CAMs, PTC, decoder); 'decoder' only the decoder's input (the CAMs
+and pseudo labels are then those of plain ToCo).
+
+Fixes of the official code (docs/plugins.md), each with the official behaviour one flag away:
 - random-noise slots: the memory starts empty and only filled slots are used
   (`noise_init=True`: N(0, 1) slots that count as filled, the official start);
 - slot update: plain FIFO overwrite (`update='ema'`: 0.99 blend into the slot, official);
@@ -28,6 +41,7 @@ Fixes of the official code (seeds spec 1.4), each with the official behaviour on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,10 +51,10 @@ from torch import Tensor, nn
 
 from models.backbone import EncoderOutput
 from toco.distributed import DistInfo, all_gather_cat
-from toco.config import TrainConfig
 from toco.errors import ConfigError
 from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
     step_generator, step_seed
+from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
 from toco.step import LossModule, StepState
 
 
@@ -226,11 +240,26 @@ class RCAAggregation(nn.Module):
         ctx = attn @ values + self.out.bias  # (B, N, D)
         return ctx.transpose(1, 2).reshape(b, -1, h, w)
 
+    def rewrite(self, tokens: Tensor) -> Tensor:
+        """X' = X + gamma * aggregate(X) for tokens (B, D, h, w)."""
+        return tokens + self.gate.to(tokens.dtype) * self.aggregate(tokens)
+
     def forward(self, feats: EncoderOutput) -> EncoderOutput:
-        tokens = feats.tokens + self.gate.to(feats.tokens.dtype) * self.aggregate(feats.tokens)
-        out = AggregatedOutput(feats.cls, tokens, feats.aux_tokens)
+        out = AggregatedOutput(feats.cls, self.rewrite(feats.tokens), feats.aux_tokens)
         out.raw_tokens = getattr(feats, "raw_tokens", feats.tokens)
         return out
+
+
+class AggregatedDecoder(nn.Module):
+    """The decoder with the aggregation on its input only (`aggregation_insert: decoder`)."""
+
+    def __init__(self, aggregation: RCAAggregation, decoder: nn.Module) -> None:
+        super().__init__()
+        self.aggregation = aggregation
+        self.decoder = decoder
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.aggregation.rewrite(tokens))
 
 
 def region_masks(source: str, state: StepState, grid: tuple[int, int], high_thre: float,
@@ -290,17 +319,19 @@ def contrast_per_query(q: Tensor, targets: Sequence[Tensor], mem: Tensor, filled
 class RegionalContrast(LossModule):
     """RCA's loss module: region contrast against the memory, enqueue and centroid refresh.
 
-    It is called from iteration 0 so the memory fills during ToCo's warm-up; the contrast loss
-    (`rca`) is returned from `contrast_start` on, for classes whose queue is at least
-    `min_fill` full. The module's `memory` is the same RCAMemory the network's RCAAggregation
-    hook reads (when aggregation is on), so both state_dicts hold it. The enqueue happens inside
+    From `start_iter` on, every step writes the memory and then (with `contrast`) returns the
+    contrast loss (`rca`) against the memory including that write, for classes whose queue is
+    at least `min_fill` full (default 0: from the first entry, so g gets gradient from the
+    first write). The module's `memory` is the same RCAMemory the network's RCAAggregation
+    reads (when aggregation is on), so both state_dicts hold it. The enqueue happens inside
     `compute`, so a step that `--nonfinite skip` drops has still written the memory.
 
     Args:
         embed_dim, num_classes: D and C (background included).
         memory: the shared RCAMemory.
-        weight: --w-rca (1.0 when the contrast is off: nothing is returned then).
-        contrast_start: first iteration of the contrast loss (None: no contrast).
+        weight: the plug-in weight (1.0 when the contrast is off: nothing is returned then).
+        start_iter: first iteration of the memory writes and the contrast.
+        contrast: return the contrast loss (False: the memory only feeds the aggregation).
         dim: d of the projection g.
         tau: temperature.
         mask_source: see `region_masks`.
@@ -319,21 +350,22 @@ class RegionalContrast(LossModule):
     names = ("rca",)
 
     def __init__(self, embed_dim: int, num_classes: int, memory: RCAMemory,
-                 weight: float = 0.1, contrast_start: Optional[int] = 0, dim: int = 256,
-                 tau: float = 0.07, mask_source: str = "pseudo_label", high_thre: float = 0.7,
-                 enqueue_thr: float = 0.7, min_tokens: int = 4, min_fill: float = 0.5,
+                 weight: float = 0.1, start_iter: int = 0, contrast: bool = True,
+                 dim: int = 256, tau: float = 0.07, mask_source: str = "pseudo_label",
+                 high_thre: float = 0.7, enqueue_thr: float = 0.7, min_tokens: int = 4,
+                 min_fill: float = 0.0,
                  update: str = "fifo", momentum: float = 0.99, cumulative_mask: bool = False,
                  kmeans_every: int = 500, kmeans_iters: int = 10, mixup_p: float = 0.5,
                  mixup_alpha: float = 8.0, aux_cam_until_iter: int = 0, seed: int = 0,
                  dist_info: DistInfo = DistInfo()) -> None:
-        super().__init__(weight, start_iter=0)
+        super().__init__(weight, start_iter)
         if update not in ("fifo", "ema"):
             raise ConfigError(f"rca update must be 'fifo' or 'ema', got {update!r}")
         if memory.dim != dim or memory.num_classes != num_classes - 1:
             raise ConfigError("RCA memory shape does not match the plug-in's dim/classes")
         self.memory = memory
         self.proj = ProjectionHead(embed_dim, 512, dim)
-        self.contrast_start = contrast_start
+        self.contrast = contrast
         self.tau, self.mask_source, self.high_thre = tau, mask_source, high_thre
         self.enqueue_thr, self.min_tokens, self.min_fill = enqueue_thr, min_tokens, min_fill
         self.update, self.momentum, self.cumulative_mask = update, momentum, cumulative_mask
@@ -354,17 +386,22 @@ class RegionalContrast(LossModule):
                              self.aux_cam_until_iter) * present[:, :, None, None]
         n_tok = masks.sum(dim=(-2, -1))  # (B, K)
         region_ok = present & (n_tok >= self.min_tokens)
-        contrast = (self.contrast_start is not None and it >= self.contrast_start
-                    and self.weight > 0)
+        contrast = self.contrast and self.weight > 0
         with torch.set_grad_enabled(contrast and torch.is_grad_enabled()):
             z = self.proj(raw).float()  # (B, h, w, d)
         with full_precision(z), torch.set_grad_enabled(contrast and torch.is_grad_enabled()):
             pooled = torch.einsum("bkhw,bhwd->bkd", masks, z) / n_tok.clamp_min(1)[..., None]
             r = F.normalize(pooled, dim=-1)
-        out: dict[str, Tensor] = {}
-        if contrast:
-            with full_precision(z):
-                out["rca"] = self._contrast(r, region_ok, it)
+        self._write(state, masks, z, r, present, n_tok, region_ok)
+        if not contrast:
+            return {}
+        with full_precision(z):
+            return {"rca": self._contrast(r, region_ok, it)}
+
+    def _write(self, state: StepState, masks: Tensor, z: Tensor, r: Tensor, present: Tensor,
+               n_tok: Tensor, region_ok: Tensor) -> None:
+        """Enqueue the confident regions (all ranks'), refresh the centroids when due."""
+        it = state.iteration
         with torch.no_grad(), full_precision(z):
             emb = r.detach()
             if self.cumulative_mask:
@@ -376,7 +413,6 @@ class RegionalContrast(LossModule):
             if (it + 1) % self.kmeans_every == 0:
                 self.memory.refresh_centroids(self.kmeans_iters,
                                               step_seed(self.seed, it, 0, 0x524341))
-        return out
 
     @staticmethod
     def _cumulative_pool(masks: Tensor, z: Tensor, present: Tensor, n_tok: Tensor) -> Tensor:
@@ -410,31 +446,103 @@ class RegionalContrast(LossModule):
         return masked_mean(lam * own + (1 - lam) * other, usable)
 
 
-def build_rca_memory(cfg: TrainConfig, num_classes: int) -> RCAMemory:
-    return RCAMemory(num_classes - 1, cfg.rca_mem_size, cfg.rca_dim, cfg.rca_num_centroids,
-                     noise_init=cfg.rca_noise_init)
+@dataclass
+class RCASettings(PluginSettings):
+    """RCA's settings (YAML section `plugins: {rca: ...}`, flags `--rca-*`)."""
+
+    weight: float = setting(0.1, "weight of the RCA region contrast")
+    dim: int = setting(256, "embedding width d")
+    mem_size: int = setting(500, "memory slots L per class")
+    tau: float = setting(0.07, "contrast temperature")
+    contrast: bool = setting(True, "region-to-memory contrast loss")
+    aggregation: bool = setting(True, "aggregation of the final tokens over the memory "
+                                "centroids (training and inference)")
+    aggregation_insert: str = setting("all", "where the aggregation rewrites the tokens: every "
+                                      "encoder pass (classifier, CAMs, PTC, decoder) or only the "
+                                      "decoder's input", ["all", "decoder"])
+    attention: str = setting("softmax", "aggregation attention: softmax over centroids (scaled "
+                             "by sqrt(d)) or the official unnormalised dot", ["softmax", "dot"])
+    update: str = setting("fifo", "memory write: FIFO overwrite or the official EMA blend into "
+                          "the slot", ["fifo", "ema"])
+    momentum: float = setting(0.99, "EMA-slot momentum (update ema)")
+    noise_init: bool = setting(False, "memory starts as N(0,1) noise counted as filled "
+                               "(official code) instead of empty")
+    cumulative_mask: bool = setting(False, "enqueue pools each class under the product of the "
+                                    "masks of the image's earlier classes (official bug)")
+    mask_source: str = setting("pseudo_label", "region masks: token pseudo labels, CAM > "
+                               "high_thre, or softmax(online CAM) > its mean (official)",
+                               ["pseudo_label", "cam_thr", "cam_mean"])
+    enqueue_thr: float = setting(0.7, "enqueue a region when sigmoid(image logit) > this")
+    min_tokens: int = setting(4, "ignore regions of fewer tokens")
+    min_fill: float = setting(0.0, "the contrast uses a class once this fraction of its memory "
+                              "is filled (0: from its first entry; the projection is trained "
+                              "from the first write only then)")
+    num_centroids: int = setting(10, "k-means centroids per class")
+    kmeans_every: int = setting(500, "k-means refresh period (iterations)")
+    kmeans_iters: int = setting(10, "Lloyd steps per refresh")
+    mixup_p: float = setting(0.5, "probability of mixing a query with another region")
+    mixup_alpha: float = setting(8.0, "mixup lambda ~ Beta(alpha, alpha)")
+
+    def check(self, cfg, need, key) -> None:
+        for name in ("dim", "mem_size", "tau", "num_centroids", "kmeans_every", "kmeans_iters",
+                     "min_tokens", "mixup_alpha"):
+            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
+                 f"{getattr(self, name)}")
+        need(self.contrast or self.aggregation,
+             f"RCA with both {key('contrast')} and {key('aggregation')} off does nothing")
+        need(self.num_centroids <= self.mem_size,
+             f"{key('num_centroids')} ({self.num_centroids}) exceeds {key('mem_size')} "
+             f"({self.mem_size})")
+        for name in ("momentum", "enqueue_thr", "min_fill", "mixup_p"):
+            need(0 <= getattr(self, name) <= 1,
+                 f"{key(name)} must be in [0, 1], got {getattr(self, name)}")
+        need(self.momentum < 1, f"{key('momentum')} must be < 1 (1 never writes the memory)")
 
 
-def build_rca_hook(cfg: TrainConfig, embed_dim: int, num_classes: int) -> Optional[RCAAggregation]:
-    """The network's aggregation hook (None when RCA or its aggregation is off)."""
-    if not (cfg.rca and cfg.rca_aggregation):
+def build_rca_memory(s: RCASettings, num_classes: int) -> RCAMemory:
+    return RCAMemory(num_classes - 1, s.mem_size, s.dim, s.num_centroids,
+                     noise_init=s.noise_init)
+
+
+def find_aggregation(model: Optional[nn.Module]) -> Optional[RCAAggregation]:
+    """The network's RCAAggregation (feature hook or decoder input), if it has one."""
+    if model is None:
         return None
-    return RCAAggregation(embed_dim, build_rca_memory(cfg, num_classes), cfg.rca_attention)
+    return next((m for m in model.modules() if isinstance(m, RCAAggregation)), None)
 
 
-def build_rca(cfg: TrainConfig, embed_dim: int, num_classes: int, dist_info: DistInfo,
-              memory: Optional[RCAMemory] = None) -> RegionalContrast:
-    """The loss module; `memory` is the aggregation hook's when the network has one."""
-    contrast = cfg.rca_contrast and cfg.w_rca > 0
-    return RegionalContrast(
-        embed_dim, num_classes,
-        memory if memory is not None else build_rca_memory(cfg, num_classes),
-        weight=cfg.w_rca if contrast else 1.0,
-        contrast_start=cfg.plugin_start if contrast else None, dim=cfg.rca_dim, tau=cfg.rca_tau,
-        mask_source=cfg.rca_mask_source, high_thre=cfg.high_thre,
-        enqueue_thr=cfg.rca_enqueue_thr, min_tokens=cfg.rca_min_tokens,
-        min_fill=cfg.rca_min_fill, update=cfg.rca_update, momentum=cfg.rca_momentum,
-        cumulative_mask=cfg.rca_cumulative_mask, kmeans_every=cfg.rca_kmeans_every,
-        kmeans_iters=cfg.rca_kmeans_iters, mixup_p=cfg.rca_mixup_p,
-        mixup_alpha=cfg.rca_mixup_alpha, aux_cam_until_iter=cfg.aux_cam_until_iter,
-        seed=cfg.seed, dist_info=dist_info)
+def attach_rca(s: RCASettings, cfg, model: nn.Module, num_classes: int) -> None:
+    """Put the aggregation into the network (nothing when it is off)."""
+    if not s.aggregation:
+        return
+    aggregation = RCAAggregation(model.backbone.embed_dim, build_rca_memory(s, num_classes),
+                                 s.attention)
+    if s.aggregation_insert == "all":
+        model.feature_hooks.append(aggregation)
+    else:
+        model.decoder = AggregatedDecoder(aggregation, model.decoder)
+
+
+def build_rca(s: RCASettings, ctx: BuildContext) -> list[LossModule]:
+    """The loss module; it shares the memory of the network's aggregation when there is one."""
+    cfg = ctx.cfg
+    aggregation = find_aggregation(ctx.model)
+    if s.aggregation and ctx.model is not None and aggregation is None:
+        raise RuntimeError("RCA aggregation is on but the model has none (build the model with "
+                           "toco.builders.build_model)")
+    memory = aggregation.memory if aggregation is not None else build_rca_memory(
+        s, ctx.num_classes)
+    contrast = s.contrast and s.weight > 0
+    return [RegionalContrast(
+        ctx.embed_dim, ctx.num_classes, memory, weight=s.weight if contrast else 1.0,
+        start_iter=s.start(cfg), contrast=contrast, dim=s.dim, tau=s.tau,
+        mask_source=s.mask_source, high_thre=cfg.high_thre, enqueue_thr=s.enqueue_thr,
+        min_tokens=s.min_tokens, min_fill=s.min_fill, update=s.update, momentum=s.momentum,
+        cumulative_mask=s.cumulative_mask, kmeans_every=s.kmeans_every,
+        kmeans_iters=s.kmeans_iters, mixup_p=s.mixup_p, mixup_alpha=s.mixup_alpha,
+        aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed, dist_info=ctx.dist_info)]
+
+
+register(Plugin("rca", RCASettings, "RCA: regional memory bank, region contrast and memory "
+                "aggregation (the aggregation also runs at inference)", build_rca,
+                attach=attach_rca))

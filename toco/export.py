@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from toco.atomic import atomic_path
 from toco.checkpoint import load_checkpoint
 from toco.cli import run_cli
 from toco.errors import UserError
+from toco.faults import storage_error
 
 TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
 
@@ -30,16 +30,12 @@ def export_release(checkpoint: str, output: str) -> Path:
     tensors = {k: v.contiguous() for k, v in state["model"].items()
                if not k.startswith(TRAINING_ONLY_PREFIXES)}
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
-                                          "iteration": str(state["iteration"])})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_path(out) as tmp:
+            save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
+                                              "iteration": str(state["iteration"])})
+    except OSError as err:
+        raise storage_error(err, f"{out} is unchanged") or err from None
     return out
 
 

@@ -193,12 +193,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
                                    info.world_size, start_iter)
     progress = WorkerProgress(SeededSamples(train_set, cfg.seed), cfg.num_workers)
+    # Loaders draw their workers' base seed from their own generator, not the global RNG:
+    # a resumed run creates its iterator at another iteration than an uninterrupted one.
     loader = DataLoader(progress, batch_size=local_batch,
                         sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_loader = DataLoader(val_shard, batch_size=1, shuffle=False,
-                            num_workers=min(cfg.num_workers, 2))
+                            num_workers=min(cfg.num_workers, 2), generator=torch.Generator())
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}

@@ -50,6 +50,7 @@ class Tracker:
                 dir=str(wandb_dir), config={**config, "git_commit": git_commit()},
                 id=resume_id, resume="allow" if resume_id else None,
                 settings=wandb.Settings(init_timeout=60, silent=True))
+            self._run_id = self.run.id
         except Exception as err:  # any failure to start wandb must not stop training
             log.warning("wandb could not start (%s: %s); continuing with metrics.jsonl only",
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
@@ -58,8 +59,6 @@ class Tracker:
     @property
     def run_id(self) -> Optional[str]:
         """The wandb run's id (kept after wandb failed, so a resumed run continues it)."""
-        if self.run is not None:
-            self._run_id = self.run.id
         return self._run_id
 
     def _wandb(self, what: str, call: Callable[[Any], Any]) -> None:

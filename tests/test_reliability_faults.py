@@ -166,3 +166,26 @@ def test_checkpoints_exports_and_dataset_files_get_the_users_mode(finished, tmp_
             assert path.stat().st_mode & 0o777 == expected, path
     finally:
         os.umask(old)
+
+
+def test_stability_script_counts_steps_with_non_finite_gradients():
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "stability.py"
+    spec = importlib.util.spec_from_file_location("stability", script)
+    stability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stability)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    watch = stability.GradientWatch()
+    try:
+        for grad in ([1.0, 2.0], [1.0, float("nan")], [float("inf"), 0.0], [0.5, 0.5]):
+            w.grad = torch.tensor(grad)
+            opt.step()
+    finally:
+        watch.close()
+    assert (watch.steps, watch.nonfinite, watch.first) == (4, 2, 1)
+    opt.step()  # removed: no longer counted
+    assert watch.steps == 4
+    assert stability.spread([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0,
+                                            "range": 2.0}

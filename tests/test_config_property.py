@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import train
-from tests.fixtures import make_standard_voc_tree
-from tests.test_cli import TINY, train_args
+from tests.test_cli import train_args
+from tests.test_runtime import _env, voc  # noqa: F401  (voc: module fixture)
 from toco.config import TrainConfig
 from toco.errors import ConfigError
 
@@ -86,11 +85,6 @@ def flags(overrides: dict) -> list[str]:
         elif value is not None:
             out += [flag, str(value)]
     return out
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> Path:
-    return make_standard_voc_tree(tmp_path_factory.mktemp("property") / "VOC2012")
 
 
 def trains_or_refuses(voc: Path, overrides: dict) -> str:
@@ -213,13 +207,11 @@ for argv in json.loads(sys.argv[1]):
 
 
 def test_odd_flag_combinations_through_train_py_never_print_a_traceback(voc, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     runs = [train_args(voc, tmp_path / f"run{i}", "--max-iters", "2", "--eval-every", "2",
                        "--threads", "1", *extra) for i, (extra, _) in enumerate(ODD)]
     res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([list(map(str, a))
                                                                      for a in runs])],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     outs, errs = res.stdout.split("=== exit ")[:-1], res.stderr.split("=== exit ")
     assert len(errs) == len(ODD) + 1, res.stderr
     for i, (extra, needle) in enumerate(ODD):

@@ -12,18 +12,13 @@ import pytest
 import torch
 
 import train
-from tests.fixtures import make_standard_voc_tree
 from tests.test_cli import assert_user_error, run, train_args
+from tests.test_runtime import voc  # noqa: F401  (module fixture)
 from toco import atomic
 from toco.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 SHORT = ["--warmup-iters", "2", "--seg-start-iter", "1", "--lr", "1e-4", "--log-every", "1",
          "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> Path:
-    return make_standard_voc_tree(tmp_path_factory.mktemp("faults") / "VOC2012")
 
 
 @pytest.fixture(scope="module")

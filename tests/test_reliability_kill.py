@@ -25,6 +25,7 @@ from datasets.labels import image_labels
 from datasets.voc import as_layout
 from tests.fixtures import make_coco_tree, make_standard_voc_tree
 from tests.test_cli import run, train_args
+from tests.test_runtime import _env, voc  # noqa: F401  (voc: module fixture)
 from toco import atomic
 from toco.checkpoint import load_checkpoint
 
@@ -80,20 +81,10 @@ sys.exit(run_cli(lambda: train.main(argv)))
 
 
 @pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> Path:
-    return make_standard_voc_tree(tmp_path_factory.mktemp("kill") / "VOC2012")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(voc, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("kill_ref") / "run"
     assert run(train, train_args(voc, work, *SCHEDULE)) == 0
     return work
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:

@@ -184,3 +184,21 @@ def test_stability_script_counts_steps_with_non_finite_gradients():
     assert watch.steps == 4
     assert stability.spread([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0,
                                             "range": 2.0}
+
+
+def test_release_file_with_foreign_weights_names_the_keys(finished, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from toco.errors import UserError
+    from toco.export import export_release, load_release
+
+    out = export_release(str(finished), str(tmp_path / "m.safetensors"))
+    with safe_open(str(out), framework="pt") as fh:
+        metadata = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors["classifier.conv.weight"] = torch.zeros(2, 2, 1, 1)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(UserError, match=r"shape mismatch classifier.conv.weight \(2, 2, 1, 1\)"):
+        load_release(str(tmp_path / "bad.safetensors"))
+    load_release(str(out))  # the untouched file still loads

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from toco.atomic import atomic_path
-from toco.checkpoint import load_checkpoint
+from toco.checkpoint import load_checkpoint, load_weights
 from toco.cli import run_cli
 from toco.errors import UserError
 from toco.faults import storage_error
@@ -52,11 +52,10 @@ def load_release(path: str, device: str = "cpu"):
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read release file {path}: {err}") from None
     model = build_model(cfg, data.dataset_spec(cfg).num_classes, pretrained="none")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
-    if missing or unexpected:
-        raise UserError(f"{path} does not match its config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+    # The training-only heads are not in the file: they keep their initial weights.
+    tensors.update({k: v for k, v in model.state_dict().items()
+                    if k.startswith(TRAINING_ONLY_PREFIXES)})
+    load_weights(model, tensors, path)
     return model.to(device).eval(), cfg
 
 

@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     done = start_iter
     batches = None
     with StopSignal() as stop, _dead_workers_reported(ckpt_path, progress, train_set,
-                                                lambda: (done, batches)):
+                                                      lambda: (done, batches)):
         batches = iter(loader)
         tic = time.perf_counter()
         for it in range(start_iter, cfg.max_iters):
@@ -289,7 +289,7 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
 
 @contextlib.contextmanager
 def _dead_workers_reported(ckpt_path: Path, progress: WorkerProgress, train_set: Any,
-                     loop_state: Callable[[], tuple[int, Any]]):
+                           loop_state: Callable[[], tuple[int, Any]]):
     """A loader worker killed by the OS during the loop: one line naming it, exit 2.
 
     `loop_state()` gives the loop's current (iterations done, loader iterator).

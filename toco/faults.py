@@ -49,7 +49,8 @@ _PIDS = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
 
 
 def dead_worker_error(err: RuntimeError, loader_iter: Any, progress: WorkerProgress,
-                      names: Optional[list[str]], resume_hint: str) -> Optional[UserError]:
+                      names: Optional[list[str]], iteration: int, resume_hint: str
+                      ) -> Optional[UserError]:
     """A UserError naming the dead worker and its last sample, or None if `err` is not a
     data-loader worker death."""
     found = _PIDS.search(str(err))
@@ -74,5 +75,5 @@ def dead_worker_error(err: RuntimeError, loader_iter: Any, progress: WorkerProgr
             name = f" ({names[index]})" if names is not None and index < len(names) else ""
             sample = f"while loading image index {index}{name}"
         parts.append(f"data-loader worker {worker_id} (pid {pid}) {how} {sample}")
-    return UserError("; ".join(parts) + " (out of memory? try a smaller --num-workers or "
-                     f"--batch-size); {resume_hint}")
+    return UserError("; ".join(parts) + f" at iteration {iteration} (out of memory? try a "
+                     f"smaller --num-workers or --batch-size); {resume_hint}")

@@ -114,9 +114,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     try:
         return _train(cfg, resume, device, info)
     except OSError as err:  # e.g. the work dir's disk is full or read-only
-        hint = (f"checkpoints in {Path(cfg.work_dir) / 'checkpoints'} are intact; fix the "
-                "cause and rerun the same command to resume")
-        raise storage_error(err, hint) or err from None
+        raise storage_error(err, resume_hint(Path(cfg.work_dir))) or err from None
     finally:
         cleanup_distributed()
 
@@ -206,7 +204,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     summary: dict[str, Any] = {}
     done = start_iter
     batches = None
-    with StopSignal() as stop, _dead_workers_reported(ckpt_path, progress, train_set,
+    with StopSignal() as stop, _dead_workers_reported(run_dir, progress, train_set,
                                                       lambda: (done, batches)):
         batches = iter(loader)
         tic = time.perf_counter()
@@ -288,7 +286,7 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
 
 
 @contextlib.contextmanager
-def _dead_workers_reported(ckpt_path: Path, progress: WorkerProgress, train_set: Any,
+def _dead_workers_reported(run_dir: Path, progress: WorkerProgress, train_set: Any,
                            loop_state: Callable[[], tuple[int, Any]]):
     """A loader worker killed by the OS during the loop: one line naming it, exit 2.
 
@@ -298,10 +296,17 @@ def _dead_workers_reported(ckpt_path: Path, progress: WorkerProgress, train_set:
         yield
     except RuntimeError as err:
         done, batches = loop_state()
-        hint = (f"the last checkpoint {ckpt_path} is intact (saved at or before iteration "
-                f"{done}); rerun the same command to resume")
         names = getattr(train_set, "names", None)
-        raise dead_worker_error(err, batches, progress, names, hint) or err from None
+        raise dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir)) \
+            or err from None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What is left after a fault, and how to go on."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        return f"the last checkpoint {ckpt} is intact: fix the cause and rerun to resume"
+    return "no checkpoint was written yet: fix the cause and rerun to start again"
 
 
 def check_something_trains(modules: list) -> None:

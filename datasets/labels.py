@@ -16,7 +16,6 @@ second start-up re-reads nothing and editing a file re-scans just that id.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import warnings
 import xml.etree.ElementTree as ET
@@ -87,20 +86,6 @@ def _entry_is_current(entry: Any, stamps: dict[str, list[int]], num_classes: int
     return isinstance(labels, list) and all(
         type(c) is int and 1 <= c < num_classes for c in labels
     )
-
-
-def write_cache(path: Path, payload: dict[str, Any]) -> None:
-    """Write a label cache atomically. Several processes (ranks) may write the same cache: the
-    lock lets the one that writes clear the temp files of a writer killed earlier, so a kill at
-    any moment followed by a rerun leaves exactly the files of an uninterrupted run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            remove_stale_temps(path)
-            write_json_atomic(path, payload)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def label_cache_path(cache_dir: Path, root: Path, split: str, num_classes: int) -> Path:
@@ -180,7 +165,8 @@ def _scan_entries(
             entries[name] = {"labels": xml_labels(source, class_names), **stamps}
     if cache_path is not None and entries != cached:
         try:
-            write_cache(cache_path, {**header, "entries": entries})
+            remove_stale_temps(cache_path)  # of a writer killed earlier
+            write_json_atomic(cache_path, {**header, "entries": entries})
         except OSError as exc:  # a cache that cannot be written only costs time
             warnings.warn(f"could not write label cache {cache_path}: {exc}", stacklevel=3)
     if xml_paths and len(xml_paths) < len(names):

@@ -52,7 +52,7 @@ SETTINGS = {
     "val_scales": SCALES,
     "val_size": mostly([None, 8, 40], [1]),
     "par_iters": mostly([1, 2], [0]),
-    "par_dilations": st.lists(mostly([1, 2, 4, 8], [0, 24, 40]), min_size=1, max_size=3),
+    "par_dilations": st.lists(mostly([1, 2, 4, 8], [0, 24, 40, 80]), min_size=1, max_size=3),
     "refine_down_scale": mostly([1, 2, 4], [0, 40]),
     "scale_range": mostly([(0.5, 2.0), (1.0, 1.0), (0.05, 0.1)], [(2.0, 1.0), (0.0, 1.0)]),
     "w_cls": st.sampled_from([0.0, 1.0, 1.0]),
@@ -117,7 +117,8 @@ def trains_or_refuses(voc: Path, overrides: dict) -> str:
 @example({"crop_size": 48, "local_crop_size": 48})  # local crop as large as the crop
 @example({"cam_scales": [1.0, 0.05]})  # a CAM scale below one patch
 @example({"refine_down_scale": 40})  # PAR image of 1 px
-@example({"par_dilations": [1, 40]})  # dilation beyond the PAR image
+@example({"par_dilations": [1, 40]})  # dilation beyond the PAR image: a warning
+@example({"par_dilations": [1, 80]})  # beyond the crop: refused
 @example({"local_crop_size": 4})  # local crop below one patch
 @example({"w_cls": 0.0, "contrast_start_iter": 1, "seg_start_iter": 1})  # no loss at iteration 0
 @example({"batch_size": 4, "crop_size": 17, "local_crop_size": 16, "num_local_crops": 2})
@@ -179,6 +180,13 @@ def test_schedule_warnings_name_losses_that_never_switch_on():
         == []
     assert "drops the last 6 px" in TrainConfig(crop_size=70, max_iters=10, warmup_iters=1,
                                                  seg_start_iter=0).schedule_warnings(16)[0]
+    par = TrainConfig(crop_size=64, local_crop_size=32, par_dilations=(1, 31, 32, 64),
+                      max_iters=10, warmup_iters=1, seg_start_iter=0).validate()
+    assert par.schedule_warnings(16) == [
+        "--par-dilations 32 64 reach past PAR's 32-px image (--crop-size 64 / "
+        "--refine-down-scale 2): those neighbours are border pixels only"]
+    with pytest.raises(ConfigError, match="--par-dilations 65 exceeds --crop-size 64"):
+        TrainConfig(crop_size=64, local_crop_size=32, par_dilations=(1, 65)).validate()
 
 
 ODD = [  # (flags, expected outcome) fed to train.py as a user would
@@ -188,7 +196,8 @@ ODD = [  # (flags, expected outcome) fed to train.py as a user would
     (["--mcis", "--batch-size", "3"], "mcis"),
     (["--batch-size", "4", "--loss-group-size", "3"], "loss-group-size"),
     (["--backbone-depth", "1", "--aux-layer", "-3"], "aux-layer"),
-    (["--par-dilations", "1", "64"], "par-dilations"),
+    (["--par-dilations", "1", "200"], "par-dilations"),
+    (["--par-dilations", "1", "40"], None),  # past PAR's 32-px image: a warning, trains
     (["--crop-size", "70", "--local-crop-size", "31", "--num-local-crops", "12",
       "--backbone-depth", "1", "--aux-layer", "0", "--batch-size", "3", "--loss-group-size",
       "3", "--cam-scales", "1.0", "0.25"], None),  # odd but valid: trains

@@ -85,7 +85,7 @@ def test_a_loader_worker_killed_by_the_os_is_named_with_its_image(voc, tmp_path,
     assert rc == 2 and "Traceback" not in err, err
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")][0]
     assert "data-loader worker" in line and "killed by SIGKILL" in line, line
-    assert "(img_c)" in line and "image index" in line and "resume" in line, line
+    assert "(img_c)" in line and "image index" in line and "rerun" in line, line
 
 
 def tampered(finished: Path, work: Path, change) -> None:

@@ -3,12 +3,14 @@
 The new content goes to a temporary sibling, is flushed to disk, given the mode a plain
 `open(path, "w")` would give (0666 minus the umask; mkstemp's 0600 would hide checkpoints
 from colleagues on a shared cluster) and renamed over the target: readers see the old file
-or the new one, never a mix. A kill leaves at most a `.<name>.*.tmp` sibling, which
-`remove_stale_temps` clears before the next write by the same (only) writer.
+or the new one, never a mix. A kill leaves at most a `.<name>.*.tmp` sibling. The writer holds
+a lock on its temporary file, which the OS releases when the writer dies, so
+`remove_stale_temps` can tell a dead writer's leftovers from a live writer's file.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -38,12 +40,23 @@ def _temp_prefix(path: Path) -> str:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> None:
-    """Delete temporary siblings of `path` left by a killed writer. Only call it from the one
-    process that writes `path` (or under its lock): it would delete a live writer's file."""
+    """Delete the temporary siblings of `path` whose writer is gone (killed mid-write); files
+    of writers still at work (other processes writing `path`) are locked and left alone."""
     path = Path(path)
-    if path.parent.is_dir():
-        for tmp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f"{_temp_prefix(path)}*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:  # its writer just finished
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             tmp.unlink(missing_ok=True)
+        except BlockingIOError:  # a live writer holds it
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -53,17 +66,16 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     On any exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
-    tmp = None
+    fd, tmp = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # "in use" for remove_stale_temps, until we close it
         tmp = Path(name)
         yield tmp
         os.chmod(tmp, default_file_mode())
         if fsync:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+            os.fsync(fd)
         os.replace(tmp, path)
     except OSError as err:
         if err.filename is None:  # e.g. ENOSPC raised by a write: name the file meant
@@ -72,6 +84,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes, fsync: bool = False) -> None:

@@ -341,16 +341,19 @@ class TrainConfig:
                               "(ToCo: 2)")
         if not self.par_dilations or min(self.par_dilations) < 1:
             raise ConfigError(f"--par-dilations must be integers >= 1, got {self.par_dilations}")
-        if max(self.par_dilations) >= side:
+        # A dilation beyond PAR's image only sees border pixels (a warning); beyond the whole
+        # crop it cannot be meant, and its padding costs memory quadratically.
+        if max(self.par_dilations) > crop:
             fit = [d for d in self.par_dilations if d < side] or [1]
-            raise ConfigError(f"--par-dilations {max(self.par_dilations)} reaches past the "
-                              f"{side}-px PAR image (--crop-size {crop} / --refine-down-scale "
-                              f"{self.refine_down_scale}): use dilations < {side}, e.g. "
+            raise ConfigError(f"--par-dilations {max(self.par_dilations)} exceeds --crop-size "
+                              f"{crop} (PAR runs on a {side}-px image, --crop-size / "
+                              f"--refine-down-scale): use dilations < {side}, e.g. "
                               f"--par-dilations {' '.join(map(str, fit))}")
 
     def schedule_warnings(self, patch_size: Optional[int] = None) -> list[str]:
         """Settings that are valid but probably not meant: a loss that never switches on,
-        a warm-up longer than the run, a crop the patch grid does not cover."""
+        a warm-up longer than the run, PAR dilations past its image, a crop the patch grid
+        does not cover."""
         out = []
         last = self.max_iters - 1
         for flags, weights, start in (("--w-seg/--w-reg", (self.w_seg, self.w_reg),
@@ -363,6 +366,12 @@ class TrainConfig:
         if self.warmup_iters > self.max_iters:
             out.append(f"--warmup-iters {self.warmup_iters} exceeds --max-iters "
                        f"{self.max_iters}: the LR never reaches its peak")
+        side = self.crop_size // self.refine_down_scale
+        far = [d for d in self.par_dilations if d >= side]
+        if far:
+            out.append(f"--par-dilations {' '.join(map(str, far))} reach past PAR's {side}-px "
+                       f"image (--crop-size {self.crop_size} / --refine-down-scale "
+                       f"{self.refine_down_scale}): those neighbours are border pixels only")
         if patch_size and self.crop_size % patch_size:
             lower = self.crop_size // patch_size * patch_size
             out.append(f"--crop-size {self.crop_size} is not a multiple of the {patch_size}-px "

@@ -96,18 +96,19 @@ def flags(overrides: dict) -> list[str]:
 def trains_or_refuses(voc: Path, overrides: dict) -> str:
     """Run 2 iterations in-process: 'trained' (finite losses) or 'refused' (ConfigError before
     the run folder exists). Anything else propagates and fails the test."""
-    work = Path(tempfile.mkdtemp()) / "run"
-    argv = train_args(voc, work, "--max-iters", "2", "--eval-every", "2", "--log-every", "1",
-                      "--threads", "1", *flags(overrides))
-    try:
-        train.main(argv)
-    except ConfigError:
-        assert not work.exists(), "a refused configuration created its run folder"
-        return "refused"
-    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-    totals = [r["total"] for r in records if "total" in r]
-    assert len(totals) == 2 and all(math.isfinite(t) for t in totals), totals
-    return "trained"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "run"
+        argv = train_args(voc, work, "--max-iters", "2", "--eval-every", "2", "--log-every",
+                          "1", "--threads", "1", *flags(overrides))
+        try:
+            train.main(argv)
+        except ConfigError:
+            assert not work.exists(), "a refused configuration created its run folder"
+            return "refused"
+        lines = (work / "metrics.jsonl").read_text().splitlines()
+        totals = [r["total"] for r in map(json.loads, lines) if "total" in r]
+        assert len(totals) == 2 and all(math.isfinite(t) for t in totals), totals
+        return "trained"
 
 
 @settings(max_examples=14, deadline=60_000, derandomize=True, database=None,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import statistics
 import sys
 import time
@@ -81,6 +83,24 @@ def train_one(seed: int, run_dir: Path, max_iters: int | None, extra: list[str]
     return result
 
 
+def machine() -> dict[str, Any]:
+    """Where the figure was measured (it goes into the README with it)."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
             "min": min(values), "max": max(values), "range": max(values) - min(values)}
@@ -121,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {key: spread([r[key] for r in results]) for key in MIOU_KEYS}
     summary["unstable_runs"] = sum(1 for r in results if r["nonfinite_loss_steps"]
                                    or r["nonfinite_grad_steps"])
-    report = {"torch": torch.__version__, "flags": extra, "max_iters": args.max_iters,
+    report = {"machine": machine(), "flags": extra, "max_iters": args.max_iters,
               "runs": results, "summary": summary}
     out = Path(args.output_json or root / "stability.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(table(results, summary))
+    print(f"machine: {report['machine']}")
     print(f"wrote {out}")
     return 0
 

@@ -57,6 +57,7 @@ from datasets.files import (
     write_json_atomic,
 )
 from datasets.layout import SegLayout
+from toco.atomic import remove_stale_temps
 from toco.errors import DataError
 
 COCO_SUBSETS = ("train2014", "val2014")
@@ -262,6 +263,13 @@ def ensure_prepared(
             )
 
 
+def _outputs(prepared: Path, subset: str) -> list[Path]:
+    """The files prepare writes for `subset`, masks aside."""
+    lists = ("train",) if subset == "train2014" else ("val", "val_part")
+    return [labels_path(prepared, subset), manifest_path(prepared, subset),
+            *(prepared / "ImageSets" / "Segmentation" / f"{s}.txt" for s in lists)]
+
+
 def write_split_lists(prepared: Path, subset: str, names: list[str]) -> None:
     """The subset's lists (train / val and val_part), rewritten only when they change."""
     lists = {"train": names} if subset == "train2014" else {
@@ -329,6 +337,8 @@ def prepare_subset(
             "subset": subset, "source": source, "masks": mode, "complete": False,
             "classes": list(COCO_CLASSES), "checksums": {},
         }  # fmt: skip
+        for path in _outputs(prepared, subset):  # temp files of a killed run (we hold the lock)
+            remove_stale_temps(path)
         write_json_atomic(labels_path(prepared, subset), {
             "version": PREPARE_VERSION, "source_sha1": source["sha1"],
             "image_suffix": index.suffix, "classes": list(COCO_CLASSES),

@@ -11,13 +11,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from toco import atomic
 from toco.errors import DataError
 
 IGNORE_INDEX = 255
@@ -132,16 +132,9 @@ def sha1_file(path: Path) -> str:
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Readers never see a half-written file: write a sibling temp file, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see a half-written file: a sibling temp file, then os.replace (see
+    toco.atomic; the file gets the user's usual mode)."""
+    atomic.write_bytes_atomic(path, payload)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -36,6 +36,7 @@ from datasets.files import (
     write_json_atomic,
 )
 from datasets.layout import SegLayout
+from toco.atomic import remove_stale_temps
 from toco.errors import ConfigError, DataError
 
 LABEL_CACHE_VERSION = 2
@@ -164,6 +165,7 @@ def _scan_entries(
             entries[name] = {"labels": xml_labels(source, class_names), **stamps}
     if cache_path is not None and entries != cached:
         try:
+            remove_stale_temps(cache_path)  # of a writer killed earlier
             write_json_atomic(cache_path, {**header, "entries": entries})
         except OSError as exc:  # a cache that cannot be written only costs time
             warnings.warn(f"could not write label cache {cache_path}: {exc}", stacklevel=3)

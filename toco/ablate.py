@@ -113,7 +113,7 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
 
     from toco import data
     from toco.builders import build_model, resolve_device
-    from toco.checkpoint import load_checkpoint
+    from toco.checkpoint import load_checkpoint, load_weights
     from toco.pseudo_eval import evaluate_pseudo_labels
     from toco.runner import COMPLETE_MARKER, run_training
 
@@ -132,7 +132,7 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
     spec = data.dataset_spec(cfg)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], run_dir / "checkpoints" / "last.pt")
     loader = DataLoader(data.eval_dataset(cfg, cfg.val_split), batch_size=1,
                         num_workers=min(cfg.num_workers, 2))
     confusion, coverage = evaluate_pseudo_labels(model, loader, spec.num_classes, device, cfg,

@@ -1,14 +1,18 @@
-"""Checkpoints: written atomically, loaded with `weights_only=True`."""
+"""Checkpoints: written atomically with the user's file mode, loaded with `weights_only=True`."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from toco.atomic import atomic_path
 from toco.errors import UserError
+
+# Bumped when the layout of a training checkpoint changes; older files are refused by name.
+CHECKPOINT_FORMAT = 1
+TRAINING_KEYS = ("model", "trainer", "iteration", "config", "torch_rng")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
@@ -16,19 +20,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
 
     A run killed mid-write leaves the previous checkpoint intact (rename is atomic on POSIX).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, fh)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -44,4 +37,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                         f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise UserError(f"{path} is not a checkpoint of this project (no model/config entries)")
+    version = payload.get("format", CHECKPOINT_FORMAT)
+    if version != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {version}; this version of the project "
+                        f"reads format {CHECKPOINT_FORMAT}")
     return payload
+
+
+def check_training_keys(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """A checkpoint to resume from needs every training entry, not only the weights."""
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise UserError(f"{path} cannot resume a run: it lacks {', '.join(missing)} (a "
+                        "release or another project's file? evaluate.py can still read its "
+                        "weights if it has 'model')")
+
+
+def load_weights(module: torch.nn.Module, weights: Mapping[str, torch.Tensor],
+                 path: str | os.PathLike, what: str = "model") -> None:
+    """`module.load_state_dict(weights)`, with mismatches reported as one line naming the keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    problems = [f"{label} {_few(keys)}" for label, keys in (
+        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)) if keys]
+    if problems:
+        raise UserError(f"{path}: the {what} weights do not fit this configuration (another "
+                        f"project version or settings?): {'; '.join(problems)}")
+    module.load_state_dict(weights)
+
+
+def _few(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

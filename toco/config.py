@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,8 +235,6 @@ class TrainConfig:
         need(len(self.betas) == 2, "betas must be two numbers")
         need(len(self.cam_scales) > 0 and all(s > 0 for s in self.cam_scales),
              "cam_scales must be positive")
-        need(self.local_crop_size <= self.crop_size,
-             f"local_crop_size ({self.local_crop_size}) exceeds crop_size ({self.crop_size})")
         need(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
         need(self.trainable_blocks is None or self.trainable_blocks >= 0,
              f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
@@ -246,8 +245,119 @@ class TrainConfig:
              f"stop_at must be in 1..max_iters, got {self.stop_at}")
         need(self.dataset == "synthetic" or self.data_root is not None,
              f"--data-root is required for --dataset {self.dataset}")
+        self._validate_core_ranges(need)
+        self._validate_batch(need)
+        self.check_geometry(patch_size=1)
         self.plugins.validate(self)
         return self
+
+    def _validate_core_ranges(self, need: Callable[[bool, str], None]) -> None:
+        for name in ("backbone_depth", "threads", "val_size"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be positive, got {value}")
+        need(self.decoder_dim > 0, f"decoder_dim must be positive, got {self.decoder_dim}")
+        for name in ("head_lr_mult", "warmup_ratio", "poly_power"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(all(0 <= b < 1 for b in self.betas),
+             f"betas must be in [0, 1), got {self.betas} (AdamW default: 0.9 0.999)")
+        if self.backbone_depth is not None:
+            depth = self.backbone_depth
+            need(-depth <= self.aux_layer < depth,
+                 f"--aux-layer {self.aux_layer} is not a block of a --backbone-depth {depth} "
+                 f"backbone: use --aux-layer in {-depth}..{depth - 1} (e.g. {max(-3, -depth)})")
+
+    def _validate_batch(self, need: Callable[[bool, str], None]) -> None:
+        """Batch vs loss groups and the generated set (per-device checks: the runner)."""
+        group = self.loss_group_size
+        need(group == 0 or self.batch_size % group == 0,
+             f"--loss-group-size {group} does not divide --batch-size {self.batch_size}: use a "
+             f"divisor of the per-device batch (e.g. --loss-group-size "
+             f"{math.gcd(group, self.batch_size)}) or 0 (one group)")
+        need(self.dataset != "synthetic" or self.synthetic_train >= self.batch_size,
+             f"--synthetic-train {self.synthetic_train} images are fewer than one batch "
+             f"(--batch-size {self.batch_size}): use --synthetic-train >= {self.batch_size}")
+
+    def check_geometry(self, patch_size: int) -> None:
+        """Crop sizes and scales against each other and the backbone's patch (ConfigError).
+
+        `validate` runs it with patch 1 (what holds for any backbone); the runner again with
+        the built backbone's patch, before any data or run folder is touched.
+        """
+        p, crop, local = patch_size, self.crop_size, self.local_crop_size
+        if crop < p:
+            raise ConfigError(f"--crop-size {crop} is smaller than one {p}-px patch of the "
+                              f"backbone: use --crop-size >= {max(2 * p, 2)} (e.g. {32 * p})")
+        # Local crops are centred on pixels at least local // 2 from each border.
+        margin = local // 2
+        largest = crop if crop % 2 else crop - 1
+        patch = f"one {p}-px patch and " if p > 1 else ""
+        if local < p or crop - 2 * margin < 1:
+            fits = min(largest, max(p, crop // 2))
+            hint = (f"use --local-crop-size {fits} (at most {largest})" if fits >= p
+                    else f"use a --crop-size of at least {2 * p}")
+            raise ConfigError(f"--local-crop-size {local} does not fit --crop-size {crop} "
+                              f"(a local crop needs {patch}a centre at least {margin} px from "
+                              f"each border): {hint}")
+        positions = (crop - 2 * margin) ** 2
+        if self.num_local_crops > positions:
+            raise ConfigError(f"--num-local-crops {self.num_local_crops} exceeds the {positions} "
+                              f"distinct positions of a {local}-px crop in a {crop}-px one: use "
+                              f"--num-local-crops <= {positions} or a smaller --local-crop-size")
+        for flag, scales, size, need_px in (("--cam-scales", self.cam_scales, crop, p),
+                                            ("--val-scales", self.val_scales,
+                                             self.val_size or crop, 1)):
+            # Validation pads its inputs to a multiple of the patch: one pixel is enough there.
+            small = [s for s in scales if int(s * size) < need_px]
+            if small:
+                lowest = math.ceil(need_px / size * 100) / 100
+                token = f" (one {p}-px token)" if need_px > 1 else ""
+                raise ConfigError(f"{flag} {small[0]:g} shrinks the {size}-px image to "
+                                  f"{int(small[0] * size)} px, less than {need_px} px{token}: "
+                                  f"use scales >= {lowest:g}")
+        side = crop // self.refine_down_scale
+        if side < 1:
+            raise ConfigError(f"--refine-down-scale {self.refine_down_scale} shrinks the {crop}-px "
+                              f"crop to nothing for PAR: use --refine-down-scale <= {crop} "
+                              "(ToCo: 2)")
+        if not self.par_dilations or min(self.par_dilations) < 1:
+            raise ConfigError(f"--par-dilations must be integers >= 1, got {self.par_dilations}")
+        # A dilation beyond PAR's image only sees border pixels (a warning); beyond the whole
+        # crop it cannot be meant, and its padding costs memory quadratically.
+        if max(self.par_dilations) > crop:
+            fit = [d for d in self.par_dilations if d < side] or [1]
+            raise ConfigError(f"--par-dilations {max(self.par_dilations)} exceeds --crop-size "
+                              f"{crop} (PAR runs on a {side}-px image, --crop-size / "
+                              f"--refine-down-scale): use dilations < {side}, e.g. "
+                              f"--par-dilations {' '.join(map(str, fit))}")
+
+    def schedule_warnings(self, patch_size: Optional[int] = None) -> list[str]:
+        """Settings that are valid but probably not meant: a loss that never switches on,
+        a warm-up longer than the run, PAR dilations past its image, a crop the patch grid
+        does not cover."""
+        out = []
+        last = self.max_iters - 1
+        for flags, weights, start in (("--w-seg/--w-reg", (self.w_seg, self.w_reg),
+                                       self.seg_start_iter),
+                                      ("--w-ptc/--w-ctc", (self.w_ptc, self.w_ctc),
+                                       self.contrast_start_iter)):
+            if any(w > 0 for w in weights) and start > last:
+                out.append(f"{flags}: the loss switches on at iteration {start}, after the last "
+                           f"one ({last}, --max-iters {self.max_iters}): it never trains")
+        if self.warmup_iters > self.max_iters:
+            out.append(f"--warmup-iters {self.warmup_iters} exceeds --max-iters "
+                       f"{self.max_iters}: the LR never reaches its peak")
+        side = self.crop_size // self.refine_down_scale
+        far = [d for d in self.par_dilations if d >= side]
+        if far:
+            out.append(f"--par-dilations {' '.join(map(str, far))} reach past PAR's {side}-px "
+                       f"image (--crop-size {self.crop_size} / --refine-down-scale "
+                       f"{self.refine_down_scale}): those neighbours are border pixels only")
+        if patch_size and self.crop_size % patch_size:
+            lower = self.crop_size // patch_size * patch_size
+            out.append(f"--crop-size {self.crop_size} is not a multiple of the {patch_size}-px "
+                       f"patch: the encoder drops the last {self.crop_size - lower} px rows and "
+                       f"columns; {lower or patch_size} or {lower + patch_size} uses every pixel")
+        return out
 
     def __post_init__(self) -> None:
         if self.work_dir is None:

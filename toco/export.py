@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from toco.checkpoint import load_checkpoint
+from toco.atomic import atomic_path
+from toco.checkpoint import load_checkpoint, load_weights
 from toco.cli import run_cli
 from toco.errors import UserError
+from toco.faults import storage_error
 
 TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
 
@@ -30,16 +30,12 @@ def export_release(checkpoint: str, output: str) -> Path:
     tensors = {k: v.contiguous() for k, v in state["model"].items()
                if not k.startswith(TRAINING_ONLY_PREFIXES)}
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
-                                          "iteration": str(state["iteration"])})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_path(out) as tmp:
+            save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
+                                              "iteration": str(state["iteration"])})
+    except OSError as err:
+        raise storage_error(err, f"{out} is unchanged") or err from None
     return out
 
 
@@ -56,11 +52,10 @@ def load_release(path: str, device: str = "cpu"):
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read release file {path}: {err}") from None
     model = build_model(cfg, data.dataset_spec(cfg).num_classes, pretrained="none")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
-    if missing or unexpected:
-        raise UserError(f"{path} does not match its config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+    # The training-only heads are not in the file: they keep their initial weights.
+    tensors.update({k: v for k, v in model.state_dict().items()
+                    if k.startswith(TRAINING_ONLY_PREFIXES)})
+    load_weights(model, tensors, path)
     return model.to(device).eval(), cfg
 
 

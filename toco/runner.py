@@ -1,6 +1,7 @@
 """A whole training run: set-up, the loop, validation, records, checkpoints and resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,20 +11,22 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from toco import data
+from toco.atomic import remove_stale_temps
 from toco.builders import build_model, compile_backbone, resolve_device
-from toco.checkpoint import load_checkpoint, save_checkpoint
+from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
 from toco.config import TrainConfig, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, \
     init_distributed
 from toco.engine import Trainer, build_loss_modules, validate
 from toco.errors import ConfigError, UserError
+from toco.faults import WorkerProgress, dead_worker_error, storage_error
 from toco.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
 from toco.plugins.registry import enabled_in
@@ -143,6 +146,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     info = init_distributed(device.type)
     try:
         return _train(cfg, resume, device, info)
+    except OSError as err:  # e.g. the work dir's disk is full or read-only
+        raise storage_error(err, resume_hint(Path(cfg.work_dir))) or err from None
     finally:
         cleanup_distributed()
 
@@ -167,13 +172,20 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     threads_line = configure_precision(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     seed_everything(cfg.seed)
 
+    # The model first: its patch size completes the config checks before any data is built.
     spec = data.dataset_spec(cfg)
-    train_set = data.train_dataset(cfg)
-    val_set = data.eval_dataset(cfg, cfg.val_split)
     model = build_model(cfg, spec.num_classes).to(device)
     compile_backbone(model, cfg.compile)
+    cfg.check_geometry(model.patch_size)
     plugins = build_plugins(cfg, model.backbone.embed_dim, spec.num_classes, info, model)
-    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, device, info)
+    loss_modules = build_loss_modules(cfg) + plugins
+    check_something_trains(loss_modules)
+    train_set = data.train_dataset(cfg)
+    val_set = data.eval_dataset(cfg, cfg.val_split)
+    if len(train_set) < cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} usable "
+                          f"training images: use --batch-size <= {len(train_set)}")
+    trainer = Trainer(cfg, model, loss_modules, device, info)
 
     run_dir = Path(cfg.work_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -186,12 +198,14 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                         "it (e.g. with a larger --max-iters) or choose another --work-dir")
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        start_iter, wandb_id = restore(trainer, state)
+        check_training_keys(state, ckpt_path)
+        start_iter, wandb_id = restore(trainer, state, ckpt_path)
     broadcast_parameters(model, info)
     broadcast_parameters(trainer.loss_modules, info)  # plug-in heads and memories
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(ckpt_path)  # left by a run killed while writing its checkpoint
         (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir, info.is_main)
@@ -208,6 +222,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     log.info("%s, %d data-loader worker(s)", threads_line, cfg.num_workers)
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
+    for warning in cfg.schedule_warnings(model.patch_size):
+        log.warning("warning: %s", warning)
 
     if pairs:  # MCIS: each per-rank batch is anchor/partner pairs sharing a class
         sampler = PairedResumableSampler(dataset_labels(train_set), local_batch, cfg.seed,
@@ -215,20 +231,25 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     else:
         sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
                                    info.world_size, start_iter)
-    loader = DataLoader(SeededSamples(train_set, cfg.seed), batch_size=local_batch,
+    progress = WorkerProgress(SeededSamples(train_set, cfg.seed), cfg.num_workers)
+    # Loaders draw their workers' base seed from their own generator, not the global RNG:
+    # a resumed run creates its iterator at another iteration than an uninterrupted one.
+    loader = DataLoader(progress, batch_size=local_batch,
                         sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_workers = min(cfg.num_workers, 2)
     # Validation runs every eval_every iterations: keep its workers instead of re-forking.
     val_loader = DataLoader(val_shard, batch_size=1, shuffle=False, num_workers=val_workers,
                             persistent_workers=val_workers > 0,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", generator=torch.Generator())
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}
     done = start_iter
-    with StopSignal() as stop:
+    batches = None
+    with StopSignal() as stop, _dead_workers_reported(run_dir, progress, train_set,
+                                                      lambda: (done, batches)):
         batches = iter(loader)
         tic = time.perf_counter()
         for it in range(start_iter, cfg.max_iters):
@@ -308,7 +329,44 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
     }
 
 
-def restore(trainer: Trainer, state: dict[str, Any]) -> tuple[int, Optional[str]]:
+@contextlib.contextmanager
+def _dead_workers_reported(run_dir: Path, progress: WorkerProgress, train_set: Any,
+                           loop_state: Callable[[], tuple[int, Any]]):
+    """A loader worker killed by the OS during the loop: one line naming it, exit 2.
+
+    `loop_state()` gives the loop's current (iterations done, loader iterator).
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        done, batches = loop_state()
+        names = getattr(train_set, "names", None)
+        raise dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir)) \
+            or err from None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What is left after a fault, and how to go on."""
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        return f"the last checkpoint {ckpt} is intact: fix the cause and rerun to resume"
+    return "no checkpoint was written yet: fix the cause and rerun to start again"
+
+
+def check_something_trains(modules: list) -> None:
+    """Some loss must be on from iteration 0 (a step with no loss has nothing to backprop);
+    activity only switches on over time, so iteration 0 is the one to check."""
+    if any(m.active(0) for m in modules):
+        return
+    later = sorted((m.start_iter, "/".join(m.names) or type(m).__name__) for m in modules
+                   if m.weight > 0)
+    detail = (f"the first weighted one, {later[0][1]}, starts at iteration {later[0][0]}"
+              if later else "every loss weight is 0")
+    raise ConfigError(f"no loss is active at iteration 0 ({detail}): set --w-cls > 0 or start "
+                      "a weighted loss at 0 (--contrast-start-iter 0 / --seg-start-iter 0)")
+
+
+def restore(trainer: Trainer, state: dict[str, Any], path: Path) -> tuple[int, Optional[str]]:
     """Load a training state; returns (iteration, wandb run id)."""
     saved = set(enabled_in(state.get("config", {})))
     wanted = set(enabled_plugins(trainer.cfg))
@@ -316,7 +374,12 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> tuple[int, Optional[str]
         raise UserError(f"the checkpoint was trained with plug-ins {sorted(saved) or 'none'}, "
                         f"this run has {sorted(wanted) or 'none'}: resume with the same "
                         "plug-in switches (--ppc, --rca, --mcis, ...)")
-    trainer.model.load_state_dict(state["model"])
-    trainer.load_state_dict(state["trainer"])
-    torch.set_rng_state(state["torch_rng"])
+    load_weights(trainer.model, state["model"], path)
+    try:
+        trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"{path}: its training state does not fit this run (another project "
+                        f"version or settings?): {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
     return int(state["iteration"]), state.get("wandb_id")

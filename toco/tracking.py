@@ -10,7 +10,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class Tracker:
                  tags: Sequence[str] = (), resume_id: Optional[str] = None) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.run = None
+        self._run_id = resume_id
         if mode == "disabled":
             return
         try:
@@ -49,6 +50,7 @@ class Tracker:
                 dir=str(wandb_dir), config={**config, "git_commit": git_commit()},
                 id=resume_id, resume="allow" if resume_id else None,
                 settings=wandb.Settings(init_timeout=60, silent=True))
+            self._run_id = self.run.id
         except Exception as err:  # any failure to start wandb must not stop training
             log.warning("wandb could not start (%s: %s); continuing with metrics.jsonl only",
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
@@ -56,28 +58,37 @@ class Tracker:
 
     @property
     def run_id(self) -> Optional[str]:
-        return None if self.run is None else self.run.id
+        """The wandb run's id (kept after wandb failed, so a resumed run continues it)."""
+        return self._run_id
 
-    def _wandb(self, fn_name: str, *args, **kwargs) -> None:
+    def _wandb(self, what: str, call: Callable[[Any], Any]) -> None:
+        """call(run) unless wandb is off; any failure (its process died, the network went
+        away) turns wandb off for the rest of the run instead of stopping training."""
         if self.run is None:
             return
         try:
-            getattr(self.run, fn_name)(*args, **kwargs)
+            call(self.run)
         except Exception as err:
-            log.warning("wandb %s failed (%s); disabling wandb for this run", fn_name, err)
+            log.warning("wandb %s failed (%s: %s); disabling wandb for this run, metrics.jsonl "
+                        "goes on", what, type(err).__name__, err)
             self.run = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"iter": step, **metrics}) + "\n")
-        self._wandb("log", {f"train/{k}": v for k, v in metrics.items()}, step=step)
+        self._wandb("log", lambda run: run.log({f"train/{k}": v for k, v in metrics.items()},
+                                               step=step))
 
     def log_validation(self, summary: dict[str, dict], class_names: Sequence[str],
                        step: int, panels: Optional[list[dict[str, Any]]] = None) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"iter": step, "val": summary}) + "\n")
-        if self.run is None:
-            return
+        self._wandb("log", lambda run: run.log(
+            self._validation_payload(summary, class_names, panels), step=step))
+
+    @staticmethod
+    def _validation_payload(summary: dict[str, dict], class_names: Sequence[str],
+                            panels: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
         import wandb
 
         columns = ["class"] + list(summary)
@@ -94,15 +105,13 @@ class Tracker:
                 for p in panels]
             payload["val/cam_heatmaps"] = [wandb.Image(p["heatmap"], caption=p["caption"])
                                            for p in panels]
-        self._wandb("log", payload, step=step)
+        return payload
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            for k, v in values.items():
-                self.run.summary[k] = v
+        self._wandb("summary", lambda run: run.summary.update(values))
 
     def finish(self) -> None:
-        self._wandb("finish")
+        self._wandb("finish", lambda run: run.finish())
         self.run = None
 
 

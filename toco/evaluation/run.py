@@ -186,7 +186,7 @@ class Setup:
 def _setup(req: EvalRequest, device: torch.device) -> Setup:
     from toco import data
     from toco.builders import build_model
-    from toco.checkpoint import load_checkpoint
+    from toco.checkpoint import load_checkpoint, load_weights
     from toco.config import TrainConfig
     from toco.engine import resolve_amp
     from toco.runner import configure_precision
@@ -216,7 +216,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
                         "--predict-only --save-dir DIR, or --submission voc)") from None
     configure_precision(dataclasses.replace(cfg, num_workers=req.workers), device)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], req.checkpoint)
     model.eval()
     predict = Predictor(
         model, cfg, protocol, req.mode, cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre,

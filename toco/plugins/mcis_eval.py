@@ -29,7 +29,7 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
     """(cfg, model, MCIS loss module) of a checkpoint trained with --mcis, in eval mode."""
     from toco import data
     from toco.builders import build_model
-    from toco.checkpoint import load_checkpoint
+    from toco.checkpoint import load_checkpoint, load_weights
     from toco.config import TrainConfig
     from toco.engine import build_loss_modules
     from toco.plugins import build_plugins
@@ -40,7 +40,7 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
         raise ConfigError(f"{checkpoint} was not trained with --mcis: it has no co-attention head")
     num_classes = data.dataset_spec(cfg).num_classes
     model = build_model(cfg, num_classes, pretrained="none").to(device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint)
     modules = nn.ModuleList(build_loss_modules(cfg) + build_plugins(
         cfg, model.backbone.embed_dim, num_classes, model=model)).to(device)
     modules.load_state_dict(state["trainer"]["loss_modules"])

@@ -194,7 +194,7 @@ ODD = [  # (flags, expected outcome) fed to train.py as a user would
     (["--crop-size", "32", "--local-crop-size", "96"], "local-crop-size"),
     (["--num-local-crops", "2000"], "num-local-crops"),
     (["--cam-scales", "1.0", "0.1"], "cam-scales"),
-    (["--mcis", "--batch-size", "3"], "mcis"),
+    (["--mcis", "--batch-size", "3", "--loss-group-size", "0"], "MCIS"),
     (["--batch-size", "4", "--loss-group-size", "3"], "loss-group-size"),
     (["--backbone-depth", "1", "--aux-layer", "-3"], "aux-layer"),
     (["--par-dilations", "1", "200"], "par-dilations"),

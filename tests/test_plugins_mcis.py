@@ -373,7 +373,8 @@ def test_odd_batch_is_refused(tmp_path, capsys):
     from tests.test_cli import run, train_args
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
-    argv = train_args(root, tmp_path / "run", "--max-iters", "1", "--mcis")
+    argv = train_args(root, tmp_path / "run", "--max-iters", "1", "--mcis",
+                      "--loss-group-size", "0")
     argv[argv.index("--batch-size") + 1] = "3"
     assert run(train, argv) == 2
     assert "--batch-size 3 is odd" in capsys.readouterr().err

@@ -100,7 +100,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int = 1
+def local_processes() -> int:
+    """Processes of this job on this machine, from the launcher's variables (1 without)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+
+
+def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int | None = None
                 ) -> tuple[int, str]:
     """Torch threads for this process, and why.
 
@@ -116,16 +121,19 @@ def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int = 
     if device.type != "cpu":
         return torch.get_num_threads(), "torch's default on a GPU run; --threads overrides"
     cores = available_cores()
+    if local_world_size is None:
+        local_world_size = local_processes()
     threads = max(1, cores // max(local_world_size, 1) - cfg.num_workers)
     return threads, (f"{cores} cores, {local_world_size} process(es), {cfg.num_workers} "
                      "data-loader worker(s) each; --threads overrides")
 
 
 def configure_precision(cfg: TrainConfig, device: torch.device,
-                        local_world_size: int = 1) -> str:
+                        local_world_size: int | None = None) -> str:
     """Threads, denormals and TF32; returns a line for the log saying what was chosen."""
     threads, why = cpu_threads(cfg, device, local_world_size)
-    torch.set_num_threads(threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     # Denormal values (tiny activations and optimizer moments) make CPU maths up to 20x slower.
     torch.set_flush_denormal(True)
     if device.type == "cuda":
@@ -169,7 +177,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:
         raise ConfigError(f"per-device batch {local_batch} is not a multiple of "
                           f"--loss-group-size {cfg.loss_group_size}")
-    threads_line = configure_precision(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    threads_line = configure_precision(cfg, device)
     seed_everything(cfg.seed)
 
     # The model first: its patch size completes the config checks before any data is built.

@@ -160,6 +160,14 @@ def trainers(cfg: TrainConfig, zero_weight: bool = True) -> tuple[Trainer, Train
     return fast, ref
 
 
+def record_gradients(trainer: Trainer) -> list[list[torch.Tensor]]:
+    """A list that receives, at every optimizer step, a copy of every gradient it applies."""
+    steps: list[list[torch.Tensor]] = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: steps.append(
+        [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    return steps
+
+
 def adam_state(trainer: Trainer, params) -> list[dict]:
     return [trainer.optimizer.state[p] for p in params]
 
@@ -369,11 +377,7 @@ def test_optimised_step_gives_the_losses_and_gradients_of_a_straightforward_step
     def straightforward(cam_fn, images, scales, flip=True, given=None):
         return multi_scale_cam(cam_fn, images, scales, flip)
 
-    grads = {}
-    for name, trainer in (("fast", fast), ("ref", ref)):
-        trainer.optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs, name=name: grads.setdefault(name, []).append(
-                [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    grads = {"fast": record_gradients(fast), "ref": record_gradients(ref)}
     with monkeypatch.context() as m:
         m.setattr(engine, "multi_scale_cam", straightforward)
         m.setattr(type(ref.model), "segment", lambda self, feats: self.decoder(feats.tokens))
@@ -462,14 +466,10 @@ def test_grad_checkpointing_gives_the_same_step(monkeypatch):
     ckpt = Trainer(cfg, build_model(cfg, num_classes=7), build_loss_modules(cfg),
                    torch.device("cpu"))
     assert ckpt.model.backbone.grad_checkpointing
-    grads = {}
+    grads = {"plain": record_gradients(plain), "ckpt": record_gradients(ckpt)}
     for name, trainer in (("plain", plain), ("ckpt", ckpt)):
-        trainer.optimizer.register_step_pre_hook(
-            lambda opt, args, kwargs, name=name: grads.__setitem__(name, [
-                p.grad.clone() for g in opt.param_groups for p in g["params"]]))
-        logged = trainer.train_step(tiny_batch(0), 0)
-        grads[name + "_loss"] = logged["total"]
+        grads[name + "_loss"] = trainer.train_step(tiny_batch(0), 0)["total"]
     assert calls, "no block was checkpointed"
     assert grads["plain_loss"] == pytest.approx(grads["ckpt_loss"], rel=1e-6)
-    for a, b in zip(grads["plain"], grads["ckpt"]):
+    for a, b in zip(grads["plain"][0], grads["ckpt"][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

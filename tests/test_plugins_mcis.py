@@ -186,6 +186,17 @@ def test_cross_image_cam_adds_self_pairs_and_filters_maps_by_score():
                                rtol=1e-4, atol=1e-5)
 
 
+def test_cross_image_cam_encodes_the_image_once():
+    from toco.profiling import PassCounter
+
+    net, mcis = Net(), CrossImageSemantics(6, 4)
+    partners = {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 12, 12)] * 3}
+    counter = PassCounter(net.embed)
+    cross_image_cam(net, mcis, torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0]]),
+                    partners)
+    assert counter.reset()[0] == 1 + 5 + 3  # the image, each partner, the three self-pairs
+
+
 def test_partners_come_from_the_pool_and_share_the_class():
     import random
 

@@ -241,10 +241,19 @@ def co_attention_cams(model: nn.Module, plugin: CrossImageSemantics, images_m: T
                       images_n: Tensor) -> tuple[Tensor, Tensor]:
     """Raw co-attention CAMs W_co F^att of paired images (P, 3, H, W) each, at token stride:
     (cam_m (P, C-1, h_m, w_m), cam_n (P, C-1, h_n, w_n)). The images may differ in size."""
-    fm, fn = model.encode(images_m).tokens, model.encode(images_n).tokens
-    xm, xn = fm.flatten(2).transpose(1, 2), fn.flatten(2).transpose(1, 2)
+    return _pair_cams(plugin, _class_weight(model, plugin), model.encode(images_m).tokens,
+                      model.encode(images_n).tokens)
+
+
+def _class_weight(model: nn.Module, plugin: CrossImageSemantics) -> Tensor:
     shared = model.classifier.conv.weight if plugin.head.classifier is None else None
-    weight = plugin.head.class_weight(shared)
+    return plugin.head.class_weight(shared)
+
+
+def _pair_cams(plugin: CrossImageSemantics, weight: Tensor, fm: Tensor, fn: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """co_attention_cams from the two sides' token maps (P, D, h, w)."""
+    xm, xn = fm.flatten(2).transpose(1, 2), fn.flatten(2).transpose(1, 2)
     att_m, att_n = plugin.head.attend(xm, xn)
     return (co_cam(att_m, weight, tuple(fm.shape[-2:])),
             co_cam(att_n, weight, tuple(fn.shape[-2:])))
@@ -281,16 +290,20 @@ def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor
     h, w = image.shape[-2:]
     k = cls_label.shape[-1]
     present = torch.nonzero(cls_label.reshape(-1) > 0).flatten().tolist()
+    weight, tokens = _class_weight(model, plugin), model.encode(image).tokens  # encoded once
+
+    def with_partner(partner: Tensor) -> tuple[Tensor, Tensor]:
+        return _pair_cams(plugin, weight, tokens, model.encode(partner).tokens)
+
     # (raw maps (1, C-1, h', w'), always counted?) shared by all classes: the self-pairs
     shared = []
     if self_pairs:
         for kind, scale in SELF_PAIRS:
-            _, cam = co_attention_cams(model, plugin, image, _self_partner(image, kind, scale))
+            _, cam = with_partner(_self_partner(image, kind, scale))
             shared.append((cam.flip(-1) if kind == "flip" else cam, kind == "flip"))
     out = image.new_zeros(1, k, h, w)
     for c in present:
-        maps = [(co_attention_cams(model, plugin, image, partner)[0], False)
-                for partner in partners.get(c, ())] + shared
+        maps = [(with_partner(partner)[0], False) for partner in partners.get(c, ())] + shared
         total = image.new_zeros(1, 1, h, w)
         for cam, always in maps:
             raw = cam[:, c:c + 1].float()

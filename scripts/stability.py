@@ -28,6 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toco.atomic import write_bytes_atomic  # noqa: E402
 from toco.cli import run_cli  # noqa: E402
 from toco.config import parse_config  # noqa: E402
 
@@ -79,7 +80,7 @@ def train_one(seed: int, run_dir: Path, max_iters: int | None, extra: list[str]
               "nonfinite_grad_steps": watch.nonfinite, "first_nonfinite_grad_step": watch.first,
               **{k: final.get(k) for k in MIOU_KEYS},
               "minutes": (time.perf_counter() - tic) / 60}
-    result_file.write_text(json.dumps(result, indent=2))
+    write_bytes_atomic(result_file, json.dumps(result, indent=2).encode())  # reread on rerun
     return result
 
 

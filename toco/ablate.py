@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from toco.atomic import write_bytes_atomic
 from toco.cli import run_cli
 from toco.config import TrainConfig, load_yaml, parse_config, save_config
 from toco.errors import ConfigError, UserError
@@ -253,9 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = child.parse_args(argv)
         cfg = TrainConfig.from_dict(load_yaml(args.run_one), args.run_one)
         result = run_one(cfg)
-        tmp = Path(args.result + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, args.result)
+        write_bytes_atomic(args.result, json.dumps(result, indent=2).encode())
         return 0
 
     def extra(parser: argparse.ArgumentParser) -> None:
@@ -294,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs[name][seed] = _run_isolated(sub, out, tag)
         else:
             runs[name][seed] = run_one(sub)
-            result_path.write_text(json.dumps(runs[name][seed], indent=2))
+            write_bytes_atomic(result_path, json.dumps(runs[name][seed], indent=2).encode())
     meta = {"dataset": cfg.dataset, "backbone": cfg.backbone, "max_iters": cfg.max_iters,
             "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "device": device.type,
             "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg),

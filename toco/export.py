@@ -24,19 +24,36 @@ from toco.faults import storage_error
 TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
 
 
-def export_release(checkpoint: str, output: str) -> Path:
-    """Write the inference weights of `checkpoint` to `output` atomically."""
-    state = load_checkpoint(checkpoint)
-    tensors = {k: v.contiguous() for k, v in state["model"].items()
-               if not k.startswith(TRAINING_ONLY_PREFIXES)}
+def write_release(output: str | Path, tensors: dict, config: dict, *, iteration: int,
+                  class_names: list[str] | tuple[str, ...], source: str = "training") -> Path:
+    """Write a release file atomically: `tensors` plus the metadata every reader relies on.
+
+    Metadata keys (all strings): `config` (the TrainConfig as JSON), `iteration`, `class_names`
+    (JSON list, background first, one entry per output channel), `source` (where the weights
+    came from: "training" or the converter's name).
+    """
     out = Path(output)
+    tensors = {k: v.contiguous() for k, v in tensors.items()
+               if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    metadata = {"config": json.dumps(config), "iteration": str(iteration),
+                "class_names": json.dumps(list(class_names)), "source": source}
     try:
         with atomic_path(out) as tmp:
-            save_file(tensors, tmp, metadata={"config": json.dumps(state["config"]),
-                                              "iteration": str(state["iteration"])})
+            save_file(tensors, tmp, metadata=metadata)
     except OSError as err:
         raise storage_error(err, f"{out} is unchanged") or err from None
     return out
+
+
+def export_release(checkpoint: str, output: str) -> Path:
+    """Write the inference weights of `checkpoint` to `output` atomically."""
+    from toco import data
+    from toco.config import TrainConfig
+
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_saved(state["config"], checkpoint)
+    return write_release(output, state["model"], state["config"], iteration=state["iteration"],
+                         class_names=data.dataset_spec(cfg).class_names)
 
 
 def load_release(path: str, device: str = "cpu"):

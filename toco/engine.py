@@ -282,7 +282,7 @@ def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: t
     Each rank scores its shard of the loader; the confusion matrices are summed across ranks
     (never per-rank mIoU). Returns the matrices and up to `num_panels` picture panels.
     """
-    from toco.tracking import heatmap, to_uint8_image
+    from toco.visualize import heatmap, to_uint8_image
 
     model.eval()
     results = {k: ConfusionMatrix(num_classes, device=device) for k in ("cam", "aux_cam", "seg")}

@@ -12,9 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
-from torch import Tensor
 
 log = logging.getLogger("toco")
 
@@ -113,20 +111,6 @@ class Tracker:
     def finish(self) -> None:
         self._wandb("finish", lambda run: run.finish())
         self.run = None
-
-
-def heatmap(cam: Tensor) -> np.ndarray:
-    """(H, W) scores in [0, 1] → uint8 RGB 'jet-like' picture, without matplotlib."""
-    x = cam.clamp(0, 1).float().cpu().numpy()
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
-
-
-def to_uint8_image(image: Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] → (H, W, 3) uint8."""
-    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def gpu_memory_gb(device: torch.device) -> Optional[float]:

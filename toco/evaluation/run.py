@@ -409,7 +409,7 @@ def _finish_save_dir(req: EvalRequest, dataset, split: str, record: dict[str, An
 def _report_row(predict: Predictor, sample: dict[str, Any], score: float,
                 device: torch.device) -> dict[str, Any]:
     """The five panels of one report image (recomputed: nothing was kept during the pass)."""
-    from toco.tracking import heatmap
+    from toco.visualize import heatmap
 
     image_u8 = sample["image"][None].to(device)
     cls_label = sample["cls_label"][None].to(device).float()

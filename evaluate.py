@@ -12,31 +12,15 @@ import argparse
 import sys
 
 from datasets import DATASETS
-from toco.cli import run_cli
-from toco.errors import ConfigError
+from toco.cli import ArgumentParser, run_cli
 from toco.evaluation.protocol import PROTOCOL_NAMES
 from toco.evaluation.run import MODES, EvalRequest, run_evaluation
 from toco.evaluation.submission import SUBMISSION_FORMATS
 from toco.inference import FUSIONS, PATCH_FITS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the None/False of flags whose help already says what they do."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None) -> EvalRequest:
-    p = _Parser(description=__doc__.splitlines()[0],
-                formatter_class=_Help)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of a run")
     p.add_argument("--dataset", choices=sorted(DATASETS),
                    help="dataset kind (default: the one the model was trained on)")

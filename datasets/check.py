@@ -283,9 +283,9 @@ def format_report(report: Report, shown_per_kind: int = SHOWN_PER_KIND) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from datasets import DATASETS
-    from toco.config import _Parser  # argparse that raises ConfigError instead of exiting
+    from toco.cli import ArgumentParser
 
-    parser = _Parser(prog="python -m datasets.check", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m datasets.check", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--data-root", help="dataset root (synthetic: generated when unset)")
     parser.add_argument("--splits", nargs="+", help="splits to check (default: the dataset's "

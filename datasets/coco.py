@@ -512,9 +512,9 @@ def _progress_printer() -> Callable[[int, int], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from toco.config import _Parser  # argparse that raises ConfigError instead of exiting
+    from toco.cli import ArgumentParser
 
-    parser = _Parser(prog="python -m datasets.coco", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m datasets.coco", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["prepare", "compare"])
     parser.add_argument("--data-root", required=True, help="COCO root (train2014/, ...)")
     parser.add_argument("--cache-dir", default=".cache", help="parent of the prepared folder")

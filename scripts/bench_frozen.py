@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from scripts.bench_plugins import bench_parser, make_batch, time_interleaved
 from toco.builders import build_model
 from toco.config import TrainConfig

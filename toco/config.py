@@ -10,13 +10,15 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from toco.cli import ArgumentParser
 from toco.errors import ConfigError
 from toco.plugins.registry import PluginSet, add_plugin_flags, flatten_plugin_values, \
     nest_plugin_values, split_plugin_values
@@ -202,6 +204,9 @@ class TrainConfig:
                                      group="run")
     wandb_tags: tuple = _opt((), "wandb tags", group="run")
     num_vis: int = _opt(4, "images per wandb panel at each validation", group="run")
+    preview_images: int = _opt(6, "validation images drawn in the run folder's preview.png at "
+                               "each validation (input, ground truth, CAM, pseudo label, "
+                               "prediction); 0 = none", group="run")
 
     def validate(self) -> "TrainConfig":
         """Check ranges and consistency; raise ConfigError naming the offending field."""
@@ -382,6 +387,38 @@ class TrainConfig:
                               **values}, source)
 
 
+# Settings a run may change when it is resumed: length, bookkeeping, runtime and locations.
+# Everything else changes what the run computes, so an unfinished run is only continued with
+# the values it was started with.
+RESUMABLE_SETTINGS = frozenset({
+    "max_iters", "stop_at", "eval_every", "log_every", "save_every", "num_vis", "wandb",
+    "wandb_project", "wandb_name", "wandb_tags", "num_workers", "threads", "device", "compile",
+    "grad_checkpointing", "nonfinite", "skip_bad_images", "data_root", "cache_dir", "work_dir",
+    "recipe",
+})
+
+
+def flat_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting of `cfg` as one flat mapping (plug-in settings as `plugins.<name>.<key>`)."""
+    values = cfg.to_dict()
+    return {**{k: v for k, v in values.items() if k != "plugins"},
+            **flatten_plugin_values(values["plugins"])}
+
+
+def changed_settings(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings outside RESUMABLE_SETTINGS whose values differ: key -> (saved, new)."""
+    old, now = flat_settings(saved), flat_settings(new)
+    return {k: (old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
+            if k not in RESUMABLE_SETTINGS and old.get(k) != now.get(k)}
+
+
+def resumed_config(saved: TrainConfig, new: TrainConfig) -> TrainConfig:
+    """The stored run's settings, with the resumable ones taken from `new`."""
+    values = flat_settings(saved)
+    values.update({k: v for k, v in flat_settings(new).items() if k in RESUMABLE_SETTINGS})
+    return TrainConfig.from_dict(values, "resumed run")
+
+
 def behaviour_before_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """What runs written before a setting existed did, for settings whose default differs."""
     quirks = bool(saved.get("reference_quirks", False))
@@ -474,15 +511,9 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # argparse would exit 2 with usage
-        raise ConfigError(message)
-
-
 def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
     """One flag per TrainConfig field, grouped; `extra(parser)` may add script-only flags."""
-    parser = _Parser(description="Train a ToCo-style single-stage WSSS model.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Train a ToCo-style single-stage WSSS model.")
     parser.add_argument("--config", help="YAML recipe whose values become the defaults")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in _FIELDS.items():
@@ -517,18 +548,127 @@ def parse_config(argv: Optional[Sequence[str]] = None,
     """
     parser = build_parser(extra)
     args = parser.parse_args(argv)
-    recipe = _coerce(load_yaml(args.config), args.config) if args.config else {}
-    recipe.pop("recipe", None)  # a saved config.yaml used as a recipe
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
-    dataset = flags.get("dataset", recipe.get("dataset", _FIELDS["dataset"].default))
-    default_path, defaults = dataset_recipe(dataset)
-    values = {**defaults, **recipe}
+    values, chain, warnings = resolve_recipes(args.config, flags)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if {**values, **flags}.get("reference_quirks"):
         values.update(OFFICIAL_BEHAVIOUR)
     values.update(flags)
-    applied = [str(p) for p in (default_path, args.config) if p]
-    values["recipe"] = " + ".join(_display_path(p) for p in applied) or None
+    values["recipe"] = " + ".join(_display_path(str(p)) for p in chain) or None
     return TrainConfig.from_dict(values, "command line"), args
+
+
+def resolve_recipes(config: Optional[str], flags: dict[str, Any]
+                    ) -> tuple[dict[str, Any], list[Path], list[str]]:
+    """The settings of `--config` and its bases, over the dataset's default recipe.
+
+    Returns (values, the recipe files in the order applied, warnings). A recipe names its base
+    with `base: FILE` (resolved relative to the recipe, then to configs/) or `base: none` (start
+    from the built-in defaults); a recipe without `base:` sits on its dataset's default recipe
+    (ToCo's VOC/COCO run, the demo), which a warning spells out for recipes outside configs/.
+    """
+    layers = load_recipe_chain(config) if config else []
+    first = layers[0] if layers else None
+    dataset = flags.get("dataset", _merged(layers).get("dataset", _FIELDS["dataset"].default))
+    default_path, defaults = dataset_recipe(dataset)
+    warnings: list[str] = []
+    own = _merged(layers)
+    # The recipe settings this file leaves to others and that differ from the built-in defaults.
+    unset = {k: v for k, v in defaults.items()
+             if k not in own and k not in flags and _plain(v) != _plain(_default_of(k))}
+    if first is not None and first.base == "none":
+        if unset:
+            warnings.append(f"{first.path} starts from the built-in defaults (base: none), not "
+                            f"from {_display_path(str(default_path))}; it does not set "
+                            f"{_listing(unset)}")
+        defaults, default_path = {}, None
+    elif first is not None and unset and not _inside(first.path, CONFIG_DIR):
+        warnings.append(f"{first.path} names no base recipe, so the settings it does not set "
+                        f"come from {_display_path(str(default_path))}, among them "
+                        f"{_listing(unset)} (write `base: {default_path.name}` to say so, or "
+                        "`base: none` to start from the built-in defaults)")
+    chain = [layer.path for layer in layers]
+    if default_path is not None and all(p.resolve() != default_path.resolve() for p in chain):
+        chain.insert(0, default_path)
+    return {**defaults, **_merged(layers)}, chain, warnings
+
+
+@dataclass(frozen=True)
+class RecipeLayer:
+    """One recipe file of a chain: its path, its `base:` entry (None, "none" or a file name)
+    and its own settings."""
+
+    path: Path
+    base: Optional[str]
+    values: dict[str, Any]
+
+
+def load_recipe_chain(path: str) -> list[RecipeLayer]:
+    """The recipe at `path` and its bases, root first; a cycle or a missing base is refused."""
+    layers: list[RecipeLayer] = []
+    current: Optional[Path] = Path(path)
+    seen: list[Path] = []
+    while current is not None:
+        resolved = current.resolve()
+        if resolved in seen:
+            names = " -> ".join(str(p) for p in [*seen, resolved])
+            raise ConfigError(f"{path}: recipe bases form a cycle: {names}")
+        seen.append(resolved)
+        raw = dict(load_yaml(str(current)))
+        raw.pop("recipe", None)  # a saved config.yaml used as a recipe
+        base = raw.pop("base", None)
+        base = None if base is None else str(base)
+        layers.append(RecipeLayer(current, base, _coerce(raw, str(current))))
+        current = None if base is None or base.lower() == "none" else _find_base(base, current)
+    layers.reverse()
+    return layers
+
+
+def _find_base(base: str, recipe: Path) -> Path:
+    for candidate in (recipe.parent / base, CONFIG_DIR / base):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{recipe}: base recipe '{base}' not found (looked in {recipe.parent} "
+                      f"and {_display_path(str(CONFIG_DIR))}/)")
+
+
+def _merged(layers: list[RecipeLayer]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out.update(layer.values)
+    return out
+
+
+def _default_of(key: str) -> Any:
+    f = _FIELDS.get(key)
+    if f is None:  # a plug-in setting `plugins.<name>.<setting>`: the registry's default
+        return flatten_plugin_values(PluginSet().to_dict()).get(key)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _listing(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_yaml_value(v)}" for k, v in values.items())
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _display_path(path: str) -> str:

@@ -21,10 +21,11 @@ from toco import data
 from toco.atomic import remove_stale_temps
 from toco.builders import build_model, compile_backbone, resolve_device
 from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
-from toco.config import TrainConfig, save_config
+from toco.config import TrainConfig, changed_settings, resumed_config, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, \
     init_distributed
 from toco.engine import Trainer, build_loss_modules, validate
+from toco.evaluation.preview import dataset_classes, pick_images, run_preview
 from toco.errors import ConfigError, UserError
 from toco.faults import WorkerProgress, dead_worker_error, storage_error
 from toco.metrics import ConfusionMatrix, format_iou_table
@@ -37,6 +38,7 @@ from toco.tracking import Tracker, gpu_memory_gb
 log = logging.getLogger("toco")
 
 COMPLETE_MARKER = "COMPLETE"
+PREVIEW_FILE = "preview.png"
 
 
 def setup_logging(run_dir: Optional[Path], is_main: bool = True) -> None:
@@ -164,6 +166,19 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
            ) -> dict[str, Any]:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    run_dir = Path(cfg.work_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    complete = (run_dir / COMPLETE_MARKER).exists()
+    if resume and not ckpt_path.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    if complete and not resume:
+        raise UserError(f"{run_dir} already holds a finished run; pass --resume to continue "
+                        "it (e.g. with a larger --max-iters) or choose another --work-dir")
+    state = None
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        check_training_keys(state, ckpt_path)
+        cfg = settings_of_resumed_run(cfg, state["config"], resume, ckpt_path)
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                           f"{info.world_size} processes")
@@ -195,19 +210,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                           f"training images: use --batch-size <= {len(train_set)}")
     trainer = Trainer(cfg, model, loss_modules, device, info)
 
-    run_dir = Path(cfg.work_dir)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    complete = (run_dir / COMPLETE_MARKER).exists()
     start_iter, wandb_id = 0, None
-    if resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-    if complete and not resume:
-        raise UserError(f"{run_dir} already holds a finished run; pass --resume to continue "
-                        "it (e.g. with a larger --max-iters) or choose another --work-dir")
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        check_training_keys(state, ckpt_path)
+    if state is not None:
         start_iter, wandb_id = restore(trainer, state, ckpt_path)
+        del state
     broadcast_parameters(model, info)
     broadcast_parameters(trainer.loss_modules, info)  # plug-in heads and memories
 
@@ -254,6 +260,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}
+    preview_indices = pick_images(dataset_classes(val_set), cfg.preview_images)
+    preview = None
     done = start_iter
     batches = None
     with StopSignal() as stop, _dead_workers_reported(run_dir, progress, train_set,
@@ -279,6 +287,11 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                 if tracker:
                     (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
                     tracker.log_validation(summary, spec.class_names, done, panels)
+                    preview = run_preview(
+                        model, val_set, preview_indices, cfg, device,
+                        cfg.val_size or cfg.crop_size, run_dir / PREVIEW_FILE,
+                        spec.class_names, f"{run_dir.name}, iteration {done}",
+                        trainer.autocast)
                 tic += time.perf_counter() - val_tic
             stopping = stop.received or (cfg.stop_at is not None and done >= cfg.stop_at)
             if done % cfg.save_every == 0 or done == cfg.max_iters or stopping:
@@ -300,6 +313,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         tracker.finish()
         (run_dir / "final.json").write_text(json.dumps(final, indent=2))
         (run_dir / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        scores = ", ".join(f"{k} {v['miou']:.2f}" for k, v in summary.items())
+        log.info("finished %d iterations in %s: mIoU %s", done, run_dir, scores or "not measured")
+        if preview is not None:
+            log.info("pictures of %d validation images: %s", len(preview_indices), preview)
     return final
 
 
@@ -372,6 +389,30 @@ def check_something_trains(modules: list) -> None:
               if later else "every loss weight is 0")
     raise ConfigError(f"no loss is active at iteration 0 ({detail}): set --w-cls > 0 or start "
                       "a weighted loss at 0 (--contrast-start-iter 0 / --seg-start-iter 0)")
+
+
+def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: bool,
+                            ckpt_path: Path) -> TrainConfig:
+    """The config an unfinished run continues with; never a mix of two runs' settings.
+
+    Without --resume, a setting that changes results (anything outside RESUMABLE_SETTINGS)
+    that differs from the stored run stops the start with one line listing each difference;
+    with --resume the stored values are kept and only the resumable settings are taken.
+    """
+    stored = TrainConfig.from_saved(saved, str(ckpt_path))
+    changed = changed_settings(stored, cfg)
+    if changed and not resume:
+        listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ConfigError(
+            f"{ckpt_path.parent.parent} holds an unfinished run with other settings ({listing}): "
+            "pass --resume to continue it with its own settings (only "
+            "max_iters, stop_at, eval/log/save frequency, workers, threads, device and "
+            "paths may change), or start a new run with another --work-dir")
+    resumed = resumed_config(stored, cfg)
+    if changed:
+        log.warning("--resume: keeping the stored run's %s", ", ".join(
+            f"{k}={old!r} (not {new!r})" for k, (old, new) in changed.items()))
+    return resumed
 
 
 def restore(trainer: Trainer, state: dict[str, Any], path: Path) -> tuple[int, Optional[str]]:

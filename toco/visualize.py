@@ -97,13 +97,12 @@ def legend(class_names: Sequence[str], labels: Optional[Sequence[int]] = None,
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
-         row_titles: Sequence[str] = (), title: str = "",
-         footer: Optional[Image.Image] = None, cell: int = 128) -> Image.Image:
+         row_titles: Sequence[str] = (), title: str = "", cell: int = 128) -> Image.Image:
     """A labelled table of pictures: one row per sample, one column per panel.
 
     Every panel is an (H, W, 3) uint8 picture or an (H, W) label map (coloured with the
     palette); each is resized to `cell` pixels wide (label maps and small pictures with nearest
-    neighbours, so pixels stay visible). `footer` (e.g. a legend) is pasted under the grid.
+    neighbours, so pixels stay visible).
     """
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_h = _text_size(probe, "Ag")[1] + 6
@@ -113,10 +112,7 @@ def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
     cells = [[_cell(panel, cell) for panel in row] for row in rows]
     heights = [max(c.height for c in row) for row in cells]
     width = row_label_w + len(columns) * (cell + CELL_PAD) + CELL_PAD
-    if footer is not None:
-        width = max(width, footer.width)
     height = title_h + text_h + sum(h + CELL_PAD for h in heights) + CELL_PAD
-    height += footer.height if footer is not None else 0
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
@@ -132,8 +128,17 @@ def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
         for j, picture in enumerate(row):
             canvas.paste(picture, (row_label_w + CELL_PAD + j * (cell + CELL_PAD), y))
         y += heights[i] + CELL_PAD
-    if footer is not None:
-        canvas.paste(footer, (0, y))
+    return canvas
+
+
+def stack(pictures: Sequence[Image.Image]) -> Image.Image:
+    """The pictures one under the other, left-aligned, on white."""
+    canvas = Image.new("RGB", (max(p.width for p in pictures),
+                               sum(p.height for p in pictures)), "white")
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, y))
+        y += picture.height
     return canvas
 
 

@@ -204,7 +204,8 @@ def record(off: dict, net: nn.Module, num_classes: int, gen: torch.Generator) ->
             high_thre=thre["high"], low_thre=thre["low"], ignore_index=255, img_box=img_box)
         out["pseudo_label"] = label.to(torch.uint8)
         cls_token = net.encoder.forward_features(x)[0]
-        out["ctc_student"], out["ctc_teacher"] = net.proj_head(cls_token), net.proj_head_t(cls_token)
+        out["ctc_student"] = net.proj_head(cls_token)
+        out["ctc_teacher"] = net.proj_head_t(cls_token)
         out.update(record_validation(off, net, num_classes, gen))
     return out
 

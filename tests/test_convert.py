@@ -285,6 +285,13 @@ def test_own_training_checkpoint_points_to_export(tmp_path, capsys):
     assert "python -m toco.export" in refusal(path, capsys)
 
 
+def test_release_and_missing_files_are_refused(tmp_path, capsys):
+    release = tmp_path / "model.safetensors"
+    release.write_bytes(b"x")
+    assert "not an official ToCo checkpoint" in refusal(release, capsys)
+    assert "no such file" in refusal(tmp_path / "absent.pth", capsys)
+
+
 def test_missing_block_tensor_is_named(tmp_path, capsys):
     state = dict(load_fixture("vit_voc")["state"])
     del state["encoder.blocks.1.mlp.fc2.bias"]
@@ -304,6 +311,11 @@ def test_checkpoint_state_reads_like_our_checkpoints(tmp_path):
     """What evaluation needs to take an official .pth on the fly: model/config/iteration."""
     fx = load_fixture("vit_voc")
     path = write_official(fx["state"], tmp_path / "toco_vit_model_iter_18000.pth")
+    assert convert.is_official_checkpoint(path)
+    ours = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "config": {}, "iteration": 1}, ours)
+    assert not convert.is_official_checkpoint(ours)
+    assert not convert.is_official_checkpoint(tmp_path / "absent.pth")
     state = convert.checkpoint_state(path, backbone=TEST_VIT)
     assert state["iteration"] == 18000
     cfg = TrainConfig.from_saved(state["config"])

@@ -321,6 +321,19 @@ def load_official_model(path: str | Path, device: str | torch.device = "cpu", **
     return model.to(device), cfg
 
 
+def is_official_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds an official ToCo state_dict (read memory-mapped: keys only).
+
+    For a caller that takes either file, e.g. evaluation: True -> `checkpoint_state(path)`,
+    False -> `toco.checkpoint.load_checkpoint(path)` (whose errors then name the problem)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable here: the project's own loader reports why
+        return False
+    return isinstance(payload, Mapping) and any(
+        str(k).removeprefix("module.") == "encoder.patch_embed.proj.weight" for k in payload)
+
+
 def checkpoint_state(path: str | Path, **options) -> dict[str, Any]:
     """An official checkpoint as `toco.checkpoint.load_checkpoint` returns ours: `model`,
     `config` and `iteration` entries, so evaluation can take either file."""
@@ -331,8 +344,11 @@ def checkpoint_state(path: str | Path, **options) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m toco.convert",
         description="Convert an official ToCo checkpoint into a release .safetensors file "
-                    "(evaluate.py, predict.py and toco.load_segmenter read it).")
+                    "(evaluate.py, predict.py and toco.load_segmenter read it).",
+        epilog="example: python -m toco.convert --from toco-official model_iter_20000.pth "
+               "--family vit --output voc_vit_b.safetensors (docs/reproduce.md)")
     parser.add_argument("checkpoint", help="the official .pth (a state_dict of its network)")
     parser.add_argument("--from", dest="source", choices=[SOURCE], required=True,
                         help="the checkpoint's origin: rulixiang/ToCo")

@@ -174,11 +174,11 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if complete and not resume:
         raise UserError(f"{run_dir} already holds a finished run; pass --resume to continue "
                         "it (e.g. with a larger --max-iters) or choose another --work-dir")
-    state = None
+    state, kept = None, ""
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         check_training_keys(state, ckpt_path)
-        cfg = settings_of_resumed_run(cfg, state["config"], resume, ckpt_path)
+        cfg, kept = settings_of_resumed_run(cfg, state["config"], resume, ckpt_path)
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                           f"{info.world_size} processes")
@@ -236,6 +236,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     log.info("%s, %d data-loader worker(s)", threads_line, cfg.num_workers)
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
+    if kept:
+        log.warning("--resume: keeping the stored run's %s", kept)
     for warning in cfg.schedule_warnings(model.patch_size):
         log.warning("warning: %s", warning)
 
@@ -392,12 +394,13 @@ def check_something_trains(modules: list) -> None:
 
 
 def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: bool,
-                            ckpt_path: Path) -> TrainConfig:
+                            ckpt_path: Path) -> tuple[TrainConfig, str]:
     """The config an unfinished run continues with; never a mix of two runs' settings.
 
     Without --resume, a setting that changes results (anything outside RESUMABLE_SETTINGS)
     that differs from the stored run stops the start with one line listing each difference;
     with --resume the stored values are kept and only the resumable settings are taken.
+    Returns the config and the list of kept values that differ ("" when none).
     """
     stored = TrainConfig.from_saved(saved, str(ckpt_path))
     changed = changed_settings(stored, cfg)
@@ -408,11 +411,8 @@ def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: boo
             "pass --resume to continue it with its own settings (only "
             "max_iters, stop_at, eval/log/save frequency, workers, threads, device and "
             "paths may change), or start a new run with another --work-dir")
-    resumed = resumed_config(stored, cfg)
-    if changed:
-        log.warning("--resume: keeping the stored run's %s", ", ".join(
-            f"{k}={old!r} (not {new!r})" for k, (old, new) in changed.items()))
-    return resumed
+    kept = ", ".join(f"{k}={old!r} (not {new!r})" for k, (old, new) in changed.items())
+    return resumed_config(stored, cfg), kept
 
 
 def restore(trainer: Trainer, state: dict[str, Any], path: Path) -> tuple[int, Optional[str]]:

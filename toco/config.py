@@ -399,7 +399,7 @@ RESUMABLE_SETTINGS = frozenset({
     "max_iters", "stop_at", "eval_every", "log_every", "save_every", "num_vis", "wandb",
     "wandb_project", "wandb_name", "wandb_tags", "num_workers", "threads", "device", "compile",
     "grad_checkpointing", "nonfinite", "skip_bad_images", "data_root", "cache_dir", "work_dir",
-    "recipe",
+    "recipe", "preview_images",
 })
 
 

@@ -109,7 +109,7 @@ def test_a_plugin_defined_outside_the_package_trains_and_resumes(toy, tmp_path):
 ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
                ("rca", "aggregation_insert"), ("mcis", "self_pairs"), ("mcis", "co_cam"),
                ("mcis", "co_cam_fuse"), ("mcis", "co_cam_start_iter"), ("ppc", "start_iter"),
-               ("rca", "start_iter"), ("mcis", "start_iter")}
+               ("rca", "start_iter"), ("mcis", "start_iter"), ("ppc", "semi_hard_min_first")}
 
 
 def _flat(cfg: TrainConfig) -> dict:
@@ -142,7 +142,8 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     from toco.plugins.registry import behaviour_before_settings
 
     before = behaviour_before_settings(old)
-    assert before == {"plugins.ppc.semi_hard_window": "absolute"}
+    assert before == {"plugins.ppc.semi_hard_window": "absolute",
+                      "plugins.ppc.semi_hard_min_first": 0}
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
     assert behaviour_before_settings(again.to_dict()) == {}  # written with every setting
     with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"

@@ -216,6 +216,9 @@ class Trainer:
                 for module in active:
                     for name, value in module.compute(state).items():
                         losses[name] = value.float()
+                        if name in module.stat_names:  # logged only
+                            losses[name] = losses[name].detach()
+                            continue
                         total = total + module.weight * value.float()
         losses["total"] = total
         if cfg.dormant_terms == "step" and not self._teacher_updated:

@@ -105,6 +105,8 @@ class LossModule(nn.Module):
     """
 
     names: tuple[str, ...] = ()
+    # Values `compute` returns that are logged statistics, not losses (no weight, no gradient).
+    stat_names: tuple[str, ...] = ()
     # True for a term that reads `state.seg_logits`: the engine runs the decoder only then.
     needs_decoder: bool = False
 

@@ -73,8 +73,8 @@ def test_plugins_on_change_the_step_and_stay_finite():
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
-    assert [type(p).__name__ for p in plugins] == ["PixelPrototypeContrast", "RegionalContrast",
-                                                    "CrossImageSemantics"]
+    assert [type(p).__name__ for p in plugins] == ["PixelPrototypeContrast", "RCACoarseHead",
+                                                    "RegionalContrast", "CrossImageSemantics"]
     trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
     b = batch(0)
     b = {k: (torch.nn.functional.interpolate(v.float(), size=(64, 64)).to(torch.uint8)
@@ -83,9 +83,10 @@ def test_plugins_on_change_the_step_and_stay_finite():
     logs = [trainer.train_step(b, i) for i in range(3)]
     for log in logs:
         assert all(math.isfinite(v) for v in log.values())
-        assert {"ppc_cp", "ppc_cc", "ppc_intra", "rca", "mcis_co", "mcis_ex",
-                "mcis_self"} <= set(log)
-    assert int(plugins[1].memory.count.sum()) > 0
+        assert {"ppc_cp", "ppc_cc", "ppc_intra", "ppc_hardest_dropped", "rca", "rca_coarse",
+                "mcis_co", "mcis_ex", "mcis_self"} <= set(log)
+    assert int(plugins[2].memory.count.sum()) > 0
+    assert int(plugins[3].bank.count.sum()) > 0  # MCIS's related-image partners
     # plug-in parameters are trained (x10 head group), hooks' parameters too
     head_params = {id(p) for p in trainer.optimizer.param_groups[2]["params"]}
     for module in plugins + [model.feature_hooks[0]]:

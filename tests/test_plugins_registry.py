@@ -111,7 +111,10 @@ ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
                ("mcis", "co_cam_fuse"), ("mcis", "co_cam_start_iter"), ("ppc", "start_iter"),
                ("rca", "start_iter"), ("mcis", "start_iter"), ("ppc", "semi_hard_min_first"),
                ("rca", "fusion"), ("rca", "coarse_head"), ("rca", "coarse_weight"),
-               ("rca", "coarse_pool"), ("rca", "enqueue_score"), ("rca", "mixup_partner")}
+               ("rca", "coarse_pool"), ("rca", "enqueue_score"), ("rca", "mixup_partner"),
+               ("mcis", "co_cam_partners"), ("mcis", "co_cam_num_partners"),
+               ("mcis", "co_cam_bank_size"), ("mcis", "co_cam_self_views"),
+               ("mcis", "co_cam_score_thr")}
 
 
 # defaults changed since (a config of that time stored the old value)
@@ -154,7 +157,8 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     assert before == {"plugins.ppc.semi_hard_window": "absolute",
                       "plugins.ppc.semi_hard_min_first": 0, "plugins.rca.fusion": "gate",
                       "plugins.rca.coarse_head": False, "plugins.rca.enqueue_score": "logits",
-                      "plugins.rca.mixup_partner": "region"}
+                      "plugins.rca.mixup_partner": "region",
+                      "plugins.mcis.co_cam_partners": "in_batch"}
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
     assert behaviour_before_settings(again.to_dict()) == {}  # written with every setting
     with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"

@@ -520,8 +520,10 @@ def test_cam_views_are_the_mirrored_and_rescaled_inputs_of_the_cam_passes():
     given = (torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 2, 2))
     multi_scale_cam(cam_fn, images, (1.0, 0.5, 1.5), given=given)
     views = split_cam_passes(seen, 2, (1.0, 0.5, 1.5))
-    resize = lambda s: F.interpolate(images, size=(int(8 * s),) * 2, mode="bilinear",
-                                     align_corners=False)
+    def resize(s):
+        return F.interpolate(images, size=(int(8 * s),) * 2, mode="bilinear",
+                             align_corners=False)
+
     want = [(1.0, True, images.flip(-1)), (0.5, False, resize(0.5)),
             (0.5, True, resize(0.5).flip(-1)), (1.5, False, resize(1.5)),
             (1.5, True, resize(1.5).flip(-1))]

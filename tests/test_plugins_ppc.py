@@ -253,7 +253,9 @@ def test_scaled_window_is_the_official_one_at_21_prototypes():
     assert window(81) == (11, 51)  # COCO: skip the top ~14%, keep to the ~63rd percentile
     assert window(1) == (0, 1)  # never empty
     # the default floor 2: the hardest negative (rank 0 or 1) is never in the window
-    floor2 = lambda n: tuple(int(v) for v in scaled_window(3, 13, torch.tensor(n), min_first=2))
+    def floor2(n):
+        return tuple(int(v) for v in scaled_window(3, 13, torch.tensor(n), min_first=2))
+
     assert floor2(21) == (3, 13) and floor2(81) == (11, 51)
     assert floor2(7) == (2, 5)  # the synthetic set: 6 classes and background
     assert floor2(3) == (2, 3)

@@ -22,7 +22,8 @@ Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pse
 (the PAR-refined training pseudo-label rule on the validation split, toco.pseudo_eval), the mean
 seconds per iteration over the logging windows after the plug-ins switched on (the first window,
 warm-up, left out), the peak memory, and for PPC runs the share of logging windows in which the
-semi-hard window dropped the hardest negative prototype at every step (`ppc_hardest_dropped`). The table gives, per subset, the number of seeds n and
+semi-hard window dropped the hardest negative prototype at every step (`ppc_hardest_dropped`).
+The table gives, per subset, the number of seeds n and
 each metric's mean ± sample standard deviation over them, with the difference to `base`; a
 difference is marked `*` when it exceeds the seed spread, i.e. |mean - base mean| > std + base
 std (needs n >= 2 on both sides; a conservative rule: a run-to-run wobble of one spread on each

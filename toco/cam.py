@@ -75,8 +75,9 @@ def multi_scale_cam(
     return out[0], out[1]
 
 
-def split_cam_passes(passes: Sequence[Tensor], batch: int, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                     flip: bool = True, given: bool = True) -> list[tuple[float, bool, Tensor]]:
+def split_cam_passes(passes: Sequence[Tensor], batch: int,
+                     scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True,
+                     given: bool = True) -> list[tuple[float, bool, Tensor]]:
     """The per-view outputs of the encoder passes `multi_scale_cam` ran, in its call order.
 
     passes: one tensor per call of its cam_fn (rows = the images of that call); batch: B.

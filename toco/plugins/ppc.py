@@ -522,4 +522,5 @@ register(Plugin("ppc", PPCSettings, "PPC: pixel-to-prototype contrast between th
 
 __all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores",
            "prototypes", "prototype_ce", "semi_hard_negatives", "semi_hard_ce",
-           "hard_pixel_weights", "class_balanced_mean", "hardest_negative_excluded", "ppc_pseudo_label", "rank_within_class"]
+           "hard_pixel_weights", "class_balanced_mean", "hardest_negative_excluded",
+           "ppc_pseudo_label", "rank_within_class"]

@@ -489,3 +489,23 @@ def test_mixup_combination_against_a_loop():
     assert float(got) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     # the permutation varies with the step; the same step draws the same plan
     assert torch.equal(rca.mixup_plan(region_ok, it)[0], partner)
+
+
+def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca():
+    """A checkpoint config without the settings added since keeps the behaviour it was trained
+    with: gated fusion, no coarse head, enqueue on ToCo's logits, region mixup partners."""
+    from toco.builders import build_model
+    from toco.plugins import build_plugins
+
+    stored = tiny_cfg(rca_mask_source="pseudo_label", rca_mixup_p=0.5).to_dict()
+    for key in ("fusion", "coarse_head", "coarse_weight", "coarse_pool", "enqueue_score",
+                "mixup_partner"):
+        del stored["plugins"]["rca"][key]
+    cfg = TrainConfig.from_saved(stored)
+    s = cfg.plugins.rca
+    assert (s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) == \
+        ("gate", False, "logits", "region")
+    model = build_model(cfg, 4)
+    assert hasattr(model.feature_hooks[0], "gate")
+    (rca,) = build_plugins(cfg, 192, 4, model=model)
+    assert (rca.mask_source, rca.mixup_p, rca.enqueue_score) == ("pseudo_label", 0.5, "logits")

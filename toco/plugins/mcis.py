@@ -452,10 +452,9 @@ def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor
         total = image.new_zeros(1, 1, h, w)
         for cam, always in maps:
             raw = cam[:, c:c + 1].float()
-            if not always and float(torch.sigmoid(raw.mean())) <= score_thr:
+            if not always and not bool(passes_score_filter(raw, score_thr)):
                 continue
-            m = F.interpolate(F.relu(raw), size=(h, w), mode="bilinear", align_corners=False)
-            total += m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+            total += normalised_related_map(raw, (h, w))
         if maps:
             out[:, c] = total[:, 0] / len(maps)
     return out

@@ -21,7 +21,7 @@ Related-image maps fused into the pseudo labels (default, `co_cam: online_fuse`,
 `co_cam_partners: related`): the paper's inference with related images, during training. For
 every image and each of its classes c, `co_cam_num_partners` (3) partners are drawn from a bank
 of the final tokens of the most recent training images containing c (`PartnerBank`, no extra
-encoder pass; the partners' tokens are a few steps old), plus self-pairs with the image's own
+encoder pass; the partners' tokens come from the step that trained on them), plus self-pairs with the image's own
 views from ToCo's multi-scale CAM passes (the mirror image at scale 1, always counted, and the
 other CAM scales: 0.5 and 1.5 on VOC instead of the official 0.75 and 2, which would need extra
 passes). Each map is ReLU'd, upsampled and max-normalised, counts when sigmoid(its mean) > 0.1,

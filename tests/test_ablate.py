@@ -73,8 +73,8 @@ def test_plugins_on_change_the_step_and_stay_finite():
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
-    assert [type(p).__name__ for p in plugins] == ["PixelPrototypeContrast", "RegionalContrast",
-                                                    "CrossImageSemantics"]
+    assert [type(p).__name__ for p in plugins] == ["PixelPrototypeContrast", "RCACoarseHead",
+                                                    "RegionalContrast", "CrossImageSemantics"]
     trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
     b = batch(0)
     b = {k: (torch.nn.functional.interpolate(v.float(), size=(64, 64)).to(torch.uint8)
@@ -83,9 +83,10 @@ def test_plugins_on_change_the_step_and_stay_finite():
     logs = [trainer.train_step(b, i) for i in range(3)]
     for log in logs:
         assert all(math.isfinite(v) for v in log.values())
-        assert {"ppc_cp", "ppc_cc", "ppc_intra", "rca", "mcis_co", "mcis_ex",
-                "mcis_self"} <= set(log)
-    assert int(plugins[1].memory.count.sum()) > 0
+        assert {"ppc_cp", "ppc_cc", "ppc_intra", "ppc_hardest_dropped", "rca", "rca_coarse",
+                "mcis_co", "mcis_ex", "mcis_self"} <= set(log)
+    assert int(plugins[2].memory.count.sum()) > 0
+    assert int(plugins[3].bank.count.sum()) > 0  # MCIS's related-image partners
     # plug-in parameters are trained (x10 head group), hooks' parameters too
     head_params = {id(p) for p in trainer.optimizer.param_groups[2]["params"]}
     for module in plugins + [model.feature_hooks[0]]:
@@ -171,7 +172,11 @@ def test_tiny_ablation_runs_every_subset_for_every_seed(tmp_path):
     assert report["runs"]["all"]["0"]["plugins"] == ["ppc", "rca", "mcis"]
     assert (out / "all" / "seed1" / "checkpoints" / "last.pt").exists()
     text = (out / "ablation.md").read_text()
-    assert "| base | 2 |" in text and "| all | 2 |" in text and "Per seed" in text
+    # the data path is held fixed: base trains on the MCIS pair sampler's batches too
+    assert "| base | 2 | pairs share_one |" in text and "| all | 2 | pairs share_one |" in text
+    assert "Data path held fixed: the pair sampler 'share_one'" in text and "Per seed" in text
+    assert report["runs"]["base"]["0"]["config"]["pair_sampler"] == "share_one"
+    assert report["meta"]["data_path"] == "fixed"
     assert "| all | 1 |" in text  # the per-seed table
     # results are reused: a second call trains nothing and rewrites the same table
     assert run_cli(lambda: ablate.main(argv)) == 0
@@ -194,3 +199,24 @@ def test_seed_statistics_and_the_spread_rule():
     assert far["cam_miou"] == {"diff": pytest.approx(5.0), "exceeds_seed_spread": True}
     assert near["cam_miou"]["exceeds_seed_spread"] is False
     assert one["cam_miou"]["exceeds_seed_spread"] is None and "seg_miou" not in far
+
+
+def test_fixed_data_path_chooses_one_sampler_for_every_subset():
+    from pathlib import Path
+
+    from toco.ablate import data_path_note, fixed_data_path, subset_config
+    from toco.plugins import pair_policy
+
+    cfg = TrainConfig.from_dict(TINY)
+    assert fixed_data_path(cfg, ["base", "ppc"]) is None  # nobody pairs images
+    assert fixed_data_path(cfg, ["base", "mcis"]) == "share_one"
+    random_mcis = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"pair_policy": "random"}}})
+    assert fixed_data_path(random_mcis, ["base", "mcis"]) == "random"
+    forced = TrainConfig.from_dict({**TINY, "pair_sampler": "random"})
+    assert fixed_data_path(forced, ["base", "mcis"]) == "random"  # --pair-sampler wins
+    base = subset_config(cfg, "base", Path("o"), 0, "share_one")
+    assert base.plugins.enabled() == [] and pair_policy(base) == "share_one"
+    assert pair_policy(subset_config(cfg, "base", Path("o"), 0)) is None  # per subset
+    assert pair_policy(subset_config(forced, "mcis", Path("o"), 0)) == "random"
+    note = data_path_note(False, "share_one", ["base", "mcis", "all"], cfg)
+    assert "mcis, all trained on image pairs sharing a class" in note and "mixes" in note

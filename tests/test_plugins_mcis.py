@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
@@ -280,7 +281,9 @@ def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
                          seg_logits=None, cam=cam, cam_aux=cam, make_pseudo_label=None,
                          make_token_label=None, make_ctc=None, model=t.model)
 
-    on, off = trainer(co_cam="online_fuse"), trainer()
+    # the in-batch fusion (co_cam_partners in_batch, as before the related-image maps)
+    on = trainer(co_cam="online_fuse", co_cam_partners="in_batch", co_cam_fuse="max")
+    off = trainer(co_cam="off")
     off.loss_modules.load_state_dict(on.loss_modules.state_dict())
     cam = torch.zeros(2, 3, 32, 32)
     cam[:, 0, :16] = 0.9  # class 0 confidently in the top half only
@@ -411,3 +414,119 @@ def test_self_pairs_loss_is_the_co_attention_with_the_mirror_image():
         mlsm(scores, torch.cat([labels, labels])).mean(), rel=1e-5)
     out["mcis_self"].backward()
     assert net.embed.weight.grad.abs().sum() > 0
+
+
+def test_related_maps_match_a_hand_computed_map():
+    """Two partners of class 0 from the bank and two self-views (the mirror image, always
+    counted, and a 2x2 rescaled view subject to the score filter), against the official rule
+    written out: per map ReLU, upsample, / max; sum of the counted maps / number of maps."""
+    from toco.plugins.mcis import PartnerBank, related_image_maps
+
+    torch.manual_seed(12)
+    d, h, w, size = 6, 3, 3, (6, 6)
+    head = CrossImageSemantics(d, 3).head
+    weight = head.classifier.weight.detach()
+    x = torch.randn(1, h * w, d)
+    labels = torch.tensor([[1.0, 0.0]])
+    p1, p2 = torch.randn(h * w, d), torch.randn(h * w, d)
+    bank = PartnerBank(2, 3, h * w, d)
+    bank.push(torch.stack([p1, p2]), torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    assert bank.count.tolist() == [2, 1]
+    image, cls, tokens = bank.draw(labels, 2, torch.Generator().manual_seed(0))
+    assert image.tolist() == [0, 0] and cls.tolist() == [0, 0]
+    mirror, small = torch.randn(1, h * w, d), torch.randn(1, 4, d)
+    views = [(True, True, mirror, (h, w)), (False, False, small, (2, 2))]
+    got, count = related_image_maps(head, weight, x, (h, w), labels, (image, cls, tokens), views,
+                                    size, 0.1)
+    assert count.tolist() == [[4.0, 0.0]]
+
+    def norm(m):  # (h', w') raw map -> normalised (H, W)
+        m = F.interpolate(torch.relu(m)[None, None], size=size, mode="bilinear",
+                          align_corners=False)[0, 0]
+        return m / (m.max() + 1e-5)
+
+    def attend(fm, fn):  # S = W fm . fn / sqrt(D); fm side: softmax over n; fn side: over m
+        s = (fm @ head.affinity.weight.t() @ fn.t()) / math.sqrt(d)
+        return s.softmax(dim=1) @ fn, s.softmax(dim=0).t() @ fm
+
+    total, n = torch.zeros(size), 0
+    for partner in tokens:  # the image's side, channel 0
+        raw = (attend(x[0], partner.float())[0] @ weight[0]).reshape(h, w)
+        total += norm(raw) if torch.sigmoid(raw.mean()) > 0.1 else 0
+        n += 1
+    raw = (attend(x[0], mirror[0])[1] @ weight[0]).reshape(h, w).flip(-1)  # always counted
+    total += norm(raw)
+    n += 1
+    raw = (attend(x[0], small[0])[1] @ weight[0]).reshape(2, 2)
+    total += norm(raw) if torch.sigmoid(raw.mean()) > 0.1 else 0
+    n += 1
+    torch.testing.assert_close(got[0, 0], total / n, rtol=1e-3, atol=1e-4)
+    assert got[0, 1].abs().sum() == 0  # absent class
+
+
+def test_default_fusion_changes_the_pseudo_label_through_a_partner():
+    """Defaults: the pseudo labels are refined from the CAM averaged with the related-image
+    map; a partner in the bank changes them (without any partner and self-view, they are
+    ToCo's)."""
+    from tests.test_ablate import TINY, batch
+    from toco.builders import build_model
+    from toco.config import TrainConfig
+    from toco.engine import Trainer, build_loss_modules
+    from toco.plugins import build_plugins
+
+    cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})
+    s = cfg.plugins.mcis
+    assert (s.co_cam, s.co_cam_partners, s.co_cam_fuse, s.co_cam_self_views) == \
+        ("online_fuse", "related", "mean", True)
+    torch.manual_seed(0)
+    model = build_model(cfg, 4)
+    plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+    trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
+    base = Trainer(cfg, model, build_loss_modules(cfg), torch.device("cpu"))
+    mcis = plugins[0]
+    assert mcis.needs_cam_views and mcis.bank.tokens.shape == (3, 3, 4, 192)
+    b = batch(0)
+    images = b["image"].float() / 255
+    cam = torch.zeros(2, 3, 32, 32)
+    cam[:, 0, :16] = 0.9
+
+    def state(t):
+        with torch.no_grad():
+            feats = t.model.encode(images)
+        return StepState(iteration=3, images=images, cls_label=torch.tensor([[1.0, 0, 0]] * 2),
+                         img_box=b["img_box"], feats=feats, logits=None, aux_logits=None,
+                         seg_logits=None, cam=cam, cam_aux=cam, make_pseudo_label=None,
+                         make_token_label=None, make_ctc=None, model=t.model)
+
+    with torch.no_grad():
+        plain = base._pseudo_label(state(base))
+        assert torch.equal(trainer._pseudo_label(state(trainer)), plain)  # empty bank
+        partner = model.encode(batch(5)["image"].float() / 255).tokens
+        mcis.bank.push(partner.flatten(2).transpose(1, 2), torch.tensor([[1.0, 0, 0]] * 2))
+        label = trainer._pseudo_label(state(trainer))
+    assert not torch.equal(label, plain)
+
+
+def test_cam_views_are_the_mirrored_and_rescaled_inputs_of_the_cam_passes():
+    from toco.cam import multi_scale_cam, split_cam_passes
+
+    images = torch.rand(2, 3, 8, 8)
+    seen = []
+
+    def cam_fn(x):
+        seen.append(x)
+        return torch.zeros(x.shape[0], 2, 2, 2), torch.zeros(x.shape[0], 2, 2, 2)
+
+    given = (torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 2, 2))
+    multi_scale_cam(cam_fn, images, (1.0, 0.5, 1.5), given=given)
+    views = split_cam_passes(seen, 2, (1.0, 0.5, 1.5))
+    def resize(s):
+        return F.interpolate(images, size=(int(8 * s),) * 2, mode="bilinear",
+                             align_corners=False)
+
+    want = [(1.0, True, images.flip(-1)), (0.5, False, resize(0.5)),
+            (0.5, True, resize(0.5).flip(-1)), (1.5, False, resize(1.5)),
+            (1.5, True, resize(1.5).flip(-1))]
+    assert [(s, m) for s, m, _ in views] == [(s, m) for s, m, _ in want]
+    for (_, _, got), (_, _, exp) in zip(views, want):
+        assert torch.equal(got, exp)

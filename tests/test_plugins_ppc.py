@@ -177,11 +177,11 @@ def test_identical_views_make_cross_prototype_equal_cross_cam():
 def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     net = FakeNet()
     ppc = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bg_thr=0.3,
-                                 semi_hard=(1, 3), terms=(1.0, 0.5, 2.0))
+                                 semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
     state = make_state(net, scale_cam_from_online=False)
     out = ppc.compute(state)
-    assert set(out) == {"ppc_cp", "ppc_cc", "ppc_intra"}
-    total = sum(out.values())
+    assert set(out) == {"ppc_cp", "ppc_cc", "ppc_intra", "ppc_hardest_dropped"}
+    total = sum(v for k, v in out.items() if k not in ppc.stat_names)
     assert torch.isfinite(total)
     total.backward()
     assert net.embed.weight.grad.abs().sum() > 0
@@ -189,7 +189,7 @@ def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     assert ("rescaled_view", 0.5, True) in state.extras  # one extra pass, cached
     # the same step and seed draw the same random pixels
     again = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bg_thr=0.3,
-                                   semi_hard=(1, 3), terms=(1.0, 0.5, 2.0))
+                                   semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
     again.load_state_dict(ppc.state_dict())
     out2 = again.compute(make_state(net, scale_cam_from_online=False))
     for k in out:
@@ -252,15 +252,23 @@ def test_scaled_window_is_the_official_one_at_21_prototypes():
     assert window(3) == (0, 2)  # ceil(13 * 3 / 21) = 2: the nearest other prototype stays
     assert window(81) == (11, 51)  # COCO: skip the top ~14%, keep to the ~63rd percentile
     assert window(1) == (0, 1)  # never empty
+    # the default floor 2: the hardest negative (rank 0 or 1) is never in the window
+    def floor2(n):
+        return tuple(int(v) for v in scaled_window(3, 13, torch.tensor(n), min_first=2))
+
+    assert floor2(21) == (3, 13) and floor2(81) == (11, 51)
+    assert floor2(7) == (2, 5)  # the synthetic set: 6 classes and background
+    assert floor2(3) == (2, 3)
 
 
 def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
     net = FakeNet()
     state = make_state(net, scale_cam_from_online=False)
     state.cls_label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # 3 prototypes with bg
-    relative = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0))
+    relative = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0),
+                                      proto_scope="gather", semi_hard_min_first=0)
     official = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0),
-                                      semi_hard_window="absolute")
+                                      proto_scope="gather", semi_hard_window="absolute")
     official.load_state_dict(relative.state_dict())
     intra = relative.compute(state)["ppc_intra"]
     assert float(intra) > 0.05
@@ -275,7 +283,8 @@ def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
 def test_ema_prototypes_blend_and_stand_in_for_absent_classes():
     ppc = PixelPrototypeContrast(2, 4, proj_dim=2, proto_scope="ema", ema_momentum=0.9)
     assert set(ppc.state_dict()) >= {"proto_ema", "proto_seen"}
-    assert "proto_ema" not in PixelPrototypeContrast(2, 4, proj_dim=2).state_dict()
+    assert "proto_ema" not in PixelPrototypeContrast(2, 4, proj_dim=2,
+                                                     proto_scope="gather").state_dict()
     p1 = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
     p2 = F.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 1.0], [2.0, 2.0]]), dim=1)
     ppc._update_ema(p1, torch.tensor([True, False, True, False]))
@@ -300,3 +309,115 @@ def test_ema_scope_trains_and_fills_its_buffers():
     assert all(torch.isfinite(v) for v in out.values())
     assert ppc.proto_seen.tolist() == [True, True, True, True]  # bg and the 3 classes of y
     assert torch.allclose(ppc.proto_ema.norm(dim=1), torch.ones(4))
+
+
+def test_hardest_negative_statistic_against_a_loop():
+    from toco.plugins.ppc import hardest_negative_excluded
+
+    torch.manual_seed(3)
+    c = 7
+    sim = torch.rand(40, c)
+    label = torch.randint(0, c, (40,))
+    proto_ok = torch.tensor([True, True, False, True, True, True, True])
+    for first, last in ((0, 4), (1, 4), (2, 5)):
+        keep = semi_hard_negatives(sim, label, proto_ok, first, last)
+        got = hardest_negative_excluded(sim, label, proto_ok, keep)
+        for i in range(40):
+            others = [j for j in range(c) if proto_ok[j] and j != int(label[i])]
+            hardest = max(others, key=lambda j: float(sim[i, j]))
+            ranked = sorted([j for j in range(c) if proto_ok[j]], key=lambda j: -float(sim[i, j]))
+            assert bool(got[i]) == (hardest not in ranked[first:last])
+        if first >= 2:  # the hardest negative is at rank 0 or 1: always dropped
+            assert got.all()
+
+
+def _reference_prototypes(emb, cam, lab, y, k):
+    """Loop version of the prototypes of one view (batch scope, present classes only)."""
+    b, h, w, _ = emb.shape
+    c = cam.shape[1] + 1
+    pixels = [(i, r, q) for i in range(b) for r in range(h) for q in range(w)
+              if int(lab[i, r, q]) != IGNORE]
+    protos, exists = {}, {}
+    for cls in range(c):
+        def score(p):
+            i, r, q = p
+            present = [float(cam[i, j, r, q]) * float(y[i, j]) for j in range(c - 1)]
+            return 1 - max(present) if cls == 0 else present[cls - 1]
+        top = sorted(pixels, key=lambda p: -score(p))[:k]
+        vec = sum(max(score(p), 0.0) * emb[p].double() for p in top)
+        present_cls = cls == 0 or bool(y[:, cls - 1].any())
+        exists[cls] = present_cls and sum(max(score(p), 0.0) for p in top) > 0
+        protos[cls] = vec / vec.norm()
+    return protos, exists
+
+
+def _reference_f(emb, lab, protos, exists, tau):
+    """mean_i F(v_i; y_i; P) over the pixels with a label whose prototype exists."""
+    b, h, w, _ = emb.shape
+    losses = []
+    for i in range(b):
+        for r in range(h):
+            for q in range(w):
+                yl = int(lab[i, r, q])
+                if yl == IGNORE or not exists[yl]:
+                    continue
+                v = emb[i, r, q].double()
+                logits = {c: float(v @ protos[c]) / tau for c in protos if exists[c]}
+                den = math.log(sum(math.exp(x) for x in logits.values()))
+                losses.append(den - logits[yl])
+    return sum(losses) / len(losses)
+
+
+def test_cross_view_terms_take_labels_and_prototypes_from_the_right_view():
+    """L_cp and L_cc with two *different* views, against loops written from the formulas:
+    L_cp = (F(v^S; y^S; P^T) + F(v^T; y^T; P^S)) / 2, L_cc = (F(v^S; y^T; P^S) +
+    F(v^T; y^S; P^T)) / 2."""
+    torch.manual_seed(11)
+    b, h, w, d, k_fg = 2, 3, 4, 5, 3
+    emb_s = F.normalize(torch.randn(b, h, w, d), dim=-1)
+    emb_t = F.normalize(torch.randn(b, h, w, d), dim=-1)
+    cam_s, cam_t = torch.rand(b, k_fg, h, w), torch.rand(b, k_fg, h, w)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    lab_s = ppc_pseudo_label(cam_s, y, 0.4, valid)
+    lab_t = ppc_pseudo_label(cam_t, y, 0.4, valid)
+    lab_t[0, 0, 0] = IGNORE
+    assert (lab_s != lab_t).any()  # the views disagree somewhere
+    ppc = PixelPrototypeContrast(d, k_fg + 1, proto_scope="batch", topk_ratio=0.5,
+                                 terms=(1.0, 1.0, 0.0), tau=0.1)
+    state = StepState(iteration=0, images=torch.zeros(b, 3, 8, 8), cls_label=y,
+                      img_box=torch.zeros(b, 4), feats=None, logits=None, aux_logits=None,
+                      seg_logits=None, cam=None, cam_aux=None, make_pseudo_label=None,
+                      make_token_label=None, make_ctc=None)
+    out = ppc._losses(state, emb_s, emb_t, cam_s, cam_t, lab_s, lab_t, (h, w))
+    k = round(0.5 * h * w)
+    p_s, e_s = _reference_prototypes(emb_s, cam_s, lab_s, y, k)
+    p_t, e_t = _reference_prototypes(emb_t, cam_t, lab_t, y, k)
+    cp = 0.5 * (_reference_f(emb_s, lab_s, p_t, e_t, 0.1) + _reference_f(emb_t, lab_t, p_s, e_s,
+                                                                         0.1))
+    cc = 0.5 * (_reference_f(emb_s, lab_t, p_s, e_s, 0.1) + _reference_f(emb_t, lab_s, p_t, e_t,
+                                                                         0.1))
+    assert float(out["ppc_cp"]) == pytest.approx(cp, rel=1e-5)
+    assert float(out["ppc_cc"]) == pytest.approx(cc, rel=1e-5)
+    assert abs(cp - cc) > 1e-3  # the test tells the two assemblies apart
+
+
+def test_default_settings_mine_semi_hard_prototypes():
+    """Defaults (ema prototypes, window floor 2): once every class has a running prototype,
+    the window drops the hardest negative of every anchor pixel (statistic 1)."""
+    from toco.config import TrainConfig
+    from toco.plugins.ppc import build_ppc
+    from toco.plugins.registry import BuildContext
+
+    cfg = TrainConfig()
+    s = cfg.plugins.ppc
+    assert (s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bg_thr) == \
+        ("ema", "relative", 2, 0.2)
+    (ppc,) = build_ppc(s, BuildContext(cfg, 8, 4, __import__("toco.distributed").distributed
+                                       .DistInfo()))
+    net = FakeNet()
+    ppc.proto_seen.fill_(True)
+    ppc.proto_ema.copy_(F.normalize(torch.randn(4, 128), dim=1))
+    out = ppc.compute(make_state(net, scale_cam_from_online=False))
+    assert float(out["ppc_hardest_dropped"]) == 1.0
+    assert float(out["ppc_intra"]) > 0

@@ -130,7 +130,7 @@ def make_memory_with_centroids(k=2, num_centroids=2, d=4):
 def test_aggregation_starts_as_identity_and_attends_over_centroids():
     torch.manual_seed(4)
     mem = make_memory_with_centroids()
-    hook = RCAAggregation(8, mem)
+    hook = RCAAggregation(8, mem, fusion="gate")
     tokens = torch.randn(2, 8, 3, 3)
     out = hook(EncoderOutput(torch.zeros(2, 8), tokens, tokens))
     assert torch.equal(out.tokens, tokens) and out.raw_tokens is tokens
@@ -143,7 +143,7 @@ def test_aggregation_starts_as_identity_and_attends_over_centroids():
     expected = x + hook.out(attn @ hook.v(u))
     np.testing.assert_allclose(out.tokens.flatten(2).transpose(1, 2).detach().numpy(),
                                expected.detach().numpy(), rtol=1e-5, atol=1e-5)
-    dot = RCAAggregation(8, mem, attention="dot")
+    dot = RCAAggregation(8, mem, attention="dot", fusion="gate")
     dot.load_state_dict(hook.state_dict())
     got = dot.aggregate(tokens).flatten(2).transpose(1, 2)
     want = dot.out((2.0 * dot.q(x) @ dot.k(u).t()) @ dot.v(u))
@@ -151,7 +151,7 @@ def test_aggregation_starts_as_identity_and_attends_over_centroids():
 
 
 def test_aggregation_without_centroids_has_finite_gradients():
-    hook = RCAAggregation(8, RCAMemory(2, 4, 4, 2))
+    hook = RCAAggregation(8, RCAMemory(2, 4, 4, 2), fusion="gate")
     with torch.no_grad():
         hook.gate.fill_(0.5)
     tokens = torch.randn(1, 8, 2, 2, requires_grad=True)
@@ -173,26 +173,26 @@ def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_p
     from toco.plugins import build_plugins
 
     torch.manual_seed(5)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(rca_fusion="gate")
     model = build_model(cfg, 4)
-    (plugin,) = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
+    coarse, plugin = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
     assert plugin.memory is model.feature_hooks[0].memory
     emb = F.normalize(torch.randn(7, 3, 8), dim=-1)
     plugin.memory.enqueue(emb, torch.rand(7, 3) > 0.3)
     plugin.memory.refresh_centroids(2, seed=1)
     with torch.no_grad():
         model.feature_hooks[0].gate.fill_(0.3)
-    modules = torch.nn.ModuleList([plugin])
+    modules = torch.nn.ModuleList([coarse, plugin])
     save_checkpoint({"model": model.state_dict(), "trainer": {"loss_modules": modules.state_dict()},
                      "config": cfg.to_dict()}, tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     assert "feature_hooks.0.memory.mem" in state["model"]
-    assert "0.memory.count" in state["trainer"]["loss_modules"]
+    assert "1.memory.count" in state["trainer"]["loss_modules"]
 
     model2 = build_model(TrainConfig.from_dict(state["config"]), 4)
     model2.load_state_dict(state["model"])
-    (plugin2,) = build_plugins(cfg, 192, 4, model=model2)
-    torch.nn.ModuleList([plugin2]).load_state_dict(state["trainer"]["loss_modules"])
+    coarse2, plugin2 = build_plugins(cfg, 192, 4, model=model2)
+    torch.nn.ModuleList([coarse2, plugin2]).load_state_dict(state["trainer"]["loss_modules"])
     for name in ("mem", "ptr", "count", "cent", "cent_ok"):
         assert torch.equal(getattr(plugin2.memory, name), getattr(plugin.memory, name))
     assert plugin2.memory is model2.feature_hooks[0].memory
@@ -209,7 +209,7 @@ def test_contrast_only_needs_no_hook():
     cfg = tiny_cfg(rca_aggregation=False)
     model = build_model(cfg, 4)
     assert len(model.feature_hooks) == 0
-    (plugin,) = build_plugins(cfg, 192, 4, model=model)
+    plugin = build_plugins(cfg, 192, 4, model=model)[-1]
     assert isinstance(plugin.memory, RCAMemory)
 
 
@@ -297,7 +297,7 @@ def test_projection_head_is_trained_from_the_first_memory_write():
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
     trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, torch.device("cpu"))
-    rca = plugins[0]
+    rca = plugins[-1]
     for it in range(2):  # before the start: no write, no centroid, the head untouched
         assert "rca" not in trainer.train_step(batch(it), it)
         assert int(rca.memory.count.sum()) == 0 and not rca.memory.cent_ok.any()
@@ -323,7 +323,7 @@ def test_contrast_is_taken_against_the_memory_after_the_write():
     tokens = torch.randn(2, 6, 2, 2)
     State.feats = EncoderOutput(torch.zeros(2, 6), tokens, tokens)
     rca = RegionalContrast(6, 3, RCAMemory(2, 4, 4, 1), dim=4, mask_source="cam_thr",
-                           high_thre=0.5, min_tokens=1, mixup_p=0.0)
+                           high_thre=0.5, min_tokens=1, mixup_p=0.0, enqueue_score="logits")
     loss = rca.compute(State)["rca"]
     g = rca.proj(tokens)  # (B, h, w, d); regions: row 0 of image 0, row 1 of image 1
     z = F.normalize(torch.stack([g[0, 0].mean(0), g[1, 1].mean(0)]), dim=-1)
@@ -341,10 +341,10 @@ def test_aggregation_can_rewrite_only_the_decoder_input():
     from toco.plugins.rca import AggregatedDecoder
 
     torch.manual_seed(6)
-    cfg = tiny_cfg(rca_aggregation_insert="decoder")
+    cfg = tiny_cfg(rca_aggregation_insert="decoder", rca_fusion="gate")
     model = build_model(cfg, 4)
     assert len(model.feature_hooks) == 0 and isinstance(model.decoder, AggregatedDecoder)
-    (plugin,) = build_plugins(cfg, 192, 4, model=model)
+    plugin = build_plugins(cfg, 192, 4, model=model)[-1]
     assert plugin.memory is model.decoder.aggregation.memory
     plugin.memory.enqueue(F.normalize(torch.randn(5, 3, 8), dim=-1), torch.ones(5, 3).bool())
     plugin.memory.refresh_centroids(2, seed=0)
@@ -363,3 +363,149 @@ def test_aggregation_can_rewrite_only_the_decoder_input():
         agg = model.decoder.aggregation.rewrite(plain_feats.tokens)
         assert not torch.equal(agg, plain_feats.tokens)
         assert torch.allclose(model(x), plain.decoder(agg), atol=1e-6)
+
+
+def test_concat_fusion_is_the_identity_until_the_first_centroids():
+    torch.manual_seed(7)
+    mem = RCAMemory(3, 6, 4, 2)
+    hook = RCAAggregation(8, mem)  # default: the official concat + 1x1 fusion
+    assert hook.fusion == "concat" and not hasattr(hook, "gate")
+    with torch.no_grad():  # whatever the fusion weights, no centroid -> the input itself
+        hook.fuse.weight.normal_()
+    tokens = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = hook(EncoderOutput(torch.zeros(2, 8), tokens, tokens)).tokens
+    assert torch.equal(out, tokens)
+    out.sum().backward()
+    assert torch.equal(tokens.grad, torch.ones_like(tokens))
+    # with centroids: X' = W_f [X; O] + b_f, O = Out(softmax(Q K^T / sqrt(d)) V)
+    mem.enqueue(F.normalize(torch.randn(6, 3, 4), dim=-1), torch.ones(6, 3, dtype=torch.bool))
+    mem.refresh_centroids(3, seed=0)
+    x = tokens.detach().flatten(2).transpose(1, 2)
+    u = mem.cent.reshape(-1, 4)
+    o = hook.out(((hook.q(x) @ hook.k(u).t()) / 2.0).softmax(-1) @ hook.v(u))
+    want = torch.cat([x, o], dim=-1) @ hook.fuse.weight.t() + hook.fuse.bias
+    got = hook.rewrite(tokens.detach()).flatten(2).transpose(1, 2)
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-4, atol=1e-5)
+    # initialised to [I, 0]: the first centroids do not change the features
+    fresh = RCAAggregation(8, mem)
+    assert torch.allclose(fresh.rewrite(tokens.detach()), tokens.detach(), atol=1e-6)
+
+
+def test_default_model_aggregation_equals_its_input_before_the_first_refresh():
+    from toco.builders import build_model
+
+    torch.manual_seed(2)
+    cfg = tiny_cfg()  # defaults: concat fusion, aggregation before the classifier
+    assert cfg.plugins.rca.fusion == "concat"
+    model = build_model(cfg, 4).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.encode(x)
+        assert torch.equal(feats.tokens, feats.raw_tokens)
+
+
+def test_coarse_head_loss_masks_and_cam_gap_enqueue_by_hand():
+    from toco.losses import multilabel_loss
+    from toco.plugins.rca import COARSE_CAM, RCACoarseHead, region_masks
+
+    torch.manual_seed(8)
+    tokens = torch.randn(2, 6, 3, 3)
+    head = RCACoarseHead(6, 4)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+    class State:
+        iteration = 0
+        cls_label = y
+        feats = EncoderOutput(torch.zeros(2, 6), tokens, tokens)
+        extras: dict = {}
+
+    loss = head.compute(State)["rca_coarse"]
+    a0 = torch.einsum("kd,bdhw->bkhw", head.classifier.weight[:, :, 0, 0], tokens)
+    assert torch.allclose(State.extras[COARSE_CAM], a0, atol=1e-6)
+    assert float(loss) == pytest.approx(float(multilabel_loss(a0.mean(dim=(-2, -1)), y)),
+                                        rel=1e-6)
+    masks = region_masks("coarse_mean", State, (3, 3), 0.7)
+    p = a0.softmax(dim=1)
+    for b in range(2):
+        for k in range(3):
+            for i in range(3):
+                for j in range(3):
+                    assert bool(masks[b, k, i, j]) == bool(p[b, k, i, j] > p[b, k].mean())
+
+    # enqueue score: sigmoid(GAP of the final CAM) > thr (official), not the max-pooled logits
+    from models.heads import CAMClassifier
+
+    class Net:
+        classifier = CAMClassifier(6, 3)
+
+    State.model = Net
+    State.logits = torch.full((2, 3), 10.0)  # would enqueue everything
+    rca = RegionalContrast(6, 4, RCAMemory(3, 4, 4, 1), dim=4, min_tokens=1, contrast=False)
+    rca.compute(State)
+    gap = Net.classifier.cam(tokens).mean(dim=(-2, -1))
+    ok = (y > 0) & (masks.sum(dim=(-2, -1)) >= 1) & (torch.sigmoid(gap) > 0.7)
+    assert rca.memory.count.tolist() == ok.sum(dim=0).tolist()
+
+
+def _loop_infonce(q, target, mem, tau):
+    """L(q, t) = mean_{j in M_t} [-s_j + log(exp(s_j) + sum_{n not in M_t} exp(s_n))]."""
+    m = F.normalize(mem, dim=-1)
+    pos = [float(q @ m[target, j]) / tau for j in range(m.shape[1])]
+    neg = [float(q @ m[c, j]) / tau for c in range(m.shape[0]) if c != target
+           for j in range(m.shape[1])]
+    return sum(-s + math.log(math.exp(s) + sum(math.exp(n) for n in neg)) for s in pos) / len(pos)
+
+
+def test_mixup_combination_against_a_loop():
+    """Official mixup: partner image perm(b), a random usable class of it, lambda ~ Beta(8, 8)
+    always; loss lambda L(q, c) + (1 - lambda) L(q, c') with q = normalise(lambda r + (1 -
+    lambda) r'), mean over the usable regions."""
+    torch.manual_seed(9)
+    b, k, d = 3, 3, 4
+    mem = RCAMemory(k, 5, d, 1)
+    mem.enqueue(F.normalize(torch.randn(5, k, d), dim=-1), torch.ones(5, k, dtype=torch.bool))
+    rca = RegionalContrast(6, k + 1, mem, dim=d, seed=3)
+    assert (rca.mixup_p, rca.mixup_partner) == (1.0, "image")
+    r = F.normalize(torch.randn(b, k, d), dim=-1)
+    region_ok = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    it = 4
+    partner, lam = rca.mixup_plan(region_ok, it)
+    got = rca._contrast(r, region_ok, it)
+    # the plan: every region of image i mixes with a usable region of one image perm(i)
+    flat_ok = region_ok.reshape(-1)
+    for i in range(b):
+        images = {int(partner[i * k + c]) // k for c in range(k)}
+        assert len(images) == 1
+    assert flat_ok[partner].all() and ((lam > 0) & (lam < 1)).all()
+    flat = r.reshape(b * k, d)
+    expected = []
+    for i in range(b * k):
+        if not flat_ok[i]:
+            continue
+        j, l_ = int(partner[i]), float(lam[i])
+        q = F.normalize(l_ * flat[i] + (1 - l_) * flat[j], dim=0)
+        expected.append(l_ * _loop_infonce(q, i % k, mem.mem, 0.07)
+                        + (1 - l_) * _loop_infonce(q, j % k, mem.mem, 0.07))
+    assert float(got) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    # the permutation varies with the step; the same step draws the same plan
+    assert torch.equal(rca.mixup_plan(region_ok, it)[0], partner)
+
+
+def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca():
+    """A checkpoint config without the settings added since keeps the behaviour it was trained
+    with: gated fusion, no coarse head, enqueue on ToCo's logits, region mixup partners."""
+    from toco.builders import build_model
+    from toco.plugins import build_plugins
+
+    stored = tiny_cfg(rca_mask_source="pseudo_label", rca_mixup_p=0.5).to_dict()
+    for key in ("fusion", "coarse_head", "coarse_weight", "coarse_pool", "enqueue_score",
+                "mixup_partner"):
+        del stored["plugins"]["rca"][key]
+    cfg = TrainConfig.from_saved(stored)
+    s = cfg.plugins.rca
+    assert (s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) == \
+        ("gate", False, "logits", "region")
+    model = build_model(cfg, 4)
+    assert hasattr(model.feature_hooks[0], "gate")
+    (rca,) = build_plugins(cfg, 192, 4, model=model)
+    assert (rca.mask_source, rca.mixup_p, rca.enqueue_score) == ("pseudo_label", 0.5, "logits")

@@ -109,7 +109,18 @@ def test_a_plugin_defined_outside_the_package_trains_and_resumes(toy, tmp_path):
 ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
                ("rca", "aggregation_insert"), ("mcis", "self_pairs"), ("mcis", "co_cam"),
                ("mcis", "co_cam_fuse"), ("mcis", "co_cam_start_iter"), ("ppc", "start_iter"),
-               ("rca", "start_iter"), ("mcis", "start_iter")}
+               ("rca", "start_iter"), ("mcis", "start_iter"), ("ppc", "semi_hard_min_first"),
+               ("rca", "fusion"), ("rca", "coarse_head"), ("rca", "coarse_weight"),
+               ("rca", "coarse_pool"), ("rca", "enqueue_score"), ("rca", "mixup_partner"),
+               ("mcis", "co_cam_partners"), ("mcis", "co_cam_num_partners"),
+               ("mcis", "co_cam_bank_size"), ("mcis", "co_cam_self_views"),
+               ("mcis", "co_cam_score_thr")}
+
+
+# defaults changed since (a config of that time stored the old value)
+OLD_DEFAULTS = {("rca", "mask_source"): "pseudo_label", ("rca", "mixup_p"): 0.5,
+                ("ppc", "proto_scope"): "gather", ("ppc", "bg_thr"): None,
+                ("mcis", "co_cam"): "off"}
 
 
 def _flat(cfg: TrainConfig) -> dict:
@@ -119,6 +130,7 @@ def _flat(cfg: TrainConfig) -> dict:
         for key, value in values.items():
             if (name, key) in ADDED_SINCE:
                 continue
+            value = OLD_DEFAULTS.get((name, key), value)
             out[{"enable": name, "weight": f"w_{name}"}.get(key, f"{name}_{key}")] = value
     out["plugin_start_iter"] = 5
     return out
@@ -142,7 +154,11 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     from toco.plugins.registry import behaviour_before_settings
 
     before = behaviour_before_settings(old)
-    assert before == {"plugins.ppc.semi_hard_window": "absolute"}
+    assert before == {"plugins.ppc.semi_hard_window": "absolute",
+                      "plugins.ppc.semi_hard_min_first": 0, "plugins.rca.fusion": "gate",
+                      "plugins.rca.coarse_head": False, "plugins.rca.enqueue_score": "logits",
+                      "plugins.rca.mixup_partner": "region",
+                      "plugins.mcis.co_cam_partners": "in_batch"}
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
     assert behaviour_before_settings(again.to_dict()) == {}  # written with every setting
     with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"

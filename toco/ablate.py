@@ -12,10 +12,18 @@ this one), so peak memory is per run: max RSS of the training process on the CPU
 (resource.getrusage), torch.cuda.max_memory_allocated on a GPU. A run whose result file exists is
 not trained again, so an interrupted ablation resumes where it stopped.
 
+The data path is held fixed by default (`--data-path fixed`): when a subset pairs images (MCIS)
+every subset, `base` included, trains on the batches of that pair sampler (or of
+`--pair-sampler share_one|random` when given), so a difference to `base` is the plug-in's and
+not the resampling's; `--data-path per-subset` lets each run sample as its plug-ins ask. The
+table's `batches` column and its notes say which batches each subset saw.
+
 Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU
 (the PAR-refined training pseudo-label rule on the validation split, toco.pseudo_eval), the mean
 seconds per iteration over the logging windows after the plug-ins switched on (the first window,
-warm-up, left out) and the peak memory. The table gives, per subset, the number of seeds n and
+warm-up, left out), the peak memory, and for PPC runs the share of logging windows in which the
+semi-hard window dropped the hardest negative prototype at every step (`ppc_hardest_dropped`).
+The table gives, per subset, the number of seeds n and
 each metric's mean ± sample standard deviation over them, with the difference to `base`; a
 difference is marked `*` when it exceeds the seed spread, i.e. |mean - base mean| > std + base
 std (needs n >= 2 on both sides; a conservative rule: a run-to-run wobble of one spread on each
@@ -45,7 +53,8 @@ from toco.plugins.registry import plugin_names
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("cam_miou", "CAM mIoU", ".2f"), ("aux_cam_miou", "aux CAM mIoU", ".2f"),
     ("pseudo_label_miou", "pseudo-label mIoU", ".2f"), ("seg_miou", "seg mIoU", ".2f"),
-    ("s_per_iter", "s/iter", ".3f"), ("peak_memory_mb", "peak memory (MiB)", ".0f"))
+    ("s_per_iter", "s/iter", ".3f"), ("peak_memory_mb", "peak memory (MiB)", ".0f"),
+    ("ppc_mining_windows", "PPC mining windows", ".2f"))
 SCORES = tuple(k for k, _, _ in METRICS[:4])
 
 
@@ -68,11 +77,47 @@ def subset_plugins(name: str) -> tuple[str, ...]:
     return tuple(p for p in plugins if p in parts)
 
 
-def subset_config(cfg: TrainConfig, name: str, out: Path, seed: int) -> TrainConfig:
-    """The run of subset `name` with `seed`, in OUT/<name>/seed<seed>."""
+def subset_config(cfg: TrainConfig, name: str, out: Path, seed: int,
+                  pair_sampler: Optional[str] = None) -> TrainConfig:
+    """The run of subset `name` with `seed`, in OUT/<name>/seed<seed>; `pair_sampler` sets
+    the training batches of every subset (see `fixed_data_path`)."""
     return dataclasses.replace(cfg, work_dir=str(out / name / f"seed{seed}"), seed=seed,
-                               plugins=cfg.plugins.with_enabled(subset_plugins(name))
-                               ).validate()
+                               plugins=cfg.plugins.with_enabled(subset_plugins(name)),
+                               pair_sampler=pair_sampler or cfg.pair_sampler).validate()
+
+
+def fixed_data_path(cfg: TrainConfig, names: Sequence[str]) -> Optional[str]:
+    """The pair sampler every subset trains with when the data path is held fixed: the one set
+    by --pair-sampler, else the one a subset's plug-ins ask for (MCIS: its pair_policy), so
+    that `base` sees the same batches as the MCIS runs. None when no subset pairs images."""
+    from toco.plugins import pair_policy
+
+    if cfg.pair_sampler != "auto":
+        return cfg.pair_sampler
+    for name in names:
+        policy = pair_policy(dataclasses.replace(
+            cfg, plugins=cfg.plugins.with_enabled(subset_plugins(name))))
+        if policy is not None:
+            return policy
+    return None
+
+
+def data_path_note(fixed: bool, sampler: Optional[str], names: Sequence[str],
+                   cfg: TrainConfig) -> str:
+    """One sentence for the table: which training batches the subsets saw."""
+    if sampler is None:
+        return "Data path: plain shuffled batches for every subset (no subset pairs images)."
+    kind = {"share_one": "image pairs sharing a class", "random": "random image pairs"}[sampler]
+    if fixed:
+        return (f"Data path held fixed: the pair sampler '{sampler}' ({kind}) for every subset, "
+                "plug-ins on or off.")
+    from toco.plugins import pair_policy
+
+    paired = [n for n in names if pair_policy(dataclasses.replace(
+        cfg, plugins=cfg.plugins.with_enabled(subset_plugins(n)))) is not None]
+    return (f"Data path per subset (--data-path per-subset): {', '.join(paired)} trained on "
+            f"{kind}, the others on plain shuffled batches, so their difference mixes the "
+            "plug-in with the resampling.")
 
 
 
@@ -94,6 +139,17 @@ def seconds_per_iter(metrics_path: Path, from_iter: int) -> Optional[float]:
     if not use:
         return None
     return sum(n * s for _, n, s in use) / sum(n for _, n, _ in use)
+
+
+def windows_at_one(metrics_path: Path, key: str, from_iter: int) -> Optional[float]:
+    """Share of the logging windows from `from_iter` on whose mean of `key` is 1, i.e. in
+    which every step had the value 1 (for a per-step 0..1 statistic such as PPC's
+    ppc_hardest_dropped); None when no window logged it."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    values = [r[key] for r in records if key in r and r.get("iter", 0) > from_iter]
+    if not values:
+        return None
+    return sum(v >= 1.0 - 1e-9 for v in values) / len(values)
 
 
 def peak_memory_mb(device_type: str) -> float:
@@ -144,6 +200,8 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
         "seg_miou": final.get("seg_miou"),
         "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl",
                                        cfg.plugins.first_start(cfg)),
+        "ppc_mining_windows": windows_at_one(run_dir / "metrics.jsonl", "ppc_hardest_dropped",
+                                             cfg.plugins.ppc.start(cfg)),
         "peak_memory_mb": peak, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
         else "max_rss", "iterations": final.get("iterations"), "wall_s": wall,
         "work_dir": str(run_dir), "config": cfg.to_dict(),
@@ -209,8 +267,8 @@ def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
     stats = {name: seed_statistics(by_seed) for name, by_seed in runs.items()}
     base = stats.get("base")
     titles = [t for _, t, _ in METRICS]
-    lines = ["| subset | seeds | " + " | ".join(titles) + " | time vs base |",
-             "|---|---|" + "---|" * (len(titles) + 1)]
+    lines = ["| subset | seeds | batches | " + " | ".join(titles) + " | time vs base |",
+             "|---|---|---|" + "---|" * (len(titles) + 1)]
     summary: dict[str, Any] = {}
     for name, st in stats.items():
         deltas = versus_base(st, base) if base is not None and name != "base" else {}
@@ -220,7 +278,8 @@ def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
         cells = [_cell(st[k], spec, deltas.get(k)) for k, _, spec in METRICS]
         n = max(s["n"] for s in st.values())
         time_cell = "-" if ratio is None else f"{(ratio - 1) * 100:+.1f}%"
-        lines.append(f"| {name} | {n} | " + " | ".join(cells) + f" | {time_cell} |")
+        batches = meta.get("batches", {}).get(name, "-")
+        lines.append(f"| {name} | {n} | {batches} | " + " | ".join(cells) + f" | {time_cell} |")
     text = "\n".join(lines) + "\n"
     per_seed = ["| subset | seed | " + " | ".join(titles) + " |",
                 "|---|---|" + "---|" * len(titles)]
@@ -235,7 +294,7 @@ def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
              f"{meta['backbone']}, {meta['max_iters']} iterations, global batch "
              f"{meta['batch_size']}, crop {meta['crop_size']}, device {meta['device']}, seeds "
              f"{' '.join(map(str, meta['seeds']))}; plug-ins on from iteration "
-             f"{meta['plugin_start']}. Peak memory: {memory}.\n")
+             f"{meta['plugin_start']}. Peak memory: {memory}.\n{meta['data_path_note']}\n")
     (out / "ablation.md").write_text(text + notes + "\nPer seed:\n\n" + "\n".join(per_seed)
                                      + "\n")
     (out / "ablation.json").write_text(json.dumps(
@@ -265,13 +324,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            help="train every subset with each of these seeds (default: --seed)")
         group.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                            help="train each subset in its own process (per-run peak memory)")
+        group.add_argument("--data-path", choices=("fixed", "per-subset"), default="fixed",
+                           help="fixed: every subset trains on the batches of one sampler (the "
+                           "MCIS pair sampler when a subset has MCIS, or --pair-sampler), so a "
+                           "difference is the plug-in's alone; per-subset: each run samples as "
+                           "its plug-ins ask (MCIS runs on pairs, the others not)")
 
     cfg, args = parse_config(argv, extra)
     out = Path(args.out)
     names = list(dict.fromkeys(args.subsets))
     seeds = list(dict.fromkeys(args.seeds if args.seeds else [cfg.seed]))
-    configs = {(name, seed): subset_config(cfg, name, out, seed)
+    fixed = args.data_path == "fixed"
+    sampler = fixed_data_path(cfg, names)
+    configs = {(name, seed): subset_config(cfg, name, out, seed, sampler if fixed else None)
                for name in names for seed in seeds}
+    from toco.plugins import pair_policy
+
+    batches = {name: f"pairs {pair_policy(configs[name, seeds[0]])}"
+               if pair_policy(configs[name, seeds[0]]) else "plain" for name in names}
     out.mkdir(parents=True, exist_ok=True)
     from toco.builders import resolve_device
 
@@ -296,7 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"dataset": cfg.dataset, "backbone": cfg.backbone, "max_iters": cfg.max_iters,
             "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "device": device.type,
             "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg),
-            "isolated": args.isolate,
+            "isolated": args.isolate, "data_path": args.data_path, "pair_sampler": sampler,
+            "batches": batches,
+            "data_path_note": data_path_note(fixed, sampler, names, cfg),
             "command": "python -m toco.ablate " + " ".join(argv)}
     print(write_table(runs, out, meta))
     return 0

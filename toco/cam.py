@@ -75,6 +75,30 @@ def multi_scale_cam(
     return out[0], out[1]
 
 
+def split_cam_passes(passes: Sequence[Tensor], batch: int,
+                     scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True,
+                     given: bool = True) -> list[tuple[float, bool, Tensor]]:
+    """The per-view outputs of the encoder passes `multi_scale_cam` ran, in its call order.
+
+    passes: one tensor per call of its cam_fn (rows = the images of that call); batch: B.
+    Returns (scale, mirrored, rows (B, ...)) for every view except the un-mirrored scale 1.0
+    (the caller's own pass when `given`), e.g. for MCIS's self-pairs."""
+    ordered = [1.0] + [float(s) for s in scales if float(s) != 1.0]
+    if given and not flip:  # scale 1.0 then runs no pass at all
+        ordered = ordered[1:]
+    if len(passes) != len(ordered):
+        raise ValueError(f"{len(passes)} CAM passes recorded for {len(ordered)} calls")
+    views = []
+    for s, out in zip(ordered, passes):
+        if s == 1.0 and given:
+            views += [(s, True, out)] if flip else []
+        elif flip:
+            views += ([] if s == 1.0 else [(s, False, out[:batch])]) + [(s, True, out[batch:])]
+        elif s != 1.0:
+            views.append((s, False, out))
+    return views
+
+
 def box_mask(img_box: Tensor, height: int, width: int) -> Tensor:
     """(B, H, W) bool, True inside each box [y0, y1, x0, x1] (end exclusive, clipped to the map)."""
     box = img_box.to(torch.long)

@@ -54,6 +54,11 @@ class TrainConfig:
     scale_range: tuple = _opt((0.5, 2.0), "random rescale range of the training images",
                               group="data", elem=float)
     num_workers: int = _opt(2, "data-loader worker processes", group="data")
+    pair_sampler: str = _opt("auto", "training batches: auto = as the plug-ins ask (image pairs "
+                             "for MCIS, else plain shuffling); share_one / random = the MCIS "
+                             "pair sampler for every run, plug-ins on or off (holds the data "
+                             "path fixed in an ablation)", ["auto", "share_one", "random"],
+                             group="data")
     synthetic_train: int = _opt(800, "synthetic set: number of training images", group="data")
     synthetic_val: int = _opt(150, "synthetic set: number of validation images", group="data")
     skip_bad_images: bool = _opt(False, "a training image that cannot be decoded is reported "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
 from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam, \
-    refine_cams_with_bkg
+    refine_cams_with_bkg, split_cam_passes
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
 from toco.distributed import DistInfo, average_gradients
@@ -24,7 +25,7 @@ from toco.metrics import ConfusionMatrix
 from toco.par import PAR
 from toco.profiling import StageTimer
 from toco.schedule import build_poly_warmup_scheduler
-from toco.step import CTCOutputs, LossModule, StepState
+from toco.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
 
 
 class NonFiniteLossError(UserError):
@@ -94,6 +95,14 @@ def truncate_like_reference(images: Tensor) -> Tensor:
         + images.new_tensor(REFERENCE_MEAN_255).view(1, 3, 1, 1)
     # The official cast of a value a rounding error below 0 is undefined; clamp makes it 0.
     return value.clamp_(0, 255).to(torch.uint8).float() / 255
+
+
+def _recording_cams(model: ToCoNet, passes: list[Tensor], images: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """model.cams that also keeps each pass's final tokens (for plug-ins reading CAM views)."""
+    feats = model.encode(images)
+    passes.append(feats.tokens)
+    return model.cams_of(feats)
 
 
 class Trainer:
@@ -211,19 +220,28 @@ class Trainer:
                 # The main pass doubles as the scale-1.0 CAM pass: the model has no dropout,
                 # so its tokens are those of a separate no-grad pass.
                 own = tuple(m.detach() for m in model.cams_of(feats))
-                cam, cam_aux = multi_scale_cam(model.cams, images, cfg.cam_scales, given=own)
+                passes: list[Tensor] = []
+                cam_fn = (partial(_recording_cams, model, passes)
+                          if any(m.needs_cam_views for m in active) else model.cams)
+                cam, cam_aux = multi_scale_cam(cam_fn, images, cfg.cam_scales, given=own)
             state = StepState(
                 iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
                 feats=feats, logits=logits, aux_logits=aux_logits, seg_logits=seg_logits,
                 cam=cam.float(), cam_aux=cam_aux.float(),
                 make_pseudo_label=self._pseudo_label, make_token_label=self._token_label,
                 make_ctc=lambda s: self._ctc(s, view2, local_view), model=model)
+            if passes:
+                state.extras[CAM_VIEWS] = split_cam_passes(passes, images.shape[0],
+                                                           cfg.cam_scales)
             losses: dict[str, Tensor] = {}
             total = images.new_zeros(())
             with stage("losses"):
                 for module in active:
                     for name, value in module.compute(state).items():
                         losses[name] = value.float()
+                        if name in module.stat_names:  # logged only
+                            losses[name] = losses[name].detach()
+                            continue
                         total = total + module.weight * value.float()
         losses["total"] = total
         if cfg.dormant_terms == "step" and not self._teacher_updated:

@@ -185,8 +185,9 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     local_batch = cfg.batch_size // info.world_size
     pairs = pair_policy(cfg)  # a plug-in (MCIS) wants batches of image pairs
     if pairs and local_batch % 2:
-        raise ConfigError(f"the plug-ins {', '.join(enabled_plugins(cfg))} pair the images of "
-                          f"each per-device batch: {local_batch} "
+        who = (f"--pair-sampler {cfg.pair_sampler}" if cfg.pair_sampler != "auto"
+               else f"the plug-ins {', '.join(enabled_plugins(cfg))}")
+        raise ConfigError(f"{who} pair the images of each per-device batch: {local_batch} "
                           f"images per device (--batch-size {cfg.batch_size} over "
                           f"{info.world_size} processes) is odd")
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:

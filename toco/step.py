@@ -16,6 +16,10 @@ from torch import Tensor, nn
 from models.backbone import EncoderOutput
 
 
+# StepState.extras key: [(scale, mirrored, final tokens (B, D, h, w))] of the CAM passes.
+CAM_VIEWS = "cam_views"
+
+
 class CTCOutputs(NamedTuple):
     """Class-token projections for CTC: student (V*B, K) and teacher (2*B, K), both view-major,
     and per-crop flags (B, V), 1 = positive (the two global views are always positive)."""
@@ -105,8 +109,13 @@ class LossModule(nn.Module):
     """
 
     names: tuple[str, ...] = ()
+    # Values `compute` returns that are logged statistics, not losses (no weight, no gradient).
+    stat_names: tuple[str, ...] = ()
     # True for a term that reads `state.seg_logits`: the engine runs the decoder only then.
     needs_decoder: bool = False
+    # True for a term that reads the final tokens of ToCo's multi-scale CAM passes
+    # (`state.extras[CAM_VIEWS]`, see toco.cam.split_cam_passes): the engine keeps them only then.
+    needs_cam_views: bool = False
 
     def __init__(self, weight: float, start_iter: int = 0) -> None:
         super().__init__()

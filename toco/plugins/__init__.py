@@ -64,7 +64,10 @@ def build_plugins(cfg: "TrainConfig", embed_dim: int, num_classes: int,
 
 
 def pair_policy(cfg: "TrainConfig") -> Optional[str]:
-    """The pair-sampling policy wanted by an enabled plug-in (MCIS), or None."""
+    """The pair-sampling policy of the run: `cfg.pair_sampler` when it is set (every run of an
+    ablation on one data path), else the one an enabled plug-in (MCIS) wants, or None."""
+    if cfg.pair_sampler != "auto":
+        return cfg.pair_sampler
     for name in enabled_plugins(cfg):
         plugin = registered()[name]
         policy = plugin.pair_policy(cfg.plugins[name]) if plugin.pair_policy else None

@@ -17,11 +17,19 @@ Symbols (paper / official code), for a pair (m, n) of final token maps F_m (N_m 
                of the batch has an unshared class; `ex_empty_rows`)
 MLSM is the multi-label soft-margin loss; pool is GAP (MCIS) or GMP (ToCo's classifier pooling).
 
-Online co-attention CAMs (`co_cam: online_fuse`): the paper's related-image localisation maps,
-during training. For every image, the co-attention CAM W_co F^att w.r.t. its in-batch partner
-(and w.r.t. its own mirror image with `self_pairs`) is ReLU'd, upsampled and min-max normalised
-like ToCo's CAM, then fused (max or mean) into the CAM the pixel pseudo labels are refined from,
-on the classes the pair shares (a self-pair shares all). Through `LossModule.pseudo_label_cam`.
+Related-image maps fused into the pseudo labels (default, `co_cam: online_fuse`,
+`co_cam_partners: related`): the paper's inference with related images, during training. For
+every image and each of its classes c, `co_cam_num_partners` (3) partners are drawn from a bank
+of the final tokens of the most recent training images containing c (`PartnerBank`, no extra
+encoder pass; the partners' tokens come from the step that trained on them), plus self-pairs with the image's own
+views from ToCo's multi-scale CAM passes (the mirror image at scale 1, always counted, and the
+other CAM scales: 0.5 and 1.5 on VOC instead of the official 0.75 and 2, which would need extra
+passes). Each map is ReLU'd, upsampled and max-normalised, counts when sigmoid(its mean) > 0.1,
+and the class map is the sum of the counted maps over the number of maps (the official scorer's
+rule, `related_image_maps`); it is averaged (`co_cam_fuse: mean`) with the CAM the pixel pseudo
+labels are refined from, on the image's classes (`LossModule.pseudo_label_cam`).
+`co_cam_partners: in_batch` is the earlier fusion: only the in-batch partner's co-attention CAM
+(and the mirror pair's with `self_pairs`), min-max normalised, on the classes the pair shares.
 
 Self-pairs (`self_pairs`): the anchor paired with its mirror image (one extra encoder pass with
 grad), L_self = MLSM(co-attention scores of both sides, [y; y]). The official code also pairs
@@ -43,9 +51,9 @@ from torch import Tensor, nn
 
 from toco.errors import ConfigError
 from toco.losses import multilabel_loss
-from toco.plugins.common import minmax_normalise
+from toco.plugins.common import minmax_normalise, step_generator
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
-from toco.step import LossModule, StepState
+from toco.step import CAM_VIEWS, LossModule, StepState
 
 
 class CoAttention(nn.Module):
@@ -110,6 +118,105 @@ def row_multilabel_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1)
 
 
+def normalised_related_map(raw: Tensor, size: tuple[int, int]) -> Tensor:
+    """The official per-map normalisation of a co-attention map (P, 1, h, w) -> (P, 1, H, W):
+    ReLU, bilinear upsampling to `size`, divided by its maximum."""
+    m = F.interpolate(F.relu(raw.float()), size=size, mode="bilinear", align_corners=False)
+    return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
+def passes_score_filter(raw: Tensor, score_thr: float) -> Tensor:
+    """The official score filter of raw maps (P, 1, h, w): sigmoid(mean) > score_thr, (P,)."""
+    return torch.sigmoid(raw.float().mean(dim=(1, 2, 3))) > score_thr
+
+
+class PartnerBank(nn.Module):
+    """Per class, the final tokens of the `size` most recent training images containing it
+    (FIFO, detached, float16): the related images the co-attention CAMs are taken against.
+
+    Buffers (persistent, so a resumed run draws the partners the uninterrupted one drew):
+    `tokens` (K, S, N, D), `ptr` (K,), `count` (K,)."""
+
+    def __init__(self, num_fg_classes: int, size: int, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("tokens", torch.zeros(num_fg_classes, size, num_tokens, dim,
+                                                   dtype=torch.float16))
+        self.register_buffer("ptr", torch.zeros(num_fg_classes, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(num_fg_classes, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, x: Tensor, labels: Tensor) -> None:
+        """Write image b's tokens x[b] (N, D) into the queue of each class it contains, in order
+        of b. Images whose token count differs from the bank's are skipped (other crop)."""
+        if x.shape[1:] != self.tokens.shape[2:]:
+            return
+        for b, c in torch.nonzero(labels > 0).tolist():
+            slot = int(self.ptr[c])
+            self.tokens[c, slot] = x[b].to(self.tokens.dtype)
+            self.ptr[c] = (slot + 1) % self.size
+            self.count[c] = min(int(self.count[c]) + 1, self.size)
+
+    def draw(self, labels: Tensor, num: int, generator: torch.Generator
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """For every (image b, class c) with labels[b, c] > 0 and a non-empty queue, `num`
+        partners drawn with replacement: (image (P,), class (P,), tokens (P, N, D))."""
+        pairs = torch.nonzero(labels > 0)
+        pairs = pairs[self.count[pairs[:, 1]] > 0].repeat_interleave(num, dim=0)
+        if pairs.numel() == 0:
+            empty = pairs.new_zeros(0)
+            return empty, empty, self.tokens.new_zeros(0, *self.tokens.shape[2:])
+        u = torch.rand(pairs.shape[0], generator=generator, device=generator.device)
+        slot = (u.to(self.tokens.device) * self.count[pairs[:, 1]]).long()
+        slot = slot.clamp_max(self.count[pairs[:, 1]] - 1)
+        return pairs[:, 0], pairs[:, 1], self.tokens[pairs[:, 1], slot]
+
+
+def related_image_maps(head: "CoAttention", weight: Tensor, x: Tensor, grid: tuple[int, int],
+                       labels: Tensor, partners: tuple[Tensor, Tensor, Tensor],
+                       self_views: Sequence[tuple[bool, Tensor, tuple[int, int]]],
+                       size: tuple[int, int], score_thr: float) -> tuple[Tensor, Tensor]:
+    """MCIS's localisation maps with related images, for a batch (the official scorer's rule).
+
+    x: final tokens (B, N, D) on `grid`; labels: (B, K); partners: (image, class, tokens) from
+    `PartnerBank.draw`; self_views: (mirrored, always counted, tokens (B, N', D), grid') of the
+    image's own rescaled / mirrored views (official: the mirror image, always counted, and
+    0.75x and 2x resizes). For image b and present class c, the maps are channel c of
+    - the co-attention CAM of b w.r.t. each of its class-c partners (b's side);
+    - the partner side of the pair (b, view) for each self-view (mirrored back).
+    Each map is normalised (`normalised_related_map`) and counts when it passes the score
+    filter (or is always counted); the class map is the sum of the counted maps divided
+    by the number of maps, counted or not. Returns (maps (B, K, H, W), number of maps (B, K)).
+    """
+    b, k = labels.shape
+    total = x.new_zeros(b, k, *size, dtype=torch.float32)
+    count = x.new_zeros(b, k, dtype=torch.float32)
+    image, cls, tokens = partners
+    if image.numel():
+        att, _ = head.attend(x[image], tokens.to(x.dtype))
+        raw = co_cam(att, weight, grid)  # (P, K, h, w)
+        raw = raw.gather(1, cls[:, None, None, None].expand(-1, 1, *grid))
+        keep = passes_score_filter(raw, score_thr).to(torch.float32)
+        maps = normalised_related_map(raw, size)[:, 0] * keep[:, None, None]
+        flat = image * k + cls
+        total.view(b * k, *size).index_add_(0, flat, maps)
+        count.view(-1).index_add_(0, flat, torch.ones_like(keep))
+    present = (labels > 0).to(torch.float32)
+    for mirrored, always, view, view_grid in self_views:
+        _, att_view = head.attend(x, view.to(x.dtype))
+        raw = co_cam(att_view, weight, view_grid)  # (B, K, h', w'), the view's side
+        if mirrored:
+            raw = raw.flip(-1)
+        keep = (torch.ones(b, k, device=x.device) if always else
+                passes_score_filter(raw.reshape(b * k, 1, *view_grid), score_thr)
+                .reshape(b, k).to(torch.float32))
+        maps = normalised_related_map(raw.reshape(b * k, 1, *view_grid), size).reshape(b, k,
+                                                                                        *size)
+        total += maps * (keep * present)[..., None, None]
+        count += present
+    return total / count.clamp_min(1)[..., None, None], count
+
+
 class CrossImageSemantics(LossModule):
     """MCIS on in-batch pairs (2i, 2i + 1): `mcis_co` and, from `ex_start`, `mcis_ex`.
 
@@ -137,8 +244,14 @@ class CrossImageSemantics(LossModule):
                  start_iter: int = 0, w_co: float = 1.0, w_ex: float = 1.0, ex_start: int = 0,
                  pool: str = "gap", lowrank_dim: int = 0, share_classifier: bool = False,
                  ex_empty_rows: bool = False, self_pairs: bool = False, co_cam: str = "off",
-                 co_cam_fuse: str = "max", co_cam_start: int = 0) -> None:
+                 co_cam_fuse: str = "max", co_cam_start: int = 0,
+                 co_cam_partners: str = "in_batch", num_partners: int = 3, bank_size: int = 3,
+                 bank_tokens: int = 0, co_cam_self_views: bool = True, score_thr: float = 0.1,
+                 seed: int = 0, rank: int = 0) -> None:
         super().__init__(weight, start_iter)
+        if co_cam_partners not in ("related", "in_batch"):
+            raise ConfigError(f"mcis co_cam_partners must be related or in_batch, "
+                              f"got {co_cam_partners!r}")
         if pool not in ("gap", "gmp"):
             raise ConfigError(f"mcis pool must be 'gap' or 'gmp', got {pool!r}")
         if co_cam not in ("off", "online_fuse") or co_cam_fuse not in ("max", "mean"):
@@ -149,6 +262,14 @@ class CrossImageSemantics(LossModule):
         self.pool, self.ex_empty_rows = pool, ex_empty_rows
         self.self_pairs, self.co_cam, self.co_cam_fuse = self_pairs, co_cam, co_cam_fuse
         self.co_cam_start = max(start_iter, co_cam_start)
+        self.co_cam_partners, self.num_partners = co_cam_partners, num_partners
+        self.co_cam_self_views, self.score_thr = co_cam_self_views, score_thr
+        self.seed, self.rank = seed, rank
+        related = co_cam == "online_fuse" and co_cam_partners == "related"
+        # The related-image maps take the image's own views from ToCo's CAM passes.
+        self.needs_cam_views = related and co_cam_self_views
+        self.bank = (PartnerBank(num_classes - 1, bank_size, bank_tokens, embed_dim)
+                     if related else None)
 
     def shared_weight(self, state: StepState) -> Optional[Tensor]:
         if self.head.classifier is not None or state.model is None:
@@ -161,6 +282,8 @@ class CrossImageSemantics(LossModule):
         if b % 2:
             raise ConfigError(f"MCIS pairs images 2i and 2i+1 of each batch; got {b} images")
         x = tokens.flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.bank is not None:  # after this step's pseudo labels drew their partners
+            self.bank.push(x.detach(), state.cls_label)
         fm, fn = x[0::2], x[1::2]
         y = state.cls_label.float()
         ym, yn = y[0::2], y[1::2]
@@ -226,12 +349,34 @@ class CrossImageSemantics(LossModule):
         cam = F.interpolate(F.relu(cam.float()), size=size, mode="bilinear", align_corners=False)
         return minmax_normalise(cam)
 
+    def related_maps(self, state: StepState) -> tuple[Tensor, Tensor]:
+        """The related-image maps of every image of the step (`related_image_maps`): partners
+        from the bank of recent training images, self-pairs with the views of ToCo's CAM
+        passes (the mirror image at scale 1, always counted, and the other CAM scales); as
+        (maps (B, C-1, H, W), number of maps (B, C-1, 1, 1))."""
+        tokens = state.feats.tokens.detach()
+        grid = tuple(tokens.shape[-2:])
+        x = tokens.flatten(2).transpose(1, 2)
+        weight = self.head.class_weight(self.shared_weight(state)).detach()
+        gen = step_generator(tokens.device, self.seed, state.iteration, self.rank, 0x4D4349)
+        partners = self.bank.draw(state.cls_label, self.num_partners, gen)
+        views = []
+        if self.co_cam_self_views:
+            for scale, mirrored, out in state.extras.get(CAM_VIEWS, ()):
+                if mirrored == (scale == 1.0):  # the mirror image, and the other scales
+                    views.append((mirrored, mirrored, out.detach().flatten(2).transpose(1, 2),
+                                  tuple(out.shape[-2:])))
+        maps, count = related_image_maps(self.head, weight, x, grid, state.cls_label, partners,
+                                         views, tuple(state.cam.shape[-2:]), self.score_thr)
+        return maps, count[..., None, None]
+
     def pseudo_label_cam(self, state: StepState, cam: Tensor) -> Tensor:
-        """Online fusion (co_cam 'online_fuse'): max / mean of the CAM and the co-attention CAM
+        """Online fusion (co_cam 'online_fuse'): max / mean of the CAM and the co-attention map
         on the classes that have one; elsewhere, or with 'off', the CAM unchanged."""
         if self.co_cam == "off" or state.iteration < self.co_cam_start:
             return cam
-        maps, count = self.co_attention_maps(state)
+        maps, count = (self.related_maps(state) if self.bank is not None
+                       else self.co_attention_maps(state))
         fused = torch.maximum(cam, maps) if self.co_cam_fuse == "max" else (cam + maps) / 2
         return torch.where(count > 0, fused.to(cam.dtype), cam)
 
@@ -307,10 +452,9 @@ def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor
         total = image.new_zeros(1, 1, h, w)
         for cam, always in maps:
             raw = cam[:, c:c + 1].float()
-            if not always and float(torch.sigmoid(raw.mean())) <= score_thr:
+            if not always and not bool(passes_score_filter(raw, score_thr)):
                 continue
-            m = F.interpolate(F.relu(raw), size=(h, w), mode="bilinear", align_corners=False)
-            total += m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+            total += normalised_related_map(raw, (h, w))
         if maps:
             out[:, c] = total[:, 0] / len(maps)
     return out
@@ -335,6 +479,9 @@ def sample_partners(image_label: Tensor, pool_labels: Tensor, num: int, rng: ran
 class MCISSettings(PluginSettings):
     """MCIS's settings (YAML section `plugins: {mcis: ...}`, flags `--mcis-*`)."""
 
+    # Stored configs from before the related-image maps fused the in-batch partner's map only.
+    before = {"co_cam_partners": "in_batch"}
+
     weight: float = setting(0.5, "weight of the MCIS co-attention losses")
     pair_policy: str = setting("share_one", "partner of each anchor: an image sharing a class, "
                                "or any image", ["share_one", "random"])
@@ -350,13 +497,34 @@ class MCISSettings(PluginSettings):
                                   "label is empty, whenever the batch has one (official)")
     self_pairs: bool = setting(False, "also pair each image with its mirror image (loss "
                                "mcis_self; +1 encoder pass with grad)")
-    co_cam: str = setting("off", "online_fuse: fuse the co-attention CAMs into the CAM the "
-                          "pseudo labels are refined from", ["off", "online_fuse"])
-    co_cam_fuse: str = setting("max", "how the co-attention CAM is fused", ["max", "mean"])
+    co_cam: str = setting("online_fuse", "online_fuse: fuse the co-attention maps into the CAM "
+                          "the pseudo labels are refined from (the paper's inference with related "
+                          "images); off", ["off", "online_fuse"])
+    co_cam_fuse: str = setting("mean", "how the co-attention map is fused with the CAM",
+                               ["max", "mean"])
+    co_cam_partners: str = setting("related", "partners of the fused maps: co_cam_num_partners "
+                                   "recent training images per class of the image, plus "
+                                   "self-pairs, averaged with the score filter (related, "
+                                   "official); or the in-batch partner only (in_batch)",
+                                   ["related", "in_batch"])
+    co_cam_num_partners: int = setting(3, "related partners per class of the image (official 3; "
+                                       "drawn with replacement)")
+    co_cam_bank_size: int = setting(3, "training images kept per class as partners (their final "
+                                    "tokens, float16, in the checkpoint)")
+    co_cam_self_views: bool = setting(True, "self-pairs of the related maps: the image with its "
+                                      "mirror image and its other CAM scales (ToCo's CAM passes, "
+                                      "no extra encoder pass)")
+    co_cam_score_thr: float = setting(0.1, "a related map counts when sigmoid(its mean) exceeds "
+                                      "this (official 0.1; the mirror pair always counts)")
     co_cam_start_iter: int = setting(0, "fusion from max(plug-in start, this): the "
                                      "co-attention head starts untrained")
 
     def check(self, cfg, need, key) -> None:
+        for name in ("co_cam_num_partners", "co_cam_bank_size"):
+            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
+                 f"{getattr(self, name)}")
+        need(0 <= self.co_cam_score_thr < 1, f"{key('co_cam_score_thr')} must be in [0, 1), got "
+             f"{self.co_cam_score_thr}")
         for name in ("w_co", "w_ex", "ex_start_iter", "lowrank_dim", "co_cam_start_iter"):
             need(getattr(self, name) >= 0, f"{key(name)} must be >= 0, got "
                  f"{getattr(self, name)}")
@@ -368,12 +536,17 @@ class MCISSettings(PluginSettings):
 
 def build_mcis(s: MCISSettings, ctx: BuildContext) -> list[LossModule]:
     start = s.start(ctx.cfg)
+    patch = ctx.model.patch_size if ctx.model is not None else 16
     return [CrossImageSemantics(
         ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=start, w_co=s.w_co,
         w_ex=s.w_ex, ex_start=max(start, s.ex_start_iter), pool=s.pool,
         lowrank_dim=s.lowrank_dim, share_classifier=s.share_classifier,
         ex_empty_rows=s.ex_empty_rows, self_pairs=s.self_pairs, co_cam=s.co_cam,
-        co_cam_fuse=s.co_cam_fuse, co_cam_start=s.co_cam_start_iter)]
+        co_cam_fuse=s.co_cam_fuse, co_cam_start=s.co_cam_start_iter,
+        co_cam_partners=s.co_cam_partners, num_partners=s.co_cam_num_partners,
+        bank_size=s.co_cam_bank_size, bank_tokens=(ctx.cfg.crop_size // patch) ** 2,
+        co_cam_self_views=s.co_cam_self_views, score_thr=s.co_cam_score_thr,
+        seed=ctx.cfg.seed, rank=ctx.dist_info.rank)]
 
 
 register(Plugin("mcis", MCISSettings, "MCIS: co-attention between in-batch image pairs sharing "

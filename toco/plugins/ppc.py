@@ -18,13 +18,17 @@ Symbols (paper / official code):
                [first, last)) and hard pixel sampling (per class: a random fraction plus the
                ascending-similarity rank window [floor(hi n) - floor((hi - lo) n), floor(hi n)))
 
-The official window [3, 13) was designed for 21 prototypes (VOC, every class has one). Here only
-the classes of the batch have prototypes (2-6 with ToCo's 2-4 images), so by default the window
-is scaled to the n prototypes that exist: [floor(3 n / 21), ceil(13 n / 21)), which is [3, 13)
-at n = 21 and keeps the nearest other prototype at n = 3 (`semi_hard_window: absolute` gives
-the official ranks; with them the intra term is exactly 0 when n <= 3). The `ema` prototype
-scope keeps a running prototype of every class seen so far (a persistent buffer) and uses it for
-the classes absent from the batch, so the negatives of the official all-class setting exist.
+The official window [3, 13) was designed for 21 prototypes (VOC, every class has one). The
+default `ema` prototype scope keeps a running prototype of every class seen so far (a persistent
+buffer) and uses it for the classes absent from the batch, so the official all-class prototypes
+exist after the first few steps, and the window is scaled to the n prototypes that exist:
+[max(2, floor(3 n / 21)), max(first + 1, ceil(13 n / 21))), which is [3, 13) at n = 21,
+[11, 51) at COCO's 81 and [2, 5) at the synthetic set's 7; the floor 2 (`semi_hard_min_first`)
+keeps the hardest negative out of the window at every n, as the official one does (it is at rank
+0 or 1). With only the batch's classes (`proto_scope: gather`, 2-6 prototypes) and the floor 0 the
+window started at rank 0 and kept the hardest negatives. `semi_hard_window: absolute` gives the
+official ranks as they are. The statistic `ppc_hardest_dropped` (logged, not a loss) is the
+fraction of the intra-view anchor pixels whose hardest negative the window excludes.
 
 Fixes of the official code (docs/plugins.md): a real background score instead of a constant
 channel, prototypes for present classes only (`absent_protos` restores the official negatives),
@@ -109,12 +113,14 @@ def prototype_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float
 
 
 def scaled_window(first: int, last: int, num_protos: Tensor,
-                  reference: int = OFFICIAL_PROTOTYPES) -> tuple[Tensor, Tensor]:
+                  reference: int = OFFICIAL_PROTOTYPES, min_first: int = 0
+                  ) -> tuple[Tensor, Tensor]:
     """The rank window [first, last) of `reference` prototypes scaled to `num_protos` existing
-    ones: [floor(first n / ref), max(that + 1, ceil(last n / ref))), as 0-dim tensors (no host
-    sync). Equal to [first, last) at n = ref; never empty."""
+    ones: [max(min_first, floor(first n / ref)), max(that + 1, ceil(last n / ref))), as 0-dim
+    tensors (no host sync). Equal to [first, last) at n = ref (for min_first <= first); never
+    empty. `min_first` 2 drops the hardest negative whatever n (ranks 0 and 1 hold it)."""
     n = num_protos.to(torch.float64)
-    lo = torch.floor(first * n / reference + 1e-9)
+    lo = torch.clamp_min(torch.floor(first * n / reference + 1e-9), float(min_first))
     hi = torch.maximum(lo + 1, torch.ceil(last * n / reference - 1e-9))
     return lo.to(torch.long), hi.to(torch.long)
 
@@ -134,16 +140,31 @@ def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: "in
 
 
 def semi_hard_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float,
-                 first: "int | Tensor", last: "int | Tensor") -> tuple[Tensor, Tensor]:
-    """-log( exp(s_y / tau) / (exp(s_y / tau) + sum_{n in semi-hard} exp(s_n / tau)) ) per pixel."""
+                 first: "int | Tensor", last: "int | Tensor",
+                 negatives: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """-log( exp(s_y / tau) / (exp(s_y / tau) + sum_{n in semi-hard} exp(s_n / tau)) ) per pixel.
+
+    negatives: `semi_hard_negatives(sim, label, proto_ok, first, last)` when already computed."""
     logits = sim / tau
-    keep = semi_hard_negatives(sim, label, proto_ok, first, last)
+    keep = (semi_hard_negatives(sim, label, proto_ok, first, last) if negatives is None
+            else negatives)
     safe = label.clamp(0, sim.shape[1] - 1)
     valid = (label != IGNORE) & proto_ok[safe]
     keep = keep | F.one_hot(safe, sim.shape[1]).bool()
     pos = logits.gather(1, safe[:, None]).squeeze(1)
     loss = torch.logsumexp(logits.masked_fill(~keep, MASKED_LOGIT), dim=1) - pos
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+def hardest_negative_excluded(sim: Tensor, label: Tensor, proto_ok: Tensor,
+                              keep: Tensor) -> Tensor:
+    """(M,) bool: the most similar existing prototype other than the pixel's own class is not
+    among its semi-hard negatives `keep` (M, C): the paper's mining drops it as a likely false
+    negative. False for a pixel without any negative prototype."""
+    own = F.one_hot(label.clamp(0, sim.shape[1] - 1), sim.shape[1]).bool()
+    others = proto_ok[None] & ~own
+    hardest = sim.masked_fill(~others, float("-inf")).argmax(dim=1)
+    return others.any(dim=1) & ~keep.gather(1, hardest[:, None]).squeeze(1)
 
 
 def _floor(x: Tensor) -> Tensor:
@@ -215,7 +236,7 @@ class PixelPrototypeContrast(LossModule):
         proj_dim, proj_relu: projection head D -> 256 -> proj_dim (ReLU on the output: official).
         view_scale, view_flip: view T = S resized by view_scale (then mirrored).
         topk_ratio: K = topk_ratio x (tokens of one T image), the prototype's top-K over the batch.
-        bg_thr: beta, the background threshold of the pseudo labels.
+        bg_thr: beta, the background threshold of the pseudo labels (official 0.2).
         ignore_band: (low, high) uncertain band to ignore, or None (official: no band).
         absent_protos: absent classes get prototypes too (negatives only; official).
         proto_scope: 'batch' (this rank), 'gather' (all ranks' pixels, identical prototypes) or
@@ -225,22 +246,27 @@ class PixelPrototypeContrast(LossModule):
         semi_hard: (first, last) prototype ranks kept as intra-view negatives.
         semi_hard_window: 'relative' scales (first, last) from 21 prototypes to the number that
             exist (see `scaled_window`); 'absolute' uses the ranks as given (official).
+        semi_hard_min_first: lowest first rank of the relative window (2: the hardest negative
+            is never kept).
         hard_pixel: (random fraction, lo, hi) of the hard pixel sampling.
         terms: relative weights of (L_cp, L_cc, L_intra); 0 skips the term.
         aux_cam_until_iter: before it, pseudo labels come from the aux CAMs (as ToCo's).
         seed, dist_info: for the per-step random pixel draws and the gather scope.
     """
 
-    names = ("ppc_cp", "ppc_cc", "ppc_intra")
+    names = ("ppc_cp", "ppc_cc", "ppc_intra", "ppc_hardest_dropped")
+    # Fraction of the intra-view anchor pixels whose most similar negative prototype the
+    # semi-hard window excludes (the paper's mining is active where this is 1).
+    stat_names = ("ppc_hardest_dropped",)
 
     def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.1,
                  start_iter: int = 0, tau: float = 0.1, proj_dim: int = 128,
                  proj_relu: bool = False, view_scale: float = 0.5, view_flip: bool = False,
-                 topk_ratio: float = 0.125, bg_thr: float = 0.5,
+                 topk_ratio: float = 0.125, bg_thr: float = 0.2,
                  ignore_band: Optional[tuple[float, float]] = None,
-                 absent_protos: bool = False, proto_scope: str = "gather",
+                 absent_protos: bool = False, proto_scope: str = "ema",
                  ema_momentum: float = 0.9, semi_hard: Sequence[int] = (3, 13),
-                 semi_hard_window: str = "relative",
+                 semi_hard_window: str = "relative", semi_hard_min_first: int = 2,
                  hard_pixel: Sequence[float] = (0.5, 0.1, 0.6),
                  terms: Sequence[float] = (1.0, 1.0, 1.0), aux_cam_until_iter: int = 0,
                  seed: int = 0, dist_info: DistInfo = DistInfo()) -> None:
@@ -258,6 +284,7 @@ class PixelPrototypeContrast(LossModule):
         self.absent_protos, self.proto_scope = absent_protos, proto_scope
         self.semi_hard = (int(semi_hard[0]), int(semi_hard[1]))
         self.semi_hard_window, self.ema_momentum = semi_hard_window, ema_momentum
+        self.semi_hard_min_first = int(semi_hard_min_first)
         if proto_scope == "ema":  # only then: checkpoints of the other scopes hold no buffer
             self.register_buffer("proto_ema", torch.zeros(num_classes, proj_dim))
             self.register_buffer("proto_seen", torch.zeros(num_classes, dtype=torch.bool))
@@ -353,8 +380,10 @@ class PixelPrototypeContrast(LossModule):
             out["ppc_cc"] = w_cc * 0.5 * (a + b)
         if w_intra > 0:
             gen = step_generator(v_s.device, self.seed, state.iteration, self.dist.rank, 0x505043)
-            out["ppc_intra"] = w_intra * 0.5 * (
-                self._intra(sim_s_ps, l_s, ok_s, gen) + self._intra(sim_t_pt, l_t, ok_t, gen))
+            intra_s, dropped_s = self._intra(sim_s_ps, l_s, ok_s, gen)
+            intra_t, dropped_t = self._intra(sim_t_pt, l_t, ok_t, gen)
+            out["ppc_intra"] = w_intra * 0.5 * (intra_s + intra_t)
+            out["ppc_hardest_dropped"] = 0.5 * (dropped_s + dropped_t)
         return out
 
     def _with_ema(self, protos: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,17 +405,23 @@ class PixelPrototypeContrast(LossModule):
     def _window(self, proto_ok: Tensor) -> "tuple[int | Tensor, int | Tensor]":
         if self.semi_hard_window == "absolute":
             return self.semi_hard
-        return scaled_window(*self.semi_hard, proto_ok.sum())
+        return scaled_window(*self.semi_hard, proto_ok.sum(), min_first=self.semi_hard_min_first)
 
     def _intra(self, sim: Tensor, label: Tensor, proto_ok: Tensor,
-               gen: torch.Generator) -> Tensor:
-        """L_intra of one view: semi-hard prototypes on hard-sampled pixels."""
+               gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """L_intra of one view (semi-hard prototypes on hard-sampled pixels) and the fraction
+        of its sampled pixels whose hardest negative the window drops (the mining statistic)."""
         c = sim.shape[1]
-        loss, valid = semi_hard_ce(sim, label, proto_ok, self.tau, *self._window(proto_ok))
+        first, last = self._window(proto_ok)
+        keep = semi_hard_negatives(sim, label, proto_ok, first, last)
+        loss, valid = semi_hard_ce(sim, label, proto_ok, self.tau, first, last, negatives=keep)
         sim_pos = sim.gather(1, label.clamp(0, c - 1)[:, None]).squeeze(1)
         weights, group = hard_pixel_weights(sim_pos, label, valid, c, *self.hard_pixel,
                                             generator=gen)
-        return class_balanced_mean(loss, weights, group, c)
+        with torch.no_grad():
+            dropped = masked_mean(hardest_negative_excluded(sim, label, proto_ok, keep).float(),
+                                  weights > 0)
+        return class_balanced_mean(loss, weights, group, c), dropped
 
 
 def tok_stride(size_s: int, size_t: int, patch: int) -> float:
@@ -399,7 +434,9 @@ def tok_stride(size_s: int, size_t: int, patch: int) -> float:
 class PPCSettings(PluginSettings):
     """PPC's settings (YAML section `plugins: {ppc: ...}`, flags `--ppc-*`)."""
 
-    before = {"semi_hard_window": "absolute"}  # checkpoints from before the relative window
+    # Stored configs that predate a setting: checkpoints from before the relative window used
+    # the official ranks; those from before `semi_hard_min_first` let the window start at 0.
+    before = {"semi_hard_window": "absolute", "semi_hard_min_first": 0}
 
     weight: float = setting(0.1, "weight of the PPC losses")
     tau: float = setting(0.1, "temperature")
@@ -409,20 +446,26 @@ class PPCSettings(PluginSettings):
     view2_flip: bool = setting(False, "second view is also mirrored")
     topk_ratio: float = setting(0.125, "prototype: top-K pixels per class over the batch, "
                                 "K = ratio x tokens of one second-view image")
-    bg_thr: Optional[float] = setting(None, "label: foreground where the best present-class CAM "
-                                      "score exceeds this (default: bkg_thre)")
+    bg_thr: Optional[float] = setting(0.2, "label: foreground where the best present-class CAM "
+                                      "score exceeds this (official SEAM branch: 0.2, EPS: "
+                                      "0.1; none: ToCo's bkg_thre)")
     ignore_band: bool = setting(False, "label: scores in (low_thre, high_thre] are ignored")
     absent_protos: bool = setting(False, "prototypes of classes absent from the batch serve as "
                                   "negatives (official code)")
-    proto_scope: str = setting("gather", "prototypes from this rank's batch, from all ranks' "
+    proto_scope: str = setting("ema", "prototypes from this rank's batch, from all ranks' "
                                "(gather; = batch on one process), or gather plus running "
-                               "prototypes of every class seen (ema)", ["batch", "gather", "ema"])
+                               "prototypes of every class seen (ema: the official all-class "
+                               "prototypes, so the semi-hard ranks exist)",
+                               ["batch", "gather", "ema"])
     ema_momentum: float = setting(0.9, "momentum of the running prototypes (proto_scope ema)")
     semi_hard: tuple = setting((3, 13), "semi-hard negatives: prototype similarity ranks "
                                "[first, last) (0-based; official: 3 13 of 21)", elem=int)
     semi_hard_window: str = setting("relative", "relative: the ranks scaled from 21 prototypes "
                                     "to the number that exist; absolute: as given (official)",
                                     ["relative", "absolute"])
+    semi_hard_min_first: int = setting(2, "relative window: its first rank is at least this (2 "
+                                       "drops the hardest negative as the official window does; "
+                                       "0: the window may start at rank 0)")
     hard_pixel: tuple = setting((0.5, 0.1, 0.6), "hard pixels per class: random fraction, and "
                                 "the ascending-similarity rank window (lo, hi] as fractions",
                                 elem=float)
@@ -446,6 +489,8 @@ class PPCSettings(PluginSettings):
              f"{self.ema_momentum}")
         need(len(self.semi_hard) == 2 and 0 <= self.semi_hard[0] < self.semi_hard[1],
              f"{key('semi_hard')} must be two ranks 0 <= first < last, got {self.semi_hard}")
+        need(self.semi_hard_min_first >= 0, f"{key('semi_hard_min_first')} must be >= 0, "
+             f"got {self.semi_hard_min_first}")
         need(len(self.hard_pixel) == 3 and 0 <= self.hard_pixel[0] <= 1
              and 0 <= self.hard_pixel[1] <= self.hard_pixel[2] <= 1,
              f"{key('hard_pixel')} must be (random fraction in [0, 1], lo, hi) with "
@@ -466,7 +511,8 @@ def build_ppc(settings: PPCSettings, ctx: BuildContext) -> list[LossModule]:
         bg_thr=cfg.bkg_thre if s.bg_thr is None else s.bg_thr,
         ignore_band=(cfg.low_thre, cfg.high_thre) if s.ignore_band else None,
         absent_protos=s.absent_protos, proto_scope=s.proto_scope, ema_momentum=s.ema_momentum,
-        semi_hard=s.semi_hard, semi_hard_window=s.semi_hard_window, hard_pixel=s.hard_pixel,
+        semi_hard=s.semi_hard, semi_hard_window=s.semi_hard_window,
+        semi_hard_min_first=s.semi_hard_min_first, hard_pixel=s.hard_pixel,
         terms=s.terms, aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed,
         dist_info=ctx.dist_info)]
 
@@ -476,4 +522,5 @@ register(Plugin("ppc", PPCSettings, "PPC: pixel-to-prototype contrast between th
 
 __all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores",
            "prototypes", "prototype_ce", "semi_hard_negatives", "semi_hard_ce",
-           "hard_pixel_weights", "class_balanced_mean", "ppc_pseudo_label", "rank_within_class"]
+           "hard_pixel_weights", "class_balanced_mean", "hardest_negative_excluded",
+           "ppc_pseudo_label", "rank_within_class"]

@@ -5,14 +5,20 @@ Pieces:
 - `RCAMemory`: the class-wise regional memory M_k (K classes x L slots x d), its write pointer
   and fill count, and the k-means centroids U_k. All are persistent buffers.
 - `RCAAggregation`: a feature hook of the network (`model.feature_hooks`): every encoder pass
-  (training, the CAM passes, inference) maps the final tokens X to
-  X' = X + gamma * Out(softmax(Q(X) K(U)^T / sqrt(d)) V(U)), gamma a zero-initialised gate, so
-  the trained model carries the memory centroids in its state_dict.
+  (training, the CAM passes, inference) maps the final tokens X to X' = W_f [X; O] (official
+  concat + 1x1 fusion, initialised to the identity), O = Out(softmax(Q(X) K(U)^T / sqrt(d))
+  V(U)); the identity until the first centroids exist. The trained model carries the memory
+  centroids in its state_dict.
+- `RCACoarseHead`: the official coarse pre-aggregation head A0 = W_0 X, loss 0.4 MLSM(GAP(A0),
+  y) from iteration 0; its CAM gives the region masks (softmax over classes above its spatial
+  mean).
 - `RegionalContrast`: the loss module. Region embeddings r_{b,c} = normalise(mean of g(X) over the
   region of class c in image b) (g: projection head D -> 512 -> d, on the tokens *before*
-  aggregation); FIFO enqueue of confident regions, all-gathered across ranks; region-to-memory
-  InfoNCE with every filled slot of the class as a positive (tau 0.07), embedding mixup; a
-  deterministic k-means refresh of U every `kmeans_every` iterations.
+  aggregation); FIFO enqueue of regions whose sigmoid(GAP of the final CAM) > 0.7, all-gathered
+  across ranks; region-to-memory InfoNCE with every filled slot of the class as a positive
+  (tau 0.07), embedding mixup with every query (partner: a random class of the image a random
+  permutation pairs with, lambda ~ Beta(8, 8)); a deterministic k-means refresh of U every
+  `kmeans_every` iterations.
 
 When the memory is written: from the plug-in's start iteration on, the same iteration the
 contrast starts, and the contrast of a step is taken against the memory *after* that step's
@@ -34,6 +40,8 @@ Fixes of the official code (docs/plugins.md), each with the official behaviour o
 - multi-label masking: every class is pooled under its own mask (`cumulative_mask=True`: the
   official in-place masking, class k pooled under the product of the earlier classes' masks);
 - attention: softmax over the centroids (`attention='dot'`: the official S = 2 Q K^T, unnormalised);
+- fusion initialised to the identity (official: random N(0, 0.01)) and skipped before the first
+  centroids (`fusion='gate'`: the earlier gated residual);
 - one embedding space for queries and memory (the official code stores raw backbone features
   but queries in the projected space): not reachable, the mismatch has no use;
 - DataParallel buffer loss: the enqueue is all-gathered, so the memory is identical on every rank.
@@ -52,6 +60,7 @@ from torch import Tensor, nn
 from models.backbone import EncoderOutput
 from toco.distributed import DistInfo, all_gather_cat
 from toco.errors import ConfigError
+from toco.losses import multilabel_loss
 from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
     step_generator, step_seed
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
@@ -190,29 +199,43 @@ class AggregatedOutput(EncoderOutput):
 class RCAAggregation(nn.Module):
     """Semantic aggregation over the memory centroids U, as a network feature hook.
 
-    X' = X + gamma * W_o (A V(U)) with A = softmax_j(Q(X) . K(U_j) / sqrt(d)) over the C-1 x k
-    existing centroids ('softmax'), or A = 2 Q(X) K(U)^T unnormalised ('dot', official).
-    gamma starts at 0, so the network is unchanged until it learns to use the memory; with no
-    centroid yet the output is X.
+    O = W_o (A V(U)) with A = softmax_j(Q(X) . K(U_j) / sqrt(d)) over the C-1 x k existing
+    centroids ('softmax'), or A = 2 Q(X) K(U)^T unnormalised ('dot', official). Fusion:
+    'concat' (official): X' = W_f [X; O] + b_f, a 1x1 map 2D -> D initialised to [I, 0] so that
+    X' = X when the centroids first appear (official init: random, which would discard a
+    pretrained encoder's features); before any centroid exists the block is the identity.
+    'gate': X' = X + gamma O, gamma a zero-initialised scalar (the earlier port; it adds W_o's
+    bias once gamma moves, centroids or not).
 
     Args:
         embed_dim: D.
         memory: the RCAMemory whose centroids are read (shared with the loss module).
         attention: 'softmax' or 'dot'.
+        fusion: 'concat' or 'gate'.
     """
 
-    def __init__(self, embed_dim: int, memory: RCAMemory, attention: str = "softmax") -> None:
+    def __init__(self, embed_dim: int, memory: RCAMemory, attention: str = "softmax",
+                 fusion: str = "concat") -> None:
         super().__init__()
         if attention not in ("softmax", "dot"):
             raise ConfigError(f"rca attention must be 'softmax' or 'dot', got {attention!r}")
+        if fusion not in ("concat", "gate"):
+            raise ConfigError(f"rca fusion must be 'concat' or 'gate', got {fusion!r}")
         d = memory.dim
         self.memory = memory
-        self.attention = attention
+        self.attention, self.fusion = attention, fusion
         self.q = nn.Linear(embed_dim, d)
         self.k = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
         self.out = nn.Linear(d, embed_dim)
-        self.gate = nn.Parameter(torch.zeros(()))
+        if fusion == "gate":
+            self.gate = nn.Parameter(torch.zeros(()))
+        else:
+            self.fuse = nn.Linear(2 * embed_dim, embed_dim)
+            with torch.no_grad():
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, :embed_dim].copy_(torch.eye(embed_dim))
+                self.fuse.bias.zero_()
 
     def aggregate(self, tokens: Tensor) -> Tensor:
         """The aggregated context W_o (A V(U)) for tokens (B, D, h, w), as (B, D, h, w)."""
@@ -241,8 +264,13 @@ class RCAAggregation(nn.Module):
         return ctx.transpose(1, 2).reshape(b, -1, h, w)
 
     def rewrite(self, tokens: Tensor) -> Tensor:
-        """X' = X + gamma * aggregate(X) for tokens (B, D, h, w)."""
-        return tokens + self.gate.to(tokens.dtype) * self.aggregate(tokens)
+        """X' for tokens (B, D, h, w) (see the class docstring)."""
+        if self.fusion == "gate":
+            return tokens + self.gate.to(tokens.dtype) * self.aggregate(tokens)
+        joint = torch.cat([tokens, self.aggregate(tokens)], dim=1).permute(0, 2, 3, 1)
+        fused = self.fuse(joint).permute(0, 3, 1, 2)
+        # No centroid yet: the identity (a 0-dim condition, no host sync).
+        return torch.where(self.memory.cent_ok.any(), fused, tokens)
 
     def forward(self, feats: EncoderOutput) -> EncoderOutput:
         out = AggregatedOutput(feats.cls, self.rewrite(feats.tokens), feats.aux_tokens)
@@ -283,9 +311,58 @@ def region_masks(source: str, state: StepState, grid: tuple[int, int], high_thre
         if state.model is None:
             raise RuntimeError("rca mask_source 'cam_mean' needs StepState.model")
         with torch.no_grad():
-            p = state.model.classifier.cam(state.feats.tokens.detach()).float().softmax(dim=1)
-        return (p > p.mean(dim=(-2, -1), keepdim=True)).float()
+            return above_spatial_mean(state.model.classifier.cam(state.feats.tokens.detach()))
+    if source == "coarse_mean":
+        if COARSE_CAM not in state.extras:
+            raise RuntimeError("rca mask_source 'coarse_mean' needs the coarse head's CAM "
+                               "(RCACoarseHead runs before RegionalContrast)")
+        return above_spatial_mean(state.extras[COARSE_CAM])
     raise ConfigError(f"unknown rca mask source {source!r}")
+
+
+def above_spatial_mean(cam: Tensor) -> Tensor:
+    """RCA's region masks: P = softmax over the classes of a raw CAM (B, K, h, w); the mask of
+    class k is P_k > mean over the positions of P_k. Float {0, 1}."""
+    p = cam.float().softmax(dim=1)
+    return (p > p.mean(dim=(-2, -1), keepdim=True)).float()
+
+
+# StepState.extras key of the coarse head's raw CAM (detached), read by the region masks.
+COARSE_CAM = "rca_coarse_cam"
+
+
+class RCACoarseHead(LossModule):
+    """RCA's coarse (pre-aggregation) head: a bias-free 1x1 classifier D -> C-1 on the final
+    tokens *before* the aggregation, A0 = W_0 X. Its loss `rca_coarse` = MLSM(pool(A0), y)
+    (pool GAP, official; or GMP, ToCo's classifier pooling) at weight 0.4 from iteration 0
+    (the official classification phase); its detached CAM gives the region masks of the memory
+    and the contrast (`mask_source: coarse_mean`). Training only: inference never reads it.
+
+    Args:
+        embed_dim, num_classes: D and C (background included).
+        weight: the loss weight (official 0.4); the head still runs at 0 (the masks need it).
+        pool: 'gap' or 'gmp'.
+    """
+
+    names = ("rca_coarse",)
+
+    def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.4,
+                 pool: str = "gap") -> None:
+        super().__init__(weight, 0)
+        if pool not in ("gap", "gmp"):
+            raise ConfigError(f"rca coarse_pool must be 'gap' or 'gmp', got {pool!r}")
+        self.classifier = nn.Conv2d(embed_dim, num_classes - 1, kernel_size=1, bias=False)
+        self.pool = pool
+
+    def active(self, iteration: int) -> bool:  # the masks need A0 even at weight 0
+        return True
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        raw = getattr(state.feats, "raw_tokens", state.feats.tokens)
+        cam = self.classifier(raw)
+        state.extras[COARSE_CAM] = cam.detach()
+        pooled = cam.mean(dim=(-2, -1)) if self.pool == "gap" else cam.amax(dim=(-2, -1))
+        return {"rca_coarse": multilabel_loss(pooled.float(), state.cls_label)}
 
 
 def contrast_per_query(q: Tensor, targets: Sequence[Tensor], mem: Tensor, filled: Tensor,
@@ -336,13 +413,17 @@ class RegionalContrast(LossModule):
         tau: temperature.
         mask_source: see `region_masks`.
         high_thre: CAM threshold of the 'cam_thr' masks.
-        enqueue_thr: regions are enqueued when sigmoid(image logit) > this.
+        enqueue_thr: regions are enqueued when sigmoid(image score) > this.
+        enqueue_score: the image score: 'cam_gap' (GAP of the final CAM, official) or
+            'logits' (ToCo's max-pooled logits).
         min_tokens: regions with fewer tokens are skipped.
         min_fill: fraction of L a class needs before it is used by the contrast.
         update, momentum: memory write rule ('fifo' or 'ema').
         cumulative_mask: official multi-label masking bug in the enqueue.
         kmeans_every, kmeans_iters: centroid refresh period and Lloyd steps.
-        mixup_p, mixup_alpha: probability of mixing a query with another region, Beta(a, a).
+        mixup_p, mixup_alpha: probability of mixing a query with another region, Beta(a, a)
+            (official: always, a = 8).
+        mixup_partner: see `mixup_plan`.
         aux_cam_until_iter: as ToCo's, for the 'cam_thr' masks.
         seed, dist_info: per-step randomness and the enqueue all-gather.
     """
@@ -351,12 +432,13 @@ class RegionalContrast(LossModule):
 
     def __init__(self, embed_dim: int, num_classes: int, memory: RCAMemory,
                  weight: float = 0.1, start_iter: int = 0, contrast: bool = True,
-                 dim: int = 256, tau: float = 0.07, mask_source: str = "pseudo_label",
+                 dim: int = 256, tau: float = 0.07, mask_source: str = "coarse_mean",
                  high_thre: float = 0.7, enqueue_thr: float = 0.7, min_tokens: int = 4,
                  min_fill: float = 0.0,
                  update: str = "fifo", momentum: float = 0.99, cumulative_mask: bool = False,
-                 kmeans_every: int = 500, kmeans_iters: int = 10, mixup_p: float = 0.5,
-                 mixup_alpha: float = 8.0, aux_cam_until_iter: int = 0, seed: int = 0,
+                 kmeans_every: int = 500, kmeans_iters: int = 10, mixup_p: float = 1.0,
+                 mixup_alpha: float = 8.0, mixup_partner: str = "image",
+                 enqueue_score: str = "cam_gap", aux_cam_until_iter: int = 0, seed: int = 0,
                  dist_info: DistInfo = DistInfo()) -> None:
         super().__init__(weight, start_iter)
         if update not in ("fifo", "ema"):
@@ -370,7 +452,12 @@ class RegionalContrast(LossModule):
         self.enqueue_thr, self.min_tokens, self.min_fill = enqueue_thr, min_tokens, min_fill
         self.update, self.momentum, self.cumulative_mask = update, momentum, cumulative_mask
         self.kmeans_every, self.kmeans_iters = kmeans_every, kmeans_iters
-        self.mixup_p, self.mixup_alpha = mixup_p, mixup_alpha
+        if mixup_partner not in ("image", "region") or enqueue_score not in ("cam_gap",
+                                                                              "logits"):
+            raise ConfigError(f"rca mixup_partner must be image/region and enqueue_score "
+                              f"cam_gap/logits, got {mixup_partner!r}, {enqueue_score!r}")
+        self.mixup_p, self.mixup_alpha, self.mixup_partner = mixup_p, mixup_alpha, mixup_partner
+        self.enqueue_score = enqueue_score
         self.aux_cam_until_iter = aux_cam_until_iter
         self.seed, self.dist = seed, dist_info
 
@@ -406,13 +493,22 @@ class RegionalContrast(LossModule):
             emb = r.detach()
             if self.cumulative_mask:
                 emb = F.normalize(self._cumulative_pool(masks, z.detach(), present, n_tok), dim=-1)
-            logits = state.logits.detach().float()
-            enq = region_ok & (torch.sigmoid(logits) > self.enqueue_thr)
+            enq = region_ok & (torch.sigmoid(self._enqueue_logits(state)) > self.enqueue_thr)
             self.memory.enqueue(all_gather_cat(emb.contiguous(), self.dist),
                                 all_gather_cat(enq, self.dist), self.update, self.momentum)
             if (it + 1) % self.kmeans_every == 0:
                 self.memory.refresh_centroids(self.kmeans_iters,
                                               step_seed(self.seed, it, 0, 0x524341))
+
+    def _enqueue_logits(self, state: StepState) -> Tensor:
+        """The image-class scores the enqueue thresholds: GAP of the final CAM (official:
+        the CAM of the aggregated features), or ToCo's max-pooled image logits."""
+        if self.enqueue_score == "logits":
+            return state.logits.detach().float()
+        if state.model is None:
+            raise RuntimeError("rca enqueue_score 'cam_gap' needs StepState.model")
+        cam = state.model.classifier.cam(state.feats.tokens.detach())
+        return cam.float().mean(dim=(-2, -1))
 
     @staticmethod
     def _cumulative_pool(masks: Tensor, z: Tensor, present: Tensor, n_tok: Tensor) -> Tensor:
@@ -422,33 +518,57 @@ class RegionalContrast(LossModule):
         cum = factors.cumprod(dim=1) * present[:, :, None, None]
         return torch.einsum("bkhw,bhwd->bkd", cum, z) / n_tok.clamp_min(1)[..., None]
 
+    def mixup_plan(self, usable: Tensor, iteration: int) -> tuple[Tensor, Tensor]:
+        """Each query region's mixup partner and lambda: (partner (B K,) flat region index,
+        lam (B K,)); lam = 1 means no mixing.
+
+        'image' (official): image b's partner image is perm(b) of a random permutation (b
+        itself allowed), and each of its regions draws a uniformly random usable region of that
+        image; 'region': a uniformly random usable region of the batch. lam ~ Beta(a, a) with
+        probability `mixup_p`; 1 where the partner is not usable. usable: (B, K) bool."""
+        b, k = usable.shape
+        dev = usable.device
+        gen = step_generator(dev, self.seed, iteration, self.dist.rank, 0x4D4958)
+        flat_ok = usable.reshape(-1)
+        allowed = flat_ok[None].expand(b * k, b * k)
+        if self.mixup_partner == "image":
+            perm = torch.randperm(b, generator=gen, device=dev)
+            image_of = torch.arange(b * k, device=dev) // k
+            allowed = allowed & (image_of[None] == perm.repeat_interleave(k)[:, None])
+        # Gumbel-max: a uniform draw among the allowed regions (any, if none is allowed).
+        gumbel = -torch.log(-torch.log(torch.rand(b * k, b * k, generator=gen,
+                                                   device=dev).clamp(1e-12, 1 - 1e-7)))
+        partner = (gumbel + torch.where(allowed, 0.0, float("-inf"))).argmax(dim=1)
+        rng = np.random.default_rng(step_seed(self.seed, iteration, self.dist.rank, 0x4C414D))
+        lam = torch.from_numpy(rng.beta(self.mixup_alpha, self.mixup_alpha, b * k)).float()
+        mix = torch.from_numpy(rng.random(b * k) < self.mixup_p)
+        lam = torch.where(mix, lam, torch.ones_like(lam)).to(dev)
+        return partner, torch.where(flat_ok[partner], lam, torch.ones_like(lam))
+
     def _contrast(self, r: Tensor, region_ok: Tensor, iteration: int) -> Tensor:
-        """Mean over the usable regions of lambda L(q, c) + (1 - lambda) L(q, c')."""
+        """Mean over the usable regions of lambda L(q, c) + (1 - lambda) L(q, c') with
+        q = normalise(lambda r + (1 - lambda) r'), r' the partner region of class c'."""
         b, k, d = r.shape
         mem = self.memory
         ready = mem.count >= max(1, math.ceil(self.min_fill * mem.size))  # (K,)
         target = torch.arange(k, device=r.device).repeat(b)  # (B K,)
         flat = r.reshape(b * k, d)
-        usable = (region_ok & ready[None]).reshape(-1)
-        # Mixup partner: a uniformly random usable region (Gumbel-max; itself allowed).
-        gen = step_generator(r.device, self.seed, iteration, self.dist.rank, 0x4D4958)
-        gumbel = -torch.log(-torch.log(torch.rand(b * k, b * k, generator=gen,
-                                                   device=r.device).clamp(1e-12, 1 - 1e-7)))
-        partner = (gumbel + torch.where(usable, 0.0, float("-inf"))[None]).argmax(dim=1)
-        rng = np.random.default_rng(step_seed(self.seed, iteration, self.dist.rank, 0x4C414D))
-        lam = torch.from_numpy(rng.beta(self.mixup_alpha, self.mixup_alpha, b * k)).float()
-        mix = torch.from_numpy(rng.random(b * k) < self.mixup_p)
-        lam = torch.where(mix, lam, torch.ones_like(lam)).to(r.device)
-        lam = torch.where(usable[partner], lam, torch.ones_like(lam))
+        usable = region_ok & ready[None]
+        partner, lam = self.mixup_plan(usable, iteration)
         q = F.normalize(lam[:, None] * flat + (1 - lam[:, None]) * flat[partner], dim=-1)
         own, other = contrast_per_query(q, [target, target[partner]], mem.mem, mem.filled(),
                                         self.tau)
-        return masked_mean(lam * own + (1 - lam) * other, usable)
+        return masked_mean(lam * own + (1 - lam) * other, usable.reshape(-1))
 
 
 @dataclass
 class RCASettings(PluginSettings):
     """RCA's settings (YAML section `plugins: {rca: ...}`, flags `--rca-*`)."""
+
+    # Stored configs that predate a setting: what those runs did (gated residual fusion, no
+    # coarse head, enqueue on ToCo's logits, mixup partner any region of the batch).
+    before = {"fusion": "gate", "coarse_head": False, "enqueue_score": "logits",
+              "mixup_partner": "region"}
 
     weight: float = setting(0.1, "weight of the RCA region contrast")
     dim: int = setting(256, "embedding width d")
@@ -460,6 +580,16 @@ class RCASettings(PluginSettings):
     aggregation_insert: str = setting("all", "where the aggregation rewrites the tokens: every "
                                       "encoder pass (classifier, CAMs, PTC, decoder) or only the "
                                       "decoder's input", ["all", "decoder"])
+    fusion: str = setting("concat", "aggregation fusion: X' = 1x1([X; O]) initialised to the "
+                          "identity (official form) or X + gamma O with a zero-initialised gate",
+                          ["concat", "gate"])
+    coarse_head: bool = setting(True, "the official coarse pre-aggregation head (1x1 classifier "
+                                "on the tokens before aggregation; its CAM gives the region "
+                                "masks, loss rca_coarse)")
+    coarse_weight: float = setting(0.4, "weight of the coarse head's classification loss "
+                                   "(official 0.4; absolute, not times the plug-in weight)")
+    coarse_pool: str = setting("gap", "pooling of the coarse head's CAM for its loss (official "
+                               "GAP; gmp: ToCo's)", ["gap", "gmp"])
     attention: str = setting("softmax", "aggregation attention: softmax over centroids (scaled "
                              "by sqrt(d)) or the official unnormalised dot", ["softmax", "dot"])
     update: str = setting("fifo", "memory write: FIFO overwrite or the official EMA blend into "
@@ -469,10 +599,13 @@ class RCASettings(PluginSettings):
                                "(official code) instead of empty")
     cumulative_mask: bool = setting(False, "enqueue pools each class under the product of the "
                                     "masks of the image's earlier classes (official bug)")
-    mask_source: str = setting("pseudo_label", "region masks: token pseudo labels, CAM > "
-                               "high_thre, or softmax(online CAM) > its mean (official)",
-                               ["pseudo_label", "cam_thr", "cam_mean"])
-    enqueue_thr: float = setting(0.7, "enqueue a region when sigmoid(image logit) > this")
+    mask_source: str = setting("coarse_mean", "region masks: softmax(coarse head CAM) > its "
+                               "spatial mean (official), token pseudo labels, CAM > high_thre, "
+                               "or softmax(online CAM) > its mean",
+                               ["coarse_mean", "pseudo_label", "cam_thr", "cam_mean"])
+    enqueue_thr: float = setting(0.7, "enqueue a region when sigmoid(image score) > this")
+    enqueue_score: str = setting("cam_gap", "image score of the enqueue: GAP of the final CAM "
+                                 "(official) or ToCo's max-pooled logits", ["cam_gap", "logits"])
     min_tokens: int = setting(4, "ignore regions of fewer tokens")
     min_fill: float = setting(0.0, "the contrast uses a class once this fraction of its memory "
                               "is filled (0: from its first entry; the projection is trained "
@@ -480,8 +613,12 @@ class RCASettings(PluginSettings):
     num_centroids: int = setting(10, "k-means centroids per class")
     kmeans_every: int = setting(500, "k-means refresh period (iterations)")
     kmeans_iters: int = setting(10, "Lloyd steps per refresh")
-    mixup_p: float = setting(0.5, "probability of mixing a query with another region")
+    mixup_p: float = setting(1.0, "probability of mixing a query with another region "
+                             "(official: 1)")
     mixup_alpha: float = setting(8.0, "mixup lambda ~ Beta(alpha, alpha)")
+    mixup_partner: str = setting("image", "mixup partner: a random region of the image a random "
+                                 "permutation pairs with the query's (official), or any region "
+                                 "of the batch", ["image", "region"])
 
     def check(self, cfg, need, key) -> None:
         for name in ("dim", "mem_size", "tau", "num_centroids", "kmeans_every", "kmeans_iters",
@@ -497,6 +634,10 @@ class RCASettings(PluginSettings):
             need(0 <= getattr(self, name) <= 1,
                  f"{key(name)} must be in [0, 1], got {getattr(self, name)}")
         need(self.momentum < 1, f"{key('momentum')} must be < 1 (1 never writes the memory)")
+        need(self.coarse_weight >= 0, f"{key('coarse_weight')} must be >= 0, got "
+             f"{self.coarse_weight}")
+        need(self.coarse_head or self.mask_source != "coarse_mean",
+             f"{key('mask_source')} coarse_mean needs {key('coarse_head')}")
 
 
 def build_rca_memory(s: RCASettings, num_classes: int) -> RCAMemory:
@@ -516,7 +657,7 @@ def attach_rca(s: RCASettings, cfg, model: nn.Module, num_classes: int) -> None:
     if not s.aggregation:
         return
     aggregation = RCAAggregation(model.backbone.embed_dim, build_rca_memory(s, num_classes),
-                                 s.attention)
+                                 s.attention, s.fusion)
     if s.aggregation_insert == "all":
         model.feature_hooks.append(aggregation)
     else:
@@ -533,13 +674,16 @@ def build_rca(s: RCASettings, ctx: BuildContext) -> list[LossModule]:
     memory = aggregation.memory if aggregation is not None else build_rca_memory(
         s, ctx.num_classes)
     contrast = s.contrast and s.weight > 0
-    return [RegionalContrast(
+    coarse = [RCACoarseHead(ctx.embed_dim, ctx.num_classes, s.coarse_weight, s.coarse_pool)
+              ] if s.coarse_head else []
+    return coarse + [RegionalContrast(
         ctx.embed_dim, ctx.num_classes, memory, weight=s.weight if contrast else 1.0,
         start_iter=s.start(cfg), contrast=contrast, dim=s.dim, tau=s.tau,
         mask_source=s.mask_source, high_thre=cfg.high_thre, enqueue_thr=s.enqueue_thr,
         min_tokens=s.min_tokens, min_fill=s.min_fill, update=s.update, momentum=s.momentum,
         cumulative_mask=s.cumulative_mask, kmeans_every=s.kmeans_every,
         kmeans_iters=s.kmeans_iters, mixup_p=s.mixup_p, mixup_alpha=s.mixup_alpha,
+        mixup_partner=s.mixup_partner, enqueue_score=s.enqueue_score,
         aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed, dist_info=ctx.dist_info)]
 
 

@@ -101,7 +101,8 @@ class Segmenter:
                        ) -> list[Prediction]:
         from toco.evaluation.protocol import seg_prediction
 
-        u8 = [torch.from_numpy(a).permute(2, 0, 1).to(self.device) for a in arrays]
+        # torch.tensor copies: the arrays PIL gives are read-only
+        u8 = [torch.tensor(a).permute(2, 0, 1).to(self.device) for a in arrays]
         batch = torch.cat([resize(x[None].float().div(255), size) for x in u8])
         logits = self.protocol.seg_logits(self.model, batch).float()
         cams = self.protocol.cams(self.model, batch)[0].float() if cam else None

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from toco.atomic import atomic_path
@@ -82,7 +82,7 @@ def read_release(path: str | Path, device: str = "cpu") -> dict[str, Any]:
                                      if "class_names" in meta else None),
                      "source": meta.get("source", "training"),
                      "model": {k: fh.get_tensor(k) for k in fh.keys()}}
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, KeyError, ValueError, SafetensorError) as err:  # JSONDecodeError: a ValueError
         raise UserError(f"cannot read release file {path}: {err}") from None
     return state
 

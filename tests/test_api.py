@@ -125,7 +125,11 @@ def test_a_list_of_mixed_sizes_equals_one_image_at_a_time(model_files, protocol)
     from toco import load_segmenter
     from toco.inference import predict_seg_logits
 
+    from toco.evaluation.protocol import build_protocol
+
     seg = load_segmenter(model_files[0], protocol=protocol)
+    if protocol == "coco-ms":  # its 448 square, only smaller: the same passes and fusions
+        seg.protocol = build_protocol(protocol, seg.cfg, size=96)
     images = [picture(40, 56), picture(33, 47), picture(40, 56)]
     batch = seg.predict(images, cam=True)
     assert isinstance(batch, list) and len(batch) == 3

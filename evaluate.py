@@ -37,8 +37,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv: list[str] | None) -> EvalRequest:
     p = _Parser(description=__doc__.splitlines()[0],
                 formatter_class=_Help)
-    p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of a run, or its release "
-                                                     ".safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoints/last.pt of a run, or its release .safetensors")
     p.add_argument("--dataset", choices=sorted(DATASETS),
                    help="dataset kind (default: the one the model was trained on)")
     p.add_argument("--data-root", help="dataset root (default: the training run's)")

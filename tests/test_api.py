@@ -66,7 +66,8 @@ def picture(h: int, w: int) -> np.ndarray:
 
 def test_the_documented_example_runs_as_written(model_files, tmp_path, monkeypatch, capsys):
     text = (ROOT / "docs" / "predict.md").read_text()
-    block = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.S).group(1)
+    example = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.DOTALL)
+    block = example.group(1)
     (tmp_path / "model.safetensors").write_bytes(model_files[1].read_bytes())
     Image.fromarray(picture(48, 80)).save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
@@ -123,9 +124,8 @@ def test_cam_on_request_is_the_protocol_cam_at_the_image_size(segmenter):
 @pytest.mark.parametrize("protocol", ["train-val", "voc-ms", "coco-ms"])
 def test_a_list_of_mixed_sizes_equals_one_image_at_a_time(model_files, protocol):
     from toco import load_segmenter
-    from toco.inference import predict_seg_logits
-
     from toco.evaluation.protocol import build_protocol
+    from toco.inference import predict_seg_logits
 
     seg = load_segmenter(model_files[0], protocol=protocol)
     if protocol == "coco-ms":  # its 448 square, only smaller: the same passes and fusions

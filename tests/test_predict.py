@@ -35,7 +35,7 @@ def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
     Image.fromarray(picture(36, 30)).convert("L").save(root / "sub" / "gray.jpg")
     rgba = np.dstack([picture(32, 48), np.full((32, 48), 200, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "sub" / "alpha.png")
-    Image.fromarray((image_pixels(30, 44)[..., 0].astype(np.uint16) * 257)).save(
+    Image.fromarray(image_pixels(30, 44)[..., 0].astype(np.uint16) * 257).save(
         root / "deep16.png")
     Image.fromarray(image_pixels(1500, 2000)).save(root / "large.jpg", quality=80)
     (root / "broken.jpg").write_bytes((root / "plain.jpg").read_bytes()[:300])  # truncated

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 

@@ -9,9 +9,9 @@ is an error before anything is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional, Sequence
 
 from toco.errors import UserError
 
@@ -31,7 +31,7 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def folder_images(folder: Path, exclude: Optional[Path] = None) -> list[Path]:
+def folder_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     """Image files under `folder` (recursive, sorted), skipping hidden files and folders and
     anything under `exclude` (the output folder, when it lies inside an input folder)."""
     found = []
@@ -57,7 +57,7 @@ def read_list(list_file: Path) -> list[Path]:
 
 
 def collect_inputs(arguments: Sequence[str], list_files: Sequence[str] = (),
-                   exclude: Optional[Path] = None) -> list[InputImage]:
+                   exclude: Path | None = None) -> list[InputImage]:
     """The images named by command-line `arguments` (files, folders, or @list.txt) and by
     `list_files`, in the order given, each file once.
 
@@ -80,7 +80,7 @@ def collect_inputs(arguments: Sequence[str], list_files: Sequence[str] = (),
     return _named(_unique(found))
 
 
-def _expand(path: Path, base: Optional[Path], exclude: Optional[Path], strict: bool
+def _expand(path: Path, base: Path | None, exclude: Path | None, strict: bool
             ) -> list[tuple[Path, PurePosixPath]]:
     """(file, relative name with extension) for a file or every image in a folder."""
     if path.is_dir():
@@ -91,7 +91,7 @@ def _expand(path: Path, base: Optional[Path], exclude: Optional[Path], strict: b
     return [(path, _relative_name(path, base))]
 
 
-def _relative_name(path: Path, base: Optional[Path]) -> PurePosixPath:
+def _relative_name(path: Path, base: Path | None) -> PurePosixPath:
     """The path relative to `base` where it lies inside it, else the file's name."""
     if base is not None:
         try:

@@ -11,8 +11,8 @@ so a mask here is the mask evaluate.py scores for the same image.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class Prediction:
     mask: np.ndarray
     labels: list[str]
     scores: dict[str, float]
-    cam: Optional[np.ndarray] = None
+    cam: np.ndarray | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -62,8 +62,8 @@ class Segmenter:
     def foreground_names(self) -> tuple[str, ...]:
         return self.class_names[1:]
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], cam: bool = False
-                ) -> Union[Prediction, list[Prediction]]:
+    def predict(self, images: ImageInput | Sequence[ImageInput], cam: bool = False
+                ) -> Prediction | list[Prediction]:
         """One Prediction for one image; a list for a list (or tuple) of images.
 
         Images of the same model-input size are run as one batch (train-val resizes every
@@ -80,7 +80,7 @@ class Segmenter:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, a in enumerate(arrays):
             groups.setdefault(self._input_size(a.shape[:2]), []).append(i)
-        out: list[Optional[Prediction]] = [None] * len(arrays)
+        out: list[Prediction | None] = [None] * len(arrays)
         for size, members in groups.items():
             for i, pred in zip(members, self._predict_group([arrays[i] for i in members],
                                                             size, cam)):
@@ -133,7 +133,7 @@ class Segmenter:
         return torch.sigmoid(logits.float()).cpu()
 
 
-def load_segmenter(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu",
                    protocol: str = "train-val") -> Segmenter:
     """A Segmenter from a training checkpoint (`checkpoints/last.pt`) or a release file.
 

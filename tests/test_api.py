@@ -167,6 +167,19 @@ def test_class_names_come_from_the_release(tmp_path):
     assert list(seg.predict(picture(32, 32)).scores) == names[1:]
 
 
+def test_more_classes_than_a_uint8_mask_holds_are_refused(segmenter):
+    from toco.predictor import Segmenter
+
+    model = segmenter.model
+    model.num_classes = 256  # only the count is checked: no need to build a wider model
+    try:
+        with pytest.raises(UserError, match="at most 255 classes fit"):
+            Segmenter(model, segmenter.cfg, [f"c{i}" for i in range(256)], segmenter.protocol,
+                      segmenter.device)
+    finally:
+        model.num_classes = 21
+
+
 def test_unusable_model_files_are_one_line_errors(tmp_path):
     from toco import load_segmenter
 

@@ -4,6 +4,8 @@
 
 The EMA teacher head is dropped (it is only used for training); `load_release` rebuilds the
 network from the embedded config with random-init backbone weights and loads the file.
+`load_model` reads either kind of file (a release or a training checkpoint, told apart by
+content), as evaluate.py, predict.py and `toco.load_segmenter` do.
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ from toco.errors import UserError
 from toco.images import ImageInput, to_rgb
 from toco.inference import resize
 
+MAX_CLASSES = 255  # background included; 255 is the ignore value of every mask
+
 
 @dataclass
 class Prediction:
@@ -54,6 +56,9 @@ class Segmenter:
         if len(class_names) != model.num_classes:
             raise UserError(f"{len(class_names)} class names for a model of "
                             f"{model.num_classes} classes")
+        if model.num_classes > MAX_CLASSES:
+            raise UserError(f"a model of {model.num_classes} classes: masks are uint8 index "
+                            f"images (255 = ignore), so at most {MAX_CLASSES} classes fit")
         self.model, self.cfg, self.protocol, self.device = model, cfg, protocol, device
         self.class_names = tuple(class_names)
         self.iteration = iteration

@@ -3,7 +3,9 @@ the displayed size per readable image, names the bad files once and exits 0; lis
 collisions, --cams, --strict, bad arguments; evaluate.py scores a release like its checkpoint."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,24 @@ def test_bad_arguments_are_one_line_errors(model_files, tmp_path, args, needle, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_is_one_line(model_files, mixed_folder, tmp_path, capsys,
+                                          monkeypatch):
+    import toco.batch_predict
+
+    root, _ = mixed_folder
+    (tmp_path / "file").write_text("")
+    assert predict_run(model_files[0], tmp_path / "file", str(root)) == 2
+    assert "--output" in capsys.readouterr().err
+
+    def disk_full(path, payload):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(toco.batch_predict, "write_bytes_atomic", disk_full)
+    assert predict_run(model_files[0], tmp_path / "out", str(root / "plain.jpg")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write ") and "masks/plain.png" in err[-1], err
 
 
 def test_empty_folder_and_help(model_files, tmp_path, capsys):

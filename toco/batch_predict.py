@@ -25,6 +25,7 @@ from PIL import Image
 
 from toco.atomic import write_bytes_atomic
 from toco.errors import UserError
+from toco.faults import storage_error
 from toco.images import read_image
 from toco.inputs import InputImage, collect_inputs
 
@@ -51,6 +52,8 @@ class PredictRequest:
     def check(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise UserError(f"--output {self.output} is a file; give a folder to write into")
         if not self.inputs and not self.lists:
             raise UserError("no inputs: give image files, folders, @list.txt or --list FILE")
 
@@ -78,11 +81,14 @@ def run_prediction(req: PredictRequest) -> Summary:
     segmenter = load_segmenter(req.model, device=req.device, protocol=req.protocol)
     summary = Summary()
     try:
-        _predict_all(segmenter, inputs, out, req, summary)
-    finally:  # also on Ctrl-C: the list then covers every finished batch
-        if summary.records:
-            payload = "".join(json.dumps(r) + "\n" for r in summary.records).encode()
-            write_bytes_atomic(out / "predictions.jsonl", payload)
+        try:
+            _predict_all(segmenter, inputs, out, req, summary)
+        finally:  # also on Ctrl-C: the list then covers every finished batch
+            if summary.records:
+                payload = "".join(json.dumps(r) + "\n" for r in summary.records).encode()
+                write_bytes_atomic(out / "predictions.jsonl", payload)
+    except OSError as err:
+        raise storage_error(err, "the files written before it are whole") or err from None
     print(f"wrote {summary.written} prediction(s) to {out}"
           + (f"; skipped {len(summary.failed)} unreadable input(s)" if summary.failed else ""))
     if summary.written == 0:

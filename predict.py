@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=int, default=4,
                    help="images per forward pass (default: 4)")
+    r.add_argument("--workers", type=int, default=2,
+                   help="threads decoding the next batch while the model runs (default: 2)")
     r.add_argument("--device", default="auto",
                    help="auto (default: cuda if available), cpu, cuda or cuda:N")
     return p

@@ -147,6 +147,7 @@ def test_lists_collisions_cams_and_the_output_inside_the_input(model_files, tmp_
     (["@nolist.txt"], "input list not found: nolist.txt"),
     ([], "no inputs"),
     (["--batch-size", "0", "."], "--batch-size must be >= 1"),
+    (["--workers", "0", "."], "--workers must be >= 1"),
     (["--device", "cuda:7", "."], "cuda"),
     (["--device", "tpu", "."], "unknown --device 'tpu'"),
     (["--protocol", "best", "."], "invalid choice: 'best'"),

@@ -43,6 +43,7 @@ class PredictRequest:
     output: str
     lists: list[str] = field(default_factory=list)
     batch_size: int = 4
+    workers: int = 2
     device: str = "auto"
     protocol: str = "train-val"
     cams: bool = False
@@ -52,6 +53,8 @@ class PredictRequest:
     def check(self) -> None:
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             raise UserError(f"--output {self.output} is a file; give a folder to write into")
         if not self.inputs and not self.lists:
@@ -100,43 +103,70 @@ def run_prediction(req: PredictRequest) -> Summary:
     return summary
 
 
+@dataclass
+class _Read:
+    """One input after reading: its pixels, or why it could not be read."""
+
+    item: InputImage
+    image: np.ndarray | None
+    error: str | None
+    seconds: float
+
+
+def _read(item: InputImage) -> _Read:
+    t0 = time.perf_counter()
+    try:
+        return _Read(item, read_image(item.path), None, time.perf_counter() - t0)
+    except UserError as err:
+        return _Read(item, None, str(err), time.perf_counter() - t0)
+
+
 def _predict_all(segmenter, inputs: Sequence[InputImage], out: Path, req: PredictRequest,
                  summary: Summary) -> None:
+    """Batch by batch; the next batch is decoded by `req.workers` threads while the model
+    runs on this one (decoding large JPEGs costs as much as a small model's pass)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
+    batches = [inputs[i:i + req.batch_size] for i in range(0, len(inputs), req.batch_size)]
     bar = tqdm(total=len(inputs), desc="predict", unit="img", file=sys.stderr,
                dynamic_ncols=True, disable=None)
-    try:
-        for start in range(0, len(inputs), req.batch_size):
-            batch = inputs[start:start + req.batch_size]
-            records: list[dict[str, Any]] = []  # in input order, failures included
-            readable, arrays, read_seconds = [], [], []
-            for item in batch:
-                t0 = time.perf_counter()
-                try:
-                    arrays.append(read_image(item.path))
-                except UserError as err:
-                    tqdm.write(f"skipped: {err}", file=sys.stderr)
-                    summary.failed.append(str(item.path))
-                    records.append({"path": str(item.path), "error": str(err)})
-                    continue
-                readable.append((item, len(records)))
-                records.append({})
-                read_seconds.append(time.perf_counter() - t0)
-            if readable:
-                t0 = time.perf_counter()
-                preds = segmenter.predict_arrays(arrays, cam=req.cams)
-                shared = (time.perf_counter() - t0) / len(readable)
-                for (item, slot), image, pred, seconds in zip(readable, arrays, preds,
-                                                               read_seconds):
-                    t1 = time.perf_counter()
-                    record = write_outputs(out, item, image, pred, segmenter.class_names, req)
-                    record["seconds"] = round(seconds + shared + time.perf_counter() - t1, 4)
-                    records[slot] = record
-            summary.records += records
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    with ThreadPoolExecutor(max_workers=req.workers) as pool:
+        try:
+            pending = [pool.submit(_read, item) for item in batches[0]]
+            for index in range(len(batches)):
+                reads = [f.result() for f in pending]
+                pending = ([pool.submit(_read, item) for item in batches[index + 1]]
+                           if index + 1 < len(batches) else [])
+                summary.records += _predict_batch(segmenter, reads, out, req, summary, bar)
+                bar.update(len(reads))
+        finally:
+            for future in pending:
+                future.cancel()
+            bar.close()
+
+
+def _predict_batch(segmenter, reads: list[_Read], out: Path, req: PredictRequest,
+                   summary: Summary, bar) -> list[dict[str, Any]]:
+    """The records of one batch, in input order, failures included."""
+    for r in reads:
+        if r.error is not None:
+            bar.write(f"skipped: {r.error}", file=sys.stderr)
+            summary.failed.append(str(r.item.path))
+    good = [r for r in reads if r.image is not None]
+    records = {id(r): {"path": str(r.item.path), "error": r.error} for r in reads
+               if r.image is None}
+    if good:
+        t0 = time.perf_counter()
+        preds = segmenter.predict_arrays([r.image for r in good], cam=req.cams)
+        shared = (time.perf_counter() - t0) / len(good)
+        for r, pred in zip(good, preds):
+            t1 = time.perf_counter()
+            record = write_outputs(out, r.item, r.image, pred, segmenter.class_names, req)
+            record["seconds"] = round(r.seconds + shared + time.perf_counter() - t1, 4)
+            records[id(r)] = record
+    return [records[id(r)] for r in reads]
 
 
 def write_outputs(out: Path, item: InputImage, image: np.ndarray, pred,

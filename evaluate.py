@@ -21,7 +21,9 @@ from toco.inference import FUSIONS, PATCH_FITS
 
 def parse_args(argv: list[str] | None) -> EvalRequest:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoints/last.pt of a run")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoints/last.pt of a run, its release .safetensors, or an official "
+                        "ToCo checkpoint (converted on the fly)")
     p.add_argument("--dataset", choices=sorted(DATASETS),
                    help="dataset kind (default: the one the model was trained on)")
     p.add_argument("--data-root", help="dataset root (default: the training run's)")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toco.cli import ArgumentParser  # noqa: E402
 
 from toco.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available  # noqa: E402
 
@@ -205,7 +206,7 @@ def bench_train_step(args: argparse.Namespace, device: torch.device, crop: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", nargs="+", default=list(PHOTOS[:4]), choices=PHOTOS)
     p.add_argument("--size", type=int, nargs=2, default=[375, 500], metavar=("H", "W"))
     p.add_argument("--classes", type=int, default=21)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toco.cli import ArgumentParser  # noqa: E402
 
 from toco.builders import build_model, resolve_device  # noqa: E402
 from toco.config import TrainConfig  # noqa: E402
@@ -35,7 +36,7 @@ from toco.evaluation.protocol import PROTOCOL_NAMES, build_protocol, seg_predict
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="a run's last.pt (default: random weights)")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--num-classes", type=int, default=21)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from toco.cli import ArgumentParser  # noqa: E402
 
 from toco.builders import build_model  # noqa: E402
 from toco.config import TrainConfig, load_yaml  # noqa: E402
@@ -91,7 +92,7 @@ def time_interleaved(trainers: dict[str, Trainer], batches: list[dict], rounds: 
 def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
                  steps: int, warmup: int) -> argparse.ArgumentParser:
     """The flags every step benchmark takes (model, batch, device, timing rounds, output)."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--backbone", default=backbone)
     p.add_argument("--pretrained", default="none", help="'none', 'timm' or a weights file")
     p.add_argument("--crop-size", type=int, default=160)

@@ -12,7 +12,6 @@ folder already holds a result is not retrained, so an interrupted sweep continue
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toco.atomic import write_bytes_atomic  # noqa: E402
-from toco.cli import run_cli  # noqa: E402
+from toco.cli import ArgumentParser, run_cli  # noqa: E402
 from toco.config import parse_config  # noqa: E402
 
 MIOU_KEYS = ("cam_miou", "seg_miou")
@@ -124,7 +123,7 @@ def table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10, help="number of seeds")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--max-iters", type=int, default=None,

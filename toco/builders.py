@@ -39,11 +39,21 @@ def input_normalisation(cfg: TrainConfig, backbone: ViTBackbone) -> tuple[tuple,
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N', checked against the devices this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name} requested but no CUDA device is available")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")
+    return device
 
 
 def compile_backbone(model: ToCoNet, mode: str, backend: str = "inductor") -> None:

@@ -13,8 +13,9 @@ from toco.errors import ConfigError, UserError
 _LITERAL_PERCENT = re.compile(r"%(?![(%])")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except the None/False of flags whose help says what they do.
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except the None/False of flags whose help says what they do;
+    descriptions and epilogs keep their line breaks (usage examples).
 
     A literal '%' in a help text ("~30% more compute") is escaped, so --help never fails on it.
     """

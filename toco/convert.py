@@ -15,7 +15,6 @@ and CAM scales.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from toco.cli import run_cli
+from toco.cli import ArgumentParser, run_cli
 from toco.errors import UserError
 
 SOURCE = "toco-official"
@@ -343,7 +342,7 @@ def checkpoint_state(path: str | Path, **options) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m toco.convert",
         description="Convert an official ToCo checkpoint into a release .safetensors file "
                     "(evaluate.py, predict.py and toco.load_segmenter read it).",

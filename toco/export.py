@@ -4,20 +4,23 @@
 
 The EMA teacher head is dropped (it is only used for training); `load_release` rebuilds the
 network from the embedded config with random-init backbone weights and loads the file.
+`load_model` reads either kind of file (a release or a training checkpoint, told apart by
+content), as evaluate.py, predict.py and `toco.load_segmenter` do.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from safetensors import safe_open
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from toco.atomic import atomic_path
 from toco.checkpoint import load_checkpoint, load_weights
-from toco.cli import run_cli
+from toco.cli import ArgumentParser, run_cli
 from toco.errors import UserError
 from toco.faults import storage_error
 
@@ -56,28 +59,85 @@ def export_release(checkpoint: str, output: str) -> Path:
                          class_names=data.dataset_spec(cfg).class_names)
 
 
+def is_release(path: str | Path) -> bool:
+    """Whether `path` is a .safetensors file (its header), whatever its name; a training
+    checkpoint is a zip (torch.save) and fails this test."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def read_release(path: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """A release as a checkpoint-like dict: `model` (tensors), `config`, `iteration`,
+    `class_names` (None for files written before they were stored) and `source`."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            meta = fh.metadata() or {}
+            state = {"config": json.loads(meta["config"]),
+                     "iteration": int(meta.get("iteration", 0)),
+                     "class_names": (json.loads(meta["class_names"])
+                                     if "class_names" in meta else None),
+                     "source": meta.get("source", "training"),
+                     "model": {k: fh.get_tensor(k) for k in fh.keys()}}
+    except (OSError, KeyError, ValueError, SafetensorError) as err:  # JSONDecodeError: a ValueError
+        raise UserError(f"cannot read release file {path}: {err}") from None
+    return state
+
+
+def load_model_state(path: str | Path, map_location: str | torch.device = "cpu"
+                     ) -> dict[str, Any]:
+    """A training checkpoint, a release file or an official ToCo checkpoint (converted on the
+    fly), as a dict with at least `model` and `config`."""
+    from toco.convert import checkpoint_state, is_official_checkpoint
+
+    if is_release(path):
+        return read_release(path, str(map_location))
+    if is_official_checkpoint(path):
+        return checkpoint_state(path)
+    return load_checkpoint(path, map_location=map_location)
+
+
+def with_training_heads(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+                        ) -> dict[str, torch.Tensor]:
+    """`tensors` plus the training-only heads a release leaves out, at the model's own values
+    (inference never runs them)."""
+    return {**{k: v for k, v in model.state_dict().items()
+               if k.startswith(TRAINING_ONLY_PREFIXES)}, **tensors}
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, config, state) from a training checkpoint or a release file.
+
+    state["class_names"] is the file's list, or for files that hold none (checkpoints, older
+    releases) the class names of the dataset the model was trained on.
+    """
+    return _build(load_model_state(path), path, device)
+
+
 def load_release(path: str, device: str = "cpu"):
     """(model, config) from a release file written by `export_release`."""
+    model, cfg, _ = _build(read_release(path), path, device)
+    return model, cfg
+
+
+def _build(state: dict[str, Any], path: str | Path, device: str | torch.device):
     from toco import data
     from toco.builders import build_model
     from toco.config import TrainConfig
 
-    try:
-        with safe_open(path, framework="pt", device=device) as fh:
-            cfg = TrainConfig.from_saved(json.loads(fh.metadata()["config"]), path)
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read release file {path}: {err}") from None
-    model = build_model(cfg, data.dataset_spec(cfg).num_classes, pretrained="none")
-    # The training-only heads are not in the file: they keep their initial weights.
-    tensors.update({k: v for k, v in model.state_dict().items()
-                    if k.startswith(TRAINING_ONLY_PREFIXES)})
-    load_weights(model, tensors, path)
-    return model.to(device).eval(), cfg
+    cfg = TrainConfig.from_saved(state["config"], str(path))
+    state["class_names"] = list(state.get("class_names") or data.dataset_spec(cfg).class_names)
+    model = build_model(cfg, len(state["class_names"]), pretrained="none")
+    # The training-only heads are not in a release: they keep their initial weights.
+    load_weights(model, with_training_heads(model, state["model"]), path)
+    return model.to(device).eval(), cfg, state
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)

@@ -22,7 +22,8 @@ PATCH_FITS = ("pad", "floor")
 FUSIONS = ("sum", "max")
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of (B, C, H, W) to `size` (align_corners False); a no-op at that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -71,7 +72,7 @@ def scaled(image: Tensor, s: float) -> Tensor:
     if s == 1.0:
         return image
     h, w = image.shape[-2:]
-    return _resize(image, (max(1, int(h * s)), max(1, int(w * s))))
+    return resize(image, (max(1, int(h * s)), max(1, int(w * s))))
 
 
 @torch.no_grad()
@@ -87,13 +88,13 @@ def predict_seg_logits(model: ToCoNet, image: Tensor, scales: Sequence[float] = 
     ToCo's VOC tool: flip SUM, scales MAX; its COCO tool: flip MAX, scales SUM.
     """
     out_size = image.shape[-2:]
-    base = _resize(image, (size, size)) if size else image
+    base = resize(image, (size, size)) if size else image
     fused = None
     for s in scales:
         x = scaled(base, s)
         n = x.shape[0]
         batch = torch.cat([x, x.flip(-1)]) if flip else x
-        logits = _resize(token_maps(model, batch, model.patch_size, patch_fit)[0], out_size)
+        logits = resize(token_maps(model, batch, model.patch_size, patch_fit)[0], out_size)
         if flip:
             logits = _fuse(logits[:n], logits[n:].flip(-1), flip_fusion)
         fused = logits if fused is None else _fuse(fused, logits, scale_fusion)
@@ -106,10 +107,10 @@ def predict_cams(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0, 
                  ) -> tuple[Tensor, Tensor]:
     """Multi-scale normalised (cam, cam_aux), each (B, C-1, H, W) at the input's size."""
     out_size = image.shape[-2:]
-    x = _resize(image, (size, size)) if size else image
+    x = resize(image, (size, size)) if size else image
     cam, cam_aux = multi_scale_cam(
         lambda t: token_maps(model.cams, t, model.patch_size, patch_fit), x, scales, flip=flip)
-    return _resize(cam, out_size), _resize(cam_aux, out_size)
+    return resize(cam, out_size), resize(cam_aux, out_size)
 
 
 def cams_to_prediction(cam: Tensor, cls_label: Tensor, bkg_thre: float) -> Tensor:

@@ -186,12 +186,13 @@ class Setup:
 def _setup(req: EvalRequest, device: torch.device) -> Setup:
     from toco import data
     from toco.builders import build_model
-    from toco.checkpoint import load_checkpoint, load_weights
+    from toco.checkpoint import load_weights
     from toco.config import TrainConfig
     from toco.engine import resolve_amp
+    from toco.export import load_model_state, with_training_heads
     from toco.runner import configure_precision
 
-    state = load_checkpoint(req.checkpoint, map_location=device)
+    state = load_model_state(req.checkpoint, map_location=device)  # checkpoint or release
     overrides = {k: v for k, v in (("dataset", req.dataset), ("data_root", req.data_root),
                                    ("cache_dir", req.cache_dir)) if v is not None}
     cfg = TrainConfig.from_saved({**state["config"], **overrides})
@@ -216,7 +217,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
                         "--predict-only --save-dir DIR, or --submission voc)") from None
     configure_precision(dataclasses.replace(cfg, num_workers=req.workers), device)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
-    load_weights(model, state["model"], req.checkpoint)
+    load_weights(model, with_training_heads(model, state["model"]), req.checkpoint)
     model.eval()
     predict = Predictor(
         model, cfg, protocol, req.mode, cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre,

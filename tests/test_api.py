@@ -64,14 +64,16 @@ def picture(h: int, w: int) -> np.ndarray:
     return img
 
 
-def test_the_documented_example_runs_as_written(model_files, tmp_path, monkeypatch, capsys):
-    text = (ROOT / "docs" / "predict.md").read_text()
+@pytest.mark.parametrize("page", ["README.md", "docs/predict.md"])
+def test_the_documented_example_runs_as_written(page, model_files, tmp_path, monkeypatch,
+                                                capsys):
+    text = (ROOT / page).read_text()
     example = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.DOTALL)
     block = example.group(1)
     (tmp_path / "model.safetensors").write_bytes(model_files[1].read_bytes())
     Image.fromarray(picture(48, 80)).save(tmp_path / "photo.jpg")
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "docs/predict.md", "exec"), {})
+    exec(compile(block, page, "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed[1] == "(48, 80) uint8"
     assert printed[-1] == "(20, 48, 80)"

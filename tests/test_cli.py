@@ -48,8 +48,11 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def test_run_folder_holds_everything(trained):
     _, work = trained
     for name in ("config.yaml", "train.log", "metrics.jsonl", "final.json", "COMPLETE",
-                 "val_iter000002.txt", "val_iter000004.txt", "checkpoints/last.pt"):
+                 "val_iter000002.txt", "val_iter000004.txt", "checkpoints/last.pt",
+                 "preview.png"):
         assert (work / name).exists(), name
+    assert (work / "train.log").read_text().splitlines()[-1].endswith(
+        f"validation images: {work / 'preview.png'}")
     cfg = yaml.safe_load((work / "config.yaml").read_text())
     assert cfg["max_iters"] == 4 and cfg["backbone_depth"] == 2
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any, Mapping, NoReturn, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -61,11 +61,19 @@ class CocoImage:
     height: int
     width: int
     annotations: tuple[dict[str, Any], ...]
+    category_to_class: Mapping[int, int] = field(default_factory=lambda: CATEGORY_TO_CLASS,
+                                                 compare=False, repr=False)
+    file_name: str = ""
 
     @property
     def labels(self) -> list[int]:
         """Sorted contiguous class ids of all annotations, crowd included."""
-        return sorted({CATEGORY_TO_CLASS[a["category_id"]] for a in self.annotations})
+        return sorted({self.category_to_class[a["category_id"]] for a in self.annotations})
+
+    @property
+    def segmented(self) -> bool:
+        """Every annotation has a segmentation (an image-level-only entry has none or [])."""
+        return bool(self.annotations) and all(a["segmentation"] for a in self.annotations)
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,29 @@ def _is_id(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, str) and bool(value))
 
 
+def custom_categories(categories: Any, path: Path,
+                      class_names: Sequence[str] | None = None) -> dict[int, int]:
+    """Category id -> class id of a file with its own categories: the index of the category's
+    name in ``class_names`` (background first), or without them the categories in id order."""
+    if not isinstance(categories, list):
+        _fail(path, "'categories' must be a list")
+    names: dict[int, str] = {}
+    for cat in categories:
+        if not (isinstance(cat, dict) and _is_int(cat.get("id"))
+                and isinstance(cat.get("name"), str) and cat["name"].strip()):
+            _fail(path, f"bad category entry {str(cat)[:80]} (needs an integer id and a name)")
+        if cat["id"] in names:
+            _fail(path, f"category id {cat['id']} is listed twice")
+        names[cat["id"]] = cat["name"].strip()
+    if class_names is None:
+        return {cid: i + 1 for i, cid in enumerate(sorted(names))}
+    index = {name: i for i, name in enumerate(class_names) if i > 0}
+    unknown = [f"{cid} ({n!r})" for cid, n in sorted(names.items()) if n not in index]
+    if unknown:
+        _fail(path, f"categories not in the class list: {first_few(unknown)}")
+    return {cid: index[n] for cid, n in names.items()}
+
+
 def _check_categories(categories: Any, path: Path) -> None:
     """Categories must be standard COCO ones: known id, standard name (a subset is fine)."""
     if not isinstance(categories, list):
@@ -109,10 +140,12 @@ def _check_categories(categories: Any, path: Path) -> None:
                           f"is read as COCO's {expected!r}", stacklevel=4)  # fmt: skip
 
 
-def _image_entry(entry: Any, path: Path, image_dir: Path | None) -> tuple[Any, str, int, int]:
+def _image_entry(entry: Any, path: Path, image_dir: Path | None,
+                 keep_folders: bool = False) -> tuple[Any, str, int, int]:
     """(id, file name, height, width) of a valid image entry.
 
-    A file name's folders are dropped (images live in the subset folder); a missing size is
+    A file name's folders are dropped (images live in the subset folder) unless
+    ``keep_folders`` (a tagged collection's paths relative to its images/); a missing size is
     read from the image header when ``image_dir`` is given.
     """
     if not isinstance(entry, dict) or not _is_id(entry.get("id")):
@@ -120,7 +153,8 @@ def _image_entry(entry: Any, path: Path, image_dir: Path | None) -> tuple[Any, s
     image_id, file_name = entry["id"], entry.get("file_name")
     if not isinstance(file_name, str) or not PurePosixPath(file_name.replace("\\", "/")).name:
         _fail(path, f"image {image_id}: file_name {file_name!r} is not a file name")
-    file_name = PurePosixPath(file_name.replace("\\", "/")).name
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    file_name = str(posix) if keep_folders else posix.name
     h, w = entry.get("height"), entry.get("width")
     if h is None and w is None and image_dir is not None:
         w, h = image_size(image_dir / file_name)
@@ -129,29 +163,39 @@ def _image_entry(entry: Any, path: Path, image_dir: Path | None) -> tuple[Any, s
     return image_id, file_name, h, w
 
 
-def _parse_images(entries: Any, path: Path,
-                  image_dir: Path | None) -> tuple[dict[Any, dict[str, Any]], str]:
+def _parse_images(entries: Any, path: Path, image_dir: Path | None,
+                  custom: bool = False) -> tuple[dict[Any, dict[str, Any]], str]:
+    """Image entries by id and their common suffix; ``custom`` files keep folders in the
+    stem (the path without suffix) and may mix suffixes (the suffix returned is then '')."""
     if not isinstance(entries, list):
         _fail(path, "'images' must be a list")
     images: dict[Any, dict[str, Any]] = {}
     stems: dict[str, Any] = {}
     suffixes = set()
     for entry in entries:
-        image_id, file_name, h, w = _image_entry(entry, path, image_dir)
+        image_id, file_name, h, w = _image_entry(entry, path, image_dir, keep_folders=custom)
         if image_id in images:
             _fail(path, f"image id {image_id} is listed twice")
-        stem, suffix = Path(file_name).stem, Path(file_name).suffix
+        posix = PurePosixPath(file_name)
+        stem = str(posix.with_suffix("")) if custom else posix.stem
         if stem in stems:
             _fail(path, f"file name {file_name} is used by images {stems[stem]} and {image_id}")
         stems[stem] = image_id
-        suffixes.add(suffix)
-        images[image_id] = {"stem": stem, "height": h, "width": w, "annotations": []}
+        suffixes.add(posix.suffix)
+        images[image_id] = {"stem": stem, "height": h, "width": w, "annotations": [],
+                            "file_name": file_name}
+    if custom:
+        return images, ""
     if len(suffixes) > 1:
         _fail(path, f"images mix file suffixes {sorted(suffixes)}")
     return images, (suffixes.pop() if suffixes else ".jpg")
 
 
-def _attach_annotations(entries: Any, images: dict[Any, dict[str, Any]], path: Path) -> None:
+def _attach_annotations(entries: Any, images: dict[Any, dict[str, Any]], path: Path,
+                        category_to_class: Mapping[int, int] = CATEGORY_TO_CLASS,
+                        custom: bool = False) -> None:
+    """Annotations onto their images; ``custom`` files may leave out the segmentation (an
+    image-level tag)."""
     if not isinstance(entries, list):
         _fail(path, "'annotations' must be a list")
     unknown_images = []
@@ -159,53 +203,65 @@ def _attach_annotations(entries: Any, images: dict[Any, dict[str, Any]], path: P
         if not (isinstance(ann, dict) and _is_int(ann.get("id"))):
             _fail(path, f"bad annotation entry {str(ann)[:80]}")
         aid, cid, crowd = ann["id"], ann.get("category_id"), ann.get("iscrowd", 0)
-        if cid not in CATEGORY_TO_CLASS:
-            _fail(path, f"annotation {aid} has category id {cid!r}, not one of the 80 COCO "
-                        "categories")  # fmt: skip
+        if cid not in category_to_class:
+            what = "a category of the file" if custom else "one of the 80 COCO categories"
+            _fail(path, f"annotation {aid} has category id {cid!r}, not {what}")
         if crowd not in (0, 1):
             _fail(path, f"annotation {aid} has iscrowd {crowd!r}")
-        if "segmentation" not in ann:
+        if "segmentation" not in ann and not custom:
             _fail(path, f"annotation {aid} has no segmentation")
         image = images.get(ann.get("image_id"))
         if image is None:
             unknown_images.append(str(ann.get("image_id")))
             continue
         image["annotations"].append({"id": aid, "category_id": cid, "iscrowd": int(crowd),
-                                     "segmentation": ann["segmentation"]})  # fmt: skip
+                                     "segmentation": ann.get("segmentation")})  # fmt: skip
     if unknown_images:
         _fail(path, f"{len(unknown_images)} annotation(s) refer to unknown image ids: "
                     f"{first_few(unknown_images)}")  # fmt: skip
 
 
-def parse_instances(data: Any, path: Path, image_dir: Path | None = None) -> CocoIndex:
+def parse_instances(data: Any, path: Path, image_dir: Path | None = None, *,
+                    custom: bool = False, class_names: Sequence[str] | None = None) -> CocoIndex:
     """Validate a loaded instances JSON and index it by image stem (``image_dir``: where its
-    images are, to read sizes the JSON omits)."""
+    images are, to read sizes the JSON omits).
+
+    ``custom``: the file brings its own categories (mapped by ``custom_categories``) and its
+    file names are paths relative to ``image_dir``, sub-folders kept; otherwise the
+    categories must be COCO's 80.
+    """
     if not isinstance(data, dict):
         _fail(path, "expected a JSON object")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             _fail(path, f"missing '{key}'")
-    _check_categories(data["categories"], path)
-    images, suffix = _parse_images(data["images"], path, image_dir)
-    _attach_annotations(data["annotations"], images, path)
+    if custom:
+        mapping = custom_categories(data["categories"], path, class_names)
+    else:
+        _check_categories(data["categories"], path)
+        mapping = CATEGORY_TO_CLASS
+    images, suffix = _parse_images(data["images"], path, image_dir, custom)
+    _attach_annotations(data["annotations"], images, path, mapping, custom)
     by_stem = {
         entry["stem"]: CocoImage(image_id, entry["stem"], entry["height"], entry["width"],
-                                 tuple(entry["annotations"]))  # fmt: skip
+                                 tuple(entry["annotations"]), mapping, entry["file_name"])
         for image_id, entry in images.items()
     }
     return CocoIndex(Path(path), dict(sorted(by_stem.items())), suffix)
 
 
-def instances_from_bytes(raw: bytes, path: Path, image_dir: Path | None = None) -> CocoIndex:
-    """Parse and validate the bytes of ``instances_*.json`` read from ``path``."""
+def instances_from_bytes(raw: bytes, path: Path, image_dir: Path | None = None,
+                         **custom: Any) -> CocoIndex:
+    """Parse and validate the bytes of ``instances_*.json`` read from ``path`` (``custom``:
+    the keyword arguments of ``parse_instances``)."""
     try:
         data = json.loads(raw)
     except ValueError as exc:
         raise DataError(f"cannot read annotation file {path}: {exc}") from exc
-    return parse_instances(data, Path(path), image_dir)
+    return parse_instances(data, Path(path), image_dir, **custom)
 
 
-def load_instances(path: Path, image_dir: Path | None = None) -> CocoIndex:
+def load_instances(path: Path, image_dir: Path | None = None, **custom: Any) -> CocoIndex:
     """Read and validate ``instances_*.json``; any problem is a DataError naming the file."""
     try:
         raw = Path(path).read_bytes()
@@ -213,7 +269,7 @@ def load_instances(path: Path, image_dir: Path | None = None) -> CocoIndex:
         raise DataError(f"annotation file {path} not found") from None
     except OSError as exc:
         raise DataError(f"cannot read annotation file {path}: {exc}") from exc
-    return instances_from_bytes(raw, Path(path), image_dir)
+    return instances_from_bytes(raw, Path(path), image_dir, **custom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +283,8 @@ def annotation_rle(ann: dict[str, Any], h: int, w: int, where: str) -> dict[str,
     uncompressed RLE (``counts`` a list, used for crowd regions) are accepted.
     """
     segm, aid = ann["segmentation"], ann["id"]
+    if segm is None:  # an image-level tag of a custom file: no region
+        return None
     if isinstance(segm, list):
         polygons = []
         for poly in segm:
@@ -275,5 +333,5 @@ def rasterize(image: CocoImage, where: str = "annotations") -> np.ndarray:
         else:
             instances.append((int(region.sum()), ann["id"], region, ann["category_id"]))
     for _, _, region, category in sorted(instances, key=lambda t: (-t[0], -t[1])):
-        mask[region] = CATEGORY_TO_CLASS[category]
+        mask[region] = image.category_to_class[category]
     return mask

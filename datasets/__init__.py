@@ -6,7 +6,7 @@ A dataset differs only by data (class names, default splits, how its root maps o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +41,19 @@ def _coco_layout(root: Path | None, split: str, cache_dir: Path | None,
     return coco_layout(root, split, cache_dir)
 
 
+def _tags_layout(root: Path | None, split: str, cache_dir: Path | None,
+                 params: dict[str, Any]) -> SegLayout:
+    from datasets.tags import DEFAULT_VAL_FRACTION, tags_layout
+
+    return tags_layout(root, cache_dir, params.get("val_fraction", DEFAULT_VAL_FRACTION))
+
+
+def _tags_classes(root: Path) -> tuple[str, ...]:
+    from datasets.tags import class_names_of
+
+    return class_names_of(root)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the engine needs to know about a dataset.
@@ -55,6 +68,8 @@ class DatasetSpec:
         generated: the root is generated under the cache folder when none is given.
         default_recipe: a file in configs/ whose settings become the defaults when this
             dataset is chosen (a recipe given with --config and flags still override them).
+        classes_from_root: reads the class names from the root (a tagged collection brings
+            its own); ``class_names`` is then empty until ``for_root`` fills it.
     """
 
     name: str
@@ -64,6 +79,16 @@ class DatasetSpec:
     layout: LayoutFactory = _voc_layout
     generated: bool = False
     default_recipe: str | None = None
+    classes_from_root: Callable[[Path], tuple[str, ...]] | None = None
+
+    def for_root(self, root: str | Path | None) -> "DatasetSpec":
+        """The spec with the class names of ``root`` where the dataset takes them from there."""
+        if self.classes_from_root is None:
+            return self
+        if root is None:
+            raise ConfigError(f"dataset {self.name!r} takes its class names from its root "
+                              "folder (data root is not set)")
+        return replace(self, class_names=self.classes_from_root(Path(root)))
 
     @property
     def num_classes(self) -> int:
@@ -86,16 +111,21 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic": DatasetSpec("synthetic", SYNTHETIC_CLASSES, train_split="train",
                              val_split="val", layout=_synthetic_layout, generated=True,
                              default_recipe="synthetic.yaml"),
+    "tags": DatasetSpec("tags", (), train_split="train", val_split="val", layout=_tags_layout,
+                        classes_from_root=_tags_classes),
 }
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
+def get_dataset_spec(name: str, root: str | Path | None = None) -> DatasetSpec:
+    """The spec of ``name``; datasets whose classes come from their root read them from
+    ``root`` (without a root their ``class_names`` stay empty)."""
     try:
-        return DATASETS[name]
+        spec = DATASETS[name]
     except KeyError:
         raise ConfigError(
             f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}"
         ) from None
+    return spec.for_root(root) if root is not None else spec
 
 
 def build_train_dataset(
@@ -113,7 +143,7 @@ def build_train_dataset(
     label_source: str = "masks",
 ) -> VOCTrainDataset:
     """Training dataset ``name``; ``split=None`` picks the dataset's default training split."""
-    spec = get_dataset_spec(name)
+    spec = get_dataset_spec(name).for_root(root)
     split = split or spec.train_split
     return VOCTrainDataset(
         spec.make_layout(root, split, cache_dir, synthetic_params),
@@ -136,15 +166,21 @@ def build_eval_dataset(
     split: str | None,
     cache_dir: str | Path | None,
     *,
-    with_masks: bool = True,
+    with_masks: bool | None = True,
     synthetic_params: dict[str, Any] | None = None,
     label_source: str = "masks",
 ) -> VOCEvalDataset:
-    """Evaluation dataset ``name``; ``split=None`` picks the dataset's default eval split."""
-    spec = get_dataset_spec(name)
+    """Evaluation dataset ``name``; ``split=None`` picks the dataset's default eval split.
+
+    ``with_masks=None``: with masks where the layout has them for the split (a tagged
+    collection may have none), else as given."""
+    spec = get_dataset_spec(name).for_root(root)
     split = split or spec.val_split
+    layout = spec.make_layout(root, split, cache_dir, synthetic_params)
+    if with_masks is None:
+        with_masks = layout.split_has_masks(split)
     return VOCEvalDataset(
-        spec.make_layout(root, split, cache_dir, synthetic_params),
+        layout,
         split,
         num_classes=spec.num_classes,
         cache_dir=cache_dir,

@@ -40,7 +40,7 @@ from datasets.coco import (
 from datasets.coco_annotations import load_instances
 from datasets.files import check_mask_values, check_same_size, image_size, read_mask, read_rgb
 from datasets.labels import label_mismatch, xml_labels
-from datasets.layout import SegLayout, duplicate_ids, parse_split_file
+from datasets.layout import SegLayout, duplicate_ids
 from toco.errors import DataError
 
 SHOWN_PER_KIND = 10
@@ -152,8 +152,7 @@ def _run_items(job: ItemCheck, names: list[str], workers: int) -> list[Problem]:
 def read_split_ids(layout: SegLayout, split: str, report: Report) -> list[str] | None:
     """The split's ids without repeats; split-file problems go to the report."""
     try:
-        path = layout.split_path(split)
-        names = parse_split_file(path)
+        names, path = layout.split_ids(split)
     except DataError as err:
         report.add("split", str(err))
         return None
@@ -171,7 +170,7 @@ def check_split(layout: SegLayout, split: str, class_names: Sequence[str], repor
                 decode: bool, workers: int = 1, names: list[str] | None = None) -> None:
     """All checks of one split; with ``names`` given (an unprepared COCO subset), those ids'
     images only. Splits named test* need no masks."""
-    need_masks = names is None and not split.startswith("test")
+    need_masks = names is None and not split.startswith("test") and not layout.masks_optional
     if names is None:
         names = read_split_ids(layout, split, report)
         if names is None:
@@ -224,19 +223,20 @@ def check_coco_subset(root: Path, prepared: Path, subset: str, report: Report,
     return index.labelled()
 
 
-def _synthetic_defaults() -> dict[str, int]:
-    """The synthetic set a default training run generates (when no root is given)."""
+def _layout_defaults(name: str) -> dict[str, int]:
+    """The layout a default training run builds (the synthetic set it generates when no root
+    is given, a tagged root's held-back fraction)."""
     from toco.config import TrainConfig
-    from toco.data import _synthetic_params
+    from toco.data import layout_params
 
-    return _synthetic_params(TrainConfig())
+    return layout_params(TrainConfig(dataset=name))
 
 
 def check_dataset(name: str, root: str | Path | None, splits: Sequence[str] | None = None,
                   cache_dir: str | Path = ".cache", *, decode: bool = True, workers: int = 1,
                   sample: int = 200) -> Report:
     """Check the splits of dataset ``name`` (default: its training and validation splits)."""
-    spec = get_dataset_spec(name)
+    spec = get_dataset_spec(name, root)
     splits = list(dict.fromkeys(splits or [spec.train_split, spec.val_split]))
     report = Report([f"{name} at {root or '(generated)'} ({spec.num_classes} classes)"])
     unprepared: dict[str, list[str] | None] = {}
@@ -252,7 +252,7 @@ def check_dataset(name: str, root: str | Path | None, splits: Sequence[str] | No
                 layout = coco_layout(root, split, cache_dir, prepared, prepare=False)
                 names = unprepared.get(layout.subset)
             else:
-                layout = spec.make_layout(root, split, cache_dir, _synthetic_defaults())
+                layout = spec.make_layout(root, split, cache_dir, _layout_defaults(name))
                 names = None
         except DataError as err:
             report.add("layout", str(err))

@@ -32,7 +32,6 @@ from datasets.files import (
     image_size,
     read_json,
     read_mask,
-    stems,
     write_json_atomic,
 )
 from datasets.layout import SegLayout
@@ -127,7 +126,7 @@ def _scan_entries(
 ) -> dict[str, dict[str, Any]]:
     """Per-id {"labels", stamps} from masks (or XML), through the JSON cache."""
     mask_dir = layout.mask_dir if not require_masks else layout.require_mask_dir()
-    with_mask = stems(mask_dir, ".png") & set(names) if mask_dir is not None else set()
+    with_mask = layout.mask_names() & set(names)
     use_xml = (not require_masks and class_names is not None
                and layout.annotation_path(names[0]) is not None)
     xml_paths = {}
@@ -136,7 +135,10 @@ def _scan_entries(
             path = layout.annotation_path(name) if name not in with_mask else None
             if path is not None and path.is_file():
                 xml_paths[name] = path
-    missing = [n for n in names if n not in with_mask and n not in xml_paths]
+    # Ids the layout labels itself (a tagged collection) need neither mask nor annotation file.
+    tagged = (set(layout.annotation_labels() or ())
+              if layout.masks_optional and not require_masks else set())
+    missing = [n for n in names if n not in with_mask and n not in xml_paths and n not in tagged]
     if missing:
         raise DataError(_missing_message(split, missing, mask_dir, use_xml, layout))
 
@@ -152,9 +154,12 @@ def _scan_entries(
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
         image = layout.image_path(name)
-        source = mask_dir / f"{name}.png" if name in with_mask else xml_paths[name]
+        source = (layout.mask_path(name) if name in with_mask
+                  else xml_paths.get(name))  # None: labelled by the layout only
         kind = "mask" if name in with_mask else "xml"
-        stamps = {kind: _stamp(source), "image": _stamp(image)}
+        stamps = {"image": _stamp(image)}
+        if source is not None:
+            stamps[kind] = _stamp(source)
         old = cached.get(name)
         if _entry_is_current(old, stamps, num_classes):
             entries[name] = old
@@ -162,7 +167,8 @@ def _scan_entries(
             entries[name] = {"labels": scan_mask(image, source, num_classes), **stamps}
         else:
             image_size(image)  # the header must be readable, as for masked images
-            entries[name] = {"labels": xml_labels(source, class_names), **stamps}
+            labels = xml_labels(source, class_names) if source is not None else []
+            entries[name] = {"labels": labels, **stamps}
     if cache_path is not None and entries != cached:
         try:
             remove_stale_temps(cache_path)  # of a writer killed earlier

@@ -51,6 +51,9 @@ class SegLayout:
 
     root: Path
     image_suffix: str = ".jpg"
+    # True where annotation_labels() labels every id and masks exist for a subset only
+    # (a tagged collection); otherwise every training id needs a mask or annotation file.
+    masks_optional: bool = False
 
     @property
     def image_dir(self) -> Path:
@@ -81,6 +84,20 @@ class SegLayout:
     def image_path(self, name: str) -> Path:
         return self.image_dir / f"{name}{self.image_suffix}"
 
+    def mask_names(self) -> set[str]:
+        """Ids that have a mask file (none without a mask folder)."""
+        mask_dir = self.mask_dir
+        return stems(mask_dir, ".png") if mask_dir is not None else set()
+
+    def split_has_masks(self, split: str) -> bool:
+        """Whether evaluating ``split`` scores masks; True here: a missing mask is an error."""
+        return True
+
+    def split_ids(self, split: str) -> tuple[list[str], Path]:
+        """The ids of ``split`` as listed (repeats kept, unchecked) and the file listing them."""
+        path = self.split_path(split)
+        return parse_split_file(path), path
+
     def mask_path(self, name: str) -> Path:
         return self.require_mask_dir() / f"{name}.png"
 
@@ -108,8 +125,7 @@ class SegLayout:
 
     def read_split(self, split: str) -> list[str]:
         """Ids of ``split`` in file order, checked: present, unique, non-empty, images exist."""
-        path = self.split_path(split)
-        names = parse_split_file(path)
+        names, path = self.split_ids(split)
         if not names:
             raise DataError(f"split file {path} lists no image ids")
         duplicates = duplicate_ids(names)

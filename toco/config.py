@@ -42,7 +42,8 @@ class TrainConfig:
     """Every knob of a run. Field names are the YAML keys; flags are the same with dashes."""
 
     # Data
-    dataset: str = _opt("synthetic", "dataset kind", ["synthetic", "voc", "coco"], "data")
+    dataset: str = _opt("synthetic", "dataset kind (tags: your own tagged images, "
+                        "docs/own_data.md)", ["synthetic", "voc", "coco", "tags"], "data")
     data_root: Optional[str] = _opt(None, "dataset root (VOC layout); synthetic: generated if "
                                     "unset", group="data")
     train_split: Optional[str] = _opt(None, "split list used for training (default: the "
@@ -61,6 +62,9 @@ class TrainConfig:
                              group="data")
     synthetic_train: int = _opt(800, "synthetic set: number of training images", group="data")
     synthetic_val: int = _opt(150, "synthetic set: number of validation images", group="data")
+    val_fraction: float = _opt(0.1, "tags without any mask and without splits/val.txt: share "
+                               "of the images held back for validation (fixed choice)",
+                               group="data")
     skip_bad_images: bool = _opt(False, "a training image that cannot be decoded is reported "
                                  "once and replaced by another instead of stopping the run",
                                  group="data")
@@ -179,7 +183,8 @@ class TrainConfig:
                                    group="run")
     device: str = _opt("auto", "compute device", ["auto", "cpu", "cuda"], "run")
     seed: int = _opt(0, "random seed", group="run")
-    eval_every: int = _opt(2000, "validate every N iterations (and at the end)", group="run")
+    eval_every: int = _opt(2000, "validate every N iterations (and at the end); 0 = never",
+                           group="run")
     val_size: Optional[int] = _opt(None, "in-training validation resizes images to this square "
                                    "size (default: crop size)", group="run")
     val_scales: tuple = _opt((1.0, 0.5, 1.5), "CAM scales for validation", group="run",
@@ -227,13 +232,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             need(choices is None or value in choices,
                  f"{f.name}: '{value}' is not one of {list(choices or [])}")
-        for name in ("crop_size", "batch_size", "max_iters", "eval_every", "log_every",
+        for name in ("crop_size", "batch_size", "max_iters", "log_every",
                      "save_every", "par_iters", "num_local_crops", "local_crop_size",
                      "ctc_hidden_dim", "ctc_out_dim",
                      "refine_down_scale", "synthetic_train", "synthetic_val"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_iters", "seg_start_iter", "contrast_start_iter",
-                     "aux_cam_until_iter", "num_workers", "loss_group_size", "num_vis"):
+                     "aux_cam_until_iter", "num_workers", "loss_group_size", "num_vis",
+                     "eval_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "w_cls", "w_ptc", "w_ctc", "w_seg", "w_reg", "weight_decay",
                      "ctc_temp"):
@@ -243,6 +249,7 @@ class TrainConfig:
              f"need 0 <= low_thre <= high_thre <= 1, got {self.low_thre}, {self.high_thre}")
         need(0 <= self.bkg_thre <= 1, f"bkg_thre must be in [0, 1], got {self.bkg_thre}")
         need(0 <= self.ema_momentum <= 1, "ema_momentum must be in [0, 1]")
+        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         need(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
              f"scale_range must be two increasing positive numbers, got {self.scale_range}")
         need(len(self.betas) == 2, "betas must be two numbers")

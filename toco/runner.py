@@ -34,6 +34,7 @@ from toco.plugins.registry import enabled_in
 from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, \
     dataset_labels
 from toco.tracking import Tracker, gpu_memory_gb
+from toco.unmasked_validation import format_scores, validate_without_masks
 
 log = logging.getLogger("toco")
 
@@ -205,7 +206,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     loss_modules = build_loss_modules(cfg) + plugins
     check_something_trains(loss_modules)
     train_set = data.train_dataset(cfg)
-    val_set = data.eval_dataset(cfg, cfg.val_split)
+    # A tagged collection's held-back images may have no masks: validated without them.
+    val_set = data.eval_dataset(cfg, cfg.val_split, with_masks=None) if cfg.eval_every else []
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} usable "
                           f"training images: use --batch-size <= {len(train_set)}")
@@ -255,7 +257,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                         sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    val_workers = min(cfg.num_workers, 2)
+    val_workers = min(cfg.num_workers, 2) if cfg.eval_every else 0
     # Validation runs every eval_every iterations: keep its workers instead of re-forking.
     val_loader = DataLoader(val_shard, batch_size=1, shuffle=False, num_workers=val_workers,
                             persistent_workers=val_workers > 0,
@@ -263,7 +265,8 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}
-    preview_indices = pick_images(dataset_classes(val_set), cfg.preview_images)
+    preview_indices = (pick_images(dataset_classes(val_set), cfg.preview_images)
+                       if cfg.eval_every else [])
     preview = None
     done = start_iter
     batches = None
@@ -278,18 +281,23 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                 running[k].append(v)
             if done % cfg.log_every == 0 or done == cfg.max_iters:
                 tic = _log_progress(cfg, running, done, tic, device, tracker)
-            if done % cfg.eval_every == 0 or done == cfg.max_iters:
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_iters):
                 val_tic = time.perf_counter()
-                results, panels = validate(
-                    model, val_loader, spec.num_classes, device, cfg.val_size or cfg.crop_size,
-                    cfg.val_scales, cfg.bkg_thre, info, trainer.autocast,
-                    num_panels=cfg.num_vis if tracker and tracker.run else 0)
-                table, summary = iou_tables(results, list(spec.class_names))
-                log.info("validation at iteration %d (%s split)\n%s", done,
-                         cfg.val_split or spec.val_split, table)
+                if val_set.with_masks:
+                    results, panels = validate(
+                        model, val_loader, spec.num_classes, device,
+                        cfg.val_size or cfg.crop_size, cfg.val_scales, cfg.bkg_thre, info,
+                        trainer.autocast, num_panels=cfg.num_vis if tracker and tracker.run else 0)
+                    table, summary = iou_tables(results, list(spec.class_names))
+                    log.info("validation at iteration %d (%s split)\n%s", done,
+                             cfg.val_split or spec.val_split, table)
+                    if tracker:
+                        (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
+                        tracker.log_validation(summary, spec.class_names, done, panels)
+                else:
+                    summary = _validate_without_masks(model, val_loader, cfg, spec, device,
+                                                      info, trainer, done, run_dir, tracker)
                 if tracker:
-                    (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
-                    tracker.log_validation(summary, spec.class_names, done, panels)
                     preview = run_preview(
                         model, val_set, preview_indices, cfg, device,
                         cfg.val_size or cfg.crop_size, run_dir / PREVIEW_FILE,
@@ -310,17 +318,34 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
             tracker.finish()
         return {"iterations": done, "stopped": why}
     final = {"iterations": done, "skipped_steps": trainer.skipped_steps,
-             **{f"{k}_miou": v["miou"] for k, v in summary.items()}, "validation": summary}
+             **{f"{k}_miou": v["miou"] for k, v in summary.items() if "miou" in v},
+             "validation": summary}
     if tracker:
         tracker.summary({k: v for k, v in final.items() if k != "validation"})
         tracker.finish()
         (run_dir / "final.json").write_text(json.dumps(final, indent=2))
         (run_dir / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-        scores = ", ".join(f"{k} {v['miou']:.2f}" for k, v in summary.items())
+        scores = ", ".join(f"{k} {v['miou']:.2f}" for k, v in summary.items() if "miou" in v)
         log.info("finished %d iterations in %s: mIoU %s", done, run_dir, scores or "not measured")
         if preview is not None:
             log.info("pictures of %d validation images: %s", len(preview_indices), preview)
     return final
+
+
+def _validate_without_masks(model: Any, loader: DataLoader, cfg: TrainConfig, spec: Any,
+                            device: torch.device, info: DistInfo, trainer: Trainer, done: int,
+                            run_dir: Path, tracker: Optional[Tracker]) -> dict[str, Any]:
+    """Image-level scores and pseudo-label coverage of held-back images without masks (a
+    tagged collection); the table goes to the log, val_iterN.txt and metrics.jsonl."""
+    metrics = validate_without_masks(model, loader, cfg, device, cfg.val_size or cfg.crop_size,
+                                     done < cfg.aux_cam_until_iter, info, trainer.autocast)
+    table = format_scores(metrics)
+    log.info("validation at iteration %d (%s split, no masks)\n%s", done,
+             cfg.val_split or spec.val_split, table)
+    if tracker:
+        (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
+        tracker.log({f"val/{k}": v for k, v in metrics.items()}, done)
+    return {"image_level": metrics}
 
 
 def _log_progress(cfg: TrainConfig, running: dict[str, list[float]], done: int, tic: float,

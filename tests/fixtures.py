@@ -312,3 +312,77 @@ def make_coco_tree(root: Path, instances: dict[str, dict] | None = None,
             write_jpeg(path, (image["height"], image["width"]), mode)
         write_coco_json(root, subset, content)
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# Tagged image collections (datasets/tags.py)
+
+
+def write_image(path: Path, hw: tuple[int, int], mode: str = "RGB") -> None:
+    """An image in the format its suffix names (JPEG quality 95; PNG, WebP, BMP, TIFF)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image_pixels(*hw)).convert(mode)
+    img.save(path, quality=95) if path.suffix.lower() in (".jpg", ".jpeg", ".webp") \
+        else img.save(path)
+
+
+def make_tags_tree(
+    root: Path,
+    images: dict[str, tuple[int, int]],
+    labels: dict[str, Sequence[str]],
+    *,
+    fmt: str = "csv",
+    classes: Sequence[str] | None = None,
+    masks: dict[str, np.ndarray] | None = None,
+    splits: dict[str, Sequence[str]] | None = None,
+) -> Path:
+    """A tagged root: ``images/<path>`` of the given (h, w), a labels file in ``fmt`` ('csv' or
+    'jsonl') listing ``labels`` (path -> class names), optional classes.txt, masks (path ->
+    index mask, written at masks/<path without suffix>.png) and splits/<name>.txt."""
+    import json
+
+    root = Path(root)
+    for relative, hw in images.items():
+        write_image(root / "images" / relative, hw)
+    if fmt == "csv":
+        lines = ["image,labels"] + [f"{p},{';'.join(n)}" for p, n in labels.items()]
+        (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    else:
+        (root / "labels.jsonl").write_text(
+            "".join(json.dumps({"image": p, "labels": list(n)}) + "\n" for p, n in labels.items()))
+    if classes is not None:
+        (root / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    for relative, mask in (masks or {}).items():
+        path = root / "masks" / Path(relative).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_mask_png(path, mask)
+    for split, paths in (splits or {}).items():
+        (root / "splits").mkdir(exist_ok=True)
+        (root / "splits" / f"{split}.txt").write_text("".join(f"{p}\n" for p in paths))
+    return root
+
+
+def tags_form_of_voc(voc_root: Path, root: Path, labels: dict[str, list[int]],
+                     splits: Sequence[str] = ("train", "val")) -> Path:
+    """The CSV form of a VOC-style tree: same images (as images/<id>.jpg), masks and splits,
+    ``labels`` (id -> VOC class ids) in labels.csv, VOC's class list in classes.txt."""
+    import shutil
+
+    from datasets.voc import VOC_CLASSES
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    lines = ["image,labels"]
+    for image in sorted((voc_root / "JPEGImages").glob("*.jpg")):
+        shutil.copy(image, root / "images" / image.name)
+        mask = voc_root / "SegmentationClass" / f"{image.stem}.png"
+        shutil.copy(mask, root / "masks" / mask.name)
+        lines.append(f"{image.name},{';'.join(VOC_CLASSES[c] for c in labels[image.stem])}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in VOC_CLASSES[1:]))
+    (root / "splits").mkdir()
+    for split in splits:
+        ids = (voc_root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        (root / "splits" / f"{split}.txt").write_text("".join(f"{i}.jpg\n" for i in ids))
+    return root

@@ -263,6 +263,18 @@ def test_training_with_masks_reports_miou_and_loads_for_evaluation(tree, tmp_pat
     report = json.loads(out.read_text())
     assert report["num_images"] == 2 and set(report["iou"]) == {"background", "bird", "cat",
                                                                 "dog"}
+    # the checkpoint names its classes, so a release can be written without the data root
+    from safetensors import safe_open
+
+    from toco.checkpoint import load_checkpoint
+    from toco.export import export_release
+
+    ckpt = work / "checkpoints" / "last.pt"
+    assert load_checkpoint(ckpt)["class_names"] == ["background", "bird", "cat", "dog"]
+    tree.rename(tree.with_name("moved"))
+    release = export_release(str(ckpt), str(tmp_path / "model.safetensors"))
+    with safe_open(str(release), framework="pt") as fh:
+        assert json.loads(fh.metadata()["class_names"]) == ["background", "bird", "cat", "dog"]
 
 
 @pytest.mark.parametrize("form", ["csv", "jsonl", "coco"])

@@ -440,7 +440,7 @@ def test_eval_without_masks_serves_the_test_split(voc_root):
 
 
 def test_unknown_dataset_lists_known_ones(voc_root):
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'.*coco, synthetic, voc"):
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'.*coco, synthetic, tags, voc"):
         build_train_dataset("imagenet", voc_root, "train", 32, None)
 
 

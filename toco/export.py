@@ -55,8 +55,11 @@ def export_release(checkpoint: str, output: str) -> Path:
 
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_saved(state["config"], checkpoint)
+    # A tagged collection's names come from its root: the checkpoint keeps them (the root may
+    # be elsewhere by now).
+    names = state.get("class_names") or data.dataset_spec(cfg).class_names
     return write_release(output, state["model"], state["config"], iteration=state["iteration"],
-                         class_names=data.dataset_spec(cfg).class_names)
+                         class_names=names)
 
 
 def is_release(path: str | Path) -> bool:

@@ -377,6 +377,8 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
         "trainer": trainer.state_dict(),
         "iteration": iteration,
         "config": trainer.cfg.to_dict(),
+        # What each output means, for tools that load the model without the data root.
+        "class_names": list(data.dataset_spec(trainer.cfg).class_names),
         "torch_rng": torch.get_rng_state(),
         "wandb_id": tracker.run_id if tracker else None,
     }

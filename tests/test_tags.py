@@ -335,3 +335,18 @@ def test_multilabel_scores_by_hand():
     assert out["f1"] == pytest.approx((0.5 + 1.0) / 2 * 100)
     assert out["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1) * 100)
 
+
+
+def test_a_mask_class_the_tags_do_not_list_is_refused(tmp_path):
+    labels = {**LABELS, "dogs/d1.jpeg": ["cat"]}  # its mask holds dog (3)
+    root = make_tags_tree(tmp_path / "t", IMAGES, labels, masks=MASKS)
+    with pytest.raises(DataError, match=r"masks/dogs/d1.png holds class\(es\) \[3\]"):
+        build(root, "val", tmp_path / "c", train_set=False)
+
+
+def test_bad_classes_txt_and_val_fraction(tmp_path, capsys):
+    root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, classes=["cat", "dog", "cat"])
+    with pytest.raises(DataError, match=r"classes.txt line 3: class 'cat' is listed twice"):
+        read_collection(root)
+    code = run(train, tags_args(root, tmp_path / "run", "--val-fraction", "1.5"))
+    assert_user_error(capsys, code, "val_fraction must be in [0, 1)")

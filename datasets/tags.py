@@ -294,8 +294,8 @@ def coco_mask_dir(collection: Collection, cache_dir: Path) -> Path:
 
 
 def held_back(ids: Iterable[str], fraction: float) -> list[str]:
-    """A fixed ``fraction`` of ``ids`` (at least one when the fraction is positive), chosen by
-    a hash of each id: the same images for the same collection, whatever the order."""
+    """A fixed ``fraction`` of ``ids`` (at least one of two or more when the fraction is
+    positive, never all), chosen by a hash of each id: the same images whatever the order."""
     ids = sorted(ids)
     count = min(len(ids) - 1, max(1, round(fraction * len(ids)))) if fraction > 0 else 0
     ranked = sorted(ids, key=lambda i: hashlib.sha1(f"{SPLIT_SEED}:{i}".encode()).hexdigest())
@@ -334,7 +334,14 @@ class TagsLayout(SegLayout):
         return self.collection.labels
 
     def mask_names(self) -> set[str]:
-        return _mask_ids(self.mask_dir) & set(self.collection.files) if self.mask_dir else set()
+        return set(self._masked)
+
+    @functools.cached_property
+    def _masked(self) -> frozenset[str]:
+        """Ids with a mask, found once per layout (a walk of the mask tree)."""
+        if self.mask_dir is None:
+            return frozenset()
+        return frozenset(_mask_ids(self.mask_dir) & set(self.collection.files))
 
     def available_splits(self) -> list[str]:
         return sorted({*super().available_splits(), "train", "val"})

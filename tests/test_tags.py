@@ -60,6 +60,7 @@ def test_labels_split_and_masks(tmp_path, fmt):
     assert datasets.get_dataset_spec("tags", root).class_names == ("background", "bird", "cat",
                                                                    "dog")
     train_set = build(root, None, tmp_path / "c")
+    assert list((tmp_path / "c").glob("labels-train-*.json"))  # the label cache
     # default split: the images with masks are val; the rest train (the empty one left out)
     assert labels_of(train_set) == {k: v for k, v in EXPECTED.items()
                                     if k not in ("dogs/d1", "mixed/m1", "empty")}

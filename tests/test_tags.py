@@ -351,3 +351,43 @@ def test_bad_classes_txt_and_val_fraction(tmp_path, capsys):
         read_collection(root)
     code = run(train, tags_args(root, tmp_path / "run", "--val-fraction", "1.5"))
     assert_user_error(capsys, code, "val_fraction must be in [0, 1)")
+
+
+def test_validation_without_masks_by_hand(monkeypatch):
+    """Two 2x4 images, K = 2: the CAM values and logits are given, the scores counted by hand."""
+    import torch
+
+    from toco import unmasked_validation
+
+    cams = [torch.tensor([[[0.9, 0.8, 0.5, 0.1], [0.3, 0.2, 0.75, 0.0]],
+                          [[0.0, 0.95, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]),  # class 2 not tagged
+            torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]],
+                          [[0.72, 0.6, 0.6, 0.6], [0.6, 0.6, 0.2, 0.2]]])]
+    logits = [torch.tensor([[2.0, 1.0]]), torch.tensor([[-1.0, 3.0]])]
+    calls = iter(range(2))
+
+    class Stub(torch.nn.Module):
+        def encode(self, x):
+            return x
+
+        def classify(self, feats):
+            self.index = next(calls)
+            return logits[self.index], None
+
+    model = Stub()
+    monkeypatch.setattr(unmasked_validation, "predict_cams",
+                        lambda m, image, *a, **k: (cams[model.index][None], None))
+    loader = [{"name": [f"i{i}"], "image": torch.zeros(1, 3, 2, 4, dtype=torch.uint8),
+               "cls_label": torch.tensor([tags])} for i, tags in enumerate([[1.0, 0.0],
+                                                                           [0.0, 1.0]])]
+    metrics, samples = unmasked_validation.validate_without_masks(
+        model, loader, torch.device("cpu"), size=4, cam_scales=(1.0,), high_thre=0.7,
+        low_thre=0.25)
+    # image 0 (tag 1): 0.9 0.8 0.75 -> class; 0.5 0.3 -> ignore; 0.1 0.2 0.0 -> background
+    # image 1 (tag 2): 0.72 -> class; five 0.6 -> ignore; 0.2 0.2 -> background
+    assert metrics["pseudo_coverage"] == pytest.approx((6 + 3) / 16 * 100)
+    assert metrics["pseudo_foreground"] == pytest.approx((3 + 1) / 16 * 100)
+    # sigmoids: image 0 (0.88, 0.73) tags (1, 0); image 1 (0.27, 0.95) tags (0, 1)
+    assert metrics["cls_map"] == pytest.approx(100.0)
+    assert metrics["cls_f1"] == pytest.approx((1.0 + 2 / 3) / 2 * 100)  # class 2: FP on image 0
+    assert metrics["images"] == 2 and samples == []

@@ -246,6 +246,7 @@ def check_dataset(name: str, root: str | Path | None, splits: Sequence[str] | No
         root, prepared = Path(root), prepared_dir(root, cache_dir)
         for subset in dict.fromkeys(subset_of_split(s) for s in splits):
             unprepared[subset] = check_coco_subset(root, prepared, subset, report, sample)
+    noted: set[str] = set()
     for split in splits:
         try:
             if name == "coco":
@@ -259,6 +260,10 @@ def check_dataset(name: str, root: str | Path | None, splits: Sequence[str] | No
             continue
         check_split(layout, split, spec.class_names, report, decode=decode, workers=workers,
                     names=names)  # fmt: skip
+        for note in layout.notes():
+            if note not in noted:  # once, not once per split
+                noted.add(note)
+                report.lines.append(f"  note: {note}")
     return report
 
 

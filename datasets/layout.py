@@ -89,6 +89,10 @@ class SegLayout:
         mask_dir = self.mask_dir
         return stems(mask_dir, ".png") if mask_dir is not None else set()
 
+    def notes(self) -> list[str]:
+        """Facts worth a line in a check report that are not errors (files left out)."""
+        return []
+
     def split_has_masks(self, split: str) -> bool:
         """Whether evaluating ``split`` scores masks; True here: a missing mask is an error."""
         return True

@@ -68,6 +68,7 @@ class Collection:
     labels: dict[str, list[int]]
     labels_file: Path
     coco: CocoIndex | None = field(default=None, compare=False, repr=False)
+    unlisted: tuple[str, ...] = ()  # images under images/ that the labels file leaves out
 
     @property
     def image_dir(self) -> Path:
@@ -188,7 +189,8 @@ def _from_label_file(root: Path, path: Path, images: dict[str, str],
                             f"{root / 'classes.txt'})")
         first_line[key] = number
         labels[key] = sorted({index[n] for n in names})
-    return Collection(root, classes, {k: images[k] for k in labels}, labels, path)
+    return Collection(root, classes, {k: images[k] for k in labels}, labels, path,
+                      unlisted=tuple(images[k] for k in images if k not in labels))
 
 
 def _from_coco_file(root: Path, path: Path, images: dict[str, str],
@@ -210,7 +212,8 @@ def _from_coco_file(root: Path, path: Path, images: dict[str, str],
             raise DataError(f"annotation file {path}: image {entry.image_id} file "
                             f"{root / 'images' / entry.file_name} does not exist")
     labels = {key: entry.labels for key, entry in coco.images.items()}
-    return Collection(root, classes, {k: images[k] for k in labels}, labels, path, coco)
+    return Collection(root, classes, {k: images[k] for k in labels}, labels, path, coco,
+                      tuple(images[k] for k in images if k not in labels))
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -383,6 +386,20 @@ class TagsLayout(SegLayout):
                                 f"{self.collection.labels_file}")
             ids.append(key)
         return ids
+
+    def notes(self) -> list[str]:
+        unlisted = list(self.collection.unlisted)
+        stray = sorted(_mask_ids(self.mask_dir) - set(self.collection.files)) \
+            if self.mask_dir else []
+        out = []
+        if unlisted:
+            out.append(f"{len(unlisted)} image(s) in {self.image_dir} are not in "
+                       f"{self.collection.labels_file.name} and are left out: "
+                       f"{first_few(unlisted)}")
+        if stray:
+            out.append(f"{len(stray)} mask(s) in {self.mask_dir} belong to no listed image: "
+                       f"{first_few(stray)}")
+        return out
 
     def split_has_masks(self, split: str) -> bool:
         """All ids of the split have masks (True), none (False); a mix is a DataError."""

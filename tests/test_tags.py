@@ -235,6 +235,13 @@ def test_check_command(tree, tmp_path, capsys):
                        str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "tags at" in out and "(4 classes)" in out and "7 image(s) checked; OK" in out
+    assert "note:" not in out
+    write_image(tree / "images" / "extra.jpg", (20, 20))
+    assert check.main(["--dataset", "tags", "--data-root", str(tree), "--cache-dir",
+                       str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("1 image(s) in") == 1  # once, not per split
+    assert "not in labels.csv and are left out: extra.jpg" in out
     from tests.fixtures import write_mask_png
     write_mask_png(tree / "masks" / "dogs" / "d1.png", boxes_mask(44, 40, [(9, 5, 30, 5, 30)]))
     assert check.main(["--dataset", "tags", "--data-root", str(tree), "--cache-dir",

@@ -295,14 +295,14 @@ def test_training_without_masks_scores_the_held_back_images(tmp_path, form):
         fraction = "0.3"
     work = tmp_path / "run"
     assert run(train, tags_args(root, work, "--max-iters", "2", "--eval-every", "1",
-                                "--val-fraction", fraction, "--num-vis", "2")) == 0
+                                "--val-fraction", fraction, "--preview-images", "2")) == 0
     for done in (1, 2):
         text = (work / f"val_iter{done:06d}.txt").read_text()
         assert "classification mAP" in text and "pseudo-label coverage" in text
     from PIL import Image
 
-    with Image.open(work / "val_iter000002.png") as picture:
-        assert picture.format == "PNG" and picture.width > 4 * 128
+    with Image.open(work / "preview.png") as picture:  # the held-back images, no ground truth
+        assert picture.format == "PNG" and picture.width > 5 * 128
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in records if "val/cls_map" in r]
     assert [r["iter"] for r in scores] == [1, 2]
@@ -361,15 +361,14 @@ def test_bad_classes_txt_and_val_fraction(tmp_path, capsys):
 
 
 def test_validation_without_masks_by_hand(monkeypatch):
-    """Two 2x4 images, K = 2: the CAM values and logits are given, the scores counted by hand."""
+    """Two images, K = 2: the logits and pseudo labels are given, the scores counted by hand."""
     import torch
 
     from toco import unmasked_validation
+    from toco.config import TrainConfig
 
-    cams = [torch.tensor([[[0.9, 0.8, 0.5, 0.1], [0.3, 0.2, 0.75, 0.0]],
-                          [[0.0, 0.95, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]]),  # class 2 not tagged
-            torch.tensor([[[0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]],
-                          [[0.72, 0.6, 0.6, 0.6], [0.6, 0.6, 0.2, 0.2]]])]
+    labels = [torch.tensor([[[1, 1, 255, 0], [255, 0, 1, 0]]]),   # 3 fg, 2 uncertain, 3 bg
+              torch.tensor([[[2, 255, 255, 255], [255, 255, 0, 0]]])]  # 1 fg, 5 uncertain
     logits = [torch.tensor([[2.0, 1.0]]), torch.tensor([[-1.0, 3.0]])]
     calls = iter(range(2))
 
@@ -382,19 +381,17 @@ def test_validation_without_masks_by_hand(monkeypatch):
             return logits[self.index], None
 
     model = Stub()
-    monkeypatch.setattr(unmasked_validation, "predict_cams",
-                        lambda m, image, *a, **k: (cams[model.index][None], None))
+    monkeypatch.setattr(unmasked_validation, "pseudo_labels",
+                        lambda m, image, cls_label, *a, **k: labels[model.index])
     loader = [{"name": [f"i{i}"], "image": torch.zeros(1, 3, 2, 4, dtype=torch.uint8),
                "cls_label": torch.tensor([tags])} for i, tags in enumerate([[1.0, 0.0],
                                                                            [0.0, 1.0]])]
-    metrics, samples = unmasked_validation.validate_without_masks(
-        model, loader, torch.device("cpu"), size=4, cam_scales=(1.0,), high_thre=0.7,
-        low_thre=0.25)
-    # image 0 (tag 1): 0.9 0.8 0.75 -> class; 0.5 0.3 -> ignore; 0.1 0.2 0.0 -> background
-    # image 1 (tag 2): 0.72 -> class; five 0.6 -> ignore; 0.2 0.2 -> background
+    metrics = unmasked_validation.validate_without_masks(model, loader, TrainConfig(),
+                                                         torch.device("cpu"), size=4)
     assert metrics["pseudo_coverage"] == pytest.approx((6 + 3) / 16 * 100)
     assert metrics["pseudo_foreground"] == pytest.approx((3 + 1) / 16 * 100)
     # sigmoids: image 0 (0.88, 0.73) tags (1, 0); image 1 (0.27, 0.95) tags (0, 1)
     assert metrics["cls_map"] == pytest.approx(100.0)
     assert metrics["cls_f1"] == pytest.approx((1.0 + 2 / 3) / 2 * 100)  # class 2: FP on image 0
-    assert metrics["images"] == 2 and samples == []
+    assert metrics["cls_f1_micro"] == pytest.approx(2 * 2 / (2 * 2 + 1) * 100)
+    assert metrics["images"] == 2

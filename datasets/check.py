@@ -38,7 +38,7 @@ from datasets.coco import (
     verify_masks,
 )
 from datasets.coco_annotations import load_instances
-from datasets.files import check_mask_values, check_same_size, image_size, read_mask, read_rgb
+from datasets.files import check_mask_values, check_same_size, read_mask
 from datasets.labels import label_mismatch, xml_labels
 from datasets.layout import SegLayout, duplicate_ids
 from toco.errors import DataError
@@ -86,7 +86,7 @@ def check_item(job: ItemCheck, name: str) -> list[Problem]:
         return [Problem("missing-image", f"image {image} does not exist")]
     size = None
     try:
-        size = read_rgb(image).size if job.decode else image_size(image)
+        size = layout.read_image(name).size if job.decode else layout.image_size(name)
     except DataError as err:
         problems.append(Problem("bad-image", str(err)))
     mask_dir = layout.mask_dir

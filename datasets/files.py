@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from toco import atomic
-from toco.errors import DataError
+from toco.errors import DataError, UserError
+from toco.images import pil_to_rgb
 
 IGNORE_INDEX = 255
 MAX_LISTED = 5  # how many offending names an error message spells out
@@ -77,6 +78,32 @@ def read_rgb(path: Path) -> Image.Image:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_display_rgb(path: Path) -> Image.Image:
+    """The image as predict.py reads it: EXIF orientation applied, 16-bit scaled to 8 bit,
+    transparency over white (toco.images); broken files are DataError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return Image.fromarray(pil_to_rgb(img))
+    except (OSError, SyntaxError, ValueError, UserError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the ones that swap width and height
+
+
+def display_size(path: Path) -> tuple[int, int]:
+    """(width, height) as displayed (after EXIF orientation), from the header."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            turned = img.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    return (h, w) if turned else (w, h)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -46,10 +46,12 @@ def check_num_classes(num_classes: int) -> None:
         raise ConfigError(f"num_classes must be in 2..{IGNORE_INDEX}, got {num_classes}")
 
 
-def scan_mask(image: Path, mask: Path, num_classes: int) -> list[int]:
-    """Classes 1..C-1 present in ``mask``, after the cheap consistency checks."""
+def scan_mask(image: Path, mask: Path, num_classes: int,
+              size: tuple[int, int] | None = None) -> list[int]:
+    """Classes 1..C-1 present in ``mask``, after the cheap consistency checks (``size``: the
+    image's (width, height) where it is not the header's)."""
     values = read_mask(mask)
-    check_same_size(values.shape, image_size(image), mask, image)
+    check_same_size(values.shape, size or image_size(image), mask, image)
     counts = check_mask_values(values, num_classes, mask)
     return [c for c in range(1, num_classes) if counts[c]]
 
@@ -164,9 +166,10 @@ def _scan_entries(
         if _entry_is_current(old, stamps, num_classes):
             entries[name] = old
         elif kind == "mask":
-            entries[name] = {"labels": scan_mask(image, source, num_classes), **stamps}
+            entries[name] = {"labels": scan_mask(image, source, num_classes,
+                                                 layout.image_size(name)), **stamps}
         else:
-            image_size(image)  # the header must be readable, as for masked images
+            layout.image_size(name)  # the header must be readable, as for masked images
             labels = xml_labels(source, class_names) if source is not None else []
             entries[name] = {"labels": labels, **stamps}
     if cache_path is not None and entries != cached:

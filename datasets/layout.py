@@ -12,7 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets.files import first_few, stems
+from PIL import Image
+
+from datasets.files import first_few, image_size, read_rgb, stems
 from toco.errors import DataError
 
 SHIPPED_SPLITS = Path(__file__).resolve().parent / "splits"
@@ -83,6 +85,14 @@ class SegLayout:
 
     def image_path(self, name: str) -> Path:
         return self.image_dir / f"{name}{self.image_suffix}"
+
+    def read_image(self, name: str) -> Image.Image:
+        """The image of ``name``, fully decoded, as RGB (DataError naming a broken file)."""
+        return read_rgb(self.image_path(name))
+
+    def image_size(self, name: str) -> tuple[int, int]:
+        """(width, height) of the image of ``name`` as ``read_image`` gives it, from the header."""
+        return image_size(self.image_path(name))
 
     def mask_names(self) -> set[str]:
         """Ids that have a mask file (none without a mask folder)."""

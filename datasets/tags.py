@@ -32,9 +32,23 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-from datasets.coco_annotations import CocoIndex, custom_categories, parse_instances, rasterize
-from datasets.files import first_few, palette_png_bytes, read_json, write_bytes_atomic, \
-    write_json_atomic
+from PIL import Image
+
+from datasets.coco_annotations import (
+    CocoIndex,
+    custom_categories,
+    parse_instances,
+    rasterize,
+)
+from datasets.files import (
+    display_size,
+    first_few,
+    palette_png_bytes,
+    read_display_rgb,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from datasets.layout import SegLayout
 from toco.errors import ConfigError, DataError
 
@@ -329,6 +343,14 @@ class TagsLayout(SegLayout):
 
     def image_path(self, name: str) -> Path:
         return self.image_dir / self.collection.files[name]
+
+    # Read as predict.py reads them (EXIF orientation, 16-bit, transparency), so a model sees
+    # the same pixels in training and in use; masks are at the displayed size.
+    def read_image(self, name: str) -> Image.Image:
+        return read_display_rgb(self.image_path(name))
+
+    def image_size(self, name: str) -> tuple[int, int]:
+        return display_size(self.image_path(name))
 
     def present_images(self) -> set[str]:
         return set(self.collection.files)

@@ -143,7 +143,7 @@ class VOCTrainDataset(Dataset):
             if name in self.bad_images:
                 continue
             try:
-                return name, read_rgb(self.layout.image_path(name))
+                return name, self.layout.read_image(name)
             except DataError as err:
                 if not self.skip_bad_images:
                     raise
@@ -207,7 +207,7 @@ class VOCEvalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.names[index]
         image_path = self.layout.image_path(name)
-        image = read_rgb(image_path)
+        image = self.layout.read_image(name)
         sample: dict[str, Any] = {
             "name": name,
             "image": to_uint8_chw(image),

@@ -395,3 +395,34 @@ def test_validation_without_masks_by_hand(monkeypatch):
     assert metrics["cls_f1"] == pytest.approx((1.0 + 2 / 3) / 2 * 100)  # class 2: FP on image 0
     assert metrics["cls_f1_micro"] == pytest.approx(2 * 2 / (2 * 2 + 1) * 100)
     assert metrics["images"] == 2
+
+
+def test_images_are_read_as_predict_reads_them(tmp_path):
+    """EXIF orientation applied (the mask is at the displayed size), 16-bit scaled to 8 bit."""
+    from PIL import Image
+
+    from toco.images import read_image
+
+    root = make_tags_tree(tmp_path / "t", {"a.jpg": (30, 30)}, {"a.jpg": ["cat"],
+                                                               "turned.jpg": ["cat"],
+                                                               "deep.png": ["dog"]})
+    stored = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6,
+                                     (24, 1, 3)))  # 40 wide, 24 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 24 wide, 40 high
+    stored.save(root / "images" / "turned.jpg", exif=exif, quality=95)
+    deep = (np.arange(20 * 16, dtype=np.uint16).reshape(20, 16) * 200)
+    Image.fromarray(deep).save(root / "images" / "deep.png")
+    (root / "masks").mkdir()
+    from tests.fixtures import write_mask_png
+
+    write_mask_png(root / "masks" / "turned.png", boxes_mask(40, 24, [(1, 5, 20, 5, 20)]))
+    write_mask_png(root / "masks" / "deep.png", boxes_mask(20, 16, [(2, 2, 10, 2, 10)]))
+    val = build(root, "val", tmp_path / "c", train_set=False)
+    assert val.names == ["deep", "turned"] and val.with_masks
+    for i, name in enumerate(val.names):
+        image = val[i]["image"].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(image, read_image(root / "images" /
+                                                        read_collection(root).files[name]))
+    assert val[1]["image"].shape == (3, 40, 24)
+    assert val[0]["image"].max() == round(deep.max() / 65535 * 255)  # scaled, not clipped

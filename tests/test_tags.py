@@ -283,6 +283,12 @@ def test_training_with_masks_reports_miou_and_loads_for_evaluation(tree, tmp_pat
     release = export_release(str(ckpt), str(tmp_path / "model.safetensors"))
     with safe_open(str(release), framework="pt") as fh:
         assert json.loads(fh.metadata()["class_names"]) == ["background", "bird", "cat", "dog"]
+    from toco import load_segmenter
+
+    segmenter = load_segmenter(str(ckpt), device="cpu")
+    assert segmenter.class_names == ("background", "bird", "cat", "dog")
+    prediction = segmenter.predict(np.zeros((20, 30, 3), np.uint8))
+    assert prediction.mask.shape == (20, 30) and prediction.mask.max() <= 3
 
 
 @pytest.mark.parametrize("form", ["csv", "jsonl", "coco"])

@@ -51,8 +51,8 @@ from datasets.files import (
 )
 from datasets.layout import SegLayout
 from toco.errors import ConfigError, DataError
+from toco.inputs import folder_images
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 LABEL_FILES = ("labels.csv", "labels.jsonl", "annotations.json")
 DEFAULT_VAL_FRACTION = 0.1
 SPLIT_SEED = "toco-tags-v1"  # fixes which images a held-back fraction picks
@@ -95,22 +95,19 @@ def image_id(relative: str) -> str:
 
 
 def find_images(image_dir: Path) -> dict[str, str]:
-    """id -> relative path of every image under ``image_dir`` (recursive, sorted)."""
+    """id -> relative path of every image under ``image_dir`` (recursive, sorted; hidden files
+    and folders skipped)."""
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} not found: a tagged root needs images/ and "
                         f"one of {', '.join(LABEL_FILES)}")
     found: dict[str, str] = {}
-    for folder, subdirs, names in os.walk(image_dir):
-        subdirs.sort()
-        for name in sorted(names):
-            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            relative = Path(folder, name).relative_to(image_dir).as_posix()
-            key = image_id(relative)
-            if key in found:
-                raise DataError(f"images {image_dir / found[key]} and {image_dir / relative} "
-                                "differ only by suffix: their masks would share one file")
-            found[key] = relative
+    for path in folder_images(image_dir):  # the files predict.py takes from a folder
+        relative = path.relative_to(image_dir).as_posix()
+        key = image_id(relative)
+        if key in found:
+            raise DataError(f"images {image_dir / found[key]} and {image_dir / relative} "
+                            "differ only by suffix: their masks would share one file")
+        found[key] = relative
     return dict(sorted(found.items()))
 
 

@@ -432,3 +432,24 @@ def test_images_are_read_as_predict_reads_them(tmp_path):
                                                         read_collection(root).files[name]))
     assert val[1]["image"].shape == (3, 40, 24)
     assert val[0]["image"].max() == round(deep.max() / 65535 * 255)  # scaled, not clipped
+
+
+def test_two_processes_score_every_held_back_image_once(tmp_path):
+    """torchrun on CPU: each rank scores its shard; the scores cover all held-back images."""
+    import subprocess
+
+    from tests.test_runtime import REPO, _env, _python
+
+    root = make_tags_tree(tmp_path / "t", IMAGES, LABELS)
+    work = tmp_path / "ddp"
+    cmd = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(REPO / "train.py"),
+                  *tags_args(root, work, "--max-iters", "1", "--eval-every", "1",
+                             "--val-fraction", "0.4", "--threads", "1"))
+    res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    held = held_back(read_collection(root).files, 0.4)
+    assert len(held) == 3  # shards of 2 and 1 images
+    final = json.loads((work / "final.json").read_text())
+    assert final["validation"]["image_level"]["images"] == 3
+    assert res.stdout.count("validation at iteration 1") == 1

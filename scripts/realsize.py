@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from datasets.coco_annotations import COCO_CATEGORY_IDS
+from datasets.coco_annotations import COCO_CATEGORY_IDS, COCO_CLASSES
 from datasets.files import palette_png_bytes, write_bytes_atomic
 from datasets.voc import VOC_CLASSES
 
@@ -80,9 +80,10 @@ def _each(count: int, progress: Callable[[int], None] | None) -> Iterable[int]:
 
 
 def write_voc_tree(root: Path, count: int, hw: tuple[int, int] = VOC_HW, seed: int = 0,
-                   splits: Sequence[str] = ("train",), progress: Callable[[int], None] | None
-                   = None) -> Path:
-    """A VOC 2012 tree of `count` images `YYYY_NNNNNN`, every split listing all of them."""
+                   splits: Mapping[str, int | None] | Sequence[str] = ("train",),
+                   progress: Callable[[int], None] | None = None) -> Path:
+    """A VOC 2012 tree of `count` images `2007_NNNNNN`; `splits` maps each split to how many
+    of them it lists, the first ones (None: all; a plain list of names: all in each)."""
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -92,9 +93,10 @@ def write_voc_tree(root: Path, count: int, hw: tuple[int, int] = VOC_HW, seed: i
         (root / "JPEGImages" / f"{names[i]}.jpg").write_bytes(jpeg)
         (root / "SegmentationClass" / f"{names[i]}.png").write_bytes(png)
         (root / "Annotations" / f"{names[i]}.xml").write_text(xml)
-    for split in splits:  # written last: a tree without them is visibly unfinished
+    sizes = splits if isinstance(splits, Mapping) else dict.fromkeys(splits)
+    for split, size in sizes.items():  # written last: a tree without them is unfinished
         write_bytes_atomic(root / "ImageSets" / "Segmentation" / f"{split}.txt",
-                           ("\n".join(names) + "\n").encode())
+                           ("\n".join(names[:size]) + "\n").encode())
     return root
 
 
@@ -127,7 +129,8 @@ def coco_instances(subset: str, count: int, hw: tuple[int, int], seed: int,
                                 "iscrowd": 0, "segmentation": [polygon(rng, box, points)],
                                 "area": float((box[1] - box[0]) * (box[3] - box[2])),
                                 "bbox": [box[2], box[0], box[3] - box[2], box[1] - box[0]]})
-    categories = [{"id": c, "name": str(c), "supercategory": ""} for c in COCO_CATEGORY_IDS]
+    categories = [{"id": c, "name": name, "supercategory": ""}
+                  for c, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]
     return {"info": {"description": "generated"}, "licenses": [], "images": images,
             "annotations": annotations, "categories": categories}
 

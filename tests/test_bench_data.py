@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import datasets.voc as voc_module
-from scripts.bench_data import StepTimes, build_dataset, loader_rate, step_profile, timed_steps
+from scripts.bench_data import (
+    StepTimes,
+    build_dataset,
+    loader_rate,
+    step_profile,
+    timed_steps,
+)
 from toco.sampling import SeededSamples
 
 # sha1 of samples 0-2 (every tensor, in key order) at configs/voc_vit_b.yaml on three generated

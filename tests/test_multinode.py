@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from tests.fixtures import make_standard_voc_tree
 from tests.test_cli import train_args
+from tests.test_reliability_kill import assert_same_tensors
 from toco.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,22 +48,6 @@ def state(work: Path) -> dict:
     return load_checkpoint(work / "checkpoints" / "last.pt")
 
 
-def same(a, b, where: str = "") -> None:
-    """Bit-identical nested checkpoint contents (tensors, dicts, lists, numbers)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
-
-
 def test_two_nodes_stop_resume_and_match_one_node(tmp_path):
     voc = make_standard_voc_tree(tmp_path / "VOC2012")
     one_node = tmp_path / "one_node"
@@ -81,5 +65,5 @@ def test_two_nodes_stop_resume_and_match_one_node(tmp_path):
     assert sum("resuming from" in r.stdout for r in results) == 1
     a, b = state(one_node), state(nodes)
     assert a["iteration"] == b["iteration"] == 4
-    same(a["model"], b["model"], "model")
-    same(a["trainer"], b["trainer"], "trainer")
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["trainer"], b["trainer"], "trainer")

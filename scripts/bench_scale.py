@@ -20,7 +20,8 @@
   written first) over the first 1,000 val images and over all of them: peak RSS of each and
   the growth (the issue's bound: under 10%).
 
-Peak RSS is the kernel's max RSS of the measured process tree (wait4), in MiB. The COCO
+Peak RSS (MiB) is the kernel's max RSS of the measured process or of the largest of its
+waited-for children (wait4): the largest single process, not the sum over loader or pool workers. The COCO
 pictures default to 96x128 (82,783 real-size JPEGs need ~5 GB); masks, instances and headers
 are of real count, and --image-size 480 640 gives real-size pictures.
 """
@@ -99,6 +100,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     if args.what == "coco":
         counts = {"train2014": args.count or COCO_TRAIN_IMAGES,
                   "val2014": args.val_count if args.val_count is not None else 5_000}
+        if counts["val2014"] < 1:
+            raise UserError("generate coco: --val-count must be at least 1 (train.py builds "
+                            "its val_part split from val2014)")
         write_coco_tree(root, counts, hw or COCO_SMALL_HW, progress=progress)
     elif args.what == "coco-val":
         counts = {"train2014": 8, "val2014": args.count or COCO_VAL_EVAL_IMAGES}

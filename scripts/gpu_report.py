@@ -1,6 +1,6 @@
 """One prepared GPU report: training, loader, evaluation and bf16-vs-fp32 figures in <= 8 minutes.
 
-    python scripts/gpu_report.py --out gpu_report          # on a GPU machine, no download
+    python scripts/gpu_report.py                           # on a GPU machine -> work_dirs/gpu_report
     python scripts/gpu_report.py --smoke --out /tmp/r      # every part at a tiny size on the CPU
 
 Parts, in this order, each in its own process with its own time budget (seconds, on a GPU):
@@ -240,7 +240,9 @@ def markdown(state: dict[str, Any]) -> str:
             peak = r["peak_memory_gb"]
             peak_note = "" if r["peak_memory_kind"] != "cuda max allocated" else (
                 " (met)" if peak <= PEAK_TARGET_GB else " (over 20)")
-            lines.append(f"| {k.removeprefix('train_')} | {r['train_s_per_iter']:.3f} | "
+            tf32 = r["config"]["tf32"] and r["machine"]["device"].startswith("cuda")
+            name = "fp32 (TF32 matmuls)" if k == "train_fp32" and tf32 else k.removeprefix("train_")
+            lines.append(f"| {name} | {r['train_s_per_iter']:.3f} | "
                          f"{r['train_images_per_s']:.1f} | >= {TARGETS[k]:.0f} ({ok}) | "
                          f"{peak:.2f}{peak_note} | {r['bare_backbone_s_per_iter']:.3f} |")
     loader = (parts.get("loader") or {}).get("result")
@@ -260,6 +262,7 @@ def markdown(state: dict[str, Any]) -> str:
     if agree:
         fp32, bf16 = agree["runs"]["fp32"], agree["runs"]["bf16"]
         lines += ["", f"## bf16 vs fp32, {agree['recipe']}, {agree['iterations']} iterations",
+                  "", "fp32 with the recipe's TF32 setting on a GPU.",
                   "", "| iteration | total loss fp32 | total loss bf16 | difference |",
                   "|---|---|---|---|"]
         for a, b in zip(fp32["losses"], bf16["losses"]):
@@ -274,7 +277,8 @@ def markdown(state: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="gpu_report", help="folder of report.json, report.md, logs")
+    p.add_argument("--out", default="work_dirs/gpu_report",
+                   help="folder of report.json, report.md, logs (work_dirs/ is git-ignored)")
     p.add_argument("--smoke", action="store_true", help="every part tiny, on the CPU")
     p.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     p.add_argument("--total", type=float, default=470, help="seconds for the whole report")

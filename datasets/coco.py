@@ -532,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = prepare_subset(root, out, subset, workers=max(1, args.workers),
                                       progress=None if sys.stderr.isatty()  # tqdm there
                                       else _progress_printer())  # fmt: skip
-            print(f"{subset}: {len(manifest['checksums']) or 'pre-converted'} masks, "
-                  f"{time.perf_counter() - start:.1f} s -> {out}")  # fmt: skip
+            seconds, made = time.perf_counter() - start, len(manifest["checksums"])
+            rate = (f" ({made / seconds:.0f} masks/s, {made / seconds / max(1, args.workers):.0f} "
+                    "per worker)") if made else ""
+            print(f"{subset}: {made or 'pre-converted'} masks, {seconds:.2f} s{rate} "
+                  f"-> {out}")  # fmt: skip
         return 0
     failed = 0
     for subset in args.subsets:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toco.builders import build_model, resolve_device  # noqa: E402
+from toco.builders import build_model, compile_backbone, resolve_device  # noqa: E402
 from toco.config import TrainConfig, parse_config  # noqa: E402
 from toco.engine import Trainer, build_loss_modules  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
@@ -52,6 +52,8 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     g.add_argument("--num-classes", type=int, default=21, help="classes incl. background")
     g.add_argument("--json", help="write the results here")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for --compile ('eager': a quick CPU check)")
 
 
 def random_batch(cfg: TrainConfig, num_classes: int, gen: torch.Generator) -> dict:
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_precision(cfg, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, args.num_classes).to(device)
+    compile_backbone(model, cfg.compile, args.compile_backend)  # as train.py: the full step
     plugins = build_plugins(cfg, model.backbone.embed_dim, args.num_classes, model=model)
     trainer = Trainer(cfg, model, build_loss_modules(cfg) + plugins, device)
     bare = BareBackbone(cfg, device)
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else None, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "config": {"backbone": cfg.backbone, "crop_size": cfg.crop_size,
                    "batch_size": cfg.batch_size, "amp": cfg.amp, "recipe": cfg.recipe,
+                   "compile": cfg.compile, "tf32": cfg.tf32,
                    "plugins": cfg.plugins.enabled()},
         "train_s_per_iter": s_it, "train_s_per_iter_rounds": full,
         "train_images_per_s": cfg.batch_size / s_it,

@@ -15,7 +15,7 @@ from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam
     refine_cams_with_bkg, split_cam_passes
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
-from toco.distributed import DistInfo, average_gradients
+from toco.distributed import DistInfo, all_gather_cat, average_gradients
 from toco.energy import RegularizationLoss
 from toco.errors import UserError
 from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
@@ -279,13 +279,27 @@ class Trainer:
             self.scheduler.step()
         return logged
 
-    def state_dict(self) -> dict:
-        """Training state besides the model: optimizer, schedule, scaler, crop RNG."""
+    def crop_rng_states(self) -> list[Tensor]:
+        """Every rank's crop-RNG state, rank order (a collective: all ranks call it)."""
+        state = self.crop_rng.get_state()
+        if not self.dist.enabled:
+            return [state]
+        # NCCL gathers device tensors only; the state is a few kB of bytes.
+        gathered = all_gather_cat(state[None].to(self.device), self.dist).cpu()
+        return [row.clone() for row in gathered]  # own storage: set_state reads from its start
+
+    def state_dict(self, crop_rng_states: Optional[list[Tensor]] = None) -> dict:
+        """Training state besides the model: optimizer, schedule, scaler, crop RNG.
+
+        Under torchrun each rank draws its crops from its own generator; pass
+        `crop_rng_states()` (gathered on every rank) so that a resumed run continues every
+        rank's stream, not rank 0's on all of them."""
         return {"loss_modules": self.loss_modules.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "crop_rng": self.crop_rng.get_state(),
+                "crop_rng_ranks": crop_rng_states or [self.crop_rng.get_state()],
                 "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -293,7 +307,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.crop_rng.set_state(state["crop_rng"])
+        ranks = state.get("crop_rng_ranks", [])  # absent in checkpoints of older versions
+        same_world = len(ranks) == self.dist.world_size
+        own = ranks[self.dist.rank] if same_world else state["crop_rng"]
+        self.crop_rng.set_state(own.clone())  # a view into a shared storage would crash it
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
 

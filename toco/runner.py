@@ -306,8 +306,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                 tic += time.perf_counter() - val_tic
             stopping = stop.received or (cfg.stop_at is not None and done >= cfg.stop_at)
             if done % cfg.save_every == 0 or done == cfg.max_iters or stopping:
+                rng_states = trainer.crop_rng_states()  # every rank: a collective
                 if info.is_main:
-                    save_checkpoint(training_state(trainer, done, tracker), ckpt_path)
+                    save_checkpoint(training_state(trainer, done, tracker, rng_states),
+                                    ckpt_path)
             if stopping:
                 break
     if done < cfg.max_iters:
@@ -369,12 +371,13 @@ def _log_progress(cfg: TrainConfig, running: dict[str, list[float]], done: int, 
     return now
 
 
-def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker]
-                   ) -> dict[str, Any]:
-    """Everything needed to evaluate (model + config) and to resume exactly."""
+def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker],
+                   crop_rng_states: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
+    """Everything needed to evaluate (model + config) and to resume exactly (every rank's
+    crop RNG from `Trainer.crop_rng_states`)."""
     return {
         "model": trainer.model.state_dict(),
-        "trainer": trainer.state_dict(),
+        "trainer": trainer.state_dict(crop_rng_states),
         "iteration": iteration,
         "config": trainer.cfg.to_dict(),
         # What each output means, for tools that load the model without the data root.

@@ -15,7 +15,6 @@ class ToCoNet(nn.Module):
         backbone: the encoder.
         num_classes: C, background included.
         decoder_dim: LargeFOV width (512 in ToCo).
-        decoder_dilation: dilation of the LargeFOV 3x3 convolutions (5 in ToCo).
         ctc_out_dim: output width of the CTC projection head (1024 in ToCo).
         ema_momentum: momentum of the CTC teacher head.
         ctc_hidden_dim: width of the CTC head's MLP (2048 in ToCo).
@@ -23,7 +22,7 @@ class ToCoNet(nn.Module):
     """
 
     def __init__(self, backbone: ViTBackbone, num_classes: int, decoder_dim: int = 512,
-                 decoder_dilation: int = 5, ctc_out_dim: int = 1024, ema_momentum: float = 0.9,
+                 ctc_out_dim: int = 1024, ema_momentum: float = 0.9,
                  ctc_hidden_dim: int = 2048,
                  pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
                  pixel_std: tuple[float, float, float] = IMAGENET_STD) -> None:
@@ -33,8 +32,7 @@ class ToCoNet(nn.Module):
         self.backbone = backbone
         self.classifier = CAMClassifier(dim, num_classes - 1)
         self.aux_classifier = CAMClassifier(dim, num_classes - 1)
-        self.decoder = LargeFOV(dim, num_classes, hidden_dim=decoder_dim,
-                                dilation=decoder_dilation)
+        self.decoder = LargeFOV(dim, num_classes, hidden_dim=decoder_dim)
         self.proj_head = CTCHead(dim, out_dim=ctc_out_dim, hidden_dim=ctc_hidden_dim)
         self.proj_head_teacher = EMATeacher(self.proj_head, momentum=ema_momentum)
         # Modules mapping EncoderOutput -> EncoderOutput (e.g. RCA's memory aggregation), run

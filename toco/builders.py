@@ -19,7 +19,6 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
                            trainable_blocks=trainable_blocks, **kwargs)
     mean, std = input_normalisation(cfg, backbone)
     model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
-                    decoder_dilation=cfg.decoder_dilation,
                     ema_momentum=cfg.ema_momentum, ctc_hidden_dim=cfg.ctc_hidden_dim,
                     ctc_out_dim=cfg.ctc_out_dim, pixel_mean=mean, pixel_std=std)
     backbone.grad_checkpointing = cfg.grad_checkpointing

@@ -79,9 +79,6 @@ class TrainConfig:
     aux_layer: int = _opt(-3, "block whose pre-norm tokens feed the aux classifier",
                           group="model")
     decoder_dim: int = _opt(512, "LargeFOV decoder width", group="model")
-    decoder_dilation: int = _opt(5, "dilation of the LargeFOV 3x3 convolutions (ToCo: 5, for "
-                                 "28x28 token grids; a grid of a few tokens needs 1)",
-                                 group="model")
     input_norm: str = _opt("backbone", "input mean/std: the backbone's pretraining values, or "
                            "ImageNet's (ToCo's published ViT-B/DeiT-B recipes)",
                            ["backbone", "imagenet"], "model")
@@ -276,8 +273,6 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive, got {value}")
         need(self.decoder_dim > 0, f"decoder_dim must be positive, got {self.decoder_dim}")
-        need(self.decoder_dilation > 0,
-             f"decoder_dilation must be positive, got {self.decoder_dilation}")
         for name in ("head_lr_mult", "warmup_ratio", "poly_power"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(all(0 <= b < 1 for b in self.betas),

@@ -322,3 +322,20 @@ def test_checkpoint_state_reads_like_our_checkpoints(tmp_path):
     model = build_model(cfg, 21, pretrained="none")
     model.load_state_dict(state["model"])
     assert_matches(errors(model.eval(), fx))
+
+
+def test_evaluate_takes_an_official_checkpoint_as_it_is(tmp_path, capsys):
+    """evaluate.py (and every reader of model files) recognises an official checkpoint and
+    converts it on the fly; this tiny one is not a released ViT-B, which the converter says."""
+    import evaluate
+    from toco.cli import run_cli
+    from toco.export import load_model_state
+
+    fx = load_fixture("vit_voc")
+    path = write_official(fx["state"], tmp_path / "toco_vit_voc_model_iter_20000.pth")
+    assert run_cli(lambda: evaluate.main(["--checkpoint", str(path)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not the ViT-B/16 of the released checkpoints; pass --backbone" in err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="not the ViT-B/16"):
+        load_model_state(path)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from toco.errors import UserError
 from toco.images import ImageInput, to_rgb
-from toco.inference import resize
+from toco.inference import resize, token_maps
 
 MAX_CLASSES = 255  # background included; 255 is the ignore value of every mask
 
@@ -98,8 +98,12 @@ class Segmenter:
         batch together; every other protocol upsamples each pass to the image's own size
         before fusing them, so only images of one size can share a batch."""
         p = self.protocol
-        one_pass = tuple(p.seg_scales) == (1.0,) and not p.flip and p.patch_fit == "pad"
-        return (p.size, p.size) if p.size and one_pass else (int(hw[0]), int(hw[1]))
+        return (p.size, p.size) if self._one_pass() else (int(hw[0]), int(hw[1]))
+
+    def _one_pass(self) -> bool:
+        p = self.protocol
+        return (bool(p.size) and tuple(p.seg_scales) == (1.0,) and not p.flip
+                and p.patch_fit == "pad")
 
     @torch.no_grad()
     def _predict_group(self, arrays: list[np.ndarray], size: tuple[int, int], cam: bool
@@ -109,7 +113,11 @@ class Segmenter:
         # torch.tensor copies: the arrays PIL gives are read-only
         u8 = [torch.tensor(a).permute(2, 0, 1).to(self.device) for a in arrays]
         batch = torch.cat([resize(x[None].float().div(255), size) for x in u8])
-        logits = self.protocol.seg_logits(self.model, batch).float()
+        if self._one_pass():  # the token-grid logits, upsampled once to each image's size
+            logits = token_maps(self.model, batch, self.model.patch_size,
+                                self.protocol.patch_fit)[0].float()
+        else:  # already fused at the images' own size
+            logits = self.protocol.seg_logits(self.model, batch).float()
         cams = self.protocol.cams(self.model, batch)[0].float() if cam else None
         scores = self._image_scores(batch)
         preds = []

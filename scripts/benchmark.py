@@ -39,7 +39,7 @@ from toco.config import TrainConfig, parse_config  # noqa: E402
 from toco.engine import Trainer, build_loss_modules  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
 from toco.profiling import PassCounter  # noqa: E402
-from toco.runner import configure_precision  # noqa: E402
+from toco.runtime import configure_precision  # noqa: E402
 
 STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward",
           "optimizer")

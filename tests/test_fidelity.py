@@ -97,7 +97,7 @@ def test_reference_quirks_restores_every_official_behaviour_and_flags_win():
 
 
 def test_precision_defaults_to_fp32():
-    from toco.engine import resolve_amp
+    from toco.runtime import resolve_amp
 
     assert TrainConfig().amp == "none"
     assert resolve_amp("none", torch.device("cpu")) is None
@@ -410,14 +410,14 @@ def test_given_scale_one_maps_equal_a_separate_pass():
 @pytest.mark.parametrize("cores, workers, procs, expected", [
     (2, 1, 1, 1), (2, 0, 1, 2), (8, 2, 1, 6), (8, 2, 2, 2), (2, 4, 1, 1), (4, 0, 4, 1)])
 def test_default_threads_leave_room_for_workers(monkeypatch, cores, workers, procs, expected):
-    import toco.runner as runner
+    import toco.runtime as runtime
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runner, "available_cores", lambda: cores)
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
     cfg = tiny_cfg(num_workers=workers)
-    threads, why = runner.cpu_threads(cfg, torch.device("cpu"), procs)
+    threads, why = runtime.cpu_threads(cfg, torch.device("cpu"), procs)
     assert threads == expected and f"{cores} cores" in why
-    assert runner.cpu_threads(tiny_cfg(threads=3), torch.device("cpu"))[0] == 3
+    assert runtime.cpu_threads(tiny_cfg(threads=3), torch.device("cpu"))[0] == 3
 
 
 def test_compiled_blocks_compute_the_same_tokens():

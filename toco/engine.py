@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenCo
 from toco.metrics import ConfusionMatrix
 from toco.par import PAR
 from toco.profiling import StageTimer
+from toco.runtime import resolve_amp
 from toco.schedule import build_poly_warmup_scheduler
 from toco.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
 
@@ -43,16 +44,6 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
         RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
                            reference_gradient=cfg.reg_gradient == "reference"),
     ]
-
-
-def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for --amp (None = fp32, the official precision). 'auto': bf16 on
-    GPUs that support it (opt-in: not shown to leave the published results unchanged)."""
-    if mode == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,

@@ -44,7 +44,8 @@ def test_dependencies_are_requirements_txt():
 def test_listed_packages_are_the_project_packages():
     patterns = SETUPTOOLS["packages"]["find"]["include"]
     packages = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
-                for top in ("toco", "models", "datasets") for p in (ROOT / top).rglob("__init__.py")}
+                for top in ("toco", "models", "datasets")
+                for p in (ROOT / top).rglob("__init__.py")}
     for package in packages:
         assert any(package == pat or (pat.endswith("*") and package.startswith(pat[:-1]))
                    for pat in patterns), package

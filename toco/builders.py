@@ -1,7 +1,6 @@
 """Build the model and pick the device from a config (shared by train.py and evaluate.py)."""
 from __future__ import annotations
 
-
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
 from toco.config import TrainConfig

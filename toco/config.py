@@ -20,8 +20,15 @@ import yaml
 
 from toco.cli import ArgumentParser
 from toco.errors import ConfigError
-from toco.plugins.registry import MODULES_KEY, PluginSet, add_plugin_flags, \
-    flatten_plugin_values, import_plugin_modules, nest_plugin_values, split_plugin_values
+from toco.plugins.registry import (
+    MODULES_KEY,
+    PluginSet,
+    add_plugin_flags,
+    flatten_plugin_values,
+    import_plugin_modules,
+    nest_plugin_values,
+    split_plugin_values,
+)
 from toco.plugins.registry import behaviour_before_settings as plugins_before
 
 

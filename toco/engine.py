@@ -11,16 +11,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
-from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam, \
-    refine_cams_with_bkg, split_cam_passes
+from toco.cam import (
+    box_to_grid,
+    cam_to_label,
+    cam_to_roi_mask,
+    multi_scale_cam,
+    refine_cams_with_bkg,
+    split_cam_passes,
+)
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
 from toco.distributed import DistInfo, average_gradients
 from toco.energy import RegularizationLoss
 from toco.errors import UserError
 from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
-from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenContrast, \
-    SegmentationLoss
+from toco.loss_terms import (
+    ClassificationLoss,
+    ClassTokenContrast,
+    PatchTokenContrast,
+    SegmentationLoss,
+)
 from toco.metrics import ConfusionMatrix
 from toco.par import PAR
 from toco.profiling import StageTimer

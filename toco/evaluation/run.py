@@ -21,8 +21,14 @@ from torch import Tensor
 
 from datasets.files import image_size, save_palette_png, write_bytes_atomic
 from toco.errors import ConfigError, DataError, UserError
-from toco.evaluation.protocol import PSEUDO_CRF, SEG_CRF, Protocol, apply_crf, \
-    build_protocol, seg_prediction
+from toco.evaluation.protocol import (
+    PSEUDO_CRF,
+    SEG_CRF,
+    Protocol,
+    apply_crf,
+    build_protocol,
+    seg_prediction,
+)
 from toco.evaluation.pseudo import PseudoLabelScores, pseudo_labels
 from toco.evaluation.report import image_score, pick_extremes, write_report
 from toco.evaluation.submission import pack_submission, submission_png, verify_submission

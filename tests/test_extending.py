@@ -16,7 +16,7 @@ import yaml
 
 from tests.fixtures import make_standard_voc_tree
 from tests.test_cli import train_args
-from toco.config import TrainConfig, load_recipe_chain, parse_config
+from toco.config import TrainConfig, load_recipe_chain, load_yaml, parse_config
 from toco.errors import ConfigError
 from toco.plugins.registry import unregister
 
@@ -92,6 +92,43 @@ def test_flags_and_recipe_key_import_the_module(imported, tmp_path):
     assert cfg.plugins.absent.weight == 0.3
     assert [layer.path.name for layer in load_recipe_chain(str(tmp_path / "top.yaml"))] == [
         "base.yaml", "top.yaml"]
+
+
+def test_help_lists_the_module_flags(imported, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--plugin-module", MODULE, "--help"])
+    shown = capsys.readouterr().out
+    assert "plug-in absent" in shown and "--absent-temperature" in shown
+
+
+STORED_PLUGIN = """
+from dataclasses import dataclass
+from toco.plugins.registry import Plugin, PluginSettings, register, setting
+
+@dataclass
+class StoredSettings(PluginSettings):
+    level: int = setting(1, "a number")
+
+register(Plugin("stored_only", StoredSettings, "test plug-in", lambda settings, ctx: []))
+"""
+
+
+def test_a_saved_config_imports_its_modules(tmp_path, monkeypatch):
+    """What an ablation's child process does: a saved config.yaml names a module that is not
+    imported yet; reading it imports the module before the plug-in section is read."""
+    (tmp_path / "stored_ext_mod.py").write_text(STORED_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({"plugin_modules": ["stored_ext_mod"],
+                                     "plugins": {"stored_only": {"enable": True, "level": 3}}}))
+    assert "stored_ext_mod" not in sys.modules
+    try:
+        cfg = TrainConfig.from_dict(load_yaml(str(saved)), str(saved))
+        assert cfg.plugins.stored_only.level == 3 and cfg.plugins.enabled() == ["stored_only"]
+        assert TrainConfig.from_saved(cfg.to_dict()).plugin_modules == ("stored_ext_mod",)
+    finally:
+        unregister("stored_only")
+        sys.modules.pop("stored_ext_mod", None)
 
 
 def test_bad_module_names_are_one_line_errors(tmp_path):

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toco.builders import build_model  # noqa: E402
 from toco.cli import ArgumentParser  # noqa: E402
-
-from toco.builders import build_model, resolve_device  # noqa: E402
 from toco.config import TrainConfig  # noqa: E402
 from toco.evaluation.protocol import PROTOCOL_NAMES, build_protocol, seg_prediction  # noqa: E402
+from toco.runtime import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     rates: dict[str, list[float]] = {k: [] for k in configs}
     peaks: dict[str, float] = {k: 0.0 for k in configs}
-    for key, protocol in configs.items():
+    for protocol in configs.values():
         run(protocol, images[:args.warmup])
     for _ in range(args.repeats):
         for key, protocol in configs.items():

@@ -3,7 +3,6 @@ logged LR, the reference-quirks switch, the PAR input and the image-label source
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import yaml
 
 from tests.fixtures import ImageSpec, make_voc_tree, write_voc_xml
 from toco.builders import build_model
+from toco.cam import multi_scale_cam
 from toco.config import CONFIG_DIR, OFFICIAL_BEHAVIOUR, TrainConfig, parse_config
 from toco.energy import RegularizationLoss, dense_energy_loss
-from toco.cam import multi_scale_cam
 from toco.engine import Trainer, build_loss_modules, truncate_like_reference
 from toco.schedule import poly_warmup_factor
 from toco.step import LossModule, StepState
@@ -25,7 +24,8 @@ TOCO_COMMON = {
     "crop_size": 448, "scale_range": (0.5, 2.0), "lr": 6e-5, "head_lr_mult": 10.0,
     "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_iters": 1500, "warmup_ratio": 1e-6,
     "poly_power": 0.9, "w_cls": 1.0, "w_ptc": 0.2, "w_ctc": 0.5, "w_seg": 0.1, "w_reg": 0.05,
-    "ema_momentum": 0.9, "ctc_hidden_dim": 2048, "ctc_out_dim": 1024, "num_local_crops": 8, "local_crop_size": 96, "ctc_neg_ratio": 0.2,
+    "ema_momentum": 0.9, "ctc_hidden_dim": 2048, "ctc_out_dim": 1024, "num_local_crops": 8,
+    "local_crop_size": 96, "ctc_neg_ratio": 0.2,
     "cam_scales": (1.0, 0.5, 1.5), "low_thre": 0.25, "par_iters": 10,
     "par_dilations": (1, 2, 4, 8, 12, 24), "refine_down_scale": 2, "aux_layer": -3,
     "decoder_dim": 512, "loss_group_size": 2, "amp": "none", "tf32": True, "val_size": 448,
@@ -97,7 +97,7 @@ def test_reference_quirks_restores_every_official_behaviour_and_flags_win():
 
 
 def test_precision_defaults_to_fp32():
-    from toco.engine import resolve_amp
+    from toco.runtime import resolve_amp
 
     assert TrainConfig().amp == "none"
     assert resolve_amp("none", torch.device("cpu")) is None
@@ -115,7 +115,10 @@ def tiny_cfg(**over) -> TrainConfig:
 
 def tiny_batch(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+    def img() -> torch.Tensor:
+        return torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+
     return {"image": img(), "view2": img(), "local_view": img(),
             "cls_label": torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]),
             "img_box": torch.tensor([[0, 32, 0, 28], [2, 32, 0, 32]])}
@@ -349,9 +352,9 @@ def test_image_labels_from_annotation_files(tmp_path):
 
 
 def test_cli_runs_log_the_recipe(tmp_path):
-    from tests.test_cli import run, train_args
     import train
     from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import run, train_args
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
@@ -410,14 +413,14 @@ def test_given_scale_one_maps_equal_a_separate_pass():
 @pytest.mark.parametrize("cores, workers, procs, expected", [
     (2, 1, 1, 1), (2, 0, 1, 2), (8, 2, 1, 6), (8, 2, 2, 2), (2, 4, 1, 1), (4, 0, 4, 1)])
 def test_default_threads_leave_room_for_workers(monkeypatch, cores, workers, procs, expected):
-    import toco.runner as runner
+    import toco.runtime as runtime
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runner, "available_cores", lambda: cores)
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
     cfg = tiny_cfg(num_workers=workers)
-    threads, why = runner.cpu_threads(cfg, torch.device("cpu"), procs)
+    threads, why = runtime.cpu_threads(cfg, torch.device("cpu"), procs)
     assert threads == expected and f"{cores} cores" in why
-    assert runner.cpu_threads(tiny_cfg(threads=3), torch.device("cpu"))[0] == 3
+    assert runtime.cpu_threads(tiny_cfg(threads=3), torch.device("cpu"))[0] == 3
 
 
 def test_compiled_blocks_compute_the_same_tokens():

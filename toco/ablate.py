@@ -168,10 +168,11 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from toco import data
-    from toco.builders import build_model, resolve_device
+    from toco.builders import build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.pseudo_eval import evaluate_pseudo_labels
     from toco.runner import COMPLETE_MARKER, run_training
+    from toco.runtime import resolve_device
 
     run_dir = Path(cfg.work_dir)
     device = resolve_device(cfg.device)
@@ -343,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = {name: f"pairs {pair_policy(configs[name, seeds[0]])}"
                if pair_policy(configs[name, seeds[0]]) else "plain" for name in names}
     out.mkdir(parents=True, exist_ok=True)
-    from toco.builders import resolve_device
+    from toco.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     runs: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}

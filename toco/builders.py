@@ -1,12 +1,9 @@
 """Build the model and pick the device from a config (shared by train.py and evaluate.py)."""
 from __future__ import annotations
 
-import torch
-
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
 from toco.config import TrainConfig
-from toco.errors import ConfigError
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
@@ -36,23 +33,6 @@ def input_normalisation(cfg: TrainConfig, backbone: ViTBackbone) -> tuple[tuple,
         return IMAGENET_MEAN, IMAGENET_STD
     return backbone.pretrained_mean, backbone.pretrained_std
 
-
-def resolve_device(name: str) -> torch.device:
-    """'auto', 'cpu', 'cuda' or 'cuda:N', checked against the devices this machine has."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"--device {name} requested but no CUDA device is available")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), "
-                              f"cuda:0..cuda:{count - 1}")
-    return device
 
 
 def compile_backbone(model: ToCoNet, mode: str, backend: str = "inductor") -> None:

@@ -20,8 +20,15 @@ import yaml
 
 from toco.cli import ArgumentParser
 from toco.errors import ConfigError
-from toco.plugins.registry import PluginSet, add_plugin_flags, flatten_plugin_values, \
-    nest_plugin_values, split_plugin_values
+from toco.plugins.registry import (
+    MODULES_KEY,
+    PluginSet,
+    add_plugin_flags,
+    flatten_plugin_values,
+    import_plugin_modules,
+    nest_plugin_values,
+    split_plugin_values,
+)
 from toco.plugins.registry import behaviour_before_settings as plugins_before
 
 
@@ -169,6 +176,13 @@ class TrainConfig:
     recipe: Optional[str] = field(default=None, metadata={
         "help": "recipe file(s) applied (filled in by the parser)", "group": "run",
         "internal": True})
+
+    # User modules that register plug-ins (docs/extending.md); imported before `plugins` is read,
+    # stored so that every tool that rebuilds this model imports them again.
+    plugin_modules: tuple = field(default=(), metadata={
+        "help": "module imported before the flags are read, so that the plug-in or loss term "
+                "it registers can be used (repeatable; recipe key plugin_modules)",
+        "group": "plugins", "elem": str, "internal": True})
 
     # Seed plug-ins: every registered plug-in's settings (toco/plugins/registry.py)
     plugins: PluginSet = field(default_factory=PluginSet, metadata={
@@ -379,6 +393,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.work_dir is None:
             self.work_dir = f"work_dirs/{self.dataset}"
+        self.plugin_modules = import_plugin_modules(self.plugin_modules, "config")
         self.plugins = PluginSet(self.plugins)  # a copy: configs never share plug-in settings
 
     def to_dict(self) -> dict[str, Any]:
@@ -546,10 +561,17 @@ def build_parser(extra: Optional[callable] = None) -> argparse.ArgumentParser:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         group.add_argument(flag, **kwargs)
+    _add_module_flag(groups.setdefault("plugins", parser.add_argument_group("plugins")))
     add_plugin_flags(parser)
     if extra is not None:
         extra(parser)
     return parser
+
+
+def _add_module_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--plugin-module", dest=MODULES_KEY, action="append",
+                        default=argparse.SUPPRESS, metavar="MODULE",
+                        help=_FIELDS[MODULES_KEY].metadata["help"])
 
 
 def parse_config(argv: Optional[Sequence[str]] = None,
@@ -558,20 +580,30 @@ def parse_config(argv: Optional[Sequence[str]] = None,
 
     Returns the config and the namespace (for script-only flags added by `extra`).
     """
+    # The plug-in flags come from the registry, so the modules named by --plugin-module and by
+    # the recipe chain are imported before the full parser is built.
+    early = ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--config")
+    _add_module_flag(early)
+    known, _ = early.parse_known_args(argv)
+    import_plugin_modules(getattr(known, MODULES_KEY, ()), "--plugin-module")
+    layers = load_recipe_chain(known.config) if known.config else []
     parser = build_parser(extra)
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS}
-    values, chain, warnings = resolve_recipes(args.config, flags)
+    values, chain, warnings = resolve_recipes(args.config, flags, layers)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if {**values, **flags}.get("reference_quirks"):
         values.update(OFFICIAL_BEHAVIOUR)
+    flags[MODULES_KEY] = _union(values.get(MODULES_KEY, ()), flags.get(MODULES_KEY, ()))
     values.update(flags)
     values["recipe"] = " + ".join(_display_path(str(p)) for p in chain) or None
     return TrainConfig.from_dict(values, "command line"), args
 
 
-def resolve_recipes(config: Optional[str], flags: dict[str, Any]
+def resolve_recipes(config: Optional[str], flags: dict[str, Any],
+                    layers: Optional[list["RecipeLayer"]] = None
                     ) -> tuple[dict[str, Any], list[Path], list[str]]:
     """The settings of `--config` and its bases, over the dataset's default recipe.
 
@@ -579,8 +611,11 @@ def resolve_recipes(config: Optional[str], flags: dict[str, Any]
     with `base: FILE` (resolved relative to the recipe, then to configs/) or `base: none` (start
     from the built-in defaults); a recipe without `base:` sits on its dataset's default recipe
     (ToCo's VOC/COCO run, the demo), which a warning spells out for recipes outside configs/.
+    `layers`: the chain of `config` when already loaded. The `plugin_modules` of every file
+    are kept (a base's plug-in settings need its modules), not replaced.
     """
-    layers = load_recipe_chain(config) if config else []
+    if layers is None:
+        layers = load_recipe_chain(config) if config else []
     first = layers[0] if layers else None
     dataset = flags.get("dataset", _merged(layers).get("dataset", _FIELDS["dataset"].default))
     default_path, defaults = dataset_recipe(dataset)
@@ -603,7 +638,14 @@ def resolve_recipes(config: Optional[str], flags: dict[str, Any]
     chain = [layer.path for layer in layers]
     if default_path is not None and all(p.resolve() != default_path.resolve() for p in chain):
         chain.insert(0, default_path)
-    return {**defaults, **_merged(layers)}, chain, warnings
+    files = (defaults, *(layer.values for layer in layers))
+    modules = _union(*(values.get(MODULES_KEY, ()) for values in files))
+    return {**defaults, **_merged(layers), MODULES_KEY: modules}, chain, warnings
+
+
+def _union(*lists: Sequence[str]) -> tuple[str, ...]:
+    """The names of all lists in first-seen order."""
+    return tuple(dict.fromkeys(name for names in lists for name in names))
 
 
 @dataclass(frozen=True)
@@ -617,8 +659,11 @@ class RecipeLayer:
 
 
 def load_recipe_chain(path: str) -> list[RecipeLayer]:
-    """The recipe at `path` and its bases, root first; a cycle or a missing base is refused."""
-    layers: list[RecipeLayer] = []
+    """The recipe at `path` and its bases, root first; a cycle or a missing base is refused.
+
+    Every file's `plugin_modules` are imported before any file's settings are read (a recipe
+    may set plug-in values of a module its base names)."""
+    raw_layers: list[tuple[Path, Optional[str], dict[str, Any]]] = []
     current: Optional[Path] = Path(path)
     seen: list[Path] = []
     while current is not None:
@@ -631,10 +676,13 @@ def load_recipe_chain(path: str) -> list[RecipeLayer]:
         raw.pop("recipe", None)  # a saved config.yaml used as a recipe
         base = raw.pop("base", None)
         base = None if base is None else str(base)
-        layers.append(RecipeLayer(current, base, _coerce(raw, str(current))))
+        raw_layers.append((current, base, raw))
         current = None if base is None or base.lower() == "none" else _find_base(base, current)
-    layers.reverse()
-    return layers
+    raw_layers.reverse()
+    for recipe, _, raw in raw_layers:
+        import_plugin_modules(raw.get(MODULES_KEY, ()), str(recipe))
+    return [RecipeLayer(recipe, base, _coerce(raw, str(recipe)))
+            for recipe, base, raw in raw_layers]
 
 
 def _find_base(base: str, recipe: Path) -> Path:

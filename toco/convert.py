@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training iteration recorded (default: from model_iter_N in the "
                              "file name, else the recipe's max_iters)")
     args = parser.parse_args(argv)
-    from toco.export import write_release
+    from toco.release import write_release
 
     converted = convert_official(args.checkpoint, family=args.family, backbone=args.backbone,
                                  aux_layer=args.aux_layer, data_root=args.data_root,

@@ -4,26 +4,37 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
-from toco.cam import box_to_grid, cam_to_label, cam_to_roi_mask, multi_scale_cam, \
-    refine_cams_with_bkg, split_cam_passes
+from toco.cam import (
+    box_to_grid,
+    cam_to_label,
+    cam_to_roi_mask,
+    multi_scale_cam,
+    refine_cams_with_bkg,
+    split_cam_passes,
+)
 from toco.config import TrainConfig
 from toco.crops import sample_local_crops
 from toco.distributed import DistInfo, all_gather_cat, average_gradients
 from toco.energy import RegularizationLoss
 from toco.errors import UserError
 from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
-from toco.loss_terms import ClassificationLoss, ClassTokenContrast, PatchTokenContrast, \
-    SegmentationLoss
+from toco.loss_terms import (
+    ClassificationLoss,
+    ClassTokenContrast,
+    PatchTokenContrast,
+    SegmentationLoss,
+)
 from toco.metrics import ConfusionMatrix
 from toco.par import PAR
 from toco.profiling import StageTimer
+from toco.runtime import resolve_amp
 from toco.schedule import build_poly_warmup_scheduler
 from toco.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
 
@@ -43,16 +54,6 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
         RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
                            reference_gradient=cfg.reg_gradient == "reference"),
     ]
-
-
-def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for --amp (None = fp32, the official precision). 'auto': bf16 on
-    GPUs that support it (opt-in: not shown to leave the published results unchanged)."""
-    if mode == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,

@@ -9,43 +9,19 @@ content), as evaluate.py, predict.py and `toco.load_segmenter` do.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from toco.atomic import atomic_path
 from toco.checkpoint import load_checkpoint, load_weights
 from toco.cli import ArgumentParser, run_cli
-from toco.errors import UserError
-from toco.faults import storage_error
+from toco.release import TRAINING_ONLY_PREFIXES, is_release, read_release, write_release
 
-TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
-
-
-def write_release(output: str | Path, tensors: dict, config: dict, *, iteration: int,
-                  class_names: list[str] | tuple[str, ...], source: str = "training") -> Path:
-    """Write a release file atomically: `tensors` plus the metadata every reader relies on.
-
-    Metadata keys (all strings): `config` (the TrainConfig as JSON), `iteration`, `class_names`
-    (JSON list, background first, one entry per output channel), `source` (where the weights
-    came from: "training" or the converter's name).
-    """
-    out = Path(output)
-    tensors = {k: v.contiguous() for k, v in tensors.items()
-               if not k.startswith(TRAINING_ONLY_PREFIXES)}
-    metadata = {"config": json.dumps(config), "iteration": str(iteration),
-                "class_names": json.dumps(list(class_names)), "source": source}
-    try:
-        with atomic_path(out) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
-    except OSError as err:
-        raise storage_error(err, f"{out} is unchanged") or err from None
-    return out
+__all__ = ["TRAINING_ONLY_PREFIXES", "export_release", "is_release", "load_model",
+           "load_model_state", "load_release", "read_release", "with_training_heads",
+           "write_release"]
 
 
 def export_release(checkpoint: str, output: str) -> Path:
@@ -60,34 +36,6 @@ def export_release(checkpoint: str, output: str) -> Path:
     names = state.get("class_names") or data.dataset_spec(cfg).class_names
     return write_release(output, state["model"], state["config"], iteration=state["iteration"],
                          class_names=names)
-
-
-def is_release(path: str | Path) -> bool:
-    """Whether `path` is a .safetensors file (its header), whatever its name; a training
-    checkpoint is a zip (torch.save) and fails this test."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
-
-
-def read_release(path: str | Path, device: str = "cpu") -> dict[str, Any]:
-    """A release as a checkpoint-like dict: `model` (tensors), `config`, `iteration`,
-    `class_names` (None for files written before they were stored) and `source`."""
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as fh:
-            meta = fh.metadata() or {}
-            state = {"config": json.loads(meta["config"]),
-                     "iteration": int(meta.get("iteration", 0)),
-                     "class_names": (json.loads(meta["class_names"])
-                                     if "class_names" in meta else None),
-                     "source": meta.get("source", "training"),
-                     "model": {k: fh.get_tensor(k) for k in fh.keys()}}
-    except (OSError, KeyError, ValueError, SafetensorError) as err:  # JSONDecodeError: a ValueError
-        raise UserError(f"cannot read release file {path}: {err}") from None
-    return state
 
 
 def load_model_state(path: str | Path, map_location: str | torch.device = "cpu"

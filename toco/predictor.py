@@ -154,9 +154,9 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu",
     square, one pass), "voc-ms" or "coco-ms" (multi-scale with flips, as evaluate.py).
     Class names come from the release file, or for a checkpoint from its dataset.
     """
-    from toco.builders import resolve_device
     from toco.evaluation.protocol import build_protocol
     from toco.export import load_model
+    from toco.runtime import resolve_device
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     model, cfg, state = load_model(path, dev)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import sys
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from toco import data
 from toco.atomic import remove_stale_temps
-from toco.builders import build_model, compile_backbone, resolve_device
+from toco.builders import build_model, compile_backbone
 from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
 from toco.config import TrainConfig, changed_settings, resumed_config, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, \
@@ -31,6 +30,7 @@ from toco.faults import WorkerProgress, dead_worker_error, storage_error
 from toco.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
 from toco.plugins.registry import enabled_in
+from toco.runtime import configure_precision, resolve_device
 from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, \
     dataset_labels
 from toco.tracking import Tracker, gpu_memory_gb
@@ -94,55 +94,6 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def local_processes() -> int:
-    """Processes of this job on this machine, from the launcher's variables (1 without)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-
-
-def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int | None = None
-                ) -> tuple[int, str]:
-    """Torch threads for this process, and why.
-
-    On the CPU, torch's OpenMP threads spin-wait for each other: any other busy process on
-    their cores (a data-loader worker, another rank) can make a step many times slower. So by
-    default the threads and the data-loader workers of all local processes together never
-    exceed the cores: threads = cores / processes - workers, at least 1.
-    """
-    if cfg.threads:
-        return cfg.threads, "set by --threads"
-    if "OMP_NUM_THREADS" in os.environ:  # torchrun sets 1; a user's choice also wins
-        return torch.get_num_threads(), "OMP_NUM_THREADS; --threads overrides"
-    if device.type != "cpu":
-        return torch.get_num_threads(), "torch's default on a GPU run; --threads overrides"
-    cores = available_cores()
-    if local_world_size is None:
-        local_world_size = local_processes()
-    threads = max(1, cores // max(local_world_size, 1) - cfg.num_workers)
-    return threads, (f"{cores} cores, {local_world_size} process(es), {cfg.num_workers} "
-                     "data-loader worker(s) each; --threads overrides")
-
-
-def configure_precision(cfg: TrainConfig, device: torch.device,
-                        local_world_size: int | None = None) -> str:
-    """Threads, denormals and TF32; returns a line for the log saying what was chosen."""
-    threads, why = cpu_threads(cfg, device, local_world_size)
-    if threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    # Denormal values (tiny activations and optimizer moments) make CPU maths up to 20x slower.
-    torch.set_flush_denormal(True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
-    return f"{threads} CPU thread(s) ({why})"
 
 
 def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:

@@ -21,8 +21,14 @@ from torch import Tensor
 
 from datasets.files import image_size, save_palette_png, write_bytes_atomic
 from toco.errors import ConfigError, DataError, UserError
-from toco.evaluation.protocol import PSEUDO_CRF, SEG_CRF, Protocol, apply_crf, \
-    build_protocol, seg_prediction
+from toco.evaluation.protocol import (
+    PSEUDO_CRF,
+    SEG_CRF,
+    Protocol,
+    apply_crf,
+    build_protocol,
+    seg_prediction,
+)
 from toco.evaluation.pseudo import PseudoLabelScores, pseudo_labels
 from toco.evaluation.report import image_score, pick_extremes, write_report
 from toco.evaluation.submission import pack_submission, submission_png, verify_submission
@@ -156,8 +162,8 @@ def _output_path(req: EvalRequest, name: str) -> Optional[Path]:
 
 def run_evaluation(req: EvalRequest) -> Optional[dict[str, Any]]:
     """Evaluate; returns the JSON record on rank 0 (None on the other ranks)."""
-    from toco.builders import resolve_device
     from toco.distributed import cleanup_distributed, init_distributed
+    from toco.runtime import resolve_device
 
     req.check()
     device = resolve_device(req.device)
@@ -188,9 +194,8 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
     from toco.builders import build_model
     from toco.checkpoint import load_weights
     from toco.config import TrainConfig
-    from toco.engine import resolve_amp
     from toco.export import load_model_state, with_training_heads
-    from toco.runner import configure_precision
+    from toco.runtime import configure_precision, resolve_amp
 
     state = load_model_state(req.checkpoint, map_location=device)  # checkpoint or release
     overrides = {k: v for k, v in (("dataset", req.dataset), ("data_root", req.data_root),

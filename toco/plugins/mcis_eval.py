@@ -97,8 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import json
 
     from toco import data
-    from toco.builders import resolve_device
     from toco.metrics import format_iou_table
+    from toco.runtime import resolve_device
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str):  # one clear line (exit 2), as the other commands

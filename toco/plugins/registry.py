@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = ("toco.plugins.ppc", "toco.plugins.rca", "toc
 
 SECTION = "plugins"
 ALL_START_KEY = "plugin_start_iter"  # flat key / flag setting every plug-in's start_iter
+MODULES_KEY = "plugin_modules"  # user modules imported before any plug-in setting is read
 
 
 def setting(default: Any, help: str, choices: Sequence[Any] | None = None,
@@ -147,6 +148,29 @@ def plugin_names() -> tuple[str, ...]:
     return tuple(registered())
 
 
+def import_plugin_modules(modules: Any, source: str) -> tuple[str, ...]:
+    """Import user modules that register plug-ins (`--plugin-module`, `plugin_modules:`).
+
+    `modules`: a module name or a list of them. Returns the names as a tuple. A name that is
+    not a dotted identifier, or a module whose import fails, raises one ConfigError naming it.
+    """
+    names = (modules,) if isinstance(modules, str) else tuple(modules or ())
+    for name in names:
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise ConfigError(f"{source}: {MODULES_KEY}: {name!r} is not a module name "
+                              "(e.g. my_pkg.my_loss)")
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure of user code is reported alike
+            detail = str(err).splitlines()[0] if str(err) else ""
+            missing = (isinstance(err, ModuleNotFoundError)
+                       and f"{name}.".startswith(f"{err.name}."))
+            hint = " (is its folder on PYTHONPATH?)" if missing else ""
+            raise ConfigError(f"{source}: plug-in module '{name}' cannot be imported: "
+                              f"{type(err).__name__}: {detail}{hint}") from None
+    return names
+
+
 # ---- typed values -----------------------------------------------------------------------------
 def _fields(cls: type[PluginSettings]) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -212,7 +236,13 @@ def split_plugin_values(values: dict[str, Any], source: str
     `<name>_<setting>`, and `plugin_start_iter` (every plug-in's start_iter; within one mapping a
     plug-in's own start_iter wins). Later keys override earlier ones. A flat key that looks like
     a plug-in setting but is none raises ConfigError naming it.
+
+    A mapping that names `plugin_modules` has them imported first: its plug-in keys can only be
+    read once those modules have registered their plug-ins.
     """
+    for raw, value in values.items():
+        if str(raw).replace("-", "_") == MODULES_KEY:
+            import_plugin_modules(value, source)
     plugins = registered()
     core: dict[str, Any] = {}
     common: dict[str, dict[str, Any]] = {}

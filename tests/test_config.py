@@ -12,7 +12,7 @@ def test_no_arguments_give_the_synthetic_demo_recipe():
     expected = TrainConfig.from_dict({**load_yaml(str(CONFIG_DIR / "synthetic.yaml")),
                                       "recipe": "configs/synthetic.yaml"})
     assert cfg == expected
-    assert cfg.dataset == "synthetic" and cfg.backbone_depth == 6
+    assert cfg.dataset == "synthetic" and cfg.backbone_depth == 4
 
 
 def test_yaml_supplies_defaults_and_flags_override(tmp_path):

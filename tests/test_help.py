@@ -21,7 +21,8 @@ ENTRY_POINTS = {
     "-m toco.plugins.mcis_eval": "--partners",
     "-m datasets.check": "--dataset",
     "-m datasets.coco": "--workers",
-    **{f"scripts/{p.name}": "--" for p in sorted((ROOT / "scripts").glob("*.py"))},
+    **{f"scripts/{p.name}": "--" for p in sorted((ROOT / "scripts").glob("*.py"))
+       if 'if __name__ == "__main__"' in p.read_text()},  # the rest are helper modules
 }
 if (ROOT / "predict.py").exists():
     ENTRY_POINTS["predict.py"] = "--model"

@@ -220,16 +220,22 @@ def test_ppc_trains_through_the_cli(tmp_path, capsys):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    assert run(train, train_args(root, work, "--max-iters", "3", "--ppc", "--plugin-start-iter",
-                                 "0", "--ppc-view2-flip", "--ppc-ignore-band", "--eval-every", "3",
-                                 "--log-every", "1", "--threads", "1")) == 0
+    assert run(train, train_args(root, work, "--max-iters", "4", "--stop-at", "3", "--ppc",
+                                 "--plugin-start-iter", "0", "--ppc-view2-flip",
+                                 "--ppc-ignore-band", "--eval-every", "4", "--log-every", "1",
+                                 "--threads", "1")) == 0
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "total" in r]
     assert len(losses) == 3
     assert all(math.isfinite(r[k]) for r in losses for k in ("ppc_cp", "ppc_cc", "ppc_intra"))
-    # resuming with another plug-in set is refused with one clear line
-    assert run(train, train_args(root, work, "--max-iters", "4", "--resume", "--threads", "1")) == 2
-    assert "trained with plug-ins ['ppc']" in capsys.readouterr().err
+    capsys.readouterr()
+    # continuing the unfinished run with another plug-in set is refused with one clear line ...
+    assert run(train, train_args(root, work, "--max-iters", "4", "--threads", "1")) == 2
+    assert "plugins.ppc.enable: True -> False" in capsys.readouterr().err
+    # ... and --resume continues it with its own plug-ins (only resumable settings change)
+    assert run(train, train_args(root, work, "--max-iters", "4", "--resume", "--threads", "1")) == 0
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert "ppc_cp" in [r for r in records if "total" in r][-1]
 
 
 def test_no_prototype_at_all_gives_zero_loss_and_finite_gradients():

@@ -167,6 +167,10 @@ def test_class_names_come_from_the_release(tmp_path):
     seg = load_segmenter(str(release))
     assert seg.class_names == tuple(names)
     assert list(seg.predict(picture(32, 32)).scores) == names[1:]
+    from toco.release import read_release
+
+    palette = read_release(release)["palette"]  # one VOC colour per class, as the mask PNGs
+    assert len(palette) == 21 and palette[:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
 
 
 def test_more_classes_than_a_uint8_mask_holds_are_refused(segmenter):

@@ -218,8 +218,8 @@ def check_coco_subset(root: Path, prepared: Path, subset: str, report: Report,
         for line in verify_masks(prepared, subset):
             report.add("checksum", line)
         return None
-    report.lines.append(f"    not prepared yet (training prepares it, or run python -m "
-                        f"datasets.coco prepare): checking its images only")  # fmt: skip
+    report.lines.append("    not prepared yet (training prepares it, or run python -m "
+                        "datasets.coco prepare): checking its images only")  # fmt: skip
     return index.labelled()
 
 

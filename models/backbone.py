@@ -13,8 +13,8 @@ from typing import NamedTuple, Optional
 
 import timm
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from toco.errors import ConfigError, UserError

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toco.cli import ArgumentParser  # noqa: E402
-
 from toco.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")

@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from toco.bilateral import (LATTICE_REL_L2_ANY, LATTICE_REL_L2_NATURAL, PermutohedralLattice,
-                            bilateral_features, bilateral_filter, gaussian_blur,
-                            gaussian_filter_exact, pixel_grid)
+from toco.bilateral import (
+    LATTICE_REL_L2_ANY,
+    LATTICE_REL_L2_NATURAL,
+    PermutohedralLattice,
+    bilateral_features,
+    bilateral_filter,
+    gaussian_blur,
+    gaussian_filter_exact,
+    pixel_grid,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

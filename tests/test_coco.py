@@ -18,8 +18,8 @@ import train
 from datasets import DATASETS, build_eval_dataset, build_train_dataset
 from datasets.coco import (
     COCOLayout,
-    compare_preconverted,
     coco_layout,
+    compare_preconverted,
     is_prepared,
     prepare_subset,
     prepared_dir,

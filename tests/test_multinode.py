@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tests.fixtures import make_standard_voc_tree
 from tests.test_cli import train_args
 from tests.test_reliability_kill import assert_same_tensors

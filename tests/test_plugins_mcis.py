@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
-from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, \
-    cross_image_cam
+from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, cross_image_cam
 from toco.sampling import PairedResumableSampler, ResumableSampler
 from toco.step import StepState
 

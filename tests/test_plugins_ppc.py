@@ -12,9 +12,18 @@ import torch.nn.functional as F
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
 from toco.plugins.common import minmax_normalise
-from toco.plugins.ppc import IGNORE, PixelPrototypeContrast, class_balanced_mean, \
-    class_scores, hard_pixel_weights, ppc_pseudo_label, prototype_ce, prototypes, \
-    semi_hard_ce, semi_hard_negatives
+from toco.plugins.ppc import (
+    IGNORE,
+    PixelPrototypeContrast,
+    class_balanced_mean,
+    class_scores,
+    hard_pixel_weights,
+    ppc_pseudo_label,
+    prototype_ce,
+    prototypes,
+    semi_hard_ce,
+    semi_hard_negatives,
+)
 from toco.step import StepState
 
 
@@ -214,9 +223,9 @@ def test_zero_term_weight_skips_the_term():
 
 
 def test_ppc_trains_through_the_cli(tmp_path, capsys):
-    from tests.test_cli import run, train_args
-    from tests.fixtures import make_standard_voc_tree
     import train
+    from tests.fixtures import make_standard_voc_tree
+    from tests.test_cli import run, train_args
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
@@ -348,7 +357,7 @@ def _reference_prototypes(emb, cam, lab, y, k):
         def score(p):
             i, r, q = p
             present = [float(cam[i, j, r, q]) * float(y[i, j]) for j in range(c - 1)]
-            return 1 - max(present) if cls == 0 else present[cls - 1]
+            return 1 - max(present) if cls == 0 else present[cls - 1]  # noqa: B023
         top = sorted(pixels, key=lambda p: -score(p))[:k]
         vec = sum(max(score(p), 0.0) * emb[p].double() for p in top)
         present_cls = cls == 0 or bool(y[:, cls - 1].any())

@@ -11,8 +11,16 @@ import yaml
 
 from toco.config import TrainConfig, parse_config, save_config
 from toco.errors import ConfigError
-from toco.plugins.registry import BuildContext, Plugin, PluginSettings, enabled_in, register, \
-    registered, setting, unregister
+from toco.plugins.registry import (
+    BuildContext,
+    Plugin,
+    PluginSettings,
+    enabled_in,
+    register,
+    registered,
+    setting,
+    unregister,
+)
 from toco.step import LossModule, StepState
 
 

@@ -6,9 +6,9 @@ import yaml
 
 import train
 from tests.test_cli import run, train_args
+from toco.checkpoint import load_checkpoint
 from toco.config import CONFIG_DIR, parse_config
 from toco.errors import ConfigError
-from toco.checkpoint import load_checkpoint
 
 
 def write(path, text: str):

@@ -67,8 +67,9 @@ def test_read_only_work_dir_fails_before_training(voc, tmp_path, monkeypatch, ca
 
 def test_a_loader_worker_killed_by_the_os_is_named_with_its_image(voc, tmp_path, monkeypatch,
                                                                   capsys):
-    from datasets.voc import VOCTrainDataset
     from torch.utils.data import get_worker_info
+
+    from datasets.voc import VOCTrainDataset
 
     real_getitem = VOCTrainDataset.__getitem__
 

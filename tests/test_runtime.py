@@ -15,7 +15,7 @@ import torch
 
 import train
 from tests.fixtures import make_standard_voc_tree
-from tests.test_cli import TINY, run, train_args
+from tests.test_cli import run, train_args
 from toco.checkpoint import load_checkpoint, save_checkpoint
 from toco.sampling import ResumableSampler, SeededSamples
 

@@ -14,8 +14,15 @@ import datasets
 import evaluate
 import train
 from datasets.tags import held_back, read_collection
-from tests.fixtures import STANDARD_LABELS, boxes_mask, coco_rect, make_standard_voc_tree, \
-    make_tags_tree, tags_form_of_voc, write_image
+from tests.fixtures import (
+    STANDARD_LABELS,
+    boxes_mask,
+    coco_rect,
+    make_standard_voc_tree,
+    make_tags_tree,
+    tags_form_of_voc,
+    write_image,
+)
 from tests.test_cli import TINY, assert_user_error, run
 from toco.errors import DataError
 from toco.multilabel import average_precision, multilabel_scores

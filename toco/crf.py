@@ -23,8 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toco.bilateral import (PermutohedralLattice, bilateral_features, gaussian_blur,
-                            gaussian_filter_exact)
+from toco.bilateral import (
+    PermutohedralLattice,
+    bilateral_features,
+    gaussian_blur,
+    gaussian_filter_exact,
+)
+
 
 def _batched(image: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, bool]:
     single = probs.dim() == 3

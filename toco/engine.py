@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from models.backbone import EncoderOutput
 
-
 # StepState.extras key: [(scale, mirrored, final tokens (B, D, h, w))] of the CAM passes.
 CAM_VIEWS = "cam_views"
 

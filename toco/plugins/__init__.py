@@ -25,8 +25,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from toco.distributed import DistInfo
-from toco.plugins.registry import BuildContext, Plugin, PluginSettings, plugin_names, register, \
-    registered
+from toco.plugins.registry import (
+    BuildContext,
+    Plugin,
+    PluginSettings,
+    plugin_names,
+    register,
+    registered,
+)
 
 if TYPE_CHECKING:
     from torch import nn

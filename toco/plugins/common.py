@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # Stand-in for -inf in masked logsumexp / softmax: a row with every entry masked must still have
 # finite gradients (logsumexp of an all -inf row back-propagates NaN, even times a zero gradient).
 MASKED_LOGIT = -1e30

@@ -46,8 +46,15 @@ from torch import Tensor
 
 from toco.distributed import DistInfo, all_gather_cat
 from toco.errors import ConfigError
-from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
-    minmax_normalise, step_generator, tokens_in_box
+from toco.plugins.common import (
+    MASKED_LOGIT,
+    ProjectionHead,
+    full_precision,
+    masked_mean,
+    minmax_normalise,
+    step_generator,
+    tokens_in_box,
+)
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
 from toco.step import LossModule, StepState
 

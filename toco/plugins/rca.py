@@ -61,8 +61,14 @@ from models.backbone import EncoderOutput
 from toco.distributed import DistInfo, all_gather_cat
 from toco.errors import ConfigError
 from toco.losses import multilabel_loss
-from toco.plugins.common import MASKED_LOGIT, ProjectionHead, full_precision, masked_mean, \
-    step_generator, step_seed
+from toco.plugins.common import (
+    MASKED_LOGIT,
+    ProjectionHead,
+    full_precision,
+    masked_mean,
+    step_generator,
+    step_seed,
+)
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
 from toco.step import LossModule, StepState
 

@@ -24,7 +24,12 @@ from toco.crops import sample_local_crops
 from toco.distributed import DistInfo, all_gather_cat, average_gradients
 from toco.energy import RegularizationLoss
 from toco.errors import UserError
-from toco.inference import cams_to_prediction, predict_cams, predict_seg_logits
+from toco.inference import (
+    cams_to_prediction,
+    class_score_map,
+    predict_cams,
+    predict_seg_logits,
+)
 from toco.loss_terms import (
     ClassificationLoss,
     ClassTokenContrast,
@@ -92,8 +97,8 @@ def truncate_like_reference(images: Tensor) -> Tensor:
     normalised = (images - mean) / std
     # The official 0-255 constants, not std * 255 in float32: that product differs in the last
     # bit and truncated ~3% of a test image's values to a different integer.
-    value = normalised * images.new_tensor(REFERENCE_STD_255).view(1, 3, 1, 1) \
-        + images.new_tensor(REFERENCE_MEAN_255).view(1, 3, 1, 1)
+    value = (normalised * images.new_tensor(REFERENCE_STD_255).view(1, 3, 1, 1)
+             + images.new_tensor(REFERENCE_MEAN_255).view(1, 3, 1, 1))
     # The official cast of a value a rounding error below 0 is undefined; clamp makes it 0.
     return value.clamp_(0, 255).to(torch.uint8).float() / 255
 
@@ -344,7 +349,7 @@ def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: t
                                   mask)
         results["seg"].update(seg, mask)
         if len(panels) < num_panels:
-            score = (cam.float() * cls_label[:, :, None, None]).amax(1)[0]
+            score = class_score_map(cam.float(), cls_label)[0]
             panels.append({
                 "caption": str(batch["name"][0]), "image": to_uint8_image(image[0]),
                 "heatmap": heatmap(score),

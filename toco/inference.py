@@ -113,6 +113,12 @@ def predict_cams(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0, 
     return resize(cam, out_size), resize(cam_aux, out_size)
 
 
+def class_score_map(cam: Tensor, cls_label: Tensor) -> Tensor:
+    """(B, H, W): per pixel, the highest CAM score among each image's own classes (the map
+    the heat-map pictures show). cam: (B, C-1, H, W); cls_label: (B, C-1)."""
+    return (cam * cls_label[:, :, None, None]).amax(1)
+
+
 def cams_to_prediction(cam: Tensor, cls_label: Tensor, bkg_thre: float) -> Tensor:
     """Label map from CAMs masked by the image labels: argmax+1, background where <= bkg_thre."""
     return cam_to_label(cam, cls_label, img_box=None, bkg_thre=bkg_thre)[1]

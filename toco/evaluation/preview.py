@@ -8,17 +8,17 @@ validations and of different runs show the same images.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from toco.atomic import write_bytes_atomic
 from toco.evaluation.pseudo import IGNORE, pseudo_labels
-from toco.inference import predict_cams, predict_seg_logits
+from toco.inference import class_score_map, predict_cams, predict_seg_logits
 from toco.par import PAR
 from toco.visualize import blend, grid, heatmap, legend, stack
 
@@ -58,7 +58,7 @@ def preview_rows(model, samples: Sequence[dict], cfg, device: torch.device, size
     for sample in samples:
         image = sample["image"][None].to(device).float().div(255)
         cls_label = sample["cls_label"][None].to(device).float()
-        with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
+        with (autocast or contextlib.nullcontext)():
             cam, _ = predict_cams(model, image, cfg.val_scales, flip=True, size=size)
             seg = predict_seg_logits(model, image, size=size).float().argmax(1)
             pseudo = pseudo_labels(model, image, cls_label, cfg, par, size=size,
@@ -67,16 +67,11 @@ def preview_rows(model, samples: Sequence[dict], cfg, device: torch.device, size
         truth = (sample["mask"].numpy().astype(np.uint8) if "mask" in sample
                  else np.full(picture.shape[:2], IGNORE, np.uint8))  # no mask: all unknown
         rows.append([picture, truth,
-                     blend(picture, heatmap(_class_score(cam.float(), cls_label)), 0.6),
+                     blend(picture, heatmap(class_score_map(cam.float(), cls_label)[0]), 0.6),
                      pseudo[0].cpu().numpy().astype(np.uint8),
                      seg[0].cpu().numpy().astype(np.uint8)])
     model.train(was_training)
     return rows
-
-
-def _class_score(cam: Tensor, cls_label: Tensor) -> Tensor:
-    """(H, W): per pixel, the highest CAM score among the image's own classes."""
-    return (cam * cls_label[:, :, None, None]).amax(1)[0]
 
 
 def write_preview(path: Path, rows: Sequence[Sequence[np.ndarray]], names: Sequence[str],

@@ -32,6 +32,7 @@ from toco.evaluation.protocol import (
 from toco.evaluation.pseudo import PseudoLabelScores, pseudo_labels
 from toco.evaluation.report import image_score, pick_extremes, write_report
 from toco.evaluation.submission import pack_submission, submission_png, verify_submission
+from toco.inference import class_score_map
 from toco.metrics import ConfusionMatrix, format_iou_table
 
 MODES = ("seg", "cam", "pseudo")
@@ -424,7 +425,7 @@ def _report_row(predict: Predictor, sample: dict[str, Any], score: float,
         preds, _ = predict(image_u8, cls_label)
         cam, _ = predict.cams(image)
         pseudo = predict.pseudo(image, cls_label, crf=False)
-    score_map = (cam * cls_label[:, :, None, None]).amax(1)[0]
+    score_map = class_score_map(cam, cls_label)[0]
     return {"name": sample["name"], "score": score, "panels": {
         "input": sample["image"].permute(1, 2, 0).numpy(),
         "ground truth": sample["mask"].numpy().astype(np.uint8),

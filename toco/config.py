@@ -617,10 +617,10 @@ def resolve_recipes(config: Optional[str], flags: dict[str, Any],
     if layers is None:
         layers = load_recipe_chain(config) if config else []
     first = layers[0] if layers else None
-    dataset = flags.get("dataset", _merged(layers).get("dataset", _FIELDS["dataset"].default))
+    own = _merged(layers)
+    dataset = flags.get("dataset", own.get("dataset", _FIELDS["dataset"].default))
     default_path, defaults = dataset_recipe(dataset)
     warnings: list[str] = []
-    own = _merged(layers)
     # The recipe settings this file leaves to others and that differ from the built-in defaults.
     unset = {k: v for k, v in defaults.items()
              if k not in own and k not in flags and _plain(v) != _plain(_default_of(k))}
@@ -640,7 +640,7 @@ def resolve_recipes(config: Optional[str], flags: dict[str, Any],
         chain.insert(0, default_path)
     files = (defaults, *(layer.values for layer in layers))
     modules = _union(*(values.get(MODULES_KEY, ()) for values in files))
-    return {**defaults, **_merged(layers), MODULES_KEY: modules}, chain, warnings
+    return {**defaults, **own, MODULES_KEY: modules}, chain, warnings
 
 
 def _union(*lists: Sequence[str]) -> tuple[str, ...]:

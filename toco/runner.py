@@ -28,7 +28,6 @@ from toco.evaluation.preview import dataset_classes, pick_images, run_preview
 from toco.faults import WorkerProgress, dead_worker_error, storage_error
 from toco.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
-from toco.plugins.registry import enabled_in
 from toco.runtime import configure_precision, resolve_device
 from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, dataset_labels
 from toco.tracking import Tracker, gpu_memory_gb
@@ -396,13 +395,8 @@ def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: boo
 
 
 def restore(trainer: Trainer, state: dict[str, Any], path: Path) -> tuple[int, Optional[str]]:
-    """Load a training state; returns (iteration, wandb run id)."""
-    saved = set(enabled_in(state.get("config", {})))
-    wanted = set(enabled_plugins(trainer.cfg))
-    if saved != wanted:
-        raise UserError(f"the checkpoint was trained with plug-ins {sorted(saved) or 'none'}, "
-                        f"this run has {sorted(wanted) or 'none'}: resume with the same "
-                        "plug-in switches (--ppc, --rca, --mcis, ...)")
+    """Load a training state; returns (iteration, wandb run id). The trainer was built from
+    the stored run's settings (`settings_of_resumed_run`), plug-in switches included."""
     load_weights(trainer.model, state["model"], path)
     try:
         trainer.load_state_dict(state["trainer"])

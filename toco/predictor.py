@@ -113,13 +113,23 @@ class Segmenter:
         # torch.tensor copies: the arrays PIL gives are read-only
         u8 = [torch.tensor(a).permute(2, 0, 1).to(self.device) for a in arrays]
         batch = torch.cat([resize(x[None].float().div(255), size) for x in u8])
-        if self._one_pass():  # the token-grid logits, upsampled once to each image's size
-            logits = token_maps(self.model, batch, self.model.patch_size,
+        if self._one_pass():
+            # The token-grid logits (upsampled once to each image's size below); the image
+            # scores come from the same encoder pass, whose input is the scores' input.
+            image_logits: list[Tensor] = []
+
+            def segment_and_classify(x: Tensor) -> Tensor:
+                feats = self.model.encode(x)
+                image_logits.append(self.model.classify(feats)[0])
+                return self.model.segment(feats)
+
+            logits = token_maps(segment_and_classify, batch, self.model.patch_size,
                                 self.protocol.patch_fit)[0].float()
+            scores = torch.sigmoid(image_logits[0].float()).cpu()
         else:  # already fused at the images' own size
             logits = self.protocol.seg_logits(self.model, batch).float()
+            scores = self._image_scores(batch)
         cams = self.protocol.cams(self.model, batch)[0].float() if cam else None
-        scores = self._image_scores(batch)
         preds = []
         for i, image_u8 in enumerate(u8):
             hw = tuple(image_u8.shape[-2:])

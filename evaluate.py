@@ -16,7 +16,7 @@ from toco.cli import ArgumentParser, run_cli
 from toco.evaluation.protocol import PROTOCOL_NAMES
 from toco.evaluation.run import MODES, EvalRequest, run_evaluation
 from toco.evaluation.submission import SUBMISSION_FORMATS
-from toco.inference import FUSIONS, PATCH_FITS
+from toco.method.inference import FUSIONS, PATCH_FITS
 
 
 def parse_args(argv: list[str] | None) -> EvalRequest:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toco.cli import ArgumentParser  # noqa: E402
-from toco.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available  # noqa: E402
+from toco.method.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 
@@ -143,8 +143,8 @@ def bench_crf(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def bench_energy(args: argparse.Namespace, device: torch.device) -> None:
-    from toco.cam import box_mask
-    from toco.energy import dense_energy_loss
+    from toco.method.cam import box_mask
+    from toco.method.energy import dense_energy_loss
 
     print(f"\nregularisation loss (energy at half scale, C={args.classes}, batch 4): "
           f"forward + backward, median of {args.repeats}")
@@ -176,7 +176,7 @@ def bench_train_step(args: argparse.Namespace, device: torch.device, crop: int) 
     """Time a full ToCo iteration (seg on) with and without the regularisation loss."""
     from toco.builders import build_model
     from toco.config import TrainConfig
-    from toco.energy import RegularizationLoss
+    from toco.method.energy import RegularizationLoss
     from toco.engine import Trainer, build_loss_modules
 
     cfg = TrainConfig.from_dict(dict(backbone=args.train_step, pretrained="none",

@@ -113,7 +113,7 @@ def timed(fn, n: int, device: torch.device) -> float:
 
 @torch.no_grad()
 def inference_rate(model, cfg: TrainConfig, device: torch.device, autocast, n: int) -> float:
-    from toco.inference import predict_seg_logits
+    from toco.method.inference import predict_seg_logits
 
     model.eval()
     size = cfg.val_size or cfg.crop_size

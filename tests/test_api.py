@@ -88,7 +88,7 @@ def test_import_toco_stays_cheap():
 
 def test_mask_and_scores_equal_the_model_computed_directly(segmenter):
     """train-val: resize to the 64 px square, one pass, token logits upsampled to the square
-    and then to the image (toco.inference's two resizes), argmax; the image score is the
+    and then to the image (toco.method.inference's two resizes), argmax; the image score is the
     sigmoid of the classifier's logits on the same square."""
     img = picture(50, 70)
     pred = segmenter.predict(img)
@@ -112,7 +112,7 @@ def test_mask_and_scores_equal_the_model_computed_directly(segmenter):
 
 
 def test_cam_on_request_is_the_protocol_cam_at_the_image_size(segmenter):
-    from toco.inference import predict_cams
+    from toco.method.inference import predict_cams
 
     img = picture(40, 56)
     pred = segmenter.predict(img, cam=True)
@@ -127,7 +127,7 @@ def test_cam_on_request_is_the_protocol_cam_at_the_image_size(segmenter):
 def test_a_list_of_mixed_sizes_equals_one_image_at_a_time(model_files, protocol):
     from toco import load_segmenter
     from toco.evaluation.protocol import build_protocol
-    from toco.inference import predict_seg_logits
+    from toco.method.inference import predict_seg_logits
 
     seg = load_segmenter(model_files[0], protocol=protocol)
     if protocol == "coco-ms":  # its 448 square, only smaller: the same passes and fusions

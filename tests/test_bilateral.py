@@ -1,4 +1,4 @@
-"""The bilateral filters of toco.bilateral against independent formulas.
+"""The bilateral filters of toco.method.bilateral against independent formulas.
 
 - the exact filter against a literal double loop;
 - the lattice against a scalar, dictionary-hashed implementation of the same algorithm, and (when
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from toco.bilateral import (
+from toco.method.bilateral import (
     LATTICE_REL_L2_ANY,
     LATTICE_REL_L2_NATURAL,
     PermutohedralLattice,

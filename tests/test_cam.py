@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toco.cam import (
+from toco.method.cam import (
     box_mask,
     box_to_grid,
     cam_to_label,
@@ -13,7 +13,7 @@ from toco.cam import (
     multi_scale_cam,
     refine_cams_with_bkg,
 )
-from toco.par import PAR
+from toco.method.par import PAR
 
 
 class ToyCam:

@@ -15,7 +15,7 @@ import train
 from scripts.bench_crf import decoder_like_probs, load_photos
 from tests.test_bilateral import natural_image, one_cpu_thread  # noqa: F401 (autouse)
 from tests.test_cli import run, train_args
-from toco.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available
+from toco.method.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available
 
 needs_pydensecrf = pytest.mark.skipif(not pydensecrf_available(),
                                       reason="pydensecrf2 not installed (optional)")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toco.crops import sample_local_crops
+from toco.method.crops import sample_local_crops
 
 
 def find_position(image: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_bilateral import natural_image, one_cpu_thread  # noqa: F401 (autouse)
-from toco.cam import box_mask
-from toco.energy import RegularizationLoss, dense_energy_loss
-from toco.step import StepState
+from toco.method.cam import box_mask
+from toco.method.energy import RegularizationLoss, dense_energy_loss
+from toco.method.step import StepState
 
 SIGMA_RGB, SIGMA_XY = 15.0, 20.0          # σxy at full resolution; 10 px at the half scale
 

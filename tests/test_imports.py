@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("toco", "models", "datasets")
-TRAINING = frozenset({"toco.runner", "toco.engine", "toco.step", "toco.optim", "toco.schedule",
+TRAINING = frozenset({"toco.runner", "toco.engine", "toco.method.step", "toco.optim", "toco.schedule",
                       "toco.sampling", "toco.ablate"})
 EVALUATION = "toco.evaluation"
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from toco.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
+from toco.method.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
 
 
 def test_multilabel_loss_matches_formula():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from toco.metrics import ConfusionMatrix, format_iou_table
+from toco.method.metrics import ConfusionMatrix, format_iou_table
 
 
 def brute_force(pred, gt, c, ignore=255):

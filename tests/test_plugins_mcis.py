@@ -14,7 +14,7 @@ from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
 from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, cross_image_cam
 from toco.sampling import PairedResumableSampler, ResumableSampler
-from toco.step import StepState
+from toco.method.step import StepState
 
 
 def np_softmax(x, axis):
@@ -507,7 +507,7 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
 
 
 def test_cam_views_are_the_mirrored_and_rescaled_inputs_of_the_cam_passes():
-    from toco.cam import multi_scale_cam, split_cam_passes
+    from toco.method.cam import multi_scale_cam, split_cam_passes
 
     images = torch.rand(2, 3, 8, 8)
     seen = []

@@ -24,7 +24,7 @@ from toco.plugins.ppc import (
     semi_hard_ce,
     semi_hard_negatives,
 )
-from toco.step import StepState
+from toco.method.step import StepState
 
 
 def test_prototypes_are_weighted_means_of_the_top_k_pixels():

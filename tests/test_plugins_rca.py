@@ -405,7 +405,7 @@ def test_default_model_aggregation_equals_its_input_before_the_first_refresh():
 
 
 def test_coarse_head_loss_masks_and_cam_gap_enqueue_by_hand():
-    from toco.losses import multilabel_loss
+    from toco.method.losses import multilabel_loss
     from toco.plugins.rca import COARSE_CAM, RCACoarseHead, region_masks
 
     torch.manual_seed(8)

@@ -21,7 +21,7 @@ from toco.plugins.registry import (
     setting,
     unregister,
 )
-from toco.step import LossModule, StepState
+from toco.method.step import LossModule, StepState
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tests.fixtures import (
 )
 from tests.test_cli import TINY, assert_user_error, run
 from toco.errors import DataError
-from toco.multilabel import average_precision, multilabel_scores
+from toco.method.multilabel import average_precision, multilabel_scores
 
 # bird = 1, cat = 2, dog = 3 (sorted names: no classes.txt)
 IMAGES = {"cats/c1.jpg": (40, 48), "cats/c2.png": (36, 44), "dogs/d1.jpeg": (44, 40),

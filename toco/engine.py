@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
-from toco.cam import (
+from toco.method.cam import (
     box_to_grid,
     cam_to_label,
     cam_to_roi_mask,
@@ -20,28 +20,28 @@ from toco.cam import (
     split_cam_passes,
 )
 from toco.config import TrainConfig
-from toco.crops import sample_local_crops
+from toco.method.crops import sample_local_crops
 from toco.distributed import DistInfo, all_gather_cat, average_gradients
-from toco.energy import RegularizationLoss
+from toco.method.energy import RegularizationLoss
 from toco.errors import UserError
-from toco.inference import (
+from toco.method.inference import (
     cams_to_prediction,
     class_score_map,
     predict_cams,
     predict_seg_logits,
 )
-from toco.loss_terms import (
+from toco.method.loss_terms import (
     ClassificationLoss,
     ClassTokenContrast,
     PatchTokenContrast,
     SegmentationLoss,
 )
-from toco.metrics import ConfusionMatrix
-from toco.par import PAR
+from toco.method.metrics import ConfusionMatrix
+from toco.method.par import PAR
 from toco.profiling import StageTimer
 from toco.runtime import resolve_amp
 from toco.schedule import build_poly_warmup_scheduler
-from toco.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
+from toco.method.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
 
 
 class NonFiniteLossError(UserError):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from toco.errors import UserError
 from toco.images import ImageInput, to_rgb
-from toco.inference import resize, token_maps
+from toco.method.inference import resize, token_maps
 
 MAX_CLASSES = 255  # background included; 255 is the ignore value of every mask
 

@@ -17,8 +17,8 @@ from models.network import ToCoNet
 from toco.config import TrainConfig
 from toco.distributed import DistInfo
 from toco.evaluation.pseudo import IGNORE, PseudoLabelScores, pseudo_labels
-from toco.metrics import ConfusionMatrix
-from toco.par import PAR
+from toco.method.metrics import ConfusionMatrix
+from toco.method.par import PAR
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from toco.engine import Trainer, build_loss_modules, validate
 from toco.errors import ConfigError, UserError
 from toco.evaluation.preview import dataset_classes, pick_images, run_preview
 from toco.faults import WorkerProgress, dead_worker_error, storage_error
-from toco.metrics import ConfusionMatrix, format_iou_table
+from toco.method.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
 from toco.runtime import configure_precision, resolve_device
 from toco.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, dataset_labels

@@ -18,8 +18,8 @@ from models.network import ToCoNet
 from toco.config import TrainConfig
 from toco.distributed import DistInfo
 from toco.evaluation.pseudo import IGNORE, pseudo_labels
-from toco.multilabel import multilabel_scores
-from toco.par import PAR
+from toco.method.multilabel import multilabel_scores
+from toco.method.par import PAR
 
 CLASSIFICATION_THRESHOLD = 0.5
 

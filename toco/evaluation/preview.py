@@ -18,8 +18,8 @@ import torch
 
 from toco.atomic import write_bytes_atomic
 from toco.evaluation.pseudo import IGNORE, pseudo_labels
-from toco.inference import class_score_map, predict_cams, predict_seg_logits
-from toco.par import PAR
+from toco.method.inference import class_score_map, predict_cams, predict_seg_logits
+from toco.method.par import PAR
 from toco.visualize import blend, grid, heatmap, legend, stack
 
 COLUMNS = ("input", "ground truth", "CAM", "pseudo label", "prediction")

@@ -27,7 +27,7 @@ from torch import Tensor
 from models.network import ToCoNet
 from toco.config import TrainConfig
 from toco.errors import ConfigError
-from toco.inference import predict_cams, predict_seg_logits
+from toco.method.inference import predict_cams, predict_seg_logits
 
 PROTOCOL_NAMES = ("train-val", "voc-ms", "coco-ms")
 
@@ -47,7 +47,7 @@ class Protocol:
     size: resize inputs to a size x size square first (None: original size).
     seg_scales, flip, flip_fusion, scale_fusion: segmentation passes and their fusion.
     cam_scales, cam_flip: multi-scale CAM scales, and whether each adds its mirror image.
-    patch_fit: "pad" (our fix of B12) or "floor" (the official tools), see toco.inference.
+    patch_fit: "pad" (our fix of B12) or "floor" (the official tools), see toco.method.inference.
     crf: None, or the dense-CRF backend ("torch" or "pydensecrf").
     """
 
@@ -143,7 +143,7 @@ def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *,
 def apply_crf(protocol: Protocol, image_uint8: Tensor, probs: Tensor,
               params: Optional[dict[str, float]] = None) -> Tensor:
     """Dense-CRF-refined probabilities with the protocol's backend and parameters."""
-    from toco.crf import CRF_BACKENDS
+    from toco.method.crf import CRF_BACKENDS
 
     return CRF_BACKENDS[protocol.crf](image_uint8, probs, **(params or protocol.crf_params))
 

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import ToCoNet
-from toco.cam import cam_to_label, refine_cams_with_bkg
+from toco.method.cam import cam_to_label, refine_cams_with_bkg
 from toco.config import TrainConfig
-from toco.inference import predict_cams
-from toco.metrics import ConfusionMatrix
-from toco.par import PAR
+from toco.method.inference import predict_cams
+from toco.method.metrics import ConfusionMatrix
+from toco.method.par import PAR
 
 IGNORE = 255
 Refiner = Callable[[Tensor, Tensor], Tensor]  # (uint8 image (1,3,H,W), probs) -> probs
@@ -38,7 +38,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 def refine_with_crf(par: PAR, images: Tensor, valid_cam: Tensor, cls_label: Tensor,
                     high_thre: float, low_thre: float, down_scale: int, crf: Refiner
                     ) -> Tensor:
-    """The training refinement (toco.cam.refine_cams_with_bkg, whole image, no box) with
+    """The training refinement (toco.method.cam.refine_cams_with_bkg, whole image, no box) with
     `crf` applied to each PAR-refined stack before its argmax; one image at a time.
 
     With an identity `crf` this equals refine_cams_with_bkg (tested).

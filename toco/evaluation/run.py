@@ -32,8 +32,8 @@ from toco.evaluation.protocol import (
 from toco.evaluation.pseudo import PseudoLabelScores, pseudo_labels
 from toco.evaluation.report import image_score, pick_extremes, write_report
 from toco.evaluation.submission import pack_submission, submission_png, verify_submission
-from toco.inference import class_score_map
-from toco.metrics import ConfusionMatrix, format_iou_table
+from toco.method.inference import class_score_map
+from toco.method.metrics import ConfusionMatrix, format_iou_table
 
 MODES = ("seg", "cam", "pseudo")
 
@@ -71,7 +71,7 @@ class EvalRequest:
 
     def check(self) -> None:
         """Flag combinations that cannot work, refused before anything is loaded or written."""
-        from toco.crf import pydensecrf_available
+        from toco.method.crf import pydensecrf_available
 
         if self.crf and self.mode == "cam":
             raise ConfigError("--crf refines segmentation predictions or pseudo labels: use it "
@@ -104,7 +104,7 @@ class Predictor:
     def __init__(self, model, cfg, protocol: Protocol, mode: str, bkg_thre: float,
                  use_aux_cam: bool, device: torch.device,
                  amp_dtype: Optional[torch.dtype] = None) -> None:
-        from toco.par import PAR
+        from toco.method.par import PAR
 
         self.model, self.cfg, self.protocol, self.mode = model, cfg, protocol, mode
         self.bkg_thre, self.use_aux_cam = bkg_thre, use_aux_cam
@@ -135,7 +135,7 @@ class Predictor:
     def __call__(self, image_u8: Tensor, cls_label: Tensor
                  ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
         """({name: (B, H, W) labels}, seg logits or None); the first name is the main one."""
-        from toco.inference import cams_to_prediction
+        from toco.method.inference import cams_to_prediction
 
         image = image_u8.float().div(255)
         if self.mode == "seg":

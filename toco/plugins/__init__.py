@@ -1,7 +1,7 @@
 """Seed plug-ins on the single-stage pipeline: PPC, RCA and MCIS (design notes: docs/plugins.md).
 
 A plug-in is one module that declares its typed settings and registers itself
-(toco.plugins.registry). Its losses are `toco.step.LossModule`s: a plug-in has a `weight` and a
+(toco.plugins.registry). Its losses are `toco.method.step.LossModule`s: a plug-in has a `weight` and a
 `start_iter`, receives the step's `StepState` (final / aux token maps and class token, image and
 decoder logits, multi-scale CAMs, lazily computed pseudo labels, image labels, the iteration,
 and the model for extra passes such as `state.rescaled_view`) and returns a dict of named,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from toco.config import TrainConfig
-    from toco.step import LossModule
+    from toco.method.step import LossModule
 
 
 def enabled_plugins(cfg: "TrainConfig") -> list[str]:

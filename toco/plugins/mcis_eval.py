@@ -62,8 +62,8 @@ def evaluate_cross_image_cams(model: nn.Module, plugin: CrossImageSemantics, dat
     classes, `partners` images of `partner_set` (the training split; default: `dataset`
     itself) with that class (seeded draw), at `size` x `size` when given; self-pairs and the
     score filter as in `cross_image_cam`. Returns a ConfusionMatrix."""
-    from toco.inference import cams_to_prediction
-    from toco.metrics import ConfusionMatrix
+    from toco.method.inference import cams_to_prediction
+    from toco.method.metrics import ConfusionMatrix
 
     partner_set = dataset if partner_set is None else partner_set
     labels, pool_labels = _labels(dataset), _labels(partner_set)
@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import json
 
     from toco import data
-    from toco.metrics import format_iou_table
+    from toco.method.metrics import format_iou_table
     from toco.runtime import resolve_device
 
     class Parser(argparse.ArgumentParser):

@@ -56,7 +56,7 @@ from toco.plugins.common import (
     tokens_in_box,
 )
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
-from toco.step import LossModule, StepState
+from toco.method.step import LossModule, StepState
 
 IGNORE = 255
 # The number of prototypes the official semi-hard window [3, 13) was designed for (VOC: 21).

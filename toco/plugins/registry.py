@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # only for annotations: the core config imports this module
 
     from toco.config import TrainConfig
     from toco.distributed import DistInfo
-    from toco.step import LossModule
+    from toco.method.step import LossModule
 
 # The registry line: modules whose import registers a built-in plug-in, in build order.
 BUILTIN_PLUGINS: tuple[str, ...] = ("toco.plugins.ppc", "toco.plugins.rca", "toco.plugins.mcis")

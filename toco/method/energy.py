@@ -9,7 +9,7 @@ the pseudo label L (255 = ignore) and the 0-255 image I, all taken to scale s (0
     E    = −(1/B) Σ_{k,i} S'_ki · Gate_i · (K S'_k)_i
 
 where K is the un-normalised bilateral filter over (x/σxy', y/σxy', RGB/σrgb), σxy' = σxy·s,
-self term included: the permutohedral lattice of `toco.bilateral`, the same approximation as
+self term included: the permutohedral lattice of `toco.method.bilateral`, the same approximation as
 rloss's C++ filter. The loss returned is inner_weight · E (1e-7, as ToCo hard-codes); the
 engine's w_reg (0.05) multiplies it again.
 
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toco.bilateral import PermutohedralLattice, bilateral_features, gaussian_filter_exact
-from toco.cam import box_mask
-from toco.step import LossModule, StepState
+from toco.method.bilateral import PermutohedralLattice, bilateral_features, gaussian_filter_exact
+from toco.method.cam import box_mask
+from toco.method.step import LossModule, StepState
 
 
 def dense_energy_loss(image: Tensor, probs: Tensor, roi: Tensor, label: Tensor,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import ToCoNet
-from toco.cam import cam_to_label, multi_scale_cam
+from toco.method.cam import cam_to_label, multi_scale_cam
 
 PATCH_FITS = ("pad", "floor")
 FUSIONS = ("sum", "max")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toco.par import PAR
+from toco.method.par import PAR
 
 CamFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 

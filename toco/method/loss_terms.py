@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toco.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
-from toco.step import LossModule, StepState
+from toco.method.losses import ctc_loss, multilabel_loss, ptc_loss, seg_loss
+from toco.method.step import LossModule, StepState
 
 
 def grouped_mean(fn: Callable[..., Tensor], group_size: int, *tensors: Tensor) -> Tensor:

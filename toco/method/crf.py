@@ -10,7 +10,7 @@ Mean-field inference for a fully connected CRF over the pixels of each image, wi
 and the update  Q ← softmax(-ψ_u + Σ_k w_k k̃_k Q)  repeated `iterations` times from
 Q = softmax(-ψ_u), as pydensecrf's `DenseCRF2D.inference` does (self term included).
 
-The appearance kernel is the permutohedral lattice of `toco.bilateral` (the same approximation
+The appearance kernel is the permutohedral lattice of `toco.method.bilateral` (the same approximation
 pydensecrf uses, so the outputs agree); the smoothness kernel is the exact Gaussian as two
 1-D convolutions (pydensecrf approximates it with a second lattice). Everything is batched
 and device-agnostic. `dense_crf_pydensecrf` runs pydensecrf itself when it is installed.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from toco.bilateral import (
+from toco.method.bilateral import (
     PermutohedralLattice,
     bilateral_features,
     gaussian_blur,

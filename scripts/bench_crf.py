@@ -177,7 +177,7 @@ def bench_train_step(args: argparse.Namespace, device: torch.device, crop: int) 
     from toco.builders import build_model
     from toco.config import TrainConfig
     from toco.method.energy import RegularizationLoss
-    from toco.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer, build_loss_modules
 
     cfg = TrainConfig.from_dict(dict(backbone=args.train_step, pretrained="none",
                                      crop_size=crop, batch_size=4, seg_start_iter=0,

@@ -44,7 +44,7 @@ from scripts.realsize import COCO_HW, VOC_HW, write_coco_tree, write_voc_tree  #
 from toco import data  # noqa: E402
 from toco.atomic import write_bytes_atomic  # noqa: E402
 from toco.config import TrainConfig, parse_config  # noqa: E402
-from toco.sampling import SeededSamples  # noqa: E402
+from toco.train.sampling import SeededSamples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"voc": "configs/voc_vit_b.yaml", "coco": "configs/coco_vit_b.yaml",

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from scripts.bench_plugins import bench_parser, make_batch, time_interleaved
 from toco.builders import build_model
 from toco.config import TrainConfig
-from toco.engine import Trainer, build_loss_modules
+from toco.train.engine import Trainer, build_loss_modules
 
 FLAGS = {"full": {}, "frozen": {"freeze_backbone": True}, "last2": {"trainable_blocks": 2}}
 

@@ -104,7 +104,7 @@ def loader_part(args: argparse.Namespace) -> dict:
 def agreement_part(args: argparse.Namespace) -> dict:
     """The same run of the synthetic recipe in fp32 and bf16: logged losses, final mIoU."""
     from toco.config import parse_config
-    from toco.runner import run_training
+    from toco.train.runner import run_training
 
     base = Path(args.out) / "agreement"
     iters = 4 if args.smoke else 300

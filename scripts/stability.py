@@ -58,7 +58,7 @@ class GradientWatch:
 
 def train_one(seed: int, run_dir: Path, max_iters: int | None, extra: list[str]
               ) -> dict[str, Any]:
-    from toco.runner import run_training
+    from toco.train.runner import run_training
 
     result_file = run_dir / "stability.json"
     if result_file.is_file():

@@ -9,9 +9,9 @@ import torch
 
 from models.backbone import ViTBackbone
 from models.network import ToCoNet
-from toco.ablate import seconds_per_iter, subset_plugins
+from toco.train.ablate import seconds_per_iter, subset_plugins
 from toco.config import TrainConfig, parse_config
-from toco.engine import Trainer, build_loss_modules
+from toco.train.engine import Trainer, build_loss_modules
 from toco.errors import ConfigError
 
 TINY = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=2, aux_layer=0,
@@ -144,7 +144,7 @@ def test_seconds_per_iter_skips_warm_up_and_pre_plugin_windows(tmp_path):
 def test_tiny_ablation_runs_every_subset_for_every_seed(tmp_path):
     from tests.fixtures import make_standard_voc_tree
     from tests.test_cli import TINY as CLI_TINY
-    from toco import ablate
+    from toco.train import ablate
     from toco.cli import run_cli
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
@@ -184,7 +184,7 @@ def test_tiny_ablation_runs_every_subset_for_every_seed(tmp_path):
 
 
 def test_seed_statistics_and_the_spread_rule():
-    from toco.ablate import seed_statistics, versus_base
+    from toco.train.ablate import seed_statistics, versus_base
 
     def runs(values):
         return {s: {"cam_miou": v, "aux_cam_miou": v, "pseudo_label_miou": v, "seg_miou": None,
@@ -204,7 +204,7 @@ def test_seed_statistics_and_the_spread_rule():
 def test_fixed_data_path_chooses_one_sampler_for_every_subset():
     from pathlib import Path
 
-    from toco.ablate import data_path_note, fixed_data_path, subset_config
+    from toco.train.ablate import data_path_note, fixed_data_path, subset_config
     from toco.plugins import pair_policy
 
     cfg = TrainConfig.from_dict(TINY)

@@ -16,7 +16,7 @@ import yaml
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
 from toco.config import TrainConfig, parse_config
-from toco.engine import Trainer, build_loss_modules, build_optimizer
+from toco.train.engine import Trainer, build_loss_modules, build_optimizer
 from toco.errors import ConfigError
 from toco.method.inference import predict_cams, predict_seg_logits
 from toco.method.step import LossModule

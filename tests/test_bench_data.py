@@ -16,7 +16,7 @@ from scripts.bench_data import (
     step_profile,
     timed_steps,
 )
-from toco.sampling import SeededSamples
+from toco.train.sampling import SeededSamples
 
 # sha1 of samples 0-2 (every tensor, in key order) at configs/voc_vit_b.yaml on three generated
 # 500x375 JPEGs (scripts/realsize.py, seed 0). It changes when the augmentation, the sampling

@@ -412,7 +412,7 @@ def test_train_and_evaluate_coco_through_the_cli(coco_root, tmp_path):
 ])  # fmt: skip
 def test_coco_recipes_follow_the_official_schedule(recipe, backbone):
     from toco.config import parse_config
-    from toco.engine import build_loss_modules
+    from toco.train.engine import build_loss_modules
 
     path = Path(__file__).parent.parent / "configs" / f"{recipe}.yaml"
     cfg, _ = parse_config(["--config", str(path), "--data-root", "/data/coco2014"])

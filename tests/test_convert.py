@@ -32,7 +32,7 @@ from toco.method.cam import cam_to_label, multi_scale_cam, refine_cams_with_bkg
 from toco.checkpoint import save_checkpoint
 from toco.cli import run_cli
 from toco.config import TrainConfig
-from toco.engine import truncate_like_reference
+from toco.train.engine import truncate_like_reference
 from toco.errors import UserError
 from toco.evaluation.protocol import build_protocol
 from toco.export import load_release

@@ -14,8 +14,8 @@ from toco.builders import build_model
 from toco.method.cam import multi_scale_cam
 from toco.config import CONFIG_DIR, OFFICIAL_BEHAVIOUR, TrainConfig, parse_config
 from toco.method.energy import RegularizationLoss, dense_energy_loss
-from toco.engine import Trainer, build_loss_modules, truncate_like_reference
-from toco.schedule import poly_warmup_factor
+from toco.train.engine import Trainer, build_loss_modules, truncate_like_reference
+from toco.train.schedule import poly_warmup_factor
 from toco.method.step import LossModule, StepState
 
 # ---- the published recipes against the official values (ToCo spec, section 10) ----
@@ -318,7 +318,7 @@ def test_uint8_par_input_follows_the_official_denormalisation():
 
 def test_par_input_switch_reaches_the_pseudo_label(monkeypatch):
     seen = {}
-    import toco.engine as engine
+    import toco.train.engine as engine
 
     def spy(par, images, *args, **kwargs):
         seen["images"] = images
@@ -372,7 +372,7 @@ def test_optimised_step_gives_the_losses_and_gradients_of_a_straightforward_step
     while no active term reads it. The straightforward step runs the CAM passes separately and
     the decoder always. Tolerance 1e-5: the same float32 maths, batched differently (B vs 2B
     rows per matmul) may round differently in the last bits."""
-    import toco.engine as engine
+    import toco.train.engine as engine
 
     cfg = tiny_cfg(seg_start_iter=1, cam_scales=(1.0, 0.5, 1.5))
     fast, ref = trainers(cfg, zero_weight=False)

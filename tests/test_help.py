@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {
     "train.py": "--grad-checkpointing",
     "evaluate.py": "--protocol",
-    "-m toco.ablate": "--seeds",
+    "-m toco.train.ablate": "--seeds",
     "-m toco.export": "--checkpoint",
     "-m toco.convert": "--from",
     "-m toco.plugins.mcis_eval": "--partners",

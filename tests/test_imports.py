@@ -14,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("toco", "models", "datasets")
-TRAINING = frozenset({"toco.runner", "toco.engine", "toco.method.step", "toco.optim", "toco.schedule",
-                      "toco.sampling", "toco.ablate"})
+TRAINING = frozenset({"toco.train.runner", "toco.train.engine", "toco.method.step",
+                      "toco.train.optim", "toco.train.schedule", "toco.train.sampling",
+                      "toco.train.ablate"})
 EVALUATION = "toco.evaluation"
 
 
@@ -155,13 +156,15 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
     (pkg / "b.py").write_text("from .a import f\n")
     (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                               "    import toco.a\n")
-    (pkg / "runner.py").write_text("")
+    (pkg / "train").mkdir()
+    (pkg / "train" / "__init__.py").write_text("")
+    (pkg / "train" / "runner.py").write_text("")
     (pkg / "evaluation" / "run.py").write_text("from ..c import x\nimport toco.b as b\n"
-                                               "def g():\n    import toco.runner\n")
+                                               "def g():\n    import toco.train.runner\n")
     planted = import_graph(tmp_path)
     assert planted["toco.a"] == {"toco.b"} and planted["toco.b"] == {"toco.a"}
     assert planted["toco.c"] == set()
     assert circles(planted) == [["toco.a", "toco.b"]]
     assert path_to(planted, "toco.evaluation.run", TRAINING) == ["toco.evaluation.run",
-                                                                 "toco.runner"]
+                                                                 "toco.train.runner"]
     assert path_to(planted, "toco.a", TRAINING) == []

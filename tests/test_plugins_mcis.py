@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
 from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, cross_image_cam
-from toco.sampling import PairedResumableSampler, ResumableSampler
+from toco.train.sampling import PairedResumableSampler, ResumableSampler
 from toco.method.step import StepState
 
 
@@ -187,7 +187,7 @@ def test_cross_image_cam_adds_self_pairs_and_filters_maps_by_score():
 
 
 def test_cross_image_cam_encodes_the_image_once():
-    from toco.profiling import PassCounter
+    from toco.train.profiling import PassCounter
 
     net, mcis = Net(), CrossImageSemantics(6, 4)
     partners = {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 12, 12)] * 3}
@@ -260,7 +260,7 @@ def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
     from tests.test_ablate import TINY, batch
     from toco.builders import build_model
     from toco.config import TrainConfig
-    from toco.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer, build_loss_modules
     from toco.plugins import build_plugins
 
     def trainer(**plugin):
@@ -470,7 +470,7 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     from tests.test_ablate import TINY, batch
     from toco.builders import build_model
     from toco.config import TrainConfig
-    from toco.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer, build_loss_modules
     from toco.plugins import build_plugins
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})

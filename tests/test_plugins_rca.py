@@ -287,7 +287,7 @@ def test_contrast_gradients_stay_finite_with_empty_classes():
 def test_projection_head_is_trained_from_the_first_memory_write():
     from tests.test_ablate import TINY, batch
     from toco.builders import build_model
-    from toco.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer, build_loss_modules
     from toco.plugins import build_plugins
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"rca": {

@@ -38,7 +38,7 @@ KILLER = r"""
 import io, json, os, signal, sys
 point, argv = sys.argv[1], json.loads(sys.argv[2])
 import torch
-import toco.checkpoint, toco.engine, toco.runner, train
+import toco.checkpoint, toco.train.engine, toco.train.runner, train
 from toco.cli import run_cli
 
 def die():
@@ -46,13 +46,13 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "step":  # after the update of iteration 4, before its checkpoint
-    step = toco.engine.Trainer.train_step
+    step = toco.train.engine.Trainer.train_step
     def killing_step(self, batch, it):
         out = step(self, batch, it)
         if it == 4:
             die()
         return out
-    toco.engine.Trainer.train_step = killing_step
+    toco.train.engine.Trainer.train_step = killing_step
 elif point == "checkpoint":  # half-way through writing the second checkpoint (iteration 4)
     save, calls = torch.save, []
     def killing_save(obj, fh, *a, **k):
@@ -67,7 +67,7 @@ elif point == "checkpoint":  # half-way through writing the second checkpoint (i
         die()
     toco.checkpoint.torch.save = killing_save
 elif point == "validation":  # after the first image of the first validation (iteration 3)
-    validate = toco.runner.validate
+    validate = toco.train.runner.validate
     def killing_validate(model, loader, *a, **k):
         def batches():
             for i, batch in enumerate(loader):
@@ -75,7 +75,7 @@ elif point == "validation":  # after the first image of the first validation (it
                     die()
                 yield batch
         return validate(model, batches(), *a, **k)
-    toco.runner.validate = killing_validate
+    toco.train.runner.validate = killing_validate
 sys.exit(run_cli(lambda: train.main(argv)))
 """
 

@@ -17,7 +17,7 @@ import train
 from tests.fixtures import make_standard_voc_tree
 from tests.test_cli import run, train_args
 from toco.checkpoint import load_checkpoint, save_checkpoint
-from toco.sampling import ResumableSampler, SeededSamples
+from toco.train.sampling import ResumableSampler, SeededSamples
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ["--warmup-iters", "2", "--seg-start-iter", "2", "--lr", "1e-4", "--log-every", "1",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toco.schedule import build_poly_warmup_scheduler, poly_warmup_factor
+from toco.train.schedule import build_poly_warmup_scheduler, poly_warmup_factor
 
 BASE = 6e-5
 # t -> (VOC max 20k, COCO max 80k), spec 1.5 table; the last row is t = max - 1.

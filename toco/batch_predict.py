@@ -25,7 +25,7 @@ from PIL import Image
 
 from toco.atomic import write_bytes_atomic
 from toco.errors import UserError
-from toco.faults import storage_error
+from toco.train.faults import storage_error
 from toco.images import read_image
 from toco.inputs import InputImage, collect_inputs
 

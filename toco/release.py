@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from datasets.files import voc_palette
 from toco.atomic import atomic_path
 from toco.errors import UserError
-from toco.faults import storage_error
+from toco.train.faults import storage_error
 
 TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
 

@@ -2,7 +2,7 @@
 (design notes: docs/plugins.md).
 
 Pairs are formed inside the batch (no extra encoder pass): with --mcis the sampler
-(`toco.sampling.PairedResumableSampler`) emits each per-rank batch as anchor/partner pairs
+(`toco.train.sampling.PairedResumableSampler`) emits each per-rank batch as anchor/partner pairs
 (images 2i and 2i + 1) sharing at least one class, and every image is still a normal ToCo sample.
 
 Symbols (paper / official code), for a pair (m, n) of final token maps F_m (N_m x D), F_n:

@@ -102,7 +102,7 @@ class Plugin:
         attach: (settings, cfg, model, num_classes) -> None; changes the network itself
             (e.g. a feature hook run in every encoder pass), called by build_model.
         pair_policy: settings -> sampling policy name when the plug-in needs each per-device
-            batch made of image pairs (toco.sampling.PairedResumableSampler), else None.
+            batch made of image pairs (toco.train.sampling.PairedResumableSampler), else None.
     """
 
     name: str

@@ -1,7 +1,7 @@
 """Seed-honest ablation of the plug-ins: every plug-in subset trained with every seed, one table.
 
-    python -m toco.ablate --out work_dirs/ablation --seeds 0 1 2       # synthetic set, 15 runs
-    python -m toco.ablate --out abl --subsets base ppc all --seeds 0 1 2 \\
+    python -m toco.train.ablate --out work_dirs/ablation --seeds 0 1 2       # synthetic set, 15 runs
+    python -m toco.train.ablate --out abl --subsets base ppc all --seeds 0 1 2 \\
         --config configs/voc_vit_b.yaml --data-root VOCdevkit/VOC2012
 
 Every training flag of train.py is accepted and passed to every run (e.g. `--max-iters 600` for a
@@ -171,7 +171,7 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     from toco.builders import build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.pseudo_eval import evaluate_pseudo_labels
-    from toco.runner import COMPLETE_MARKER, run_training
+    from toco.train.runner import COMPLETE_MARKER, run_training
     from toco.runtime import resolve_device
 
     run_dir = Path(cfg.work_dir)
@@ -212,7 +212,7 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
 def _run_isolated(cfg: TrainConfig, out: Path, name: str) -> dict[str, Any]:
     cfg_path, result_path = out / f"{name}.config.yaml", out / f"{name}.result.json"
     save_config(cfg, cfg_path)
-    code = subprocess.call([sys.executable, "-m", "toco.ablate", "--run-one", str(cfg_path),
+    code = subprocess.call([sys.executable, "-m", "toco.train.ablate", "--run-one", str(cfg_path),
                             "--result", str(result_path)])
     if code != 0 or not result_path.exists():
         raise UserError(f"the '{name}' run failed (exit code {code}); see {cfg.work_dir}")
@@ -370,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "isolated": args.isolate, "data_path": args.data_path, "pair_sampler": sampler,
             "batches": batches,
             "data_path_note": data_path_note(fixed, sampler, names, cfg),
-            "command": "python -m toco.ablate " + " ".join(argv)}
+            "command": "python -m toco.train.ablate " + " ".join(argv)}
     print(write_table(runs, out, meta))
     return 0
 

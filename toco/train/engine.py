@@ -38,9 +38,9 @@ from toco.method.loss_terms import (
 )
 from toco.method.metrics import ConfusionMatrix
 from toco.method.par import PAR
-from toco.profiling import StageTimer
+from toco.train.profiling import StageTimer
 from toco.runtime import resolve_amp
-from toco.schedule import build_poly_warmup_scheduler
+from toco.train.schedule import build_poly_warmup_scheduler
 from toco.method.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
 
 
@@ -64,8 +64,8 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,
                     extra_params: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
     """AdamW over ToCo's four groups (LR x1, x1, x10, x10) or layer-decayed backbone groups
-    (toco/optim.py); plug-in parameters join the heads."""
-    from toco.optim import build_adamw
+    (toco/train/optim.py); plug-in parameters join the heads."""
+    from toco.train.optim import build_adamw
 
     return build_adamw(model, cfg, extra_params)
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from toco.builders import build_model  # noqa: E402
 from toco.cli import ArgumentParser  # noqa: E402
 from toco.config import TrainConfig, load_yaml  # noqa: E402
-from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
+from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
 
 BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.25, "all": 0.60}
 # recipe keys that concern data or the run, not the step being timed

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toco.builders import build_model, compile_backbone  # noqa: E402
 from toco.config import TrainConfig, parse_config  # noqa: E402
-from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
-from toco.train.profiling import PassCounter  # noqa: E402
 from toco.runtime import configure_precision, resolve_device  # noqa: E402
+from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
+from toco.train.profiling import PassCounter  # noqa: E402
 
 STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward",
           "optimizer")

@@ -9,10 +9,10 @@ import torch
 
 from models.backbone import ViTBackbone
 from models.network import ToCoNet
-from toco.train.ablate import seconds_per_iter, subset_plugins
 from toco.config import TrainConfig, parse_config
-from toco.train.engine import Trainer, build_loss_modules
 from toco.errors import ConfigError
+from toco.train.ablate import seconds_per_iter, subset_plugins
+from toco.train.engine import Trainer, build_loss_modules
 
 TINY = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=2, aux_layer=0,
             crop_size=32, local_crop_size=16, num_local_crops=2, batch_size=2, decoder_dim=8,
@@ -144,8 +144,8 @@ def test_seconds_per_iter_skips_warm_up_and_pre_plugin_windows(tmp_path):
 def test_tiny_ablation_runs_every_subset_for_every_seed(tmp_path):
     from tests.fixtures import make_standard_voc_tree
     from tests.test_cli import TINY as CLI_TINY
-    from toco.train import ablate
     from toco.cli import run_cli
+    from toco.train import ablate
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     out = tmp_path / "abl"
@@ -204,8 +204,8 @@ def test_seed_statistics_and_the_spread_rule():
 def test_fixed_data_path_chooses_one_sampler_for_every_subset():
     from pathlib import Path
 
-    from toco.train.ablate import data_path_note, fixed_data_path, subset_config
     from toco.plugins import pair_policy
+    from toco.train.ablate import data_path_note, fixed_data_path, subset_config
 
     cfg = TrainConfig.from_dict(TINY)
     assert fixed_data_path(cfg, ["base", "ppc"]) is None  # nobody pairs images

@@ -28,16 +28,16 @@ from models.backbone import ViTBackbone
 from models.network import ToCoNet
 from toco import convert
 from toco.builders import build_model
-from toco.method.cam import cam_to_label, multi_scale_cam, refine_cams_with_bkg
 from toco.checkpoint import save_checkpoint
 from toco.cli import run_cli
 from toco.config import TrainConfig
-from toco.train.engine import truncate_like_reference
 from toco.errors import UserError
 from toco.evaluation.protocol import build_protocol
 from toco.export import load_release
+from toco.method.cam import cam_to_label, multi_scale_cam, refine_cams_with_bkg
 from toco.method.inference import cams_to_prediction
 from toco.method.par import PAR
+from toco.train.engine import truncate_like_reference
 
 FIXTURES = Path(__file__).parent / "official_fixtures"
 TOL = 1e-4

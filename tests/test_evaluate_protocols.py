@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.files import save_palette_png
-from toco.method.cam import refine_cams_with_bkg
 from toco.config import TrainConfig
 from toco.errors import ConfigError
 from toco.evaluation.protocol import build_protocol, named_protocol
 from toco.evaluation.pseudo import PseudoLabelScores, refine_with_crf
 from toco.evaluation.report import image_score, pick_extremes
 from toco.evaluation.submission import VOC_RESULTS_DIR, pack_submission, verify_submission
+from toco.method.cam import refine_cams_with_bkg
 from toco.method.par import PAR
 
 # Per scale (keyed by the width the model sees): logits of the image and of its mirror image.

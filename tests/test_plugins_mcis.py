@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
+from toco.method.step import StepState
 from toco.plugins.mcis import CoAttention, CrossImageSemantics, co_attention_cams, cross_image_cam
 from toco.train.sampling import PairedResumableSampler, ResumableSampler
-from toco.method.step import StepState
 
 
 def np_softmax(x, axis):
@@ -260,8 +260,8 @@ def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
     from tests.test_ablate import TINY, batch
     from toco.builders import build_model
     from toco.config import TrainConfig
-    from toco.train.engine import Trainer, build_loss_modules
     from toco.plugins import build_plugins
+    from toco.train.engine import Trainer, build_loss_modules
 
     def trainer(**plugin):
         cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0,
@@ -470,8 +470,8 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     from tests.test_ablate import TINY, batch
     from toco.builders import build_model
     from toco.config import TrainConfig
-    from toco.train.engine import Trainer, build_loss_modules
     from toco.plugins import build_plugins
+    from toco.train.engine import Trainer, build_loss_modules
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})
     s = cfg.plugins.mcis

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from models.backbone import EncoderOutput
 from models.heads import CAMClassifier
+from toco.method.step import StepState
 from toco.plugins.common import minmax_normalise
 from toco.plugins.ppc import (
     IGNORE,
@@ -24,7 +25,6 @@ from toco.plugins.ppc import (
     semi_hard_ce,
     semi_hard_negatives,
 )
-from toco.method.step import StepState
 
 
 def test_prototypes_are_weighted_means_of_the_top_k_pixels():

@@ -11,6 +11,7 @@ import yaml
 
 from toco.config import TrainConfig, parse_config, save_config
 from toco.errors import ConfigError
+from toco.method.step import LossModule, StepState
 from toco.plugins.registry import (
     BuildContext,
     Plugin,
@@ -21,7 +22,6 @@ from toco.plugins.registry import (
     setting,
     unregister,
 )
-from toco.method.step import LossModule, StepState
 
 
 @dataclass

@@ -377,8 +377,8 @@ def test_validation_without_masks_by_hand(monkeypatch):
     """Two images, K = 2: the logits and pseudo labels are given, the scores counted by hand."""
     import torch
 
-    from toco import unmasked_validation
     from toco.config import TrainConfig
+    from toco.evaluation import unmasked as unmasked_validation
 
     labels = [torch.tensor([[[1, 1, 255, 0], [255, 0, 1, 0]]]),   # 3 fg, 2 uncertain, 3 bg
               torch.tensor([[[2, 255, 255, 255], [255, 255, 0, 0]]])]  # 1 fg, 5 uncertain

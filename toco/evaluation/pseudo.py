@@ -10,18 +10,26 @@ leaves uncertain. The CAM source follows training too: the aux CAM for checkpoin
 
 With a CRF, each PAR-refined stack is further refined by the dense CRF of ToCo's pseudo-label
 tool before its argmax.
+
+`evaluate_pseudo_labels` scores the rule over a labelled loader, as the ablation reports it:
+each image at a size x size square (ToCo's in-training protocol), final-layer CAMs, scored
+at the mask's resolution. There pixels the rule leaves uncertain count as background, so an
+uncertain foreground pixel is a miss, and `coverage` is the fraction of scored pixels that got
+a label (`evaluate.py --mode pseudo` leaves uncertain pixels out instead, as ToCo's tool does).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import ToCoNet
-from toco.method.cam import cam_to_label, refine_cams_with_bkg
 from toco.config import TrainConfig
+from toco.distributed import DistInfo
+from toco.method.cam import cam_to_label, refine_cams_with_bkg
 from toco.method.inference import predict_cams
 from toco.method.metrics import ConfusionMatrix
 from toco.method.par import PAR
@@ -127,3 +135,31 @@ class PseudoLabelScores:
     def coverage(self) -> float:
         labelled, scored = self.counts.tolist()
         return labelled / scored if scored else float("nan")
+
+
+@torch.no_grad()
+def evaluate_pseudo_labels(model: ToCoNet, loader: Iterable[dict], num_classes: int,
+                           device: torch.device, cfg: TrainConfig, size: int,
+                           dist_info: DistInfo = DistInfo(), autocast=contextlib.nullcontext
+                           ) -> tuple[ConfusionMatrix, float]:
+    """(confusion matrix of the PAR-refined pseudo labels vs the masks, coverage in [0, 1])."""
+    was_training = model.training
+    model.eval()
+    par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
+    result = ConfusionMatrix(num_classes, device=device)
+    scores = PseudoLabelScores(num_classes, device)
+    for batch in loader:
+        image = batch["image"].to(device).float().div_(255)
+        mask = batch["mask"].to(device)
+        cls_label = batch["cls_label"].to(device).float()
+        with autocast():
+            label = pseudo_labels(model, image, cls_label, cfg, par, size=size,
+                                  use_aux_cam=False)
+        scores.update(label, mask)
+        result.update(label.masked_fill(label == IGNORE, 0), mask)
+    if dist_info.enabled:
+        result.all_reduce_()
+        scores.all_reduce_()
+    model.train(was_training)
+    coverage = scores.coverage
+    return result, 0.0 if coverage != coverage else coverage

@@ -51,9 +51,9 @@ from torch import Tensor, nn
 
 from toco.errors import ConfigError
 from toco.method.losses import multilabel_loss
+from toco.method.step import CAM_VIEWS, LossModule, StepState
 from toco.plugins.common import minmax_normalise, step_generator
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
-from toco.method.step import CAM_VIEWS, LossModule, StepState
 
 
 class CoAttention(nn.Module):

@@ -31,8 +31,8 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
     from toco.builders import build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.config import TrainConfig
-    from toco.train.engine import build_loss_modules
     from toco.plugins import build_plugins
+    from toco.train.engine import build_loss_modules
 
     state = load_checkpoint(checkpoint, map_location=device)
     cfg = TrainConfig.from_saved(state["config"])

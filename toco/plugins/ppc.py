@@ -46,6 +46,7 @@ from torch import Tensor
 
 from toco.distributed import DistInfo, all_gather_cat
 from toco.errors import ConfigError
+from toco.method.step import LossModule, StepState
 from toco.plugins.common import (
     MASKED_LOGIT,
     ProjectionHead,
@@ -56,7 +57,6 @@ from toco.plugins.common import (
     tokens_in_box,
 )
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
-from toco.method.step import LossModule, StepState
 
 IGNORE = 255
 # The number of prototypes the official semi-hard window [3, 13) was designed for (VOC: 21).

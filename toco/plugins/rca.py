@@ -61,6 +61,7 @@ from models.backbone import EncoderOutput
 from toco.distributed import DistInfo, all_gather_cat
 from toco.errors import ConfigError
 from toco.method.losses import multilabel_loss
+from toco.method.step import LossModule, StepState
 from toco.plugins.common import (
     MASKED_LOGIT,
     ProjectionHead,
@@ -70,7 +71,6 @@ from toco.plugins.common import (
     step_seed,
 )
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
-from toco.method.step import LossModule, StepState
 
 
 class RCAMemory(nn.Module):

@@ -19,7 +19,7 @@ not the resampling's; `--data-path per-subset` lets each run sample as its plug-
 table's `batches` column and its notes say which batches each subset saw.
 
 Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU
-(the PAR-refined training pseudo-label rule on the validation split, toco.pseudo_eval), the mean
+(the PAR-refined training pseudo-label rule on the validation split, toco.evaluation.pseudo), the mean
 seconds per iteration over the logging windows after the plug-ins switched on (the first window,
 warm-up, left out), the peak memory, and for PPC runs the share of logging windows in which the
 semi-hard window dropped the hardest negative prototype at every step (`ppc_hardest_dropped`).
@@ -170,9 +170,9 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     from toco import data
     from toco.builders import build_model
     from toco.checkpoint import load_checkpoint, load_weights
-    from toco.pseudo_eval import evaluate_pseudo_labels
-    from toco.train.runner import COMPLETE_MARKER, run_training
+    from toco.evaluation.pseudo import evaluate_pseudo_labels
     from toco.runtime import resolve_device
+    from toco.train.runner import COMPLETE_MARKER, run_training
 
     run_dir = Path(cfg.work_dir)
     device = resolve_device(cfg.device)

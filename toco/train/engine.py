@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.network import IMAGENET_MEAN, IMAGENET_STD, ToCoNet
+from toco.config import TrainConfig
+from toco.distributed import DistInfo, all_gather_cat, average_gradients
+from toco.errors import UserError
 from toco.method.cam import (
     box_to_grid,
     cam_to_label,
@@ -19,11 +22,8 @@ from toco.method.cam import (
     refine_cams_with_bkg,
     split_cam_passes,
 )
-from toco.config import TrainConfig
 from toco.method.crops import sample_local_crops
-from toco.distributed import DistInfo, all_gather_cat, average_gradients
 from toco.method.energy import RegularizationLoss
-from toco.errors import UserError
 from toco.method.inference import (
     cams_to_prediction,
     class_score_map,
@@ -38,10 +38,10 @@ from toco.method.loss_terms import (
 )
 from toco.method.metrics import ConfusionMatrix
 from toco.method.par import PAR
-from toco.train.profiling import StageTimer
-from toco.runtime import resolve_amp
-from toco.train.schedule import build_poly_warmup_scheduler
 from toco.method.step import CAM_VIEWS, CTCOutputs, LossModule, StepState
+from toco.runtime import resolve_amp
+from toco.train.profiling import StageTimer
+from toco.train.schedule import build_poly_warmup_scheduler
 
 
 class NonFiniteLossError(UserError):

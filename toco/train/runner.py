@@ -22,16 +22,21 @@ from toco.builders import build_model, compile_backbone
 from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
 from toco.config import TrainConfig, changed_settings, resumed_config, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, init_distributed
-from toco.train.engine import Trainer, build_loss_modules, validate
 from toco.errors import ConfigError, UserError
 from toco.evaluation.preview import dataset_classes, pick_images, run_preview
-from toco.train.faults import WorkerProgress, dead_worker_error, storage_error
+from toco.evaluation.unmasked import format_scores, validate_without_masks
 from toco.method.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
 from toco.runtime import configure_precision, resolve_device
-from toco.train.sampling import PairedResumableSampler, ResumableSampler, SeededSamples, dataset_labels
+from toco.train.engine import Trainer, build_loss_modules, validate
+from toco.train.faults import WorkerProgress, dead_worker_error, storage_error
+from toco.train.sampling import (
+    PairedResumableSampler,
+    ResumableSampler,
+    SeededSamples,
+    dataset_labels,
+)
 from toco.train.tracking import Tracker, gpu_memory_gb
-from toco.unmasked_validation import format_scores, validate_without_masks
 
 log = logging.getLogger("toco")
 

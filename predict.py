@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from toco.batch_predict import PredictRequest, run_prediction  # torch after the flags
+    from toco.predict.batch import PredictRequest, run_prediction  # torch after the flags
 
     run_prediction(PredictRequest(**vars(args)))
     return 0

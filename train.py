@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
                             help="continue the run in --work-dir from checkpoints/last.pt")
 
     cfg, args = parse_config(argv, extra)
-    from toco.train.runner import run_training  # heavy imports after the flags are known to be valid
+    from toco.train.runner import (
+        run_training,  # heavy imports after the flags are known to be valid
+    )
 
     run_training(cfg, resume=args.resume)
     return 0

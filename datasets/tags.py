@@ -51,7 +51,7 @@ from datasets.files import (
 )
 from datasets.layout import SegLayout
 from toco.errors import ConfigError, DataError
-from toco.inputs import folder_images
+from toco.predict.inputs import folder_images
 
 LABEL_FILES = ("labels.csv", "labels.jsonl", "annotations.json")
 DEFAULT_VAL_FRACTION = 0.1

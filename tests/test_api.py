@@ -174,7 +174,7 @@ def test_class_names_come_from_the_release(tmp_path):
 
 
 def test_more_classes_than_a_uint8_mask_holds_are_refused(segmenter):
-    from toco.predictor import Segmenter
+    from toco.predict.segmenter import Segmenter
 
     model = segmenter.model
     model.num_classes = 256  # only the count is checked: no need to build a wider model

@@ -164,7 +164,7 @@ def test_bad_arguments_are_one_line_errors(model_files, tmp_path, args, needle, 
 
 def test_an_unwritable_output_is_one_line(model_files, mixed_folder, tmp_path, capsys,
                                           monkeypatch):
-    import toco.batch_predict
+    import toco.predict.batch
 
     root, _ = mixed_folder
     (tmp_path / "file").write_text("")
@@ -174,7 +174,7 @@ def test_an_unwritable_output_is_one_line(model_files, mixed_folder, tmp_path, c
     def disk_full(path, payload):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(toco.batch_predict, "write_bytes_atomic", disk_full)
+    monkeypatch.setattr(toco.predict.batch, "write_bytes_atomic", disk_full)
     assert predict_run(model_files[0], tmp_path / "out", str(root / "plain.jpg")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot write ") and "masks/plain.png" in err[-1], err

@@ -26,7 +26,7 @@ from PIL import Image
 from toco.atomic import write_bytes_atomic
 from toco.errors import UserError
 from toco.images import read_image
-from toco.inputs import InputImage, collect_inputs
+from toco.predict.inputs import InputImage, collect_inputs
 from toco.train.faults import storage_error
 
 OVERLAY_ALPHA = 0.5
@@ -76,7 +76,7 @@ class Summary:
 def run_prediction(req: PredictRequest) -> Summary:
     """Predict every input; raises UserError when none could be read (or, with --strict,
     when any could not), after writing what could be predicted."""
-    from toco.predictor import load_segmenter
+    from toco.predict.segmenter import load_segmenter
 
     req.check()
     out = Path(req.output)

@@ -226,8 +226,8 @@ def check_coco_subset(root: Path, prepared: Path, subset: str, report: Report,
 def _layout_defaults(name: str) -> dict[str, int]:
     """The layout a default training run builds (the synthetic set it generates when no root
     is given, a tagged root's held-back fraction)."""
+    from toco.build import layout_params
     from toco.config import TrainConfig
-    from toco.data import layout_params
 
     return layout_params(TrainConfig(dataset=name))
 

@@ -174,7 +174,7 @@ def bench_energy(args: argparse.Namespace, device: torch.device) -> None:
 
 def bench_train_step(args: argparse.Namespace, device: torch.device, crop: int) -> None:
     """Time a full ToCo iteration (seg on) with and without the regularisation loss."""
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.config import TrainConfig
     from toco.method.energy import RegularizationLoss
     from toco.train.engine import Trainer, build_loss_modules

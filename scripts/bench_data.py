@@ -7,7 +7,7 @@
 For each recipe (configs/voc_vit_b.yaml on 500x375 JPEGs, configs/coco_vit_b.yaml on 640x480
 JPEGs in a real COCO root with its instances JSON, configs/synthetic.yaml on the generated set)
 the script generates a tree (scripts/realsize.py; into --root, reused when present), builds the
-training dataset exactly as train.py does (`toco.data.train_dataset`, `SeededSamples`, the
+training dataset exactly as train.py does (`toco.build.train_dataset`, `SeededSamples`, the
 recipe's crop and scale range) and measures:
 
 - images/s of a `DataLoader` with each --workers count (0 = in the main process), after one
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets.voc as voc_module  # noqa: E402
 from scripts.bench_crf import machine_line  # noqa: E402
 from scripts.realsize import COCO_HW, VOC_HW, write_coco_tree, write_voc_tree  # noqa: E402
-from toco import data  # noqa: E402
+from toco import build  # noqa: E402
 from toco.atomic import write_bytes_atomic  # noqa: E402
 from toco.config import TrainConfig, parse_config  # noqa: E402
 from toco.train.sampling import SeededSamples  # noqa: E402
@@ -126,7 +126,7 @@ def build_dataset(recipe: str, root: Path, images: int) -> tuple[TrainConfig, An
     if recipe == "synthetic":
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "synthetic_train": images,
                                      "synthetic_val": 2})
-    return cfg, data.train_dataset(cfg)
+    return cfg, build.train_dataset(cfg)
 
 
 def loader_rate(dataset: Any, seed: int, batch_size: int, workers: int, batches: int) -> float:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toco.builders import build_model  # noqa: E402
+from toco.build import build_model  # noqa: E402
 from toco.cli import ArgumentParser  # noqa: E402
 from toco.config import TrainConfig  # noqa: E402
 from toco.evaluation.protocol import PROTOCOL_NAMES, build_protocol, seg_prediction  # noqa: E402
@@ -55,12 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace, device: torch.device):
     if args.checkpoint:
-        from toco import data
+        from toco import build
         from toco.checkpoint import load_checkpoint
 
         state = load_checkpoint(args.checkpoint, map_location=device)
         cfg = TrainConfig.from_dict(state["config"], args.checkpoint)
-        model = build_model(cfg, data.dataset_spec(cfg).num_classes, pretrained="none")
+        model = build_model(cfg, build.dataset_spec(cfg).num_classes, pretrained="none")
         model.load_state_dict(state["model"])
     else:
         cfg = TrainConfig(backbone=args.backbone, pretrained="none")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from toco.builders import build_model  # noqa: E402
+from toco.build import build_model  # noqa: E402
 from toco.cli import ArgumentParser  # noqa: E402
 from toco.config import TrainConfig, load_yaml  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402

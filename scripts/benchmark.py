@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toco.builders import build_model, compile_backbone  # noqa: E402
+from toco.build import build_model, compile_backbone  # noqa: E402
 from toco.config import TrainConfig, parse_config  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
 from toco.runtime import configure_precision, resolve_device  # noqa: E402

@@ -33,7 +33,7 @@ def run_steps(trainer: Trainer, n: int = 3) -> list[dict]:
 
 
 def test_training_with_every_plugin_off_is_bit_identical_to_plain_toco():
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
 
     # plug-in hyper-parameters set, switches off: nothing of them may leak into the step
@@ -62,7 +62,7 @@ def test_training_with_every_plugin_off_is_bit_identical_to_plain_toco():
 
 
 def test_plugins_on_change_the_step_and_stay_finite():
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
 
     cfg = TrainConfig.from_dict(dict(

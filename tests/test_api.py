@@ -29,7 +29,7 @@ def save_tiny_model(folder: Path, data_root: Path | None = None,
                     class_names: list[str] | None = None) -> tuple[Path, Path]:
     """A random-weight 2-block ViT written by the project's own writers, as a training
     checkpoint and as a release file: (last.pt, model.safetensors)."""
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.checkpoint import save_checkpoint
     from toco.config import TrainConfig
     from toco.export import write_release

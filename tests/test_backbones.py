@@ -263,7 +263,7 @@ def test_default_groups_are_tocos_four():
 
 
 def test_input_normalisation_follows_the_backbone_unless_imagenet_is_asked():
-    from toco.builders import build_model
+    from toco.build import build_model
 
     base = dict(backbone="vit_base_patch16_clip_224.openai", pretrained="none", backbone_depth=1,
                 aux_layer=0, decoder_dim=8)
@@ -278,7 +278,7 @@ def test_input_normalisation_follows_the_backbone_unless_imagenet_is_asked():
 
 
 def test_freeze_flags_reach_the_model_and_the_recorded_config():
-    from toco.builders import build_model
+    from toco.build import build_model
 
     cfg, _ = parse_config(["--backbone", "deit_tiny_patch16_224", "--pretrained", "none",
                            "--backbone-depth", "2", "--aux-layer", "0", "--freeze-backbone", "--layer-decay", "0.75",
@@ -323,7 +323,7 @@ def test_unsupported_backbones_stop_at_start_up_with_one_line():
 
 @pytest.mark.parametrize("recipe,grid", [("voc_dinov2_b", 32), ("voc_clip_b", 20)])
 def test_backbone_recipes_load_and_build(recipe, grid, tmp_path):
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.config import CONFIG_DIR
 
     cfg, _ = parse_config(["--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--data-root",

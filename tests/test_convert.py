@@ -27,7 +27,7 @@ from safetensors import safe_open
 from models.backbone import ViTBackbone
 from models.network import ToCoNet
 from toco import convert
-from toco.builders import build_model
+from toco.build import build_model
 from toco.checkpoint import save_checkpoint
 from toco.cli import run_cli
 from toco.config import TrainConfig

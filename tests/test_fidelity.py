@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests.fixtures import ImageSpec, make_voc_tree, write_voc_xml
-from toco.builders import build_model
+from toco.build import build_model
 from toco.config import CONFIG_DIR, OFFICIAL_BEHAVIOUR, TrainConfig, parse_config
 from toco.method.cam import multi_scale_cam
 from toco.method.energy import RegularizationLoss, dense_energy_loss
@@ -424,7 +424,7 @@ def test_default_threads_leave_room_for_workers(monkeypatch, cores, workers, pro
 
 
 def test_compiled_blocks_compute_the_same_tokens():
-    from toco.builders import compile_backbone
+    from toco.build import compile_backbone
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg(), num_classes=7)

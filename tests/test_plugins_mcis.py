@@ -258,7 +258,7 @@ def test_online_fusion_is_the_max_with_the_co_attention_cam_on_shared_classes():
 
 def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
     from tests.test_ablate import TINY, batch
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
     from toco.train.engine import Trainer, build_loss_modules
@@ -468,7 +468,7 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     map; a partner in the bank changes them (without any partner and self-view, they are
     ToCo's)."""
     from tests.test_ablate import TINY, batch
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
     from toco.train.engine import Trainer, build_loss_modules

@@ -169,7 +169,7 @@ def tiny_cfg(**kw) -> TrainConfig:
 
 
 def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_path):
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
 
     torch.manual_seed(5)
@@ -203,7 +203,7 @@ def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_p
 
 
 def test_contrast_only_needs_no_hook():
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
 
     cfg = tiny_cfg(rca_aggregation=False)
@@ -286,7 +286,7 @@ def test_contrast_gradients_stay_finite_with_empty_classes():
 
 def test_projection_head_is_trained_from_the_first_memory_write():
     from tests.test_ablate import TINY, batch
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
     from toco.train.engine import Trainer, build_loss_modules
 
@@ -336,7 +336,7 @@ def test_contrast_is_taken_against_the_memory_after_the_write():
 
 
 def test_aggregation_can_rewrite_only_the_decoder_input():
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
     from toco.plugins.rca import AggregatedDecoder
 
@@ -392,7 +392,7 @@ def test_concat_fusion_is_the_identity_until_the_first_centroids():
 
 
 def test_default_model_aggregation_equals_its_input_before_the_first_refresh():
-    from toco.builders import build_model
+    from toco.build import build_model
 
     torch.manual_seed(2)
     cfg = tiny_cfg()  # defaults: concat fusion, aggregation before the classifier
@@ -494,7 +494,7 @@ def test_mixup_combination_against_a_loop():
 def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca():
     """A checkpoint config without the settings added since keeps the behaviour it was trained
     with: gated fusion, no coarse head, enqueue on ToCo's logits, region mixup partners."""
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.plugins import build_plugins
 
     stored = tiny_cfg(rca_mask_source="pseudo_label", rca_mixup_p=0.5).to_dict()

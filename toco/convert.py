@@ -303,7 +303,7 @@ def build_from_config(config: Mapping[str, Any], tensors: Mapping[str, Tensor],
                       path: str | Path):
     """ToCoNet of `config` with `tensors` loaded (UserError naming keys that do not fit)."""
     from datasets import DATASETS
-    from toco.builders import build_model
+    from toco.build import build_model
     from toco.checkpoint import load_weights
     from toco.config import TrainConfig
 

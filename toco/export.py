@@ -26,14 +26,14 @@ __all__ = ["TRAINING_ONLY_PREFIXES", "export_release", "is_release", "load_model
 
 def export_release(checkpoint: str, output: str) -> Path:
     """Write the inference weights of `checkpoint` to `output` atomically."""
-    from toco import data
+    from toco import build
     from toco.config import TrainConfig
 
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_saved(state["config"], checkpoint)
     # A tagged collection's names come from its root: the checkpoint keeps them (the root may
     # be elsewhere by now).
-    names = state.get("class_names") or data.dataset_spec(cfg).class_names
+    names = state.get("class_names") or build.dataset_spec(cfg).class_names
     return write_release(output, state["model"], state["config"], iteration=state["iteration"],
                          class_names=names)
 
@@ -75,12 +75,12 @@ def load_release(path: str, device: str = "cpu"):
 
 
 def _build(state: dict[str, Any], path: str | Path, device: str | torch.device):
-    from toco import data
-    from toco.builders import build_model
+    from toco import build
+    from toco.build import build_model
     from toco.config import TrainConfig
 
     cfg = TrainConfig.from_saved(state["config"], str(path))
-    state["class_names"] = list(state.get("class_names") or data.dataset_spec(cfg).class_names)
+    state["class_names"] = list(state.get("class_names") or build.dataset_spec(cfg).class_names)
     model = build_model(cfg, len(state["class_names"]), pretrained="none")
     # The training-only heads are not in a release: they keep their initial weights.
     load_weights(model, with_training_heads(model, state["model"]), path)

@@ -191,8 +191,8 @@ class Setup:
 
 
 def _setup(req: EvalRequest, device: torch.device) -> Setup:
-    from toco import data
-    from toco.builders import build_model
+    from toco import build
+    from toco.build import build_model
     from toco.checkpoint import load_weights
     from toco.config import TrainConfig
     from toco.export import load_model_state, with_training_heads
@@ -202,7 +202,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
     overrides = {k: v for k, v in (("dataset", req.dataset), ("data_root", req.data_root),
                                    ("cache_dir", req.cache_dir)) if v is not None}
     cfg = TrainConfig.from_saved({**state["config"], **overrides})
-    spec = data.dataset_spec(cfg)
+    spec = build.dataset_spec(cfg)
     if req.submission and spec.num_classes != 21:
         raise ConfigError(f"--submission voc needs a 21-class model; this one has "
                           f"{spec.num_classes} ({cfg.dataset})")
@@ -215,7 +215,7 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
         crf_params=PSEUDO_CRF if req.mode == "pseudo" else SEG_CRF, **scale_overrides)
     split = req.split or spec.val_split
     try:
-        dataset = data.eval_dataset(cfg, split, with_masks=not req.predict_only)
+        dataset = build.eval_dataset(cfg, split, with_masks=not req.predict_only)
     except DataError as err:
         if req.predict_only or "mask" not in str(err):
             raise

@@ -27,8 +27,8 @@ from toco.plugins.mcis import CrossImageSemantics, cross_image_cam, sample_partn
 
 def load_trained_mcis(checkpoint: str, device: torch.device):
     """(cfg, model, MCIS loss module) of a checkpoint trained with --mcis, in eval mode."""
-    from toco import data
-    from toco.builders import build_model
+    from toco import build
+    from toco.build import build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
@@ -38,7 +38,7 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
     cfg = TrainConfig.from_saved(state["config"])
     if not cfg.plugins.mcis.enable:
         raise ConfigError(f"{checkpoint} was not trained with --mcis: it has no co-attention head")
-    num_classes = data.dataset_spec(cfg).num_classes
+    num_classes = build.dataset_spec(cfg).num_classes
     model = build_model(cfg, num_classes, pretrained="none").to(device)
     load_weights(model, state["model"], checkpoint)
     modules = nn.ModuleList(build_loss_modules(cfg) + build_plugins(
@@ -96,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
     import json
 
-    from toco import data
+    from toco import build
     from toco.method.metrics import format_iou_table
     from toco.runtime import resolve_device
 
@@ -124,10 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("--partners must be at least 1")
     device = resolve_device(args.device)
     cfg, model, plugin = load_trained_mcis(args.checkpoint, device)
-    spec = data.dataset_spec(cfg)
-    dataset = data.eval_dataset(cfg, args.split)
+    spec = build.dataset_spec(cfg)
+    dataset = build.eval_dataset(cfg, args.split)
     partner_split = args.partner_split or cfg.train_split or spec.train_split
-    partner_set = data.eval_dataset(cfg, partner_split, with_masks=False)
+    partner_set = build.eval_dataset(cfg, partner_split, with_masks=False)
     result = evaluate_cross_image_cams(
         model, plugin, dataset, spec.num_classes, args.partners,
         cfg.bkg_thre if args.bkg_thre is None else args.bkg_thre, device, args.size, args.seed,

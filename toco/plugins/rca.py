@@ -676,7 +676,7 @@ def build_rca(s: RCASettings, ctx: BuildContext) -> list[LossModule]:
     aggregation = find_aggregation(ctx.model)
     if s.aggregation and ctx.model is not None and aggregation is None:
         raise RuntimeError("RCA aggregation is on but the model has none (build the model with "
-                           "toco.builders.build_model)")
+                           "toco.build.build_model)")
     memory = aggregation.memory if aggregation is not None else build_rca_memory(
         s, ctx.num_classes)
     contrast = s.contrast and s.weight > 0

@@ -167,8 +167,8 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from toco import data
-    from toco.builders import build_model
+    from toco import build
+    from toco.build import build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.evaluation.pseudo import evaluate_pseudo_labels
     from toco.runtime import resolve_device
@@ -187,10 +187,10 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError(f"the {run_dir.name} run stopped early ({final['stopped']})")
     peak = peak_memory_mb(device.type)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
-    spec = data.dataset_spec(cfg)
+    spec = build.dataset_spec(cfg)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     load_weights(model, state["model"], run_dir / "checkpoints" / "last.pt")
-    loader = DataLoader(data.eval_dataset(cfg, cfg.val_split), batch_size=1,
+    loader = DataLoader(build.eval_dataset(cfg, cfg.val_split), batch_size=1,
                         num_workers=min(cfg.num_workers, 2))
     confusion, coverage = evaluate_pseudo_labels(model, loader, spec.num_classes, device, cfg,
                                                  cfg.val_size or cfg.crop_size)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from toco import data
+from toco import build
 from toco.atomic import remove_stale_temps
-from toco.builders import build_model, compile_backbone
+from toco.build import build_model, compile_backbone
 from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
 from toco.config import TrainConfig, changed_settings, resumed_config, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, init_distributed
@@ -151,16 +151,16 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     seed_everything(cfg.seed)
 
     # The model first: its patch size completes the config checks before any data is built.
-    spec = data.dataset_spec(cfg)
+    spec = build.dataset_spec(cfg)
     model = build_model(cfg, spec.num_classes).to(device)
     compile_backbone(model, cfg.compile)
     cfg.check_geometry(model.patch_size)
     plugins = build_plugins(cfg, model.backbone.embed_dim, spec.num_classes, info, model)
     loss_modules = build_loss_modules(cfg) + plugins
     check_something_trains(loss_modules)
-    train_set = data.train_dataset(cfg)
+    train_set = build.train_dataset(cfg)
     # A tagged collection's held-back images may have no masks: validated without them.
-    val_set = data.eval_dataset(cfg, cfg.val_split, with_masks=None) if cfg.eval_every else []
+    val_set = build.eval_dataset(cfg, cfg.val_split, with_masks=None) if cfg.eval_every else []
     if len(train_set) < cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} usable "
                           f"training images: use --batch-size <= {len(train_set)}")
@@ -334,7 +334,7 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker],
         "iteration": iteration,
         "config": trainer.cfg.to_dict(),
         # What each output means, for tools that load the model without the data root.
-        "class_names": list(data.dataset_spec(trainer.cfg).class_names),
+        "class_names": list(build.dataset_spec(trainer.cfg).class_names),
         "torch_rng": torch.get_rng_state(),
         "wandb_id": tracker.run_id if tracker else None,
     }

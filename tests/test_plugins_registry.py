@@ -10,13 +10,13 @@ import torch
 import yaml
 
 from toco.config import TrainConfig, parse_config, save_config
+from toco.config.plugin_section import enabled_in
 from toco.errors import ConfigError
 from toco.method.step import LossModule, StepState
 from toco.plugins.registry import (
     BuildContext,
     Plugin,
     PluginSettings,
-    enabled_in,
     register,
     registered,
     setting,
@@ -159,16 +159,16 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     assert again.plugins.rca.enable and again.plugins.mcis.w_co == 2.0
     assert enabled_in(old) == ["rca"]
     # a setting added since keeps the stored run's behaviour when asked (TrainConfig.from_saved)
-    from toco.plugins.registry import behaviour_before_settings
+    from toco.config.plugin_section import plugin_values_before
 
-    before = behaviour_before_settings(old)
+    before = plugin_values_before(old)
     assert before == {"plugins.ppc.semi_hard_window": "absolute",
                       "plugins.ppc.semi_hard_min_first": 0, "plugins.rca.fusion": "gate",
                       "plugins.rca.coarse_head": False, "plugins.rca.enqueue_score": "logits",
                       "plugins.rca.mixup_partner": "region",
                       "plugins.mcis.co_cam_partners": "in_batch"}
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
-    assert behaviour_before_settings(again.to_dict()) == {}  # written with every setting
+    assert plugin_values_before(again.to_dict()) == {}  # written with every setting
     with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"
                                           "'plugins.ppc' section"):
         TrainConfig.from_dict({"ppc_semi_hard_top": 3})

@@ -479,9 +479,8 @@ def sample_partners(image_label: Tensor, pool_labels: Tensor, num: int, rng: ran
 class MCISSettings(PluginSettings):
     """MCIS's settings (YAML section `plugins: {mcis: ...}`, flags `--mcis-*`)."""
 
-    # Stored configs from before the related-image maps fused the in-batch partner's map only.
-    before = {"co_cam_partners": "in_batch"}
-
+    # `before=`: what stored configs that predate a setting did (before the related-image maps,
+    # the fusion used the in-batch partner's map only).
     weight: float = setting(0.5, "weight of the MCIS co-attention losses")
     pair_policy: str = setting("share_one", "partner of each anchor: an image sharing a class, "
                                "or any image", ["share_one", "random"])
@@ -506,7 +505,7 @@ class MCISSettings(PluginSettings):
                                    "recent training images per class of the image, plus "
                                    "self-pairs, averaged with the score filter (related, "
                                    "official); or the in-batch partner only (in_batch)",
-                                   ["related", "in_batch"])
+                                   ["related", "in_batch"], before="in_batch")
     co_cam_num_partners: int = setting(3, "related partners per class of the image (official 3; "
                                        "drawn with replacement)")
     co_cam_bank_size: int = setting(3, "training images kept per class as partners (their final "

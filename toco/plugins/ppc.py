@@ -441,10 +441,9 @@ def tok_stride(size_s: int, size_t: int, patch: int) -> float:
 class PPCSettings(PluginSettings):
     """PPC's settings (YAML section `plugins: {ppc: ...}`, flags `--ppc-*`)."""
 
-    # Stored configs that predate a setting: checkpoints from before the relative window used
-    # the official ranks; those from before `semi_hard_min_first` let the window start at 0.
-    before = {"semi_hard_window": "absolute", "semi_hard_min_first": 0}
-
+    # `before=`: what stored configs that predate a setting did. Checkpoints from before the
+    # relative window used the official ranks; those from before `semi_hard_min_first` let
+    # the window start at 0.
     weight: float = setting(0.1, "weight of the PPC losses")
     tau: float = setting(0.1, "temperature")
     proj_dim: int = setting(128, "projection width")
@@ -469,10 +468,10 @@ class PPCSettings(PluginSettings):
                                "[first, last) (0-based; official: 3 13 of 21)", elem=int)
     semi_hard_window: str = setting("relative", "relative: the ranks scaled from 21 prototypes "
                                     "to the number that exist; absolute: as given (official)",
-                                    ["relative", "absolute"])
+                                    ["relative", "absolute"], before="absolute")
     semi_hard_min_first: int = setting(2, "relative window: its first rank is at least this (2 "
                                        "drops the hardest negative as the official window does; "
-                                       "0: the window may start at rank 0)")
+                                       "0: the window may start at rank 0)", before=0)
     hard_pixel: tuple = setting((0.5, 0.1, 0.6), "hard pixels per class: random fraction, and "
                                 "the ascending-similarity rank window (lo, hi] as fractions",
                                 elem=float)

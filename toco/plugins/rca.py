@@ -571,11 +571,8 @@ class RegionalContrast(LossModule):
 class RCASettings(PluginSettings):
     """RCA's settings (YAML section `plugins: {rca: ...}`, flags `--rca-*`)."""
 
-    # Stored configs that predate a setting: what those runs did (gated residual fusion, no
+    # `before=`: what stored configs that predate a setting did (gated residual fusion, no
     # coarse head, enqueue on ToCo's logits, mixup partner any region of the batch).
-    before = {"fusion": "gate", "coarse_head": False, "enqueue_score": "logits",
-              "mixup_partner": "region"}
-
     weight: float = setting(0.1, "weight of the RCA region contrast")
     dim: int = setting(256, "embedding width d")
     mem_size: int = setting(500, "memory slots L per class")
@@ -588,10 +585,10 @@ class RCASettings(PluginSettings):
                                       "decoder's input", ["all", "decoder"])
     fusion: str = setting("concat", "aggregation fusion: X' = 1x1([X; O]) initialised to the "
                           "identity (official form) or X + gamma O with a zero-initialised gate",
-                          ["concat", "gate"])
+                          ["concat", "gate"], before="gate")
     coarse_head: bool = setting(True, "the official coarse pre-aggregation head (1x1 classifier "
                                 "on the tokens before aggregation; its CAM gives the region "
-                                "masks, loss rca_coarse)")
+                                "masks, loss rca_coarse)", before=False)
     coarse_weight: float = setting(0.4, "weight of the coarse head's classification loss "
                                    "(official 0.4; absolute, not times the plug-in weight)")
     coarse_pool: str = setting("gap", "pooling of the coarse head's CAM for its loss (official "
@@ -611,7 +608,8 @@ class RCASettings(PluginSettings):
                                ["coarse_mean", "pseudo_label", "cam_thr", "cam_mean"])
     enqueue_thr: float = setting(0.7, "enqueue a region when sigmoid(image score) > this")
     enqueue_score: str = setting("cam_gap", "image score of the enqueue: GAP of the final CAM "
-                                 "(official) or ToCo's max-pooled logits", ["cam_gap", "logits"])
+                                 "(official) or ToCo's max-pooled logits", ["cam_gap", "logits"],
+                                 before="logits")
     min_tokens: int = setting(4, "ignore regions of fewer tokens")
     min_fill: float = setting(0.0, "the contrast uses a class once this fraction of its memory "
                               "is filled (0: from its first entry; the projection is trained "
@@ -624,7 +622,7 @@ class RCASettings(PluginSettings):
     mixup_alpha: float = setting(8.0, "mixup lambda ~ Beta(alpha, alpha)")
     mixup_partner: str = setting("image", "mixup partner: a random region of the image a random "
                                  "permutation pairs with the query's (official), or any region "
-                                 "of the batch", ["image", "region"])
+                                 "of the batch", ["image", "region"], before="region")
 
     def check(self, cfg, need, key) -> None:
         for name in ("dim", "mem_size", "tau", "num_centroids", "kmeans_every", "kmeans_iters",

@@ -1,4 +1,4 @@
-"""ToCo's training augmentation (spec 4.2): geometric steps and the photometric views.
+"""ToCo's training augmentation (S4.2): geometric steps and the photometric views.
 
 Randomness: only Python ``random`` and ``torch`` RNGs are used, so torch's per-worker seeding
 (``base_seed + worker_id`` for both) makes DataLoader runs reproducible once ``torch.manual_seed``

@@ -174,10 +174,10 @@ def bench_energy(args: argparse.Namespace, device: torch.device) -> None:
 
 def bench_train_step(args: argparse.Namespace, device: torch.device, crop: int) -> None:
     """Time a full ToCo iteration (seg on) with and without the regularisation loss."""
-    from toco.build import build_model
+    from toco.build import build_loss_modules, build_model
     from toco.config import TrainConfig
     from toco.method.energy import RegularizationLoss
-    from toco.train.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer
 
     cfg = TrainConfig.from_dict(dict(backbone=args.train_step, pretrained="none",
                                      crop_size=crop, batch_size=4, seg_start_iter=0,

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from scripts.bench_plugins import bench_parser, make_batch, time_interleaved
-from toco.build import build_model
+from toco.build import build_loss_modules, build_model
 from toco.config import TrainConfig
-from toco.train.engine import Trainer, build_loss_modules
+from toco.train.engine import Trainer
 
 FLAGS = {"full": {}, "frozen": {"freeze_backbone": True}, "last2": {"trainable_blocks": 2}}
 

@@ -26,11 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from toco.build import build_model  # noqa: E402
+from toco.build import (
+    build_loss_modules,  # noqa: E402
+    build_model,  # noqa: E402
+)
 from toco.cli import ArgumentParser  # noqa: E402
 from toco.config import TrainConfig, load_yaml  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
-from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
+from toco.train.engine import Trainer  # noqa: E402
 
 BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.25, "all": 0.60}
 # recipe keys that concern data or the run, not the step being timed

@@ -34,11 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toco.build import build_model, compile_backbone  # noqa: E402
+from toco.build import (  # noqa: E402
+    build_loss_modules,  # noqa: E402
+    build_model,
+    compile_backbone,
+)
 from toco.config import TrainConfig, parse_config  # noqa: E402
 from toco.plugins import build_plugins  # noqa: E402
 from toco.runtime import configure_precision, resolve_device  # noqa: E402
-from toco.train.engine import Trainer, build_loss_modules  # noqa: E402
+from toco.train.engine import Trainer  # noqa: E402
 from toco.train.profiling import PassCounter  # noqa: E402
 
 STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward",

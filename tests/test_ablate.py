@@ -9,10 +9,11 @@ import torch
 
 from models.backbone import ViTBackbone
 from models.network import ToCoNet
+from toco.build import build_loss_modules
 from toco.config import TrainConfig, parse_config
 from toco.errors import ConfigError
 from toco.train.ablate import seconds_per_iter, subset_plugins
-from toco.train.engine import Trainer, build_loss_modules
+from toco.train.engine import Trainer
 
 TINY = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=2, aux_layer=0,
             crop_size=32, local_crop_size=16, num_local_crops=2, batch_size=2, decoder_dim=8,

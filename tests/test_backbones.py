@@ -15,11 +15,12 @@ import yaml
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
+from toco.build import build_loss_modules
 from toco.config import TrainConfig, parse_config
 from toco.errors import ConfigError
 from toco.method.inference import predict_cams, predict_seg_logits
 from toco.method.step import LossModule
-from toco.train.engine import Trainer, build_loss_modules, build_optimizer
+from toco.train.engine import Trainer, build_optimizer
 
 TINY = dict(depth=3, embed_dim=32, num_heads=2)
 # family -> (timm name, overrides); patch 14 for DINOv2 and EVA-02.

@@ -411,8 +411,8 @@ def test_train_and_evaluate_coco_through_the_cli(coco_root, tmp_path):
     ("coco_deit_b", "deit_base_patch16_224.fb_in1k"),
 ])  # fmt: skip
 def test_coco_recipes_follow_the_official_schedule(recipe, backbone):
+    from toco.build import build_loss_modules
     from toco.config import parse_config
-    from toco.train.engine import build_loss_modules
 
     path = Path(__file__).parent.parent / "configs" / f"{recipe}.yaml"
     cfg, _ = parse_config(["--config", str(path), "--data-root", "/data/coco2014"])

@@ -1,4 +1,4 @@
-"""Local-crop sampling for CTC (spec 3.2): positions, candidates, flags, fallback, determinism."""
+"""Local-crop sampling for CTC (S3.2): positions, candidates, flags, fallback, determinism."""
 
 import pytest
 import torch

@@ -10,12 +10,12 @@ import torch
 import yaml
 
 from tests.fixtures import ImageSpec, make_voc_tree, write_voc_xml
-from toco.build import build_model
+from toco.build import build_loss_modules, build_model
 from toco.config import CONFIG_DIR, OFFICIAL_BEHAVIOUR, TrainConfig, parse_config
 from toco.method.cam import multi_scale_cam
 from toco.method.energy import RegularizationLoss, dense_energy_loss
 from toco.method.step import LossModule, StepState
-from toco.train.engine import Trainer, build_loss_modules, truncate_like_reference
+from toco.train.engine import Trainer, truncate_like_reference
 from toco.train.schedule import poly_warmup_factor
 
 # ---- the published recipes against the official values (ToCo spec, section 10) ----

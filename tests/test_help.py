@@ -18,7 +18,7 @@ ENTRY_POINTS = {
     "-m toco.train.ablate": "--seeds",
     "-m toco.export": "--checkpoint",
     "-m toco.convert": "--from",
-    "-m toco.plugins.mcis_eval": "--partners",
+    "-m toco.evaluation.mcis": "--partners",
     "-m datasets.check": "--dataset",
     "-m datasets.coco": "--workers",
     "scripts/benchmark.py": "--iters",

@@ -1,5 +1,5 @@
-"""The import graph of toco/, models/ and datasets/: no circle between modules, and evaluation
-never reaches the training modules.
+"""The import graph of toco/, models/ and datasets/: no circle between modules, toco/'s layers
+import only downwards, and evaluation never reaches the training modules.
 
 Read from the source (ast), so imports inside functions count as much as those at the top;
 imports under `if TYPE_CHECKING:` (annotations only) do not. `from pkg import name` is an edge
@@ -14,10 +14,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("toco", "models", "datasets")
-TRAINING = frozenset({"toco.train.runner", "toco.train.engine", "toco.method.step",
-                      "toco.train.optim", "toco.train.schedule", "toco.train.sampling",
-                      "toco.train.ablate"})
 EVALUATION = "toco.evaluation"
+
+# toco/'s layers, lowest first: a module imports modules of its own layer or lower ones only
+# (annotation-only imports aside). The ground floor is shared by models/, datasets/ and every
+# layer; build.py turns a config into the model, its loss modules and the datasets.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("toco", "toco.errors", "toco.atomic", "toco.cli", "toco.distributed", "toco.runtime",
+     "toco.schema", "toco.checkpoint", "toco.release", "toco.images", "toco.visualize"),
+    ("toco.method",),
+    ("toco.plugins",),
+    ("toco.config",),
+    ("toco.build", "toco.convert", "toco.export"),
+    ("toco.evaluation",),
+    ("toco.predict",),
+    ("toco.train",),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a toco module (None outside toco/); a package's modules share its layer."""
+    for rank, names in enumerate(LAYERS):
+        if module in names or any(module.startswith(n + ".") for n in names if n != "toco"):
+            return rank
+    return None
+
+
+def training_modules(graph: dict[str, set[str]]) -> frozenset[str]:
+    return frozenset(m for m in graph if m == "toco.train" or m.startswith("toco.train."))
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -135,8 +159,21 @@ def test_no_import_circle(graph):
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def test_every_toco_module_has_a_layer(graph):
+    missing = [m for m in graph if m.startswith("toco") and layer_of(m) is None]
+    assert not missing, f"modules outside LAYERS: {missing}"
+
+
+def test_layers_import_only_downwards(graph):
+    upward = [f"{m} -> {w}" for m in sorted(graph) for w in sorted(graph[m])
+              if layer_of(m) is not None and layer_of(w) is not None
+              and layer_of(w) > layer_of(m)]
+    assert not upward, "imports from a lower layer up: " + "; ".join(upward)
+
+
 def test_evaluation_never_reaches_training(graph):
-    chains = [path_to(graph, m, TRAINING) for m in sorted(graph)
+    training = training_modules(graph)
+    chains = [path_to(graph, m, training) for m in sorted(graph)
               if m == EVALUATION or m.startswith(EVALUATION + ".")]
     chains = [" -> ".join(c) for c in chains if c]
     assert not chains, "evaluation imports training: " + "; ".join(chains)
@@ -165,6 +202,10 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
     assert planted["toco.a"] == {"toco.b"} and planted["toco.b"] == {"toco.a"}
     assert planted["toco.c"] == set()
     assert circles(planted) == [["toco.a", "toco.b"]]
-    assert path_to(planted, "toco.evaluation.run", TRAINING) == ["toco.evaluation.run",
+    training = training_modules(planted)
+    assert training == {"toco.train", "toco.train.runner"}
+    assert path_to(planted, "toco.evaluation.run", training) == ["toco.evaluation.run",
                                                                  "toco.train.runner"]
-    assert path_to(planted, "toco.a", TRAINING) == []
+    assert path_to(planted, "toco.a", training) == []
+    assert layer_of("toco.evaluation.run") > layer_of("toco.method.cam") > layer_of("toco.cli")
+    assert layer_of("toco.a") is None and layer_of("models.network") is None

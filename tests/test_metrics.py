@@ -1,4 +1,4 @@
-"""Confusion matrix, IoU and the IoU table (spec 6.4) against brute-force pixel counts."""
+"""Confusion matrix, IoU and the IoU table (S6.4) against brute-force pixel counts."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""PAR (spec 2.4) against a naive per-pixel numpy implementation, plus closed-form properties."""
+"""PAR (S2.4) against a naive per-pixel numpy implementation, plus closed-form properties."""
 
 import math
 

@@ -258,10 +258,10 @@ def test_online_fusion_is_the_max_with_the_co_attention_cam_on_shared_classes():
 
 def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
     from tests.test_ablate import TINY, batch
-    from toco.build import build_model
+    from toco.build import build_loss_modules, build_model
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
-    from toco.train.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer
 
     def trainer(**plugin):
         cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0,
@@ -370,7 +370,7 @@ def test_mcis_trains_through_the_cli(tmp_path):
     assert len(losses) == 3
     assert all(math.isfinite(r["mcis_co"]) and math.isfinite(r["mcis_ex"]) for r in losses)
     # cross-image CAM inference from the checkpoint (the co-attention head is in the trainer state)
-    from toco.plugins import mcis_eval
+    from toco.evaluation import mcis as mcis_eval
 
     out = tmp_path / "mcis.json"
     assert run(mcis_eval, ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--partners",
@@ -468,10 +468,10 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     map; a partner in the bank changes them (without any partner and self-view, they are
     ToCo's)."""
     from tests.test_ablate import TINY, batch
-    from toco.build import build_model
+    from toco.build import build_loss_modules, build_model
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
-    from toco.train.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})
     s = cfg.plugins.mcis

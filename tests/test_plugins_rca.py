@@ -286,9 +286,9 @@ def test_contrast_gradients_stay_finite_with_empty_classes():
 
 def test_projection_head_is_trained_from_the_first_memory_write():
     from tests.test_ablate import TINY, batch
-    from toco.build import build_model
+    from toco.build import build_loss_modules, build_model
     from toco.plugins import build_plugins
-    from toco.train.engine import Trainer, build_loss_modules
+    from toco.train.engine import Trainer
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"rca": {
         "enable": True, "start_iter": 2, "mask_source": "cam_mean", "enqueue_thr": 0.0,

@@ -65,7 +65,7 @@ def test_checkpoint_killed_mid_write_keeps_the_old_one(tmp_path, monkeypatch):
 
 def test_nonfinite_loss_stops_with_the_term_named_or_is_skipped(voc, tmp_path, monkeypatch,
                                                                 capsys):
-    from toco.method.loss_terms import PatchTokenContrast
+    from toco.method.losses import PatchTokenContrast
 
     original = PatchTokenContrast.compute
 

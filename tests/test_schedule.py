@@ -1,4 +1,4 @@
-"""Poly-with-warm-up LR (spec 1.5) against the LRs read from the reference logs."""
+"""Poly-with-warm-up LR (S1.5) against the LRs read from the reference logs."""
 
 import pytest
 import torch

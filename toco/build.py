@@ -13,8 +13,16 @@ from datasets.voc import seed_worker
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD, ViTBackbone
 from models.network import ToCoNet
 from toco.config import TrainConfig
+from toco.method.energy import RegularizationLoss
+from toco.method.losses import (
+    ClassificationLoss,
+    ClassTokenContrast,
+    PatchTokenContrast,
+    SegmentationLoss,
+)
+from toco.method.step import LossModule
 
-__all__ = ["build_model", "input_normalisation", "compile_backbone", "dataset_spec",
+__all__ = ["build_model", "build_loss_modules", "input_normalisation", "compile_backbone", "dataset_spec",
            "train_dataset", "eval_dataset", "layout_params", "seed_worker"]
 
 
@@ -37,6 +45,19 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
 
     attach_plugins(model, cfg, num_classes)
     return model
+
+
+def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
+    """ToCo's loss terms with their weights and switch-on iterations from the config."""
+    return [
+        ClassificationLoss(cfg.w_cls),
+        PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter, cfg.loss_group_size),
+        ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
+                           always_add_negative_term=cfg.ctc_negative_term),
+        SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
+        RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
+                           reference_gradient=cfg.reg_gradient == "reference"),
+    ]
 
 
 def input_normalisation(cfg: TrainConfig, backbone: ViTBackbone) -> tuple[tuple, tuple]:

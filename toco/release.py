@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 
 from datasets.files import voc_palette
 from toco.atomic import atomic_path
-from toco.errors import UserError
-from toco.train.faults import storage_error
+from toco.errors import UserError, storage_error
 
 TRAINING_ONLY_PREFIXES = ("proj_head_teacher.",)
 

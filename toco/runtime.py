@@ -5,14 +5,20 @@ Shared by training, evaluation and prediction (none of which import each other f
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
+from torch import Tensor
 
 from toco.errors import ConfigError
 
-if TYPE_CHECKING:
-    from toco.config import TrainConfig
+
+class RuntimeSettings(Protocol):
+    """The settings this module reads (a TrainConfig has them)."""
+
+    threads: Optional[int]
+    num_workers: int
+    tf32: bool
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +61,7 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
 
 
-def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int | None = None
+def cpu_threads(cfg: RuntimeSettings, device: torch.device, local_world_size: int | None = None
                 ) -> tuple[int, str]:
     """Torch threads for this process, and why.
 
@@ -78,7 +84,7 @@ def cpu_threads(cfg: TrainConfig, device: torch.device, local_world_size: int | 
                      "data-loader worker(s) each; --threads overrides")
 
 
-def configure_precision(cfg: TrainConfig, device: torch.device,
+def configure_precision(cfg: RuntimeSettings, device: torch.device,
                         local_world_size: int | None = None) -> str:
     """Threads, denormals and TF32; returns a line for the log saying what was chosen."""
     threads, why = cpu_threads(cfg, device, local_world_size)
@@ -90,3 +96,10 @@ def configure_precision(cfg: TrainConfig, device: torch.device,
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     return f"{threads} CPU thread(s) ({why})"
+
+
+def full_precision(x: Tensor) -> torch.autocast:
+    """Context that keeps the maths in the inputs' (>= fp32) precision under autocast:
+    similarities divided by a small temperature, k-means distances and the loss formulas would
+    lose their last digits in bf16."""
+    return torch.autocast(device_type=x.device.type, enabled=False)

@@ -1,4 +1,4 @@
-"""Online pseudo labels from CAMs (ToCo spec 2.1-2.3, 2.5).
+"""Online pseudo labels from CAMs (S2.1-S2.3, S2.5 in docs/fidelity.md).
 
 Shapes: B images, C classes including background, so CAMs carry C-1 foreground channels.
 Image boxes img_box are rows [y0, y1, x0, x1] in pixels, end exclusive: the part of a padded crop
@@ -31,7 +31,7 @@ def multi_scale_cam(
     flip: bool = True,
     given: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Multi-scale, flip-max CAMs, min-max normalised per (image, class) (spec 2.1).
+    """Multi-scale, flip-max CAMs, min-max normalised per (image, class) (S2.1).
 
     cam_fn(x) returns the raw (cam, cam_aux), each (N, C-1, h, w). For each scale s (1.0 first,
     always): x_s = bilinear resize of images to (int(s H), int(s W)); both maps of cam_fn on
@@ -135,7 +135,7 @@ def cam_to_label(
     ignore_mid: bool = False,
     ignore_index: int = 255,
 ) -> tuple[Tensor, Tensor]:
-    """Threshold CAMs into a label map (spec 2.2).
+    """Threshold CAMs into a label map (S2.2).
 
     valid = y * cam (absent classes zeroed); (v, k) = max/argmax over classes; label = k + 1,
     0 where v <= bkg_thre. With ignore_mid: v > high -> class, low < v <= high -> ignore,
@@ -160,7 +160,7 @@ def cam_to_label(
 def cam_to_roi_mask(
     cam: Tensor, cls_label: Tensor, low_thre: float = 0.25, high_thre: float = 0.7
 ) -> Tensor:
-    """ROI for the CTC local crops (spec 2.3), int16 (B, H, W).
+    """ROI for the CTC local crops (S2.3), int16 (B, H, W).
 
     v = max over present-class channels; roi = 1 (uncertain) by default, 0 (background) where
     v <= low, 2 (confident foreground) where v >= high.
@@ -183,7 +183,7 @@ def refine_cams_with_bkg(
     down_scale: int = 2,
     ignore_index: int = 255,
 ) -> Tensor:
-    """Two-threshold, PAR-refined segmentation pseudo labels (spec 2.5), batched.
+    """Two-threshold, PAR-refined segmentation pseudo labels (S2.5), batched.
 
     images (B, 3, H, W) in [0, 1]; cams (B, C-1, H', W'). At 1/down_scale resolution the stacks
     [bkg_h; cams] and [bkg_l; cams] (bkg a constant high_thre / low_thre) get a softmax over the

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (Krähenbühl & Koltun 2011) in PyTorch: ToCo's CRF stage (spec 6.1).
+"""Dense CRF post-processing (Krähenbühl & Koltun 2011) in PyTorch: ToCo's CRF stage (S6.1).
 
 Mean-field inference for a fully connected CRF over the pixels of each image, with
 

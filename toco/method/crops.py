@@ -1,4 +1,4 @@
-"""Local-crop sampling for the CTC loss (ToCo spec 3.2, "Crop sampling"), batched."""
+"""Local-crop sampling for the CTC loss (S3.2, "Crop sampling" in docs/fidelity.md), batched."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ToCo's regularisation loss: the gated dense CRF energy of rloss (ToCo spec 3.5).
+"""ToCo's regularisation loss: the gated dense CRF energy of rloss (S3.5 in docs/fidelity.md).
 
 With S the softmax of the decoder logits at the image size, the ROI (1 inside the image box),
 the pseudo label L (255 = ignore) and the 0-255 image I, all taken to scale s (0.5):
@@ -74,7 +74,7 @@ def dense_energy_loss(image: Tensor, probs: Tensor, roi: Tensor, label: Tensor,
 
 
 class RegularizationLoss(LossModule):
-    """ToCo's `reg` term: the gated dense CRF energy of the decoder's softmax (spec 3.5).
+    """ToCo's `reg` term: the gated dense CRF energy of the decoder's softmax (S3.5).
 
     Args:
         weight: w_reg (0.05 in ToCo); start_iter: its switch-on iteration (with the seg loss).

@@ -1,18 +1,25 @@
-"""ToCo losses as pure tensor functions (spec section 3).
+"""ToCo losses as pure tensor functions (S3 in docs/fidelity.md).
 
 - multilabel_loss: L_cls, multi-label soft margin on image-level labels (3.1).
 - ctc_loss: L_ctc, class-token contrast between teacher global views and student crops (3.2).
 - ptc_loss: L_ptc, patch-token contrast on the final-layer token map (3.3).
 - seg_loss: L_seg, background/foreground-split cross-entropy on pseudo labels (3.4).
+
+The same terms as `LossModule`s (ClassificationLoss, PatchTokenContrast, ClassTokenContrast,
+SegmentationLoss) follow: the engine treats them exactly like plug-ins.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from toco.method.step import LossModule, StepState
+from toco.runtime import full_precision
 
 
 def _float(x: Tensor) -> Tensor:
@@ -20,19 +27,14 @@ def _float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _no_autocast(x: Tensor) -> torch.autocast:
-    """Context that keeps matmuls in the inputs' (>= fp32) precision under autocast."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def multilabel_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """L_cls = -mean_{b,k} [y log sigma(x) + (1 - y) log sigma(-x)] (spec 3.1)."""
+    """L_cls = -mean_{b,k} [y log sigma(x) + (1 - y) log sigma(-x)] (S3.1)."""
     logits = _float(logits)
     return F.multilabel_soft_margin_loss(logits, labels.to(logits.dtype))
 
 
 def ptc_loss(tokens: Tensor, token_labels: Tensor, ignore_index: int = 255) -> Tensor:
-    """L_ptc on tokens F (B, D, h, w) with token pseudo labels (B, h, w) (spec 3.3).
+    """L_ptc on tokens F (B, D, h, w) with token pseudo labels (B, h, w) (S3.3).
 
     Target A_ij = 1 if lab_i == lab_j else 0, excluding the diagonal and every pair with an
     ignored token. With X the tokens L2-normalised over D (eps 1e-8) and cos = |X^T X|:
@@ -41,7 +43,7 @@ def ptc_loss(tokens: Tensor, token_labels: Tensor, ignore_index: int = 255) -> T
     """
     b, d = tokens.shape[:2]
     x = F.normalize(_float(tokens).reshape(b, d, -1), dim=1, eps=1e-8)  # (B, D, N)
-    with _no_autocast(x):
+    with full_precision(x):
         cos = torch.bmm(x.transpose(1, 2), x).abs()  # (B, N, N)
     lab = token_labels.reshape(b, -1).to(cos.device)
     keep = lab != ignore_index
@@ -62,7 +64,7 @@ def ctc_loss(
     temperature: float,
     always_add_negative_term: bool = False,
 ) -> Tensor:
-    """L_ctc between teacher global views and student views (spec 3.2).
+    """L_ctc between teacher global views and student views (S3.2).
 
     student (V*B, K) and teacher (2*B, K) are view-major (all images' view 0, then view 1, ...);
     flags (B, V): 1 = positive view, 0 = negative (views 0 and 1 are the global views, always
@@ -81,7 +83,7 @@ def ctc_loss(
         )
     s = _float(student).reshape(v, b, -1).transpose(0, 1)  # (B, V, K)
     t = _float(teacher).reshape(2, b, -1).transpose(0, 1).to(s.dtype)  # (B, 2, K)
-    with _no_autocast(s):
+    with full_precision(s):
         z = torch.bmm(t, s.transpose(1, 2)) / temperature  # log e: (B, 2, V)
     positive = (flags.to(z.device) > 0)[:, None, :]  # (B, 1, V)
     # log(S_neg + 1e-4) = logsumexp over the negatives' z and log(1e-4).
@@ -98,7 +100,7 @@ def ctc_loss(
 
 
 def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
-    """L_seg = 0.5 (CE over background pixels + CE over foreground pixels) (spec 3.4).
+    """L_seg = 0.5 (CE over background pixels + CE over foreground pixels) (S3.4).
 
     Each CE is a mean over its own valid pixels in the batch. A part with no valid pixel
     contributes exactly 0 with a zero gradient (the original PyTorch's behaviour; modern
@@ -113,3 +115,75 @@ def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
     bg_ce = torch.where(bg, ce, zero).sum() / bg.sum().clamp_min(1)
     fg_ce = torch.where(fg, ce, zero).sum() / fg.sum().clamp_min(1)
     return 0.5 * (bg_ce + fg_ce)
+
+
+# ---- the terms as LossModules ------------------------------------------------------------------
+def grouped_mean(fn: Callable[..., Tensor], group_size: int, *tensors: Tensor) -> Tensor:
+    """fn over consecutive groups of `group_size` images, averaged (0: one group).
+
+    ToCo normalises PTC and seg over each GPU's 2-image batch; grouping reproduces that on
+    any number of devices.
+    """
+    batch = tensors[0].shape[0]
+    if group_size <= 0 or group_size >= batch:
+        return fn(*tensors)
+    return torch.stack([fn(*(t[i:i + group_size] for t in tensors))
+                        for i in range(0, batch, group_size)]).mean()
+
+
+class GroupedLossModule(LossModule):
+    """A loss normalised over groups of `group_size` images (see `grouped_mean`)."""
+
+    def __init__(self, weight: float, start_iter: int = 0, group_size: int = 0) -> None:
+        super().__init__(weight, start_iter)
+        self.group_size = group_size
+
+
+class ClassificationLoss(LossModule):
+    """Multi-label soft-margin loss on the final (`cls`) and aux (`cls_aux`) image logits."""
+
+    names = ("cls", "cls_aux")
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        return {"cls": multilabel_loss(state.logits, state.cls_label),
+                "cls_aux": multilabel_loss(state.aux_logits, state.cls_label)}
+
+
+class PatchTokenContrast(GroupedLossModule):
+    """PTC: pull final-layer tokens of the same aux-CAM label together, push others apart."""
+
+    names = ("ptc",)
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        return {"ptc": grouped_mean(ptc_loss, self.group_size, state.feats.tokens,
+                                    state.token_label)}
+
+
+class ClassTokenContrast(LossModule):
+    """CTC: teacher class tokens of the global views vs student class tokens of all crops."""
+
+    names = ("ctc",)
+
+    def __init__(self, weight: float, start_iter: int = 0, temperature: float = 0.5,
+                 always_add_negative_term: bool = False) -> None:
+        super().__init__(weight, start_iter)
+        self.temperature = temperature
+        self.always_add_negative_term = always_add_negative_term
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        out = state.ctc
+        return {"ctc": ctc_loss(out.student, out.teacher, out.flags, self.temperature,
+                                always_add_negative_term=self.always_add_negative_term)}
+
+
+class SegmentationLoss(GroupedLossModule):
+    """Background/foreground-balanced CE of the decoder against the refined pseudo label."""
+
+    names = ("seg",)
+    needs_decoder = True
+
+    def compute(self, state: StepState) -> dict[str, Tensor]:
+        label = state.pseudo_label
+        logits = F.interpolate(state.seg_logits, size=label.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return {"seg": grouped_mean(seg_loss, self.group_size, logits, label)}

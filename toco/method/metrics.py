@@ -1,4 +1,4 @@
-"""Dataset-level segmentation metrics from a confusion matrix (ToCo spec 6.4)."""
+"""Dataset-level segmentation metrics from a confusion matrix (S6.4 in docs/fidelity.md)."""
 
 from __future__ import annotations
 

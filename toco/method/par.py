@@ -1,4 +1,4 @@
-"""PAR: pixel-adaptive refinement of pseudo-label masks (ToCo spec 2.4).
+"""PAR: pixel-adaptive refinement of pseudo-label masks (S2.4 in docs/fidelity.md).
 
 For every pixel the 8 neighbours of a 3x3 window are taken at each dilation d (raster order
 TL, T, TR, L, R, BL, B, BR; coordinates clamped at the border), giving N = 8 * len(dilations)

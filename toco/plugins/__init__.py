@@ -37,7 +37,7 @@ from toco.plugins.registry import (
 if TYPE_CHECKING:
     from torch import nn
 
-    from toco.config import TrainConfig
+    from toco.config.settings import TrainConfig
     from toco.method.step import LossModule
 
 

@@ -77,8 +77,3 @@ def tokens_in_box(img_box: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int
     in_x = (xs >= box[:, 2, None]) & (xs < box[:, 3, None])
     return in_y[:, :, None] & in_x[:, None, :]
 
-
-def full_precision(x: Tensor) -> torch.autocast:
-    """Context that keeps the maths in the inputs' precision under autocast (similarities divided
-    by a small temperature, k-means distances): bf16 would cost them their last digits."""
-    return torch.autocast(device_type=x.device.type, enabled=False)

@@ -33,7 +33,7 @@ labels are refined from, on the image's classes (`LossModule.pseudo_label_cam`).
 
 Self-pairs (`self_pairs`): the anchor paired with its mirror image (one extra encoder pass with
 grad), L_self = MLSM(co-attention scores of both sides, [y; y]). The official code also pairs
-it with 0.75x and 2x resizes; those are only in the offline scorer (toco.plugins.mcis_eval).
+it with 0.75x and 2x resizes; those are only in the offline scorer (toco.evaluation.mcis).
 
 Deviation: the affinity is scaled by 1/sqrt(D) (ViT tokens after LayerNorm make the official
 unscaled softmax one-hot).

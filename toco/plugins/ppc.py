@@ -50,13 +50,13 @@ from toco.method.step import LossModule, StepState
 from toco.plugins.common import (
     MASKED_LOGIT,
     ProjectionHead,
-    full_precision,
     masked_mean,
     minmax_normalise,
     step_generator,
     tokens_in_box,
 )
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
+from toco.runtime import full_precision
 
 IGNORE = 255
 # The number of prototypes the official semi-hard window [3, 13) was designed for (VOC: 21).

@@ -65,12 +65,12 @@ from toco.method.step import LossModule, StepState
 from toco.plugins.common import (
     MASKED_LOGIT,
     ProjectionHead,
-    full_precision,
     masked_mean,
     step_generator,
     step_seed,
 )
 from toco.plugins.registry import BuildContext, Plugin, PluginSettings, register, setting
+from toco.runtime import full_precision
 
 
 class RCAMemory(nn.Module):

@@ -29,7 +29,7 @@ __all__ = ["BUILTIN_PLUGINS", "MODULES_KEY", "BuildContext", "Plugin", "PluginSe
 if TYPE_CHECKING:  # only for annotations: the core config imports this module
     from torch import nn
 
-    from toco.config import TrainConfig
+    from toco.config.settings import TrainConfig
     from toco.distributed import DistInfo
     from toco.method.step import LossModule
 

@@ -24,10 +24,9 @@ import numpy as np
 from PIL import Image
 
 from toco.atomic import write_bytes_atomic
-from toco.errors import UserError
+from toco.errors import UserError, storage_error
 from toco.images import read_image
 from toco.predict.inputs import InputImage, collect_inputs
-from toco.train.faults import storage_error
 
 OVERLAY_ALPHA = 0.5
 CAM_ALPHA = 0.5

@@ -23,18 +23,11 @@ from toco.method.cam import (
     split_cam_passes,
 )
 from toco.method.crops import sample_local_crops
-from toco.method.energy import RegularizationLoss
 from toco.method.inference import (
     cams_to_prediction,
     class_score_map,
     predict_cams,
     predict_seg_logits,
-)
-from toco.method.loss_terms import (
-    ClassificationLoss,
-    ClassTokenContrast,
-    PatchTokenContrast,
-    SegmentationLoss,
 )
 from toco.method.metrics import ConfusionMatrix
 from toco.method.par import PAR
@@ -46,19 +39,6 @@ from toco.train.schedule import build_poly_warmup_scheduler
 
 class NonFiniteLossError(UserError):
     """A loss became NaN or inf; the message names the iteration and the term."""
-
-
-def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
-    """ToCo's loss terms with their weights and switch-on iterations from the config."""
-    return [
-        ClassificationLoss(cfg.w_cls),
-        PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter, cfg.loss_group_size),
-        ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
-                           always_add_negative_term=cfg.ctc_negative_term),
-        SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
-        RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
-                           reference_gradient=cfg.reg_gradient == "reference"),
-    ]
 
 
 def build_optimizer(model: ToCoNet, cfg: TrainConfig,

@@ -1,7 +1,6 @@
 """Turning faults around a run (full disk, a killed data-loader worker) into one clear line."""
 from __future__ import annotations
 
-import errno
 import re
 import signal
 from typing import Any, Optional
@@ -10,19 +9,6 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from toco.errors import UserError
-
-# A write that fails with one of these is the storage's fault, not a bug: say so in one line.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
-                            errno.EDQUOT, errno.EFBIG, errno.EIO})
-
-
-def storage_error(err: OSError, resume_hint: str) -> Optional[UserError]:
-    """A UserError for a failed write to the run folder, or None if `err` is something else."""
-    if err.errno not in STORAGE_ERRNOS:
-        return None
-    where = f" {err.filename}" if err.filename else ""
-    return UserError(f"cannot write{where}: {err.strerror or errno.errorcode.get(err.errno)} "
-                     f"(disk full or read-only?); {resume_hint}")
 
 
 class WorkerProgress(Dataset):

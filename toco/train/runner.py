@@ -18,18 +18,18 @@ from torch.utils.data import DataLoader, Subset
 
 from toco import build
 from toco.atomic import remove_stale_temps
-from toco.build import build_model, compile_backbone
+from toco.build import build_loss_modules, build_model, compile_backbone
 from toco.checkpoint import check_training_keys, load_checkpoint, load_weights, save_checkpoint
 from toco.config import TrainConfig, changed_settings, resumed_config, save_config
 from toco.distributed import DistInfo, broadcast_parameters, cleanup_distributed, init_distributed
-from toco.errors import ConfigError, UserError
+from toco.errors import ConfigError, UserError, storage_error
 from toco.evaluation.preview import dataset_classes, pick_images, run_preview
 from toco.evaluation.unmasked import format_scores, validate_without_masks
 from toco.method.metrics import ConfusionMatrix, format_iou_table
 from toco.plugins import build_plugins, enabled_plugins, pair_policy
 from toco.runtime import configure_precision, resolve_device
-from toco.train.engine import Trainer, build_loss_modules, validate
-from toco.train.faults import WorkerProgress, dead_worker_error, storage_error
+from toco.train.engine import Trainer, validate
+from toco.train.faults import WorkerProgress, dead_worker_error
 from toco.train.sampling import (
     PairedResumableSampler,
     ResumableSampler,

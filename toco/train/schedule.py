@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the reference PolyWarmupAdamW (ToCo spec 1.5)."""
+"""Learning-rate schedule of the reference PolyWarmupAdamW (S1.5 in docs/fidelity.md)."""
 
 from __future__ import annotations
 

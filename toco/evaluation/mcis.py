@@ -1,7 +1,7 @@
 """MCIS cross-image CAMs of a checkpoint trained with --mcis (the paper's inference with related
 images), scored on a labelled split:
 
-    python -m toco.plugins.mcis_eval --checkpoint work_dirs/run/checkpoints/last.pt --partners 3
+    python -m toco.evaluation.mcis --checkpoint work_dirs/run/checkpoints/last.pt --partners 3
 
 For every image and each of its ground-truth classes, `--partners` images of the *training*
 split with that class are drawn (seeded; `--partner-split` to change), as the paper does when it
@@ -28,11 +28,10 @@ from toco.plugins.mcis import CrossImageSemantics, cross_image_cam, sample_partn
 def load_trained_mcis(checkpoint: str, device: torch.device):
     """(cfg, model, MCIS loss module) of a checkpoint trained with --mcis, in eval mode."""
     from toco import build
-    from toco.build import build_model
+    from toco.build import build_loss_modules, build_model
     from toco.checkpoint import load_checkpoint, load_weights
     from toco.config import TrainConfig
     from toco.plugins import build_plugins
-    from toco.train.engine import build_loss_modules
 
     state = load_checkpoint(checkpoint, map_location=device)
     cfg = TrainConfig.from_saved(state["config"])

@@ -168,8 +168,8 @@ def _jsonl_entries(path: Path) -> Iterable[tuple[int, str, list[str]]]:
             entry = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{path} line {number}: not JSON: {exc}") from None
-        image, labels = (entry.get("image"), entry.get("labels")) if isinstance(entry, dict) \
-            else (None, None)
+        image, labels = ((entry.get("image"), entry.get("labels")) if isinstance(entry, dict)
+                         else (None, None))
         if not (isinstance(image, str) and isinstance(labels, list)
                 and all(isinstance(n, str) for n in labels)):
             raise DataError(f"{path} line {number}: expected {{\"image\": path, \"labels\": "
@@ -408,8 +408,8 @@ class TagsLayout(SegLayout):
 
     def notes(self) -> list[str]:
         unlisted = list(self.collection.unlisted)
-        stray = sorted(_mask_ids(self.mask_dir) - set(self.collection.files)) \
-            if self.mask_dir else []
+        stray = (sorted(_mask_ids(self.mask_dir) - set(self.collection.files))
+                 if self.mask_dir else [])
         out = []
         if unlisted:
             out.append(f"{len(unlisted)} image(s) in {self.image_dir} are not in "

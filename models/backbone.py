@@ -110,8 +110,8 @@ def _check_supported(name: str, model: nn.Module) -> None:
     if kind not in SUPPORTED_CLASSES:
         raise ConfigError(f"backbone '{name}' is a timm {kind}; ToCo runs timm ViTs only "
                           f"({', '.join(SUPPORTED_CLASSES)}: {SUPPORTED_HINT})")
-    if model.cls_token is None and getattr(model, "attn_pool", None) is None \
-            and model.global_pool not in ("avg", "avgmax", "max"):
+    if (model.cls_token is None and getattr(model, "attn_pool", None) is None
+            and model.global_pool not in ("avg", "avgmax", "max")):
         raise ConfigError(f"backbone '{name}' has neither a class token nor a pooled image "
                           "embedding, so class-token contrast (CTC) has no token to use")
     drop = getattr(model, "patch_drop", None)
@@ -124,8 +124,8 @@ def _norms_after_pooling(vit: nn.Module) -> bool:
     """Avg-pool models with an `fc_norm` (EVA-02) keep `norm` as Identity and normalise after
     pooling; ToCo wants normalised tokens, so it applies that norm to every token."""
     fc_norm = getattr(vit, "fc_norm", None)
-    return isinstance(vit.norm, nn.Identity) and fc_norm is not None \
-        and not isinstance(fc_norm, nn.Identity)
+    return (isinstance(vit.norm, nn.Identity) and fc_norm is not None
+        and not isinstance(fc_norm, nn.Identity))
 
 
 class ViTBackbone(nn.Module):

@@ -243,8 +243,8 @@ def record_validation(off: dict, net: nn.Module, num_classes: int, gen) -> dict:
                                align_corners=False)
         segs = net(torch.cat([scaled, scaled.flip(-1)]))[1]
         segs = F.interpolate(segs, size=VAL_HW, mode="bilinear", align_corners=False)
-        pair = segs[:1] + segs[1:].flip(-1) if flip_fuse == "sum" else \
-            torch.max(segs[:1], segs[1:].flip(-1))
+        pair = (segs[:1] + segs[1:].flip(-1) if flip_fuse == "sum"
+                else torch.max(segs[:1], segs[1:].flip(-1)))
         seg_list.append(pair)
     stack = torch.stack(seg_list)
     seg = stack.max(dim=0)[0] if scale_fuse == "max" else stack.sum(dim=0)

@@ -322,8 +322,10 @@ def write_image(path: Path, hw: tuple[int, int], mode: str = "RGB") -> None:
     """An image in the format its suffix names (JPEG quality 95; PNG, WebP, BMP, TIFF)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(image_pixels(*hw)).convert(mode)
-    img.save(path, quality=95) if path.suffix.lower() in (".jpg", ".jpeg", ".webp") \
-        else img.save(path)
+    if path.suffix.lower() in (".jpg", ".jpeg", ".webp"):
+        img.save(path, quality=95)
+    else:
+        img.save(path)
 
 
 def make_tags_tree(

@@ -256,8 +256,8 @@ def test_default_groups_are_tocos_four():
     opt = build_optimizer(model, cfg, extra)
     want = model.param_groups()
     want[2] = want[2] + extra
-    assert [[id(t) for t in g["params"]] for g in opt.param_groups] == \
-        [[id(t) for t in g] for g in want]
+    assert ([[id(t) for t in g["params"]] for g in opt.param_groups] ==
+        [[id(t) for t in g] for g in want])
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([6e-5, 6e-5, 6e-4, 6e-4])
     assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
     assert set(opt.param_groups[0]) == set(opt.param_groups[3])  # no extra keys added

@@ -177,8 +177,8 @@ def test_schedule_warnings_name_losses_that_never_switch_on():
     cfg = TrainConfig(max_iters=100, seg_start_iter=100, warmup_iters=10).validate()
     warnings = cfg.schedule_warnings()
     assert len(warnings) == 1 and warnings[0].startswith("--w-seg/--w-reg")
-    assert TrainConfig(max_iters=101, seg_start_iter=100, warmup_iters=10).schedule_warnings() \
-        == []
+    assert (TrainConfig(max_iters=101, seg_start_iter=100, warmup_iters=10).schedule_warnings()
+        == [])
     assert "drops the last 6 px" in TrainConfig(crop_size=70, max_iters=10, warmup_iters=1,
                                                  seg_start_iter=0).schedule_warnings(16)[0]
     par = TrainConfig(crop_size=64, local_crop_size=32, par_dilations=(1, 31, 32, 64),

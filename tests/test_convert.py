@@ -218,10 +218,10 @@ def test_cli_writes_a_release_that_loads_with_the_official_weights(tmp_path, cap
     assert '"background"' in meta["class_names"] and '"toothbrush"' in meta["class_names"]
     assert not any(k.startswith("proj_head_teacher.") for k in keys)
     # The config is the published COCO recipe with the checkpoint's own sizes.
-    assert (cfg.dataset, cfg.input_norm, cfg.bkg_thre, cfg.aux_cam_until_iter) == \
-        ("coco", "imagenet", 0.45, 12001)
-    assert (cfg.backbone, cfg.backbone_depth, cfg.decoder_dim, cfg.ctc_out_dim) == \
-        (TEST_VIT, 3, 16, 16)
+    assert ((cfg.dataset, cfg.input_norm, cfg.bkg_thre, cfg.aux_cam_until_iter) ==
+        ("coco", "imagenet", 0.45, 12001))
+    assert ((cfg.backbone, cfg.backbone_depth, cfg.decoder_dim, cfg.ctc_out_dim) ==
+        (TEST_VIT, 3, 16, 16))
     err = errors(model, fx)
     err.pop("ctc_teacher")  # releases drop the teacher; load_release keeps a fresh one
     assert_matches(err)

@@ -115,8 +115,8 @@ def test_voc_submission_archive(trained, tmp_path):
         tar.extractall(unpacked, filter="data")
     pngs = sorted((unpacked / VOC_RESULTS_DIR).iterdir())
     assert [p.stem for p in pngs] == STANDARD_SPLITS["test"]
-    assert sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file()) \
-        == [f"{VOC_RESULTS_DIR}/{n}.png" for n in STANDARD_SPLITS["test"]]
+    assert (sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
+        == [f"{VOC_RESULTS_DIR}/{n}.png" for n in STANDARD_SPLITS["test"]])
     for png in pngs:
         img = Image.open(png)
         with Image.open(root / "JPEGImages" / f"{png.stem}.jpg") as jpeg:
@@ -213,12 +213,12 @@ def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path
                  for d in ("single", "sharded")}
         assert files["single"] == files["sharded"] and len(files["single"]) >= 4
         for rel in files["single"]:
-            assert (tmp_path / f"{kind}_single" / rel).read_bytes() == \
-                (tmp_path / f"{kind}_sharded" / rel).read_bytes()
+            assert ((tmp_path / f"{kind}_single" / rel).read_bytes() ==
+                (tmp_path / f"{kind}_sharded" / rel).read_bytes())
     single_report = (tmp_path / "rep_single" / "index.html").read_text()
     sharded_report = (tmp_path / "rep_sharded" / "index.html").read_text()
-    assert sorted(p.name for p in (tmp_path / "rep_single" / "images").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "rep_sharded" / "images").iterdir())
+    assert (sorted(p.name for p in (tmp_path / "rep_single" / "images").iterdir()) ==
+        sorted(p.name for p in (tmp_path / "rep_sharded" / "images").iterdir()))
     assert single_report.count("<img") == sharded_report.count("<img") == 10
 
 

@@ -74,8 +74,8 @@ def test_dataset_without_config_uses_its_published_recipe(dataset, recipe):
 def test_coco_resolves_the_coco_thresholds_and_schedule():
     cfg, _ = parse_config(["--dataset", "coco", "--data-root", "/data"])
     assert (cfg.high_thre, cfg.low_thre, cfg.bkg_thre) == (0.65, 0.25, 0.45)
-    assert (cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter) == \
-        (8001, 12001, 12001)
+    assert ((cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter) ==
+        (8001, 12001, 12001))
     assert (cfg.batch_size, cfg.max_iters, cfg.ctc_temp) == (8, 80000, 1.0)
 
 
@@ -362,8 +362,8 @@ def test_cli_runs_log_the_recipe(tmp_path):
                                  "--seg-start-iter", "0")) == 0
     text = (work / "train.log").read_text()
     assert "recipe configs/voc_vit_b.yaml" in text
-    assert yaml.safe_load((work / "config.yaml").read_text())["recipe"] == \
-        "configs/voc_vit_b.yaml"
+    assert (yaml.safe_load((work / "config.yaml").read_text())["recipe"] ==
+        "configs/voc_vit_b.yaml")
 
 
 # ---- the optimised step equals a straightforward one ----
@@ -448,8 +448,8 @@ def test_configs_saved_before_a_setting_existed_keep_their_behaviour():
     saved = {k: v for k, v in tiny_cfg().to_dict().items()
              if k not in ("input_norm", "dormant_terms", "par_input", "ptc_box")}
     cfg = TrainConfig.from_saved(saved)
-    assert (cfg.input_norm, cfg.dormant_terms, cfg.par_input, cfg.ptc_box) == \
-        ("imagenet", "skip", "float", "grid")
+    assert ((cfg.input_norm, cfg.dormant_terms, cfg.par_input, cfg.ptc_box) ==
+        ("imagenet", "skip", "float", "grid"))
     cfg = TrainConfig.from_saved({**saved, "reference_quirks": True})
     assert cfg.ptc_box == "pixels"
     full = tiny_cfg(par_input="uint8").to_dict()

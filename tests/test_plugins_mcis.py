@@ -475,8 +475,8 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})
     s = cfg.plugins.mcis
-    assert (s.co_cam, s.co_cam_partners, s.co_cam_fuse, s.co_cam_self_views) == \
-        ("online_fuse", "related", "mean", True)
+    assert ((s.co_cam, s.co_cam_partners, s.co_cam_fuse, s.co_cam_self_views) ==
+        ("online_fuse", "related", "mean", True))
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)

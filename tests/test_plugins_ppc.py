@@ -426,8 +426,8 @@ def test_default_settings_mine_semi_hard_prototypes():
 
     cfg = TrainConfig()
     s = cfg.plugins.ppc
-    assert (s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bg_thr) == \
-        ("ema", "relative", 2, 0.2)
+    assert ((s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bg_thr) ==
+        ("ema", "relative", 2, 0.2))
     (ppc,) = build_ppc(s, BuildContext(cfg, 8, 4, __import__("toco.distributed").distributed
                                        .DistInfo()))
     net = FakeNet()

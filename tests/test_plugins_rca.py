@@ -503,8 +503,8 @@ def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca(
         del stored["plugins"]["rca"][key]
     cfg = TrainConfig.from_saved(stored)
     s = cfg.plugins.rca
-    assert (s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) == \
-        ("gate", False, "logits", "region")
+    assert ((s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) ==
+        ("gate", False, "logits", "region"))
     model = build_model(cfg, 4)
     assert hasattr(model.feature_hooks[0], "gate")
     (rca,) = build_plugins(cfg, 192, 4, model=model)

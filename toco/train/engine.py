@@ -136,8 +136,8 @@ class Trainer:
                     cam = module.pseudo_label_cam(state, cam)
         valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
                                     cfg.high_thre, cfg.low_thre, ignore_mid=True)
-        images = truncate_like_reference(state.images) if cfg.par_input == "uint8" \
-            else state.images
+        images = (truncate_like_reference(state.images) if cfg.par_input == "uint8"
+                  else state.images)
         return refine_cams_with_bkg(self.par, images, valid_cam, state.cls_label,
                                     state.img_box, cfg.high_thre, cfg.low_thre,
                                     cfg.refine_down_scale)

@@ -352,8 +352,8 @@ def _dead_workers_reported(run_dir: Path, progress: WorkerProgress, train_set: A
     except RuntimeError as err:
         done, batches = loop_state()
         names = getattr(train_set, "names", None)
-        raise dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir)) \
-            or err from None
+        raise (dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir))
+               or err) from None
 
 
 def resume_hint(run_dir: Path) -> str:

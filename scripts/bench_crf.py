@@ -1,10 +1,10 @@
 """Benchmark the PyTorch dense CRF against pydensecrf2, and the regularisation loss's cost.
 
-    python scripts/bench_crf.py                      # CRF: ours vs pydensecrf, 500x375, 21 classes
-    python scripts/bench_crf.py --threads 2          # ours on 2 CPU threads (pydensecrf: 1)
-    python scripts/bench_crf.py --device cuda --throughput 200   # images/s of ours on a GPU
-    python scripts/bench_crf.py --energy             # + energy loss fwd+bwd at crop 448 and 160
-    python scripts/bench_crf.py --energy --train-step vit_tiny_patch16_224   # + iteration share
+    python -m scripts.bench_crf                      # CRF: ours vs pydensecrf, 500x375, 21 classes
+    python -m scripts.bench_crf --threads 2          # ours on 2 CPU threads (pydensecrf: 1)
+    python -m scripts.bench_crf --device cuda --throughput 200   # images/s of ours on a GPU
+    python -m scripts.bench_crf --energy             # + energy loss fwd+bwd at crop 448 and 160
+    python -m scripts.bench_crf --energy --train-step vit_tiny_patch16_224   # + iteration share
 
 Photos come from scikit-image (`pip install scikit-image`); pydensecrf2 is optional
 (`pip install "cython<3" && pip install --no-build-isolation pydensecrf2`). Timings are the
@@ -17,21 +17,16 @@ OpenMP threads wait for each other at every operation (6x slower at load average
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toco.cli import ArgumentParser  # noqa: E402
-from toco.method.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available  # noqa: E402
+from scripts.timing import machine_line, timed
+from toco.cli import ArgumentParser
+from toco.method.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 
@@ -63,31 +58,6 @@ def decoder_like_probs(image: torch.Tensor, num_classes: int, seed: int,
     colour = image[:, None].float() / 255
     logits = logits - 4 * (colour - protos[None, :, :, None, None]).square().sum(2)
     return torch.softmax(logits, 1)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average {load}")
 
 
 def bench_crf(args: argparse.Namespace, device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """Training-loader throughput per worker process at each recipe, and the time of each transform.
 
-    python scripts/bench_data.py                                  # VOC, COCO, synthetic recipes
-    python scripts/bench_data.py --recipes voc --workers 0 1 2 4 8 --batches 40 --json data.json
-    python scripts/bench_data.py --images 8 --batches 2 --workers 0 1   # a quick check
+    python -m scripts.bench_data                                  # VOC, COCO, synthetic recipes
+    python -m scripts.bench_data --recipes voc --workers 0 1 2 4 8 --batches 40 --json data.json
+    python -m scripts.bench_data --images 8 --batches 2 --workers 0 1   # a quick check
 
 For each recipe (configs/voc_vit_b.yaml on 500x375 JPEGs, configs/coco_vit_b.yaml on 640x480
 JPEGs in a real COCO root with its instances JSON, configs/synthetic.yaml on the generated set)
@@ -36,15 +36,13 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import datasets.voc as voc_module  # noqa: E402
-from scripts.bench_crf import machine_line  # noqa: E402
-from scripts.realsize import COCO_HW, VOC_HW, write_coco_tree, write_voc_tree  # noqa: E402
-from toco import build  # noqa: E402
-from toco.atomic import write_bytes_atomic  # noqa: E402
-from toco.config import TrainConfig, parse_config  # noqa: E402
-from toco.train.sampling import SeededSamples  # noqa: E402
+import datasets.voc as voc_module
+from scripts.realsize import COCO_HW, VOC_HW, write_coco_tree, write_voc_tree
+from scripts.timing import machine_line
+from toco import build
+from toco.atomic import write_bytes_atomic
+from toco.config import TrainConfig, parse_config
+from toco.train.sampling import SeededSamples
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"voc": "configs/voc_vit_b.yaml", "coco": "configs/coco_vit_b.yaml",

@@ -1,9 +1,9 @@
 """Benchmark evaluation throughput: images/s of the test-time protocols, with and without CRF.
 
-    python scripts/bench_eval.py --device cuda                        # ViT-B/16, VOC-sized images
-    python scripts/bench_eval.py --device cpu --threads 1 --backbone deit_tiny_patch16_224 \
+    python -m scripts.bench_eval --device cuda                        # ViT-B/16, VOC-sized images
+    python -m scripts.bench_eval --device cpu --threads 1 --backbone deit_tiny_patch16_224 \
         --images 4 --repeats 3                                        # a quick CPU check
-    python scripts/bench_eval.py --checkpoint work_dirs/voc/checkpoints/last.pt --json bench.json
+    python -m scripts.bench_eval --checkpoint work_dirs/voc/checkpoints/last.pt --json bench.json
 
 Each configuration (protocol x CRF on/off) processes --images images of --image-size (one per
 batch, as evaluate.py does); configurations are interleaved over --repeats rounds so that all
@@ -21,18 +21,17 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toco.build import build_model  # noqa: E402
-from toco.cli import ArgumentParser  # noqa: E402
-from toco.config import TrainConfig  # noqa: E402
-from toco.evaluation.protocol import PROTOCOL_NAMES, build_protocol, seg_prediction  # noqa: E402
-from toco.runtime import resolve_device  # noqa: E402
+from scripts.timing import timed
+from toco.build import build_model
+from toco.cli import ArgumentParser
+from toco.config import TrainConfig
+from toco.evaluation.protocol import PROTOCOL_NAMES, build_protocol, seg_prediction
+from toco.runtime import resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,11 +78,6 @@ def test_images(n: int, size: tuple[int, int], device: torch.device) -> list[tor
     return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -111,11 +105,7 @@ def main(argv=None) -> int:
         for key, protocol in configs.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            tic = time.perf_counter()
-            run(protocol, images)
-            sync(device)
-            rates[key].append(len(images) / (time.perf_counter() - tic))
+            rates[key].append(len(images) / timed(lambda p=protocol: run(p, images), device))
             if device.type == "cuda":
                 peaks[key] = max(peaks[key], torch.cuda.max_memory_allocated(device) / 2**20)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

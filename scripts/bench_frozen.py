@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-from scripts.bench_plugins import bench_parser, make_batch, time_interleaved
+from scripts.bench_plugins import bench_parser, make_batch, trainer_steps
+from scripts.timing import time_interleaved
 from toco.build import build_loss_modules, build_model
 from toco.config import TrainConfig
 from toco.train.engine import Trainer
@@ -50,7 +48,8 @@ def main() -> None:
                 for n in args.configs}
     batches = [make_batch(trainers[args.configs[0]].cfg, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
-    wall, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
+    wall, cpu = time_interleaved(trainer_steps(trainers, batches), len(batches), args.rounds,
+                                 args.warmup, device)
     result = {"device": args.device, "threads": args.threads, "backbone": args.backbone,
               "depth": args.depth, "crop_size": args.crop_size, "batch_size": args.batch_size,
               "num_local_crops": args.num_local_crops, "steps": {}}

@@ -1,7 +1,7 @@
 """Extra time per training step of each seed plug-in over the base pipeline (same config).
 
-    python scripts/bench_plugins.py --threads 1 --steps 12 --rounds 2          # small, CPU
-    python scripts/bench_plugins.py --recipe configs/voc_vit_b.yaml --batch-size 2 \
+    python -m scripts.bench_plugins --threads 1 --steps 12 --rounds 2          # small, CPU
+    python -m scripts.bench_plugins --recipe configs/voc_vit_b.yaml --batch-size 2 \
         --device cuda --steps 20 --rounds 3                    # the base recipe's size, 1 GPU
 
 Times `Trainer.train_step` on fixed random batches (no data loading), plug-ins on from iteration
@@ -19,21 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+from scripts.timing import time_interleaved
 from toco.build import (
-    build_loss_modules,  # noqa: E402
-    build_model,  # noqa: E402
+    build_loss_modules,
+    build_model,
 )
-from toco.cli import ArgumentParser  # noqa: E402
-from toco.config import TrainConfig, load_yaml  # noqa: E402
-from toco.plugins import build_plugins  # noqa: E402
-from toco.train.engine import Trainer  # noqa: E402
+from toco.cli import ArgumentParser
+from toco.config import TrainConfig, load_yaml
+from toco.plugins import build_plugins
+from toco.train.engine import Trainer
 
 BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.25, "all": 0.60}
 # recipe keys that concern data or the run, not the step being timed
@@ -68,27 +67,11 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
     return trainer
 
 
-def time_interleaved(trainers: dict[str, Trainer], batches: list[dict], rounds: int,
-                     warmup: int, device: torch.device
-                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU seconds of each trainer's steps, the configurations interleaved step
-    by step (load drifts hit all alike); the first `warmup` batches of each round are untimed."""
-    wall: dict[str, list[float]] = {n: [] for n in trainers}
-    cpu: dict[str, list[float]] = {n: [] for n in trainers}
-    it = {n: 0 for n in trainers}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(rounds):
-        for i, b in enumerate(batches):
-            for name, trainer in trainers.items():
-                sync()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                trainer.train_step(b, it[name])
-                sync()
-                it[name] += 1
-                if i >= warmup:
-                    wall[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
-    return wall, cpu
+def trainer_steps(trainers: dict[str, Trainer], batches: list[dict]
+                  ) -> dict[str, Callable[[int], object]]:
+    """One step function per trainer for `time_interleaved`: call i trains on batch i mod n."""
+    return {name: (lambda i, t=trainer: t.train_step(batches[i % len(batches)], i))
+            for name, trainer in trainers.items()}
 
 
 def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
@@ -137,7 +120,8 @@ def main() -> None:
     first = trainers[args.configs[0]].cfg
     batches = [make_batch(first, args.num_classes - 1, i)
                for i in range(args.steps + args.warmup)]
-    times, cpu = time_interleaved(trainers, batches, args.rounds, args.warmup, device)
+    times, cpu = time_interleaved(trainer_steps(trainers, batches), len(batches),
+                                  args.rounds, args.warmup, device)
     result = {"device": args.device, "threads": args.threads, "backbone": first.backbone,
               "crop_size": first.crop_size, "batch_size": args.batch_size,
               "recipe": args.recipe, "steps": {}}

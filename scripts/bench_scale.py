@@ -1,14 +1,14 @@
 """Start-up, COCO mask preparation and evaluation memory on generated trees of real dataset size.
 
     # trees (generated, never committed; sizes default to the real datasets')
-    python scripts/bench_scale.py generate coco --root /scratch/coco_big   # 82,783 + 5,000 val
-    python scripts/bench_scale.py generate voc --root /scratch/voc_big     # 10,582 train_aug
-    python scripts/bench_scale.py generate coco-val --root /scratch/coco_val   # 40,137 val
+    python -m scripts.bench_scale generate coco --root /scratch/coco_big   # 82,783 + 5,000 val
+    python -m scripts.bench_scale generate voc --root /scratch/voc_big     # 10,582 train_aug
+    python -m scripts.bench_scale generate coco-val --root /scratch/coco_val   # 40,137 val
     # measurements (each prints a markdown table; --json writes it too)
-    python scripts/bench_scale.py startup --dataset coco --root /scratch/coco_big
-    python scripts/bench_scale.py startup --dataset voc --root /scratch/voc_big
-    python scripts/bench_scale.py prepare --root /scratch/coco_big --workers 1 2
-    python scripts/bench_scale.py eval-rss --root /scratch/coco_val
+    python -m scripts.bench_scale startup --dataset coco --root /scratch/coco_big
+    python -m scripts.bench_scale startup --dataset voc --root /scratch/voc_big
+    python -m scripts.bench_scale prepare --root /scratch/coco_big --workers 1 2
+    python -m scripts.bench_scale eval-rss --root /scratch/coco_val
 
 - startup: `train.py` with the dataset's recipe (tiny random ViT: the model is not what is
   measured) stopped after iteration 1, twice: with an empty cache folder (COCO: masks prepared,
@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scripts.bench_crf import machine_line  # noqa: E402
-from scripts.gpu_report import SMOKE_MODEL  # noqa: E402
-from scripts.realsize import (  # noqa: E402
+from scripts.gpu_report import SMOKE_MODEL
+from scripts.realsize import (
     COCO_TRAIN_IMAGES,
     COCO_VAL_EVAL_IMAGES,
     VOC_HW,
@@ -50,8 +47,9 @@ from scripts.realsize import (  # noqa: E402
     write_coco_tree,
     write_voc_tree,
 )
-from toco.atomic import write_bytes_atomic  # noqa: E402
-from toco.errors import UserError  # noqa: E402
+from scripts.timing import machine_line
+from toco.atomic import write_bytes_atomic
+from toco.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_VAL_IMAGES = 1_449

@@ -1,8 +1,8 @@
 """Training and inference speed of a recipe, and where a training step spends its time.
 
-    python scripts/benchmark.py --backbone deit_tiny_patch16_224 --pretrained none \\
+    python -m scripts.benchmark --backbone deit_tiny_patch16_224 --pretrained none \\
         --crop-size 160 --batch-size 4 --dataset voc --data-root unused --json bench.json
-    python scripts/benchmark.py --config configs/voc_vit_b.yaml --data-root unused --device cuda
+    python -m scripts.benchmark --config configs/voc_vit_b.yaml --data-root unused --device cuda
 
 Every train.py flag is accepted (recipe, backbone, crop, batch, plug-ins, --amp, --threads ...);
 the batches are random images of the recipe's shape (1-3 classes per image, full image boxes),
@@ -27,23 +27,21 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toco.build import (  # noqa: E402
-    build_loss_modules,  # noqa: E402
+from scripts.timing import time_interleaved, timed
+from toco.build import (
+    build_loss_modules,
     build_model,
     compile_backbone,
 )
-from toco.config import TrainConfig, parse_config  # noqa: E402
-from toco.plugins import build_plugins  # noqa: E402
-from toco.runtime import configure_precision, resolve_device  # noqa: E402
-from toco.train.engine import Trainer  # noqa: E402
-from toco.train.profiling import PassCounter  # noqa: E402
+from toco.config import TrainConfig, parse_config
+from toco.plugins import build_plugins
+from toco.runtime import configure_precision, resolve_device
+from toco.train.engine import Trainer
+from toco.train.profiling import PassCounter
 
 STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward",
           "optimizer")
@@ -101,20 +99,6 @@ class BareBackbone:
         self.opt.step()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, n: int, device: torch.device) -> float:
-    sync(device)
-    tic = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync(device)
-    return (time.perf_counter() - tic) / n
-
-
 @torch.no_grad()
 def inference_rate(model, cfg: TrainConfig, device: torch.device, autocast, n: int) -> float:
     from toco.method.inference import predict_seg_logits
@@ -124,7 +108,7 @@ def inference_rate(model, cfg: TrainConfig, device: torch.device, autocast, n: i
     x = torch.rand(1, 3, size, size, device=device)
     with autocast():
         predict_seg_logits(model, x, size=size)
-        seconds = timed(lambda: predict_seg_logits(model, x, size=size), n, device)
+        seconds = timed(lambda: predict_seg_logits(model, x, size=size), device, n)
     model.train()
     return 1.0 / seconds
 
@@ -150,12 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [random_batch(cfg, args.num_classes, gen) for _ in range(4)]
     it = all_terms_on(cfg)
 
-    def full_step() -> None:
+    def full_step(_: int = 0) -> None:
         nonlocal it
         trainer.train_step(batches[it % len(batches)], it)
         it += 1
 
-    def bare_step() -> None:
+    def bare_step(_: int = 0) -> None:
         bare.step(batches[it % len(batches)], trainer.autocast)
 
     for _ in range(args.warmup):
@@ -163,13 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
         bare_step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    full, floor, stages, passes = [], [], {k: [] for k in STAGES}, []
-    for _ in range(args.rounds):
-        counter.reset()
-        full.append(timed(full_step, args.iters, device))
-        n_passes, n_images = counter.reset()
-        passes.append((n_passes / args.iters, n_images / args.iters))
-        floor.append(timed(bare_step, args.iters, device))
+    stages: dict[str, float] = {}
+    counter.reset()  # the bare step has its own backbone: the counter sees the full steps only
+    wall, _ = time_interleaved({"full": full_step, "bare": bare_step}, args.iters, args.rounds,
+                               device=device, block=args.iters)
+    full, floor = wall["full"], wall["bare"]
+    n_passes, n_images = counter.reset()
+    passes = [(n_passes / (args.iters * args.rounds), n_images / (args.iters * args.rounds))]
     trainer.stages.enabled = True
     trainer.stages.reset()
     for _ in range(args.iters):

@@ -1,7 +1,7 @@
 """One prepared GPU report: training, loader, evaluation and bf16-vs-fp32 figures in <= 8 minutes.
 
-    python scripts/gpu_report.py                           # on a GPU machine -> work_dirs/gpu_report
-    python scripts/gpu_report.py --smoke --out /tmp/r      # every part at a tiny size on the CPU
+    python -m scripts.gpu_report                           # on a GPU machine -> work_dirs/gpu_report
+    python -m scripts.gpu_report --smoke --out /tmp/r      # every part at a tiny size on the CPU
 
 Parts, in this order, each in its own process with its own time budget (seconds, on a GPU):
 
@@ -34,9 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from toco.atomic import write_bytes_atomic  # noqa: E402
+from toco.atomic import write_bytes_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"train_fp32": 20.0, "train_bf16": 45.0, "train_bf16_compile": 45.0}
@@ -164,7 +162,7 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    from scripts.bench_crf import machine_line
+    from scripts.timing import machine_line
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"line": machine_line(), "gpu": gpu, "cpu_cores": os.cpu_count(),
@@ -176,7 +174,7 @@ def launch(name: str, args: argparse.Namespace, timeout: float) -> dict[str, Any
     out = Path(args.out)
     log_path = out / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--out", str(out),
+    cmd = [sys.executable, "-m", "scripts.gpu_report", "--part", name, "--out", str(out),
            "--device", args.device] + (["--smoke"] if args.smoke else [])
     (out / "parts" / f"{name}.json").unlink(missing_ok=True)
     tic = time.perf_counter()

@@ -1,7 +1,7 @@
 """Make the official-parity fixtures of tests/test_convert.py with the official ToCo code.
 
     git clone https://github.com/rulixiang/ToCo /tmp/ToCo && git -C /tmp/ToCo checkout e13514d
-    python scripts/make_official_fixture.py --official /tmp/ToCo --out tests/official_fixtures
+    python -m scripts.make_official_fixture --official /tmp/ToCo --out tests/official_fixtures
 
 The official code is imported from --official at run time and never copied here. It builds
 three SMALL official networks (its `network` class, its forked ViT, LargeFOV and CTC heads; the
@@ -57,7 +57,7 @@ THRESHOLDS = {21: dict(high=0.7, low=0.25, bkg=0.5), 81: dict(high=0.65, low=0.2
 
 def import_official(root: Path) -> dict[str, types.ModuleType]:
     """The official modules, imported from the checkout at `root`."""
-    sys.path.insert(0, str(root))
+    sys.path.insert(0, str(root))  # the official checkout: its packages are `model`, `utils`
     for name in STUBBED:
         try:
             __import__(name)

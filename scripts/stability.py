@@ -1,8 +1,8 @@
 """Long-run stability: the built-in recipe trained with N seeds, short schedule.
 
-    python scripts/stability.py                          # 10 seeds x the recipe's schedule
-    python scripts/stability.py --seeds 2 --max-iters 20 --threads 1   # a quick check
-    python scripts/stability.py --config configs/voc_vit_b.yaml --data-root VOC2012 --max-iters 2000
+    python -m scripts.stability                          # 10 seeds x the recipe's schedule
+    python -m scripts.stability --seeds 2 --max-iters 20 --threads 1   # a quick check
+    python -m scripts.stability --config configs/voc_vit_b.yaml --data-root VOC2012 --max-iters 2000
 
 Per seed: how many steps had a non-finite loss (the run uses `--nonfinite skip`, so it goes on
 and counts them) or a non-finite gradient (checked before every optimizer step), and the final
@@ -25,11 +25,9 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from toco.atomic import write_bytes_atomic  # noqa: E402
-from toco.cli import ArgumentParser, run_cli  # noqa: E402
-from toco.config import parse_config  # noqa: E402
+from toco.atomic import write_bytes_atomic
+from toco.cli import ArgumentParser, run_cli
+from toco.config import parse_config
 
 MIOU_KEYS = ("cam_miou", "seg_miou")
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_smoke_runs_every_part_and_writes_the_report(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    res = subprocess.run([sys.executable, "scripts/gpu_report.py", "--smoke", "--out",
+    res = subprocess.run([sys.executable, "-m", "scripts.gpu_report", "--smoke", "--out",
                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -21,16 +21,17 @@ ENTRY_POINTS = {
     "-m toco.evaluation.mcis": "--partners",
     "-m datasets.check": "--dataset",
     "-m datasets.coco": "--workers",
-    "scripts/benchmark.py": "--iters",
-    "scripts/bench_crf.py": "--photos",
-    "scripts/bench_data.py": "--workers",
-    "scripts/bench_eval.py": "--protocols",
-    "scripts/bench_frozen.py": "--configs",
-    "scripts/bench_plugins.py": "--steps",
-    "scripts/bench_scale.py": "generate",
-    "scripts/gpu_report.py": "--smoke",
-    "scripts/make_official_fixture.py": "--official",
-    "scripts/stability.py": "--seeds",
+    "-m scripts.benchmark": "--iters",
+    "-m scripts.bench_crf": "--photos",
+    "-m scripts.bench_data": "--workers",
+    "-m scripts.bench_eval": "--protocols",
+    "-m scripts.bench_frozen": "--configs",
+    "-m scripts.bench_plugins": "--steps",
+    "-m scripts.bench_scale": "generate",
+    "-m scripts.gpu_report": "--smoke",
+    "-m scripts.make_official_fixture": "--official",
+    "-m scripts.probe_cli_libs": "--library",
+    "-m scripts.stability": "--seeds",
 }
 if (ROOT / "predict.py").exists():
     ENTRY_POINTS["predict.py"] = "--model"
@@ -48,7 +49,7 @@ def _modules_with_main() -> set[str]:
 def test_every_entry_point_is_listed():
     scripts = {p.name for p in ROOT.glob("*.py")}
     listed = set(ENTRY_POINTS)
-    assert {f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.py")
+    assert {f"-m scripts.{p.stem}" for p in (ROOT / "scripts").glob("*.py")
             if 'if __name__ == "__main__"' in p.read_text()} <= listed  # the rest: helpers
     assert _modules_with_main() <= listed
     assert {s for s in scripts if 'if __name__ == "__main__"' in (ROOT / s).read_text()} <= listed

@@ -177,7 +177,7 @@ def make_state(net: FakeNet, scale_cam_from_online: bool, b: int = 2, size: int 
 
 def test_identical_views_make_cross_prototype_equal_cross_cam():
     net = FakeNet()
-    ppc = PixelPrototypeContrast(8, 4, view_scale=1.0, bg_thr=0.3, topk_ratio=0.25)
+    ppc = PixelPrototypeContrast(8, 4, view_scale=1.0, bkg_thre=0.3, topk_ratio=0.25)
     out = ppc.compute(make_state(net, scale_cam_from_online=True))
     assert float(out["ppc_cp"]) == pytest.approx(float(out["ppc_cc"]), rel=1e-6)
     assert float(out["ppc_cp"]) > 0
@@ -185,7 +185,7 @@ def test_identical_views_make_cross_prototype_equal_cross_cam():
 
 def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     net = FakeNet()
-    ppc = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bg_thr=0.3,
+    ppc = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bkg_thre=0.3,
                                  semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
     state = make_state(net, scale_cam_from_online=False)
     out = ppc.compute(state)
@@ -197,7 +197,7 @@ def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     assert ppc.proj.fc1.weight.grad.abs().sum() > 0
     assert ("rescaled_view", 0.5, True) in state.extras  # one extra pass, cached
     # the same step and seed draw the same random pixels
-    again = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bg_thr=0.3,
+    again = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bkg_thre=0.3,
                                    semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
     again.load_state_dict(ppc.state_dict())
     out2 = again.compute(make_state(net, scale_cam_from_online=False))
@@ -207,8 +207,8 @@ def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
 
 def test_gather_scope_is_the_batch_scope_on_one_process():
     net = FakeNet()
-    a = PixelPrototypeContrast(8, 4, proto_scope="batch", bg_thr=0.3)
-    b = PixelPrototypeContrast(8, 4, proto_scope="gather", bg_thr=0.3)
+    a = PixelPrototypeContrast(8, 4, proto_scope="batch", bkg_thre=0.3)
+    b = PixelPrototypeContrast(8, 4, proto_scope="gather", bkg_thre=0.3)
     b.load_state_dict(a.state_dict())
     oa = a.compute(make_state(net, False))
     ob = b.compute(make_state(net, False))
@@ -280,9 +280,9 @@ def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
     net = FakeNet()
     state = make_state(net, scale_cam_from_online=False)
     state.cls_label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # 3 prototypes with bg
-    relative = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0),
+    relative = PixelPrototypeContrast(8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0),
                                       proto_scope="gather", semi_hard_min_first=0)
-    official = PixelPrototypeContrast(8, 4, bg_thr=0.3, terms=(0.0, 0.0, 1.0),
+    official = PixelPrototypeContrast(8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0),
                                       proto_scope="gather", semi_hard_window="absolute")
     official.load_state_dict(relative.state_dict())
     intra = relative.compute(state)["ppc_intra"]
@@ -319,7 +319,7 @@ def test_ema_prototypes_blend_and_stand_in_for_absent_classes():
 
 def test_ema_scope_trains_and_fills_its_buffers():
     net = FakeNet()
-    ppc = PixelPrototypeContrast(8, 4, bg_thr=0.3, proto_scope="ema")
+    ppc = PixelPrototypeContrast(8, 4, bkg_thre=0.3, proto_scope="ema")
     out = ppc.compute(make_state(net, scale_cam_from_online=False))
     assert all(torch.isfinite(v) for v in out.values())
     assert ppc.proto_seen.tolist() == [True, True, True, True]  # bg and the 3 classes of y
@@ -426,7 +426,7 @@ def test_default_settings_mine_semi_hard_prototypes():
 
     cfg = TrainConfig()
     s = cfg.plugins.ppc
-    assert ((s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bg_thr) ==
+    assert ((s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bkg_thre) ==
         ("ema", "relative", 2, 0.2))
     (ppc,) = build_ppc(s, BuildContext(cfg, 8, 4, __import__("toco.distributed").distributed
                                        .DistInfo()))

@@ -498,7 +498,7 @@ def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca(
     from toco.plugins import build_plugins
 
     stored = tiny_cfg(rca_mask_source="pseudo_label", rca_mixup_p=0.5).to_dict()
-    for key in ("fusion", "coarse_head", "coarse_weight", "coarse_pool", "enqueue_score",
+    for key in ("fusion", "coarse_head", "w_coarse", "coarse_pool", "enqueue_score",
                 "mixup_partner"):
         del stored["plugins"]["rca"][key]
     cfg = TrainConfig.from_saved(stored)

@@ -118,7 +118,7 @@ ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
                ("rca", "aggregation_insert"), ("mcis", "self_pairs"), ("mcis", "co_cam"),
                ("mcis", "co_cam_fuse"), ("mcis", "co_cam_start_iter"), ("ppc", "start_iter"),
                ("rca", "start_iter"), ("mcis", "start_iter"), ("ppc", "semi_hard_min_first"),
-               ("rca", "fusion"), ("rca", "coarse_head"), ("rca", "coarse_weight"),
+               ("rca", "fusion"), ("rca", "coarse_head"), ("rca", "w_coarse"),
                ("rca", "coarse_pool"), ("rca", "enqueue_score"), ("rca", "mixup_partner"),
                ("mcis", "co_cam_partners"), ("mcis", "co_cam_num_partners"),
                ("mcis", "co_cam_bank_size"), ("mcis", "co_cam_self_views"),
@@ -127,8 +127,12 @@ ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
 
 # defaults changed since (a config of that time stored the old value)
 OLD_DEFAULTS = {("rca", "mask_source"): "pseudo_label", ("rca", "mixup_p"): 0.5,
-                ("ppc", "proto_scope"): "gather", ("ppc", "bg_thr"): None,
+                ("ppc", "proto_scope"): "gather", ("ppc", "bkg_thre"): None,
                 ("mcis", "co_cam"): "off"}
+
+
+# settings renamed since (one spelling per concept): their name in configs of that time
+RENAMED = {("ppc", "bkg_thre"): "bg_thr", ("rca", "w_coarse"): "coarse_weight"}
 
 
 def _flat(cfg: TrainConfig) -> dict:
@@ -139,6 +143,7 @@ def _flat(cfg: TrainConfig) -> dict:
             if (name, key) in ADDED_SINCE:
                 continue
             value = OLD_DEFAULTS.get((name, key), value)
+            key = RENAMED.get((name, key), key)
             out[{"enable": name, "weight": f"w_{name}"}.get(key, f"{name}_{key}")] = value
     out["plugin_start_iter"] = 5
     return out
@@ -172,6 +177,30 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"
                                           "'plugins.ppc' section"):
         TrainConfig.from_dict({"ppc_semi_hard_top": 3})
+
+
+def test_renamed_settings_still_load_from_yaml_flags_and_stored_configs(tmp_path):
+    """PPC bg_thr -> bkg_thre (ToCo's name), RCA coarse_weight -> w_coarse (the w_ loss-weight
+    names): every earlier spelling still reads, and configs are written with the new one."""
+    section = TrainConfig.from_dict({"plugins": {"ppc": {"bg_thr": 0.3},
+                                                 "rca": {"coarse_weight": 0.7}}})
+    flat = TrainConfig.from_dict({"ppc_bg_thr": 0.3, "rca_coarse_weight": 0.7})
+    dotted = TrainConfig.from_dict({"plugins.ppc.bg_thr": 0.3,
+                                    "plugins.rca.coarse_weight": 0.7})
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("plugins:\n  ppc: {enable: true, bg_thr: 0.3}\n"
+                      "  rca: {coarse_weight: 0.7}\n")
+    from_yaml = parse_config(["--config", str(recipe)])[0]
+    flags = parse_config(["--ppc-bg-thr", "0.3", "--rca-coarse-weight", "0.7"])[0]
+    new_flags = parse_config(["--ppc-bkg-thre", "0.3", "--rca-w-coarse", "0.7"])[0]
+    for cfg in (section, flat, dotted, from_yaml, flags, new_flags):
+        assert (cfg.plugins.ppc.bkg_thre, cfg.plugins.rca.w_coarse) == (0.3, 0.7)
+    stored = from_yaml.to_dict()["plugins"]
+    assert "bkg_thre" in stored["ppc"] and "bg_thr" not in stored["ppc"]
+    assert "w_coarse" in stored["rca"] and "coarse_weight" not in stored["rca"]
+    assert TrainConfig.from_saved({"plugins": {"ppc": {"bg_thr": 0.1}}}).plugins.ppc.bkg_thre == 0.1
+    with pytest.raises(ConfigError, match="bad value 'x' for 'plugins.ppc.bg_thr'"):
+        TrainConfig.from_dict({"plugins": {"ppc": {"bg_thr": "x"}}})
 
 
 def test_the_builtin_plugins_are_registered_in_order():

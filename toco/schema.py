@@ -3,8 +3,10 @@
 A setting is a dataclass field made by `setting(...)`: its default, a help line, optional
 choices, the element type of a tuple, the help group, and `before`: the value that reproduces
 what runs did before the setting existed, for stored configs that predate it (a callable gets
-the stored config, for settings whose old behaviour depended on another one). The YAML key is
-the field name and the flag the same with dashes; the helpers below read these fields, so the
+the stored config, for settings whose old behaviour depended on another one), and
+`renamed_from`: earlier names of the setting, still read from YAML, flags and stored configs
+(one spelling per concept without breaking a recipe). The YAML key is the field name and the
+flag the same with dashes; the helpers below read these fields, so the
 core config (toco.config) and the plug-in section (toco.config.plugin_section) type values,
 build flags, check choices and load old configs the same way.
 """
@@ -23,11 +25,12 @@ _UNSET = object()
 
 def setting(default: Any, help: str, choices: Sequence[Any] | None = None,
             group: str = "misc", *, elem: type | None = None, before: Any = _UNSET,
-            internal: bool = False) -> Any:
+            internal: bool = False, renamed_from: Sequence[str] = ()) -> Any:
     """A typed setting (a dataclass field); tuples get `elem` (default: the first item's type).
 
     `internal`: stored and read from YAML, but no flag of its own."""
-    meta: dict[str, Any] = {"help": help, "group": group, "internal": internal}
+    meta: dict[str, Any] = {"help": help, "group": group, "internal": internal,
+                            "renamed_from": tuple(renamed_from)}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if before is not _UNSET:
@@ -42,6 +45,22 @@ def setting(default: Any, help: str, choices: Sequence[Any] | None = None,
 def fields_of(cls: type) -> dict[str, dataclasses.Field]:
     """The settings of a settings dataclass, by name, in declaration order."""
     return {f.name: f for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _old_names(cls: type) -> dict[str, str]:
+    return {old: name for name, f in fields_of(cls).items()
+            for old in f.metadata.get("renamed_from", ())}
+
+
+def current_name(cls: type, key: str) -> str:
+    """The setting's name for `key`, which may be one of its earlier names (`renamed_from`)."""
+    return _old_names(cls).get(key, key)
+
+
+def old_names(cls: type, name: str) -> tuple[str, ...]:
+    """The earlier names of a setting (its `renamed_from`)."""
+    return fields_of(cls)[name].metadata.get("renamed_from", ())
 
 
 @functools.cache

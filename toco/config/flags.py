@@ -32,6 +32,9 @@ def build_parser(extra: Optional[Callable[[argparse.ArgumentParser], None]] = No
         else:
             kwargs.update(schema.flag_options(TrainConfig, name))
         group.add_argument(flag, **kwargs)
+        for old_name in schema.old_names(TrainConfig, name):  # earlier spellings still work
+            group.add_argument("--" + old_name.replace("_", "-"),
+                               **{**kwargs, "help": argparse.SUPPRESS})
     _add_module_flag(groups.setdefault("plugins", parser.add_argument_group("plugins")))
     add_plugin_flags(parser)
     if extra is not None:

@@ -35,10 +35,10 @@ def _coerce_section(name: str, values: Any, source: str) -> dict[str, Any]:
     known = schema.fields_of(plugin.settings)
     out = {}
     for raw, value in values.items():
-        key = str(raw).replace("-", "_")
+        key = schema.current_name(plugin.settings, str(raw).replace("-", "_"))
         if key not in known:
             raise schema.unknown_key(f"setting of plug-in {name}", key, known, source)
-        out[key] = schema.convert(plugin.settings, key, value, source, f"{SECTION}.{name}.{key}")
+        out[key] = schema.convert(plugin.settings, key, value, source, f"{SECTION}.{name}.{raw}")
     return out
 
 
@@ -84,7 +84,7 @@ def split_plugin_values(values: dict[str, Any], source: str
             if owner is None:
                 core[raw] = value
                 continue
-            setting_name = key[len(owner) + 1:]
+            setting_name = schema.current_name(plugins[owner].settings, key[len(owner) + 1:])
             if setting_name not in schema.fields_of(plugins[owner].settings):
                 raise ConfigError(
                     f"{source}: '{key}' is no longer a setting: plug-in settings live in the "
@@ -262,6 +262,10 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
                 group.add_argument("--no-" + flag[2:], key=key, nargs=0, const=False,
                                    help=argparse.SUPPRESS, **common)
                 continue
+            for old_name in schema.old_names(plugin.settings, f.name):  # still accepted
+                group.add_argument("--" + flag_name(name, old_name), key=key,
+                                   help=argparse.SUPPRESS, **common,
+                                   **schema.flag_options(plugin.settings, f.name))
             flags = [flag, f"--w-{name}"] if f.name == "weight" else [flag]
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
             choices = f.metadata.get("choices")

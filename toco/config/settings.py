@@ -457,7 +457,7 @@ def coerce_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
     values, plugin_values = split_plugin_values(values, source)
     out = flatten_plugin_values(plugin_values)
     for raw_key, value in values.items():
-        key = str(raw_key).replace("-", "_")
+        key = schema.current_name(TrainConfig, str(raw_key).replace("-", "_"))
         if key not in FIELDS:
             raise schema.unknown_key("setting", str(raw_key), FIELDS, source)
         out[key] = schema.convert(TrainConfig, key, value, source, str(raw_key))

@@ -8,7 +8,7 @@ T's token grid: S's embeddings and multi-scale CAMs are area-pooled onto it.
 Symbols (paper / official code):
     v_i        L2-normalised projected embedding of pixel i (projection head D -> 256 -> 128)
     y^V        per-view pseudo label: argmax over the present classes of the normalised CAM,
-               background where the best score <= beta (`bg_thr`); optional ignore band
+               background where the best score <= beta (`bkg_thre`); optional ignore band
     p_c^V      prototype of class c in view V: normalise(sum_i m_c(i) v_i) over the top-K
                pixels of the batch by the class score m_c (background score: 1 - max fg score)
     F(v; y; P) = -log( exp(v.p_y / tau) / sum_c exp(v.p_c / tau) )
@@ -63,16 +63,16 @@ IGNORE = 255
 OFFICIAL_PROTOTYPES = 21
 
 
-def ppc_pseudo_label(cam: Tensor, cls_label: Tensor, bg_thr: float, valid: Tensor,
+def ppc_pseudo_label(cam: Tensor, cls_label: Tensor, bkg_thre: float, valid: Tensor,
                      band: Optional[tuple[float, float]] = None) -> Tensor:
     """Per-view pseudo label y (B, h, w): 0 background, k + 1 class k, IGNORE.
 
     cam: normalised CAMs (B, K, h, w); cls_label: (B, K) multi-hot; valid: (B, h, w) bool.
-    y = argmax_k(cam * label) + 1 where that maximum v > bg_thr, else 0. With `band = (low,
+    y = argmax_k(cam * label) + 1 where that maximum v > bkg_thre, else 0. With `band = (low,
     high)`, pixels with low < v <= high are ignored instead (ToCo's uncertain band).
     """
     v, k = (cam * cls_label[:, :, None, None].to(cam.dtype)).max(dim=1)
-    label = torch.where(v > bg_thr, k + 1, torch.zeros_like(k))
+    label = torch.where(v > bkg_thre, k + 1, torch.zeros_like(k))
     if band is not None:
         label = torch.where((v > band[0]) & (v <= band[1]), torch.full_like(k, IGNORE), label)
     return torch.where(valid, label, torch.full_like(k, IGNORE))
@@ -243,7 +243,7 @@ class PixelPrototypeContrast(LossModule):
         proj_dim, proj_relu: projection head D -> 256 -> proj_dim (ReLU on the output: official).
         view_scale, view_flip: view T = S resized by view_scale (then mirrored).
         topk_ratio: K = topk_ratio x (tokens of one T image), the prototype's top-K over the batch.
-        bg_thr: beta, the background threshold of the pseudo labels (official 0.2).
+        bkg_thre: beta, the background threshold of the pseudo labels (official 0.2).
         ignore_band: (low, high) uncertain band to ignore, or None (official: no band).
         absent_protos: absent classes get prototypes too (negatives only; official).
         proto_scope: 'batch' (this rank), 'gather' (all ranks' pixels, identical prototypes) or
@@ -269,7 +269,7 @@ class PixelPrototypeContrast(LossModule):
     def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.1,
                  start_iter: int = 0, tau: float = 0.1, proj_dim: int = 128,
                  proj_relu: bool = False, view_scale: float = 0.5, view_flip: bool = False,
-                 topk_ratio: float = 0.125, bg_thr: float = 0.2,
+                 topk_ratio: float = 0.125, bkg_thre: float = 0.2,
                  ignore_band: Optional[tuple[float, float]] = None,
                  absent_protos: bool = False, proto_scope: str = "ema",
                  ema_momentum: float = 0.9, semi_hard: Sequence[int] = (3, 13),
@@ -287,7 +287,7 @@ class PixelPrototypeContrast(LossModule):
         self.proj = ProjectionHead(embed_dim, 256, proj_dim, final_relu=proj_relu)
         self.tau = tau
         self.view_scale, self.view_flip = view_scale, view_flip
-        self.topk_ratio, self.bg_thr, self.ignore_band = topk_ratio, bg_thr, ignore_band
+        self.topk_ratio, self.bkg_thre, self.ignore_band = topk_ratio, bkg_thre, ignore_band
         self.absent_protos, self.proto_scope = absent_protos, proto_scope
         self.semi_hard = (int(semi_hard[0]), int(semi_hard[1]))
         self.semi_hard_window, self.ema_momentum = semi_hard_window, ema_momentum
@@ -352,8 +352,8 @@ class PixelPrototypeContrast(LossModule):
                               (tok_stride(h, images_t.shape[-2], state.model.patch_size),
                                tok_stride(w, images_t.shape[-1], state.model.patch_size)))
         band = self.ignore_band
-        lab_s = ppc_pseudo_label(cam_s, y, self.bg_thr, valid, band)
-        lab_t = ppc_pseudo_label(cam_t, y, self.bg_thr, valid, band)
+        lab_s = ppc_pseudo_label(cam_s, y, self.bkg_thre, valid, band)
+        lab_t = ppc_pseudo_label(cam_t, y, self.bkg_thre, valid, band)
         with full_precision(emb_s):
             return self._losses(state, emb_s, emb_t, cam_s, cam_t, lab_s, lab_t, grid)
 
@@ -452,9 +452,10 @@ class PPCSettings(PluginSettings):
     view2_flip: bool = setting(False, "second view is also mirrored")
     topk_ratio: float = setting(0.125, "prototype: top-K pixels per class over the batch, "
                                 "K = ratio x tokens of one second-view image")
-    bg_thr: Optional[float] = setting(0.2, "label: foreground where the best present-class CAM "
-                                      "score exceeds this (official SEAM branch: 0.2, EPS: "
-                                      "0.1; none: ToCo's bkg_thre)")
+    bkg_thre: Optional[float] = setting(0.2, "label: foreground where the best present-class "
+                                        "CAM score exceeds this (official SEAM branch: 0.2, "
+                                        "EPS: 0.1; none: ToCo's bkg_thre)",
+                                        renamed_from=("bg_thr",))
     ignore_band: bool = setting(False, "label: scores in (low_thre, high_thre] are ignored")
     absent_protos: bool = setting(False, "prototypes of classes absent from the batch serve as "
                                   "negatives (official code)")
@@ -489,8 +490,8 @@ class PPCSettings(PluginSettings):
              "PPC second view under 32 px (fewer than 2x2 tokens)")
         need(0 < self.topk_ratio <= 1, f"{key('topk_ratio')} must be in (0, 1], got "
              f"{self.topk_ratio}")
-        need(self.bg_thr is None or 0 <= self.bg_thr <= 1,
-             f"{key('bg_thr')} must be in [0, 1], got {self.bg_thr}")
+        need(self.bkg_thre is None or 0 <= self.bkg_thre <= 1,
+             f"{key('bkg_thre')} must be in [0, 1], got {self.bkg_thre}")
         need(0 <= self.ema_momentum < 1, f"{key('ema_momentum')} must be in [0, 1), got "
              f"{self.ema_momentum}")
         need(len(self.semi_hard) == 2 and 0 <= self.semi_hard[0] < self.semi_hard[1],
@@ -514,7 +515,7 @@ def build_ppc(settings: PPCSettings, ctx: BuildContext) -> list[LossModule]:
         ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=s.start(cfg), tau=s.tau,
         proj_dim=s.proj_dim, proj_relu=s.proj_relu, view_scale=s.view2_scale,
         view_flip=s.view2_flip, topk_ratio=s.topk_ratio,
-        bg_thr=cfg.bkg_thre if s.bg_thr is None else s.bg_thr,
+        bkg_thre=cfg.bkg_thre if s.bkg_thre is None else s.bkg_thre,
         ignore_band=(cfg.low_thre, cfg.high_thre) if s.ignore_band else None,
         absent_protos=s.absent_protos, proto_scope=s.proto_scope, ema_momentum=s.ema_momentum,
         semi_hard=s.semi_hard, semi_hard_window=s.semi_hard_window,

@@ -589,8 +589,9 @@ class RCASettings(PluginSettings):
     coarse_head: bool = setting(True, "the official coarse pre-aggregation head (1x1 classifier "
                                 "on the tokens before aggregation; its CAM gives the region "
                                 "masks, loss rca_coarse)", before=False)
-    coarse_weight: float = setting(0.4, "weight of the coarse head's classification loss "
-                                   "(official 0.4; absolute, not times the plug-in weight)")
+    w_coarse: float = setting(0.4, "weight of the coarse head's classification loss (official "
+                              "0.4; absolute, not times the plug-in weight)",
+                              renamed_from=("coarse_weight",))
     coarse_pool: str = setting("gap", "pooling of the coarse head's CAM for its loss (official "
                                "GAP; gmp: ToCo's)", ["gap", "gmp"])
     attention: str = setting("softmax", "aggregation attention: softmax over centroids (scaled "
@@ -638,8 +639,8 @@ class RCASettings(PluginSettings):
             need(0 <= getattr(self, name) <= 1,
                  f"{key(name)} must be in [0, 1], got {getattr(self, name)}")
         need(self.momentum < 1, f"{key('momentum')} must be < 1 (1 never writes the memory)")
-        need(self.coarse_weight >= 0, f"{key('coarse_weight')} must be >= 0, got "
-             f"{self.coarse_weight}")
+        need(self.w_coarse >= 0, f"{key('w_coarse')} must be >= 0, got "
+             f"{self.w_coarse}")
         need(self.coarse_head or self.mask_source != "coarse_mean",
              f"{key('mask_source')} coarse_mean needs {key('coarse_head')}")
 
@@ -678,7 +679,7 @@ def build_rca(s: RCASettings, ctx: BuildContext) -> list[LossModule]:
     memory = aggregation.memory if aggregation is not None else build_rca_memory(
         s, ctx.num_classes)
     contrast = s.contrast and s.weight > 0
-    coarse = [RCACoarseHead(ctx.embed_dim, ctx.num_classes, s.coarse_weight, s.coarse_pool)
+    coarse = [RCACoarseHead(ctx.embed_dim, ctx.num_classes, s.w_coarse, s.coarse_pool)
               ] if s.coarse_head else []
     return coarse + [RegionalContrast(
         ctx.embed_dim, ctx.num_classes, memory, weight=s.weight if contrast else 1.0,

@@ -43,7 +43,8 @@ SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pr
 def make_batch(cfg: TrainConfig, num_fg: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     b, s = cfg.batch_size, cfg.crop_size
-    img = lambda: torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)
+    def img() -> torch.Tensor:
+        return torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)
     labels = torch.zeros(b, num_fg)
     for i in range(0, b, 2):  # pairs share class i % num_fg (what the MCIS sampler guarantees)
         labels[i:i + 2, i % num_fg] = 1

@@ -20,10 +20,10 @@
   written first) over the first 1,000 val images and over all of them: peak RSS of each and
   the growth (the issue's bound: under 10%).
 
-Peak RSS (MiB) is the kernel's max RSS of the measured process or of the largest of its
-waited-for children (wait4): the largest single process, not the sum over loader or pool workers. The COCO
-pictures default to 96x128 (82,783 real-size JPEGs need ~5 GB); masks, instances and headers
-are of real count, and --image-size 480 640 gives real-size pictures.
+Peak RSS (MiB) is the kernel's max RSS of the measured process or of the largest of its waited-for
+children (wait4): the largest single process, not the sum over loader or pool workers. The COCO
+pictures default to 96x128 (82,783 real-size JPEGs need ~5 GB); masks, instances and headers are of
+real count, and --image-size 480 640 gives real-size pictures.
 """
 from __future__ import annotations
 

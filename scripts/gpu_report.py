@@ -1,18 +1,21 @@
 """One prepared GPU report: training, loader, evaluation and bf16-vs-fp32 figures in <= 8 minutes.
 
-    python -m scripts.gpu_report                           # on a GPU machine -> work_dirs/gpu_report
-    python -m scripts.gpu_report --smoke --out /tmp/r      # every part at a tiny size on the CPU
+    python -m scripts.gpu_report                       # on a GPU machine -> work_dirs/gpu_report
+    python -m scripts.gpu_report --smoke --out /tmp/r  # every part at a tiny size on the CPU
 
 Parts, in this order, each in its own process with its own time budget (seconds, on a GPU):
 
-| part | what | budget |
-|---|---|---|
-| train_fp32 | scripts/benchmark.py at configs/voc_vit_b.yaml (ViT-B/16, random weights, crop 448, batch 4): s/it, images/s, peak memory; fp32 with TF32 matmuls as the recipe | 60 |
-| train_bf16 | the same with --amp bf16 | 45 |
-| eval | scripts/bench_eval.py: images/s of train-val and voc-ms, each with and without CRF, 500x375 | 70 |
-| loader | scripts/bench_data.py at the VOC recipe on generated 500x375 JPEGs, 0 .. all CPU cores as workers | 45 |
-| agreement | configs/synthetic.yaml for 300 iterations in fp32 and in bf16 (same seed): logged losses and final mIoU side by side | 110 |
-| train_bf16_compile | train_bf16 with --compile default (slow first steps while it compiles) | 140 |
+- train_fp32 (60): scripts/benchmark.py at configs/voc_vit_b.yaml (ViT-B/16, random weights,
+  crop 448, batch 4): s/it, images/s, peak memory; fp32 with TF32 matmuls as the recipe
+- train_bf16 (45): the same with --amp bf16
+- eval (70): scripts/bench_eval.py: images/s of train-val and voc-ms, each with and without
+  CRF, 500x375
+- loader (45): scripts/bench_data.py at the VOC recipe on generated 500x375 JPEGs, 0 .. all CPU
+  cores as workers
+- agreement (110): configs/synthetic.yaml for 300 iterations in fp32 and in bf16 (same seed):
+  logged losses and final mIoU side by side
+- train_bf16_compile (140): train_bf16 with --compile default (slow first steps while it
+  compiles)
 
 The whole report stops at --total seconds (default 470): each part gets the smaller of its budget
 and the time left, and a part that overruns is killed and recorded as `timed out`, as is one
@@ -231,8 +234,9 @@ def markdown(state: dict[str, Any]) -> str:
     if train:
         c = train[0][1]["config"]
         lines += ["", f"## Training step, configs/voc_vit_b.yaml ({c['backbone']}, random "
-                  f"weights, crop {c['crop_size']}, batch {c['batch_size']})", "", "| run | s/it | images/s | target images/s | peak GB | "
-                  "bare backbone s/it |", "|---|---|---|---|---|---|"]
+                  f"weights, crop {c['crop_size']}, batch {c['batch_size']})", "",
+                  "| run | s/it | images/s | target images/s | peak GB | bare backbone s/it |",
+                  "|---|---|---|---|---|---|"]
         for k, r in train:
             ok = "met" if r["train_images_per_s"] >= TARGETS[k] else "NOT met"
             peak = r["peak_memory_gb"]

@@ -23,7 +23,8 @@ TINY = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=
 
 def batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    def img() -> torch.Tensor:
+        return torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
     return {"image": img(), "view2": img(), "local_view": img(),
             "cls_label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
             "img_box": torch.tensor([[0, 32, 0, 32], [4, 28, 0, 30]])}

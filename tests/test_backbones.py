@@ -133,7 +133,8 @@ def tiny_config(patch: int, **overrides) -> TrainConfig:
 
 def batch(size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    img = lambda: torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
+    def img() -> torch.Tensor:
+        return torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
     return {"image": img(), "view2": img(), "local_view": img(),
             "cls_label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
             "img_box": torch.tensor([[0, size, 0, size], [2, size - 3, 0, size - 1]])}
@@ -282,7 +283,8 @@ def test_freeze_flags_reach_the_model_and_the_recorded_config():
     from toco.build import build_model
 
     cfg, _ = parse_config(["--backbone", "deit_tiny_patch16_224", "--pretrained", "none",
-                           "--backbone-depth", "2", "--aux-layer", "0", "--freeze-backbone", "--layer-decay", "0.75",
+                           "--backbone-depth", "2", "--aux-layer", "0", "--freeze-backbone",
+                           "--layer-decay", "0.75",
                            "--input-norm", "imagenet", "--decoder-dim", "8"])
     recorded = cfg.to_dict()
     assert recorded["freeze_backbone"] is True and recorded["layer_decay"] == 0.75

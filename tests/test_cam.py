@@ -44,10 +44,13 @@ def naive_multi_scale(cam_fn, images, scales, flip):
             for i in range(b):
                 x = images[i : i + 1]
                 if s != 1.0:
-                    x = F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False)
-                m = F.interpolate(cam_fn(x)[which], size=(h, w), mode="bilinear", align_corners=False)
+                    x = F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear",
+                                      align_corners=False)
+                m = F.interpolate(cam_fn(x)[which], size=(h, w), mode="bilinear",
+                                  align_corners=False)
                 if flip:
-                    mf = F.interpolate(cam_fn(x.flip(-1))[which], size=(h, w), mode="bilinear", align_corners=False)
+                    mf = F.interpolate(cam_fn(x.flip(-1))[which], size=(h, w), mode="bilinear",
+                                       align_corners=False)
                     m = torch.maximum(m, mf.flip(-1))
                 total[i] += m[0].clamp_min(0)
         for i in range(b):
@@ -110,7 +113,8 @@ def test_cam_to_label_matches_naive_loops(ignore_mid):
     cam = torch.rand(b, k, h, w)
     y = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.float32)
     box = torch.tensor([[1, 6, 0, 9], [0, 7, 2, 5], [3, 3, 0, 9]])  # last one is empty
-    valid, label = cam_to_label(cam, y, box, bkg_thre=0.45, high_thre=0.65, low_thre=0.3, ignore_mid=ignore_mid)
+    valid, label = cam_to_label(cam, y, box, bkg_thre=0.45, high_thre=0.65, low_thre=0.3,
+                                ignore_mid=ignore_mid)
     c, yv = cam.numpy(), y.numpy()
     for i in range(b):
         for r in range(h):
@@ -206,10 +210,12 @@ def test_refine_combination_rule_by_hand():
     y = torch.tensor([[1.0, 0.0]])  # class 2 absent: its 0.95 is ignored
     images = torch.rand(1, 3, 1, 4)
     par = PAR(num_iter=0, dilations=(1,))
-    out = refine_cams_with_bkg(par, images, cams, y, None, high_thre=0.7, low_thre=0.25, down_scale=1)
+    out = refine_cams_with_bkg(par, images, cams, y, None, high_thre=0.7, low_thre=0.25,
+                               down_scale=1)
     assert out.tolist() == [[[1, 255, 0, 1]]]
     box = torch.tensor([[0, 1, 1, 4]])
-    out = refine_cams_with_bkg(par, images, cams, y, box, high_thre=0.7, low_thre=0.25, down_scale=1)
+    out = refine_cams_with_bkg(par, images, cams, y, box, high_thre=0.7, low_thre=0.25,
+                               down_scale=1)
     assert out.tolist() == [[[255, 255, 0, 1]]]
 
 

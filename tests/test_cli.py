@@ -14,7 +14,8 @@ from tests.fixtures import ImageSpec, boxes_mask, make_voc_tree
 from toco.checkpoint import load_checkpoint
 from toco.cli import run_cli
 
-TINY = ["--backbone", "deit_tiny_patch16_224", "--backbone-depth", "2", "--aux-layer", "0", "--pretrained", "none",
+TINY = ["--backbone", "deit_tiny_patch16_224", "--backbone-depth", "2", "--aux-layer", "0",
+        "--pretrained", "none",
         "--crop-size", "64", "--local-crop-size", "32", "--num-local-crops", "2",
         "--batch-size", "2", "--decoder-dim", "16", "--num-workers", "0",
         "--cam-scales", "1.0", "0.5", "--val-scales", "1.0", "--par-iters", "2",

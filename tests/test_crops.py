@@ -31,7 +31,8 @@ def test_crops_are_direct_slices_and_flags_are_direct_sums():
     b, n, s, m = 2, 5, 8, 4
     crops, flags = sample_local_crops(image, roi, num_crops=n, crop_size=s, neg_ratio=0.9,
                                       generator=torch.Generator().manual_seed(1))
-    assert crops.shape == (n * b, 3, s, s) and flags.shape == (b, n) and flags.dtype == torch.float32
+    assert crops.shape == (n * b, 3, s, s) and flags.shape == (b, n)
+    assert flags.dtype == torch.float32
     for i in range(b):
         seen = set()
         for j in range(n):
@@ -87,11 +88,11 @@ def test_flag_threshold_is_inclusive_for_negatives():
     # Every 5-wide crop holds exactly one column of 1s: ratio = 5 / 25 = 0.2 <= neg_ratio -> 0.
     roi = torch.zeros(1, 12, 15, dtype=torch.int16)
     roi[..., ::5] = 1
-    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5, neg_ratio=0.2,
-                                  generator=torch.Generator().manual_seed(0))
+    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5,
+                                  neg_ratio=0.2, generator=torch.Generator().manual_seed(0))
     assert (flags == 0).all()
-    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5, neg_ratio=0.19,
-                                  generator=torch.Generator().manual_seed(0))
+    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5,
+                                  neg_ratio=0.19, generator=torch.Generator().manual_seed(0))
     assert (flags == 1).all()
 
 

@@ -95,7 +95,8 @@ def test_losses_match_independent_values_and_skip_empty_unshared_rows():
     common = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
     assert float(out["mcis_co"]) == pytest.approx(mlsm(co, torch.cat([common, common])).mean(),
                                                   rel=1e-5)
-    gate = lambda f, a: f * (1 - torch.sigmoid(a @ mcis.head.gate.weight.t()))
+    def gate(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return f * (1 - torch.sigmoid(a @ mcis.head.gate.weight.t()))
     ex = torch.cat([gate(x[0::2], att_m), gate(x[1::2], att_n)]).mean(1) @ w.t()
     y_ex = torch.tensor([[0, 1.0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])  # rows m0, m1, n0, n1
     per_row = mlsm(ex, y_ex)

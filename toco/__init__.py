@@ -1,7 +1,7 @@
 """ToCo-style weakly-supervised semantic segmentation.
 
-`from toco import load_segmenter` is the Python API (toco.predict.segmenter); it is imported on first
-use, so `import toco` stays cheap for the command-line tools.
+`from toco import load_segmenter` is the Python API (toco.predict.segmenter); it is imported on
+first use, so `import toco` stays cheap for the command-line tools.
 """
 from __future__ import annotations
 

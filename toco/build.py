@@ -22,8 +22,8 @@ from toco.method.losses import (
 )
 from toco.method.step import LossModule
 
-__all__ = ["build_model", "build_loss_modules", "input_normalisation", "compile_backbone", "dataset_spec",
-           "train_dataset", "eval_dataset", "layout_params", "seed_worker"]
+__all__ = ["build_model", "build_loss_modules", "input_normalisation", "compile_backbone",
+           "dataset_spec", "train_dataset", "eval_dataset", "layout_params", "seed_worker"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:

@@ -13,8 +13,10 @@ from toco.config.recipes import display_path, load_recipe_chain, resolve_recipes
 from toco.config.settings import FIELDS, OFFICIAL_BEHAVIOUR, TrainConfig
 from toco.plugins.registry import MODULES_KEY, import_plugin_modules
 
+ExtraFlags = Optional[Callable[[argparse.ArgumentParser], None]]  # adds a script's own flags
 
-def build_parser(extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.ArgumentParser:
+
+def build_parser(extra: ExtraFlags = None) -> argparse.ArgumentParser:
     """One flag per TrainConfig field, grouped; `extra(parser)` may add script-only flags."""
     parser = ArgumentParser(description="Train a ToCo-style single-stage WSSS model.")
     parser.add_argument("--config", help="YAML recipe whose values become the defaults")
@@ -49,7 +51,7 @@ def _add_module_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
 
 
 def parse_config(argv: Optional[Sequence[str]] = None,
-                 extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> tuple[TrainConfig, argparse.Namespace]:
+                 extra: ExtraFlags = None) -> tuple[TrainConfig, argparse.Namespace]:
     """Parse flags (and the YAML named by --config) into a validated TrainConfig.
 
     Returns the config and the namespace (for script-only flags added by `extra`).

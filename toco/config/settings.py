@@ -80,8 +80,9 @@ class TrainConfig:
                                         group="model")
     freeze_backbone: bool = setting(False, "train no backbone parameter (the encoder then runs "
                                     "without autograd)", group="model")
-    trainable_blocks: Optional[int] = setting(None, "train only the last K backbone blocks (and the "
-                                              "final norm/pool); default: all", group="model")
+    trainable_blocks: Optional[int] = setting(None, "train only the last K backbone blocks (and "
+                                              "the final norm/pool); default: all",
+                                              group="model")
 
     # Optimisation
     batch_size: int = setting(4, "global batch size", group="optim")

@@ -227,11 +227,14 @@ def refine_cams_with_bkg(
         planes = torch.cat([bkg * high_thre, bkg * low_thre, fg], dim=1)
         planes = F.interpolate(planes, size=size, mode="bilinear", align_corners=False)
         fg_small = planes[:, 2:]
-        stacks = torch.cat([planes[:, :1], fg_small, planes[:, 1:2], fg_small], dim=1)  # (B, 2K, ...)
+        # (B, 2K, ...)
+        stacks = torch.cat([planes[:, :1], fg_small, planes[:, 1:2], fg_small], dim=1)
         stacks = stacks.masked_fill(~slot_ok.repeat(1, 2)[:, :, None, None], float("-inf"))
         probs = torch.cat([stacks[:, :k].softmax(dim=1), stacks[:, k:].softmax(dim=1)], dim=1)
-        refined = F.interpolate(par(small, probs), size=(h, w), mode="bilinear", align_corners=False)
-        slot = torch.stack([refined[:, :k].argmax(dim=1), refined[:, k:].argmax(dim=1)])  # (2, B, H, W)
+        refined = F.interpolate(par(small, probs), size=(h, w), mode="bilinear",
+                                align_corners=False)
+        # (2, B, H, W)
+        slot = torch.stack([refined[:, :k].argmax(dim=1), refined[:, k:].argmax(dim=1)])
     labels = slot_class.gather(1, slot.permute(1, 0, 2, 3).flatten(1)).view(b, 2, h, w)
     label_h, label_l = labels[:, 0], labels[:, 1]
     ignore = torch.full_like(label_h, ignore_index)

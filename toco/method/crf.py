@@ -10,10 +10,10 @@ Mean-field inference for a fully connected CRF over the pixels of each image, wi
 and the update  Q ← softmax(-ψ_u + Σ_k w_k k̃_k Q)  repeated `iterations` times from
 Q = softmax(-ψ_u), as pydensecrf's `DenseCRF2D.inference` does (self term included).
 
-The appearance kernel is the permutohedral lattice of `toco.method.bilateral` (the same approximation
-pydensecrf uses, so the outputs agree); the smoothness kernel is the exact Gaussian as two
-1-D convolutions (pydensecrf approximates it with a second lattice). Everything is batched
-and device-agnostic. `dense_crf_pydensecrf` runs pydensecrf itself when it is installed.
+The appearance kernel is the permutohedral lattice of `toco.method.bilateral` (the same
+approximation pydensecrf uses, so the outputs agree); the smoothness kernel is the exact Gaussian as
+two 1-D convolutions (pydensecrf approximates it with a second lattice). Everything is batched and
+device-agnostic. `dense_crf_pydensecrf` runs pydensecrf itself when it is installed.
 """
 from __future__ import annotations
 

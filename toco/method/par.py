@@ -67,7 +67,8 @@ class PAR(nn.Module):
         if num_iter < 0:
             raise ValueError(f"PAR num_iter must be >= 0, got {num_iter}")
         if not dilations or min(dilations) < 1:
-            raise ValueError(f"PAR dilations must be a non-empty list of ints >= 1, got {dilations}")
+            raise ValueError("PAR dilations must be a non-empty list of ints >= 1, "
+                             f"got {dilations}")
         self.num_iter = int(num_iter)
         self.dilations = tuple(int(d) for d in dilations)
         self.w1 = float(w1)
@@ -108,7 +109,8 @@ class PAR(nn.Module):
             padded = F.pad(masks, (pad, pad, pad, pad), mode="replicate")
             out = torch.zeros_like(masks)
             for n, (oy, ox) in enumerate(self._offsets):
-                out.addcmul_(padded[..., pad + oy : pad + oy + h, pad + ox : pad + ox + w], aff[:, n : n + 1])
+                window = padded[..., pad + oy : pad + oy + h, pad + ox : pad + ox + w]
+                out.addcmul_(window, aff[:, n : n + 1])
             masks = out
         return masks
 
@@ -131,5 +133,6 @@ class PAR(nn.Module):
             image = image.to(dtype)
             masks = masks.to(dtype)
             if masks.shape[-2:] != image.shape[-2:]:
-                masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear", align_corners=True)
+                masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear",
+                                      align_corners=True)
             return self.propagate(masks, self.affinity(image))

@@ -113,7 +113,8 @@ class LossModule(nn.Module):
     # True for a term that reads `state.seg_logits`: the engine runs the decoder only then.
     needs_decoder: bool = False
     # True for a term that reads the final tokens of ToCo's multi-scale CAM passes
-    # (`state.extras[CAM_VIEWS]`, see toco.method.cam.split_cam_passes): the engine keeps them only then.
+    # (`state.extras[CAM_VIEWS]`, see toco.method.cam.split_cam_passes): the engine keeps them
+    # only then.
     needs_cam_views: bool = False
 
     def __init__(self, weight: float, start_iter: int = 0) -> None:

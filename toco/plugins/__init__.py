@@ -1,17 +1,16 @@
 """Seed plug-ins on the single-stage pipeline: PPC, RCA and MCIS (design notes: docs/plugins.md).
 
 A plug-in is one module that declares its typed settings and registers itself
-(toco.plugins.registry). Its losses are `toco.method.step.LossModule`s: a plug-in has a `weight` and a
-`start_iter`, receives the step's `StepState` (final / aux token maps and class token, image and
-decoder logits, multi-scale CAMs, lazily computed pseudo labels, image labels, the iteration,
-and the model for extra passes such as `state.rescaled_view`) and returns a dict of named,
-unweighted losses; the engine multiplies them by `weight`. A loss module may also rewrite the
-CAM the pixel pseudo labels are refined from (`LossModule.pseudo_label_cam`, MCIS's co-attention
-fusion). It may own parameters (they join the optimizer's x10 head group) and persistent state as
-registered buffers (saved with the trainer's `loss_modules` in the checkpoint). A plug-in that
-changes the network (RCA's aggregation) does so in its `attach` builder, called by
-`build_model`, so training, the CAM passes and inference all run it and its state ships with the
-model's state_dict.
+(toco.plugins.registry). Its losses are `toco.method.step.LossModule`s: a plug-in has a `weight` and
+a `start_iter`, receives the step's `StepState` (final / aux token maps and class token, image and
+decoder logits, multi-scale CAMs, lazily computed pseudo labels, image labels, the iteration, and
+the model for extra passes such as `state.rescaled_view`) and returns a dict of named, unweighted
+losses; the engine multiplies them by `weight`. A loss module may also rewrite the CAM the pixel
+pseudo labels are refined from (`LossModule.pseudo_label_cam`, MCIS's co-attention fusion). It may
+own parameters (they join the optimizer's x10 head group) and persistent state as registered buffers
+(saved with the trainer's `loss_modules` in the checkpoint). A plug-in that changes the network
+(RCA's aggregation) does so in its `attach` builder, called by `build_model`, so training, the CAM
+passes and inference all run it and its state ships with the model's state_dict.
 
     model = build_model(cfg, num_classes)            # calls attach_plugins(model, cfg, ...)
     plugins = build_plugins(cfg, model.backbone.embed_dim, num_classes, dist_info, model)

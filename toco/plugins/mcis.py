@@ -17,17 +17,17 @@ Symbols (paper / official code), for a pair (m, n) of final token maps F_m (N_m 
                of the batch has an unshared class; `ex_empty_rows`)
 MLSM is the multi-label soft-margin loss; pool is GAP (MCIS) or GMP (ToCo's classifier pooling).
 
-Related-image maps fused into the pseudo labels (default, `co_cam: online_fuse`,
-`co_cam_partners: related`): the paper's inference with related images, during training. For
-every image and each of its classes c, `co_cam_num_partners` (3) partners are drawn from a bank
-of the final tokens of the most recent training images containing c (`PartnerBank`, no extra
-encoder pass; the partners' tokens come from the step that trained on them), plus self-pairs with the image's own
-views from ToCo's multi-scale CAM passes (the mirror image at scale 1, always counted, and the
-other CAM scales: 0.5 and 1.5 on VOC instead of the official 0.75 and 2, which would need extra
-passes). Each map is ReLU'd, upsampled and max-normalised, counts when sigmoid(its mean) > 0.1,
-and the class map is the sum of the counted maps over the number of maps (the official scorer's
-rule, `related_image_maps`); it is averaged (`co_cam_fuse: mean`) with the CAM the pixel pseudo
-labels are refined from, on the image's classes (`LossModule.pseudo_label_cam`).
+Related-image maps fused into the pseudo labels (default, `co_cam: online_fuse`, `co_cam_partners:
+related`): the paper's inference with related images, during training. For every image and each of
+its classes c, `co_cam_num_partners` (3) partners are drawn from a bank of the final tokens of the
+most recent training images containing c (`PartnerBank`, no extra encoder pass; the partners' tokens
+come from the step that trained on them), plus self-pairs with the image's own views from ToCo's
+multi-scale CAM passes (the mirror image at scale 1, always counted, and the other CAM scales: 0.5
+and 1.5 on VOC instead of the official 0.75 and 2, which would need extra passes). Each map is
+ReLU'd, upsampled and max-normalised, counts when sigmoid(its mean) > 0.1, and the class map is the
+sum of the counted maps over the number of maps (the official scorer's rule, `related_image_maps`);
+it is averaged (`co_cam_fuse: mean`) with the CAM the pixel pseudo labels are refined from, on the
+image's classes (`LossModule.pseudo_label_cam`).
 `co_cam_partners: in_batch` is the earlier fusion: only the in-batch partner's co-attention CAM
 (and the mirror pair's with `self_pairs`), min-max normalised, on the classes the pair shares.
 

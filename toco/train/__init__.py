@@ -1,1 +1,2 @@
-"""Training: the step loop, its runner (set-up, validation, checkpoints, resume), optimizer and schedule, sampling, fault handling, run records, and the ablation driver."""
+"""Training: the step loop, its runner (set-up, validation, checkpoints, resume), optimizer and
+schedule, sampling, fault handling, run records, and the ablation driver."""

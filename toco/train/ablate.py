@@ -1,6 +1,6 @@
 """Seed-honest ablation of the plug-ins: every plug-in subset trained with every seed, one table.
 
-    python -m toco.train.ablate --out work_dirs/ablation --seeds 0 1 2       # synthetic set, 15 runs
+    python -m toco.train.ablate --out work_dirs/ablation --seeds 0 1 2  # synthetic set, 15 runs
     python -m toco.train.ablate --out abl --subsets base ppc all --seeds 0 1 2 \\
         --config configs/voc_vit_b.yaml --data-root VOCdevkit/VOC2012
 
@@ -18,8 +18,8 @@ every subset, `base` included, trains on the batches of that pair sampler (or of
 not the resampling's; `--data-path per-subset` lets each run sample as its plug-ins ask. The
 table's `batches` column and its notes say which batches each subset saw.
 
-Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU
-(the PAR-refined training pseudo-label rule on the validation split, toco.evaluation.pseudo), the mean
+Metrics per run: CAM, aux CAM and segmentation mIoU of the final validation, pseudo-label mIoU (the
+PAR-refined training pseudo-label rule on the validation split, toco.evaluation.pseudo), the mean
 seconds per iteration over the logging windows after the plug-ins switched on (the first window,
 warm-up, left out), the peak memory, and for PPC runs the share of logging windows in which the
 semi-hard window dropped the hardest negative prototype at every step (`ppc_hardest_dropped`).

@@ -1,8 +1,9 @@
 """Train a ToCo-style single-stage WSSS model.
 
-    python train.py                                   # tiny ViT on the built-in synthetic set
-    python train.py --config configs/voc_vit_b.yaml --data-root VOCdevkit/VOC2012
+python train.py                                   # tiny ViT on the built-in synthetic set
+python train.py --config configs/voc_vit_b.yaml --data-root VOCdevkit/VOC2012
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,13 +14,15 @@ from toco.config import parse_config
 
 def main(argv: list[str] | None = None) -> int:
     def extra(parser):
-        parser.add_argument("--resume", action="store_true",
-                            help="continue the run in --work-dir from checkpoints/last.pt")
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --work-dir from checkpoints/last.pt",
+        )
 
     cfg, args = parse_config(argv, extra)
-    from toco.train.runner import (
-        run_training,  # heavy imports after the flags are known to be valid
-    )
+    # heavy imports after the flags are known to be valid
+    from toco.train.runner import run_training
 
     run_training(cfg, resume=args.resume)
     return 0

@@ -20,13 +20,15 @@ from toco.errors import ConfigError
 LayoutFactory = Callable[[Path | None, str, Path | None, dict[str, Any]], SegLayout]
 
 
-def _voc_layout(root: Path | None, split: str, cache_dir: Path | None,
-                params: dict[str, Any]) -> SegLayout:
+def _voc_layout(
+    root: Path | None, split: str, cache_dir: Path | None, params: dict[str, Any]
+) -> SegLayout:
     return VOCLayout(root)
 
 
-def _synthetic_layout(root: Path | None, split: str, cache_dir: Path | None,
-                      params: dict[str, Any]) -> SegLayout:
+def _synthetic_layout(
+    root: Path | None, split: str, cache_dir: Path | None, params: dict[str, Any]
+) -> SegLayout:
     if root is None:
         if cache_dir is None:
             raise ConfigError("dataset 'synthetic' is generated into cache_dir, which is not set")
@@ -34,15 +36,17 @@ def _synthetic_layout(root: Path | None, split: str, cache_dir: Path | None,
     return VOCLayout(root, shipped_splits=None)
 
 
-def _coco_layout(root: Path | None, split: str, cache_dir: Path | None,
-                 params: dict[str, Any]) -> SegLayout:
+def _coco_layout(
+    root: Path | None, split: str, cache_dir: Path | None, params: dict[str, Any]
+) -> SegLayout:
     from datasets.coco import coco_layout  # not at import: `python -m datasets.coco` runs it
 
     return coco_layout(root, split, cache_dir)
 
 
-def _tags_layout(root: Path | None, split: str, cache_dir: Path | None,
-                 params: dict[str, Any]) -> SegLayout:
+def _tags_layout(
+    root: Path | None, split: str, cache_dir: Path | None, params: dict[str, Any]
+) -> SegLayout:
     from datasets.tags import DEFAULT_VAL_FRACTION, tags_layout
 
     return tags_layout(root, cache_dir, params.get("val_fraction", DEFAULT_VAL_FRACTION))
@@ -86,16 +90,23 @@ class DatasetSpec:
         if self.classes_from_root is None:
             return self
         if root is None:
-            raise ConfigError(f"dataset {self.name!r} takes its class names from its root "
-                              "folder (data root is not set)")
+            raise ConfigError(
+                f"dataset {self.name!r} takes its class names from its root "
+                "folder (data root is not set)"
+            )
         return replace(self, class_names=self.classes_from_root(Path(root)))
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def make_layout(self, root: str | Path | None, split: str, cache_dir: str | Path | None,
-                    synthetic_params: dict[str, Any] | None = None) -> SegLayout:
+    def make_layout(
+        self,
+        root: str | Path | None,
+        split: str,
+        cache_dir: str | Path | None,
+        synthetic_params: dict[str, Any] | None = None,
+    ) -> SegLayout:
         if root is None and not self.generated:
             raise ConfigError(f"dataset {self.name!r} needs a root folder (data root is not set)")
         return self.layout(Path(root) if root is not None else None, split,
@@ -104,15 +115,38 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "voc": DatasetSpec("voc", VOC_CLASSES, train_split="train_aug", val_split="val",
-                       default_recipe="voc_vit_b.yaml"),
-    "coco": DatasetSpec("coco", COCO_CLASSES, train_split="train", val_split="val_part",
-                        layout=_coco_layout, default_recipe="coco_vit_b.yaml"),
-    "synthetic": DatasetSpec("synthetic", SYNTHETIC_CLASSES, train_split="train",
-                             val_split="val", layout=_synthetic_layout, generated=True,
-                             default_recipe="synthetic.yaml"),
-    "tags": DatasetSpec("tags", (), train_split="train", val_split="val", layout=_tags_layout,
-                        classes_from_root=_tags_classes),
+    "voc": DatasetSpec(
+        "voc",
+        VOC_CLASSES,
+        train_split="train_aug",
+        val_split="val",
+        default_recipe="voc_vit_b.yaml",
+    ),
+    "coco": DatasetSpec(
+        "coco",
+        COCO_CLASSES,
+        train_split="train",
+        val_split="val_part",
+        layout=_coco_layout,
+        default_recipe="coco_vit_b.yaml",
+    ),
+    "synthetic": DatasetSpec(
+        "synthetic",
+        SYNTHETIC_CLASSES,
+        train_split="train",
+        val_split="val",
+        layout=_synthetic_layout,
+        generated=True,
+        default_recipe="synthetic.yaml",
+    ),
+    "tags": DatasetSpec(
+        "tags",
+        (),
+        train_split="train",
+        val_split="val",
+        layout=_tags_layout,
+        classes_from_root=_tags_classes,
+    ),
 }
 
 

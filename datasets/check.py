@@ -107,8 +107,11 @@ def check_item(job: ItemCheck, name: str) -> list[Problem]:
             if mismatch:
                 problems.append(Problem("label-mismatch", mismatch))
     elif job.need_masks:
-        message = (f"mask {mask} of image {image} does not exist" if mask is not None
-                   else f"image {image} has no mask: {layout.root} has no mask folder")
+        message = (
+            f"mask {mask} of image {image} does not exist"
+            if mask is not None
+            else f"image {image} has no mask: {layout.root} has no mask folder"
+        )
         return problems + [Problem("missing-mask", message)]
     elif xml is not None and xml.is_file():
         try:
@@ -140,8 +143,7 @@ def _check_in_worker(name: str) -> list[Problem]:
 def _run_items(job: ItemCheck, names: list[str], workers: int) -> list[Problem]:
     """check_item over ``names``, in ``workers`` processes (the job is sent once to each),
     with a progress bar on a terminal."""
-    bar = {"total": len(names), "unit": "img", "disable": None, "file": sys.stderr,
-           "leave": False}
+    bar = {"total": len(names), "unit": "img", "disable": None, "file": sys.stderr, "leave": False}
     if workers <= 1 or len(names) < 64:
         return [p for name in tqdm(names, **bar) for p in check_item(job, name)]
     with multiprocessing.Pool(workers, initializer=_set_worker_job, initargs=(job,)) as pool:
@@ -166,8 +168,16 @@ def read_split_ids(layout: SegLayout, split: str, report: Report) -> list[str] |
     return list(dict.fromkeys(names))
 
 
-def check_split(layout: SegLayout, split: str, class_names: Sequence[str], report: Report, *,
-                decode: bool, workers: int = 1, names: list[str] | None = None) -> None:
+def check_split(
+    layout: SegLayout,
+    split: str,
+    class_names: Sequence[str],
+    report: Report,
+    *,
+    decode: bool,
+    workers: int = 1,
+    names: list[str] | None = None,
+) -> None:
     """All checks of one split; with ``names`` given (an unprepared COCO subset), those ids'
     images only. Splits named test* need no masks."""
     need_masks = names is None and not split.startswith("test") and not layout.masks_optional
@@ -188,8 +198,9 @@ def check_split(layout: SegLayout, split: str, class_names: Sequence[str], repor
     report.images += len(names)
 
 
-def check_coco_subset(root: Path, prepared: Path, subset: str, report: Report,
-                      sample: int) -> list[str] | None:
+def check_coco_subset(
+    root: Path, prepared: Path, subset: str, report: Report, sample: int
+) -> list[str] | None:
     """Annotation file, prepared-mask checksums and pre-converted agreement of one subset.
 
     Returns the labelled ids when the subset is not prepared yet (so its images can still be
@@ -232,9 +243,16 @@ def _layout_defaults(name: str) -> dict[str, int]:
     return layout_params(TrainConfig(dataset=name))
 
 
-def check_dataset(name: str, root: str | Path | None, splits: Sequence[str] | None = None,
-                  cache_dir: str | Path = ".cache", *, decode: bool = True, workers: int = 1,
-                  sample: int = 200) -> Report:
+def check_dataset(
+    name: str,
+    root: str | Path | None,
+    splits: Sequence[str] | None = None,
+    cache_dir: str | Path = ".cache",
+    *,
+    decode: bool = True,
+    workers: int = 1,
+    sample: int = 200,
+) -> Report:
     """Check the splits of dataset ``name`` (default: its training and validation splits)."""
     spec = get_dataset_spec(name, root)
     splits = list(dict.fromkeys(splits or [spec.train_split, spec.val_split]))
@@ -296,16 +314,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", help="splits to check (default: the dataset's "
                         "training and validation splits)")  # fmt: skip
     parser.add_argument("--cache-dir", default=".cache", help="where prepared data lives")
-    parser.add_argument("--quick", action="store_true",
-                        help="read image headers only (the start-up checks), no full decode")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="read image headers only (the start-up checks), no full decode",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes checking images")
     parser.add_argument("--sample", type=int, default=200, help="COCO: pre-converted masks "
                         "compared with the annotations per subset (0 = all)")  # fmt: skip
-    parser.add_argument("--show", type=int, default=SHOWN_PER_KIND,
-                        help="problems printed per kind")
+    parser.add_argument(
+        "--show", type=int, default=SHOWN_PER_KIND, help="problems printed per kind"
+    )
     args = parser.parse_args(argv)
-    report = check_dataset(args.dataset, args.data_root, args.splits, args.cache_dir,
-                           decode=not args.quick, workers=args.workers, sample=args.sample)
+    report = check_dataset(
+        args.dataset,
+        args.data_root,
+        args.splits,
+        args.cache_dir,
+        decode=not args.quick,
+        workers=args.workers,
+        sample=args.sample,
+    )
     print(format_report(report, args.show))
     return 1 if report.problems else 0
 

@@ -266,14 +266,20 @@ def ensure_prepared(
 def _outputs(prepared: Path, subset: str) -> list[Path]:
     """The files prepare writes for `subset`, masks aside."""
     lists = ("train",) if subset == "train2014" else ("val", "val_part")
-    return [labels_path(prepared, subset), manifest_path(prepared, subset),
-            *(prepared / "ImageSets" / "Segmentation" / f"{s}.txt" for s in lists)]
+    return [
+        labels_path(prepared, subset),
+        manifest_path(prepared, subset),
+        *(prepared / "ImageSets" / "Segmentation" / f"{s}.txt" for s in lists),
+    ]
 
 
 def write_split_lists(prepared: Path, subset: str, names: list[str]) -> None:
     """The subset's lists (train / val and val_part), rewritten only when they change."""
-    lists = {"train": names} if subset == "train2014" else {
-        "val": names, "val_part": names[:VAL_PART_SIZE]}
+    lists = (
+        {"train": names}
+        if subset == "train2014"
+        else {"val": names, "val_part": names[:VAL_PART_SIZE]}
+    )
     for split, ids in lists.items():
         path = prepared / "ImageSets" / "Segmentation" / f"{split}.txt"
         text = "".join(f"{n}\n" for n in ids).encode()
@@ -289,8 +295,9 @@ def _render(task: tuple[CocoImage, str, str]) -> tuple[str, str]:
     return image.stem, hashlib.sha1(payload).hexdigest()
 
 
-def _trusted_masks(manifest: dict[str, Any] | None, mask_dir: Path, sha1: str,
-                   wanted: set[str]) -> dict[str, str]:
+def _trusted_masks(
+    manifest: dict[str, Any] | None, mask_dir: Path, sha1: str, wanted: set[str]
+) -> dict[str, str]:
     """Masks from an earlier (maybe interrupted) run of the same source whose file still matches
     the recorded checksum; everything else is regenerated."""
     if manifest is None or (manifest.get("source") or {}).get("sha1") != sha1:
@@ -366,8 +373,14 @@ def _read_source(ann: Path, image_dir: Path) -> tuple[CocoIndex, dict[str, Any]]
     return index, {**_source_stamp(ann), "sha1": hashlib.sha1(raw).hexdigest()}
 
 
-def _generate_masks(index: CocoIndex, prepared: Path, subset: str, manifest: dict[str, Any],
-                    workers: int, progress: Callable[[int, int], None] | None) -> None:
+def _generate_masks(
+    index: CocoIndex,
+    prepared: Path,
+    subset: str,
+    manifest: dict[str, Any],
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     """Render the masks the previous manifest does not vouch for; fills manifest checksums."""
     names = index.labelled()
     manifest_file = manifest_path(prepared, subset)
@@ -386,15 +399,27 @@ def _generate_masks(index: CocoIndex, prepared: Path, subset: str, manifest: dic
     manifest["checksums"] = dict(sorted(manifest["checksums"].items()))
 
 
-def _render_all(todo: list, manifest: dict[str, Any], manifest_file: Path, workers: int,
-                progress: Callable[[int, int], None] | None, total: int) -> None:
+def _render_all(
+    todo: list,
+    manifest: dict[str, Any],
+    manifest_file: Path,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+    total: int,
+) -> None:
     """Render ``todo``, checkpointing the manifest every CHECKPOINT_EVERY masks."""
     checksums = manifest["checksums"]
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         results = pool.imap_unordered(_render, todo, chunksize=16) if pool else map(_render, todo)
-        results = tqdm(results, total=total, initial=total - len(todo), unit="mask",
-                       disable=None, file=sys.stderr)
+        results = tqdm(
+            results,
+            total=total,
+            initial=total - len(todo),
+            unit="mask",
+            disable=None,
+            file=sys.stderr,
+        )
         for count, (stem, digest) in enumerate(results, start=1):
             checksums[stem] = digest
             if count % CHECKPOINT_EVERY == 0:
@@ -470,8 +495,9 @@ def sample_evenly(names: Sequence[str], count: int) -> list[str]:
     return [names[int(i * len(names) / count)] for i in range(count)]
 
 
-def compare_preconverted(data_root: Path, subset: str, sample: int = 200,
-                         index: CocoIndex | None = None) -> tuple[int, list[str]]:
+def compare_preconverted(
+    data_root: Path, subset: str, sample: int = 200, index: CocoIndex | None = None
+) -> tuple[int, list[str]]:
     """(number compared, problems) for pre-converted masks against the annotations."""
     data_root = Path(data_root)
     folder = preconverted_dir(data_root, subset)
@@ -521,8 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="prepared folder (default: <cache-dir>/coco-<hash>)")
     parser.add_argument("--subsets", nargs="+", choices=COCO_SUBSETS, default=list(COCO_SUBSETS))
     parser.add_argument("--workers", type=int, default=1, help="processes rendering masks")
-    parser.add_argument("--sample", type=int, default=200,
-                        help="compare: images per subset (0 = all)")
+    parser.add_argument(
+        "--sample", type=int, default=200, help="compare: images per subset (0 = all)"
+    )
     args = parser.parse_args(argv)
     root = Path(args.data_root)
     out = Path(args.out) if args.out else prepared_dir(root, args.cache_dir)
@@ -533,8 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       progress=None if sys.stderr.isatty()  # tqdm there
                                       else _progress_printer())  # fmt: skip
             seconds, made = time.perf_counter() - start, len(manifest["checksums"])
-            rate = (f" ({made / seconds:.0f} masks/s, {made / seconds / max(1, args.workers):.0f} "
-                    "per worker)") if made else ""
+            rate = (
+                (
+                    f" ({made / seconds:.0f} masks/s, {made / seconds / max(1, args.workers):.0f} "
+                    "per worker)"
+                )
+                if made
+                else ""
+            )
             print(f"{subset}: {made or 'pre-converted'} masks, {seconds:.2f} s{rate} "
                   f"-> {out}")  # fmt: skip
         return 0

@@ -61,8 +61,9 @@ class CocoImage:
     height: int
     width: int
     annotations: tuple[dict[str, Any], ...]
-    category_to_class: Mapping[int, int] = field(default_factory=lambda: CATEGORY_TO_CLASS,
-                                                 compare=False, repr=False)
+    category_to_class: Mapping[int, int] = field(
+        default_factory=lambda: CATEGORY_TO_CLASS, compare=False, repr=False
+    )
     file_name: str = ""
 
     @property
@@ -101,16 +102,21 @@ def _is_id(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, str) and bool(value))
 
 
-def custom_categories(categories: Any, path: Path,
-                      class_names: Sequence[str] | None = None) -> dict[int, int]:
+def custom_categories(
+    categories: Any, path: Path, class_names: Sequence[str] | None = None
+) -> dict[int, int]:
     """Category id -> class id of a file with its own categories: the index of the category's
     name in ``class_names`` (background first), or without them the categories in id order."""
     if not isinstance(categories, list):
         _fail(path, "'categories' must be a list")
     names: dict[int, str] = {}
     for cat in categories:
-        if not (isinstance(cat, dict) and _is_int(cat.get("id"))
-                and isinstance(cat.get("name"), str) and cat["name"].strip()):
+        if not (
+            isinstance(cat, dict)
+            and _is_int(cat.get("id"))
+            and isinstance(cat.get("name"), str)
+            and cat["name"].strip()
+        ):
             _fail(path, f"bad category entry {str(cat)[:80]} (needs an integer id and a name)")
         if cat["id"] in names:
             _fail(path, f"category id {cat['id']} is listed twice")
@@ -140,8 +146,9 @@ def _check_categories(categories: Any, path: Path) -> None:
                           f"is read as COCO's {expected!r}", stacklevel=4)  # fmt: skip
 
 
-def _image_entry(entry: Any, path: Path, image_dir: Path | None,
-                 keep_folders: bool = False) -> tuple[Any, str, int, int]:
+def _image_entry(
+    entry: Any, path: Path, image_dir: Path | None, keep_folders: bool = False
+) -> tuple[Any, str, int, int]:
     """(id, file name, height, width) of a valid image entry.
 
     A file name's folders are dropped (images live in the subset folder) unless
@@ -163,8 +170,9 @@ def _image_entry(entry: Any, path: Path, image_dir: Path | None,
     return image_id, file_name, h, w
 
 
-def _parse_images(entries: Any, path: Path, image_dir: Path | None,
-                  custom: bool = False) -> tuple[dict[Any, dict[str, Any]], str]:
+def _parse_images(
+    entries: Any, path: Path, image_dir: Path | None, custom: bool = False
+) -> tuple[dict[Any, dict[str, Any]], str]:
     """Image entries by id and their common suffix; ``custom`` files keep folders in the
     stem (the path without suffix) and may mix suffixes (the suffix returned is then '')."""
     if not isinstance(entries, list):
@@ -182,8 +190,13 @@ def _parse_images(entries: Any, path: Path, image_dir: Path | None,
             _fail(path, f"file name {file_name} is used by images {stems[stem]} and {image_id}")
         stems[stem] = image_id
         suffixes.add(posix.suffix)
-        images[image_id] = {"stem": stem, "height": h, "width": w, "annotations": [],
-                            "file_name": file_name}
+        images[image_id] = {
+            "stem": stem,
+            "height": h,
+            "width": w,
+            "annotations": [],
+            "file_name": file_name,
+        }
     if custom:
         return images, ""
     if len(suffixes) > 1:
@@ -191,9 +204,13 @@ def _parse_images(entries: Any, path: Path, image_dir: Path | None,
     return images, (suffixes.pop() if suffixes else ".jpg")
 
 
-def _attach_annotations(entries: Any, images: dict[Any, dict[str, Any]], path: Path,
-                        category_to_class: Mapping[int, int] = CATEGORY_TO_CLASS,
-                        custom: bool = False) -> None:
+def _attach_annotations(
+    entries: Any,
+    images: dict[Any, dict[str, Any]],
+    path: Path,
+    category_to_class: Mapping[int, int] = CATEGORY_TO_CLASS,
+    custom: bool = False,
+) -> None:
     """Annotations onto their images; ``custom`` files may leave out the segmentation (an
     image-level tag)."""
     if not isinstance(entries, list):
@@ -221,8 +238,14 @@ def _attach_annotations(entries: Any, images: dict[Any, dict[str, Any]], path: P
                     f"{first_few(unknown_images)}")  # fmt: skip
 
 
-def parse_instances(data: Any, path: Path, image_dir: Path | None = None, *,
-                    custom: bool = False, class_names: Sequence[str] | None = None) -> CocoIndex:
+def parse_instances(
+    data: Any,
+    path: Path,
+    image_dir: Path | None = None,
+    *,
+    custom: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> CocoIndex:
     """Validate a loaded instances JSON and index it by image stem (``image_dir``: where its
     images are, to read sizes the JSON omits).
 
@@ -243,15 +266,23 @@ def parse_instances(data: Any, path: Path, image_dir: Path | None = None, *,
     images, suffix = _parse_images(data["images"], path, image_dir, custom)
     _attach_annotations(data["annotations"], images, path, mapping, custom)
     by_stem = {
-        entry["stem"]: CocoImage(image_id, entry["stem"], entry["height"], entry["width"],
-                                 tuple(entry["annotations"]), mapping, entry["file_name"])
+        entry["stem"]: CocoImage(
+            image_id,
+            entry["stem"],
+            entry["height"],
+            entry["width"],
+            tuple(entry["annotations"]),
+            mapping,
+            entry["file_name"],
+        )
         for image_id, entry in images.items()
     }
     return CocoIndex(Path(path), dict(sorted(by_stem.items())), suffix)
 
 
-def instances_from_bytes(raw: bytes, path: Path, image_dir: Path | None = None,
-                         **custom: Any) -> CocoIndex:
+def instances_from_bytes(
+    raw: bytes, path: Path, image_dir: Path | None = None, **custom: Any
+) -> CocoIndex:
     """Parse and validate the bytes of ``instances_*.json`` read from ``path`` (``custom``:
     the keyword arguments of ``parse_instances``)."""
     try:

@@ -46,8 +46,9 @@ def check_num_classes(num_classes: int) -> None:
         raise ConfigError(f"num_classes must be in 2..{IGNORE_INDEX}, got {num_classes}")
 
 
-def scan_mask(image: Path, mask: Path, num_classes: int,
-              size: tuple[int, int] | None = None) -> list[int]:
+def scan_mask(
+    image: Path, mask: Path, num_classes: int, size: tuple[int, int] | None = None
+) -> list[int]:
     """Classes 1..C-1 present in ``mask``, after the cheap consistency checks (``size``: the
     image's (width, height) where it is not the header's)."""
     values = read_mask(mask)
@@ -84,9 +85,7 @@ def _entry_is_current(entry: Any, stamps: dict[str, list[int]], num_classes: int
     if any(entry.get(k) != v for k, v in stamps.items()):
         return False
     labels = entry.get("labels")
-    return isinstance(labels, list) and all(
-        type(c) is int and 1 <= c < num_classes for c in labels
-    )
+    return isinstance(labels, list) and all(type(c) is int and 1 <= c < num_classes for c in labels)
 
 
 def label_cache_path(cache_dir: Path, root: Path, split: str, num_classes: int) -> Path:
@@ -109,8 +108,9 @@ def _load_cache(path: Path | None, header: dict[str, Any]) -> dict[str, Any]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _missing_message(split: str, missing: list[str], mask_dir: Path | None, xml: bool,
-                     layout: SegLayout) -> str:
+def _missing_message(
+    split: str, missing: list[str], mask_dir: Path | None, xml: bool, layout: SegLayout
+) -> str:
     where = f"no mask in {mask_dir}" if mask_dir is not None else f"no mask folder in {layout.root}"
     if xml:  # the layout has per-image annotation files
         where = f"no annotation in {layout.annotation_path(missing[0]).parent} and {where}"
@@ -129,8 +129,11 @@ def _scan_entries(
     """Per-id {"labels", stamps} from masks (or XML), through the JSON cache."""
     mask_dir = layout.mask_dir if not require_masks else layout.require_mask_dir()
     with_mask = layout.mask_names() & set(names)
-    use_xml = (not require_masks and class_names is not None
-               and layout.annotation_path(names[0]) is not None)
+    use_xml = (
+        not require_masks
+        and class_names is not None
+        and layout.annotation_path(names[0]) is not None
+    )
     xml_paths = {}
     if use_xml:
         for name in names:
@@ -138,8 +141,11 @@ def _scan_entries(
             if path is not None and path.is_file():
                 xml_paths[name] = path
     # Ids the layout labels itself (a tagged collection) need neither mask nor annotation file.
-    tagged = (set(layout.annotation_labels() or ())
-              if layout.masks_optional and not require_masks else set())
+    tagged = (
+        set(layout.annotation_labels() or ())
+        if layout.masks_optional and not require_masks
+        else set()
+    )
     missing = [n for n in names if n not in with_mask and n not in xml_paths and n not in tagged]
     if missing:
         raise DataError(_missing_message(split, missing, mask_dir, use_xml, layout))
@@ -156,8 +162,9 @@ def _scan_entries(
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
         image = layout.image_path(name)
-        source = (layout.mask_path(name) if name in with_mask
-                  else xml_paths.get(name))  # None: labelled by the layout only
+        source = (
+            layout.mask_path(name) if name in with_mask else xml_paths.get(name)
+        )  # None: labelled by the layout only
         kind = "mask" if name in with_mask else "xml"
         stamps = {"image": _stamp(image)}
         if source is not None:
@@ -166,8 +173,10 @@ def _scan_entries(
         if _entry_is_current(old, stamps, num_classes):
             entries[name] = old
         elif kind == "mask":
-            entries[name] = {"labels": scan_mask(image, source, num_classes,
-                                                 layout.image_size(name)), **stamps}
+            entries[name] = {
+                "labels": scan_mask(image, source, num_classes, layout.image_size(name)),
+                **stamps,
+            }
         else:
             layout.image_size(name)  # the header must be readable, as for masked images
             labels = xml_labels(source, class_names) if source is not None else []
@@ -192,8 +201,10 @@ def label_mismatch(mask: Path, mask_classes: list[int], labels: list[int]) -> st
     extra = sorted(set(mask_classes) - set(labels))
     if not extra:
         return None
-    return (f"mask {mask} holds class(es) {extra} that the image's annotations do not list "
-            f"({sorted(labels)})")
+    return (
+        f"mask {mask} holds class(es) {extra} that the image's annotations do not list "
+        f"({sorted(labels)})"
+    )
 
 
 def apply_annotation_labels(
@@ -286,9 +297,13 @@ def image_labels(
     return labels
 
 
-def _use_annotation_files(layout: SegLayout, split: str, names: list[str],
-                          classes: dict[str, list[int]],
-                          class_names: Sequence[str] | None) -> None:
+def _use_annotation_files(
+    layout: SegLayout,
+    split: str,
+    names: list[str],
+    classes: dict[str, list[int]],
+    class_names: Sequence[str] | None,
+) -> None:
     """Replace the classes of every id that has an annotation file by that file's objects."""
     if layout.annotation_labels() is not None:
         return  # the layout's labels already come from its annotations (COCO)

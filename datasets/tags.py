@@ -98,15 +98,19 @@ def find_images(image_dir: Path) -> dict[str, str]:
     """id -> relative path of every image under ``image_dir`` (recursive, sorted; hidden files
     and folders skipped)."""
     if not image_dir.is_dir():
-        raise DataError(f"image folder {image_dir} not found: a tagged root needs images/ and "
-                        f"one of {', '.join(LABEL_FILES)}")
+        raise DataError(
+            f"image folder {image_dir} not found: a tagged root needs images/ and "
+            f"one of {', '.join(LABEL_FILES)}"
+        )
     found: dict[str, str] = {}
     for path in folder_images(image_dir):  # the files predict.py takes from a folder
         relative = path.relative_to(image_dir).as_posix()
         key = image_id(relative)
         if key in found:
-            raise DataError(f"images {image_dir / found[key]} and {image_dir / relative} "
-                            "differ only by suffix: their masks would share one file")
+            raise DataError(
+                f"images {image_dir / found[key]} and {image_dir / relative} "
+                "differ only by suffix: their masks would share one file"
+            )
         found[key] = relative
     return dict(sorted(found.items()))
 
@@ -147,15 +151,17 @@ def _csv_entries(path: Path) -> Iterable[tuple[int, str, list[str]]]:
     reader = csv.reader(text.splitlines())
     header = next(reader, None)
     if [h.strip() for h in header or []] != ["image", "labels"]:
-        raise DataError(f"{path} line 1: expected the header 'image,labels', got "
-                        f"{','.join(header or [])!r}")
+        raise DataError(
+            f"{path} line 1: expected the header 'image,labels', got {','.join(header or [])!r}"
+        )
     for row in reader:
         number = reader.line_num
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2:
-            raise DataError(f"{path} line {number}: expected 2 fields (image,labels), got "
-                            f"{len(row)}")
+            raise DataError(
+                f"{path} line {number}: expected 2 fields (image,labels), got {len(row)}"
+            )
         yield number, row[0].strip(), [n.strip() for n in row[1].split(";") if n.strip()]
 
 
@@ -168,17 +174,24 @@ def _jsonl_entries(path: Path) -> Iterable[tuple[int, str, list[str]]]:
             entry = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{path} line {number}: not JSON: {exc}") from None
-        image, labels = ((entry.get("image"), entry.get("labels")) if isinstance(entry, dict)
-                         else (None, None))
-        if not (isinstance(image, str) and isinstance(labels, list)
-                and all(isinstance(n, str) for n in labels)):
-            raise DataError(f"{path} line {number}: expected {{\"image\": path, \"labels\": "
-                            f"[names]}}, got {line.strip()[:80]}")
+        image, labels = (
+            (entry.get("image"), entry.get("labels")) if isinstance(entry, dict) else (None, None)
+        )
+        if not (
+            isinstance(image, str)
+            and isinstance(labels, list)
+            and all(isinstance(n, str) for n in labels)
+        ):
+            raise DataError(
+                f'{path} line {number}: expected {{"image": path, "labels": '
+                f"[names]}}, got {line.strip()[:80]}"
+            )
         yield number, image.strip(), [n.strip() for n in labels if n.strip()]
 
 
-def _from_label_file(root: Path, path: Path, images: dict[str, str],
-                     classes: tuple[str, ...] | None) -> Collection:
+def _from_label_file(
+    root: Path, path: Path, images: dict[str, str], classes: tuple[str, ...] | None
+) -> Collection:
     """A CSV or JSONL collection: every line checked (missing/duplicate image, unknown class)."""
     entries = list(_csv_entries(path) if path.suffix == ".csv" else _jsonl_entries(path))
     if classes is None:
@@ -189,23 +202,33 @@ def _from_label_file(root: Path, path: Path, images: dict[str, str],
     for number, image, names in entries:
         key = image_id(image)
         if key not in images or images[key] != PurePosixPath(image.replace("\\", "/")).as_posix():
-            raise DataError(f"{path} line {number}: image {root / 'images' / image} does not "
-                            "exist")
+            raise DataError(f"{path} line {number}: image {root / 'images' / image} does not exist")
         if key in first_line:
-            raise DataError(f"{path} line {number}: image {image} is listed again (first on "
-                            f"line {first_line[key]})")
+            raise DataError(
+                f"{path} line {number}: image {image} is listed again (first on "
+                f"line {first_line[key]})"
+            )
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise DataError(f"{path} line {number}: unknown class {unknown[0]!r} (not in "
-                            f"{root / 'classes.txt'})")
+            raise DataError(
+                f"{path} line {number}: unknown class {unknown[0]!r} (not in "
+                f"{root / 'classes.txt'})"
+            )
         first_line[key] = number
         labels[key] = sorted({index[n] for n in names})
-    return Collection(root, classes, {k: images[k] for k in labels}, labels, path,
-                      unlisted=tuple(images[k] for k in images if k not in labels))
+    return Collection(
+        root,
+        classes,
+        {k: images[k] for k in labels},
+        labels,
+        path,
+        unlisted=tuple(images[k] for k in images if k not in labels),
+    )
 
 
-def _from_coco_file(root: Path, path: Path, images: dict[str, str],
-                    classes: tuple[str, ...] | None) -> Collection:
+def _from_coco_file(
+    root: Path, path: Path, images: dict[str, str], classes: tuple[str, ...] | None
+) -> Collection:
     """A COCO-format collection with its own categories."""
     data = read_json(path, "annotation file")
     if classes is None:
@@ -215,16 +238,26 @@ def _from_coco_file(root: Path, path: Path, images: dict[str, str],
         classes = ("background", *(names[cid] for cid in sorted(by_id)))
         repeated = sorted({n for n in classes if classes.count(n) > 1})
         if repeated:
-            raise DataError(f"annotation file {path}: category name(s) used twice: "
-                            f"{first_few(repeated)}")
+            raise DataError(
+                f"annotation file {path}: category name(s) used twice: {first_few(repeated)}"
+            )
     coco = parse_instances(data, path, root / "images", custom=True, class_names=classes)
     for key, entry in coco.images.items():
         if images.get(key) != entry.file_name:
-            raise DataError(f"annotation file {path}: image {entry.image_id} file "
-                            f"{root / 'images' / entry.file_name} does not exist")
+            raise DataError(
+                f"annotation file {path}: image {entry.image_id} file "
+                f"{root / 'images' / entry.file_name} does not exist"
+            )
     labels = {key: entry.labels for key, entry in coco.images.items()}
-    return Collection(root, classes, {k: images[k] for k in labels}, labels, path, coco,
-                      tuple(images[k] for k in images if k not in labels))
+    return Collection(
+        root,
+        classes,
+        {k: images[k] for k in labels},
+        labels,
+        path,
+        coco,
+        tuple(images[k] for k in images if k not in labels),
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -250,8 +283,9 @@ def _read_collection(root: Path, stamps: tuple) -> Collection:
     if not present:
         raise DataError(f"{root} has no labels: add one of {', '.join(LABEL_FILES)}")
     if len(present) > 1:
-        raise DataError(f"{root} holds {' and '.join(p.name for p in present)}: keep one "
-                        "labels file")
+        raise DataError(
+            f"{root} holds {' and '.join(p.name for p in present)}: keep one labels file"
+        )
     images = find_images(root / "images")
     classes = read_class_list(root / "classes.txt")
     source = present[0]
@@ -262,8 +296,9 @@ def _read_collection(root: Path, stamps: tuple) -> Collection:
     if len(collection.class_names) < 2:
         raise DataError(f"{source} names no class")
     if len(collection.class_names) > 255:
-        raise DataError(f"{source}: {len(collection.class_names) - 1} classes; masks hold at "
-                        "most 254")
+        raise DataError(
+            f"{source}: {len(collection.class_names) - 1} classes; masks hold at most 254"
+        )
     if not collection.files:
         raise DataError(f"{source} lists no image")
     return collection
@@ -296,8 +331,9 @@ def coco_mask_dir(collection: Collection, cache_dir: Path) -> Path:
         shutil.rmtree(mask_dir, ignore_errors=True)  # masks of an older annotation file
         for key, entry in collection.coco.images.items():
             if entry.segmented:
-                write_bytes_atomic(mask_dir / f"{key}.png",
-                                   palette_png_bytes(rasterize(entry, str(source))))
+                write_bytes_atomic(
+                    mask_dir / f"{key}.png", palette_png_bytes(rasterize(entry, str(source)))
+                )
         mask_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(manifest_path, stamp)
     return mask_dir
@@ -313,7 +349,7 @@ def held_back(ids: Iterable[str], fraction: float) -> list[str]:
     ids = sorted(ids)
     count = min(len(ids) - 1, max(1, round(fraction * len(ids)))) if fraction > 0 else 0
     ranked = sorted(ids, key=lambda i: hashlib.sha1(f"{SPLIT_SEED}:{i}".encode()).hexdigest())
-    return sorted(ranked[:max(count, 0)])
+    return sorted(ranked[: max(count, 0)])
 
 
 @dataclass(frozen=True)
@@ -379,14 +415,18 @@ class TagsLayout(SegLayout):
         if masked:
             val = sorted(masked)
             if split == "train" and len(val) == len(everything):
-                raise DataError(f"every image of {self.root} has a mask, so the default split "
-                                f"'train' is empty: list the training images in {path}")
+                raise DataError(
+                    f"every image of {self.root} has a mask, so the default split "
+                    f"'train' is empty: list the training images in {path}"
+                )
         else:
             val = held_back(everything, self.val_fraction)
             if split == "val" and not val:
-                raise DataError(f"{self.root} has no mask and --val-fraction is "
-                                f"{self.val_fraction:g}: no image is held back for validation "
-                                f"(use --eval-every 0, a larger --val-fraction or {path})")
+                raise DataError(
+                    f"{self.root} has no mask and --val-fraction is "
+                    f"{self.val_fraction:g}: no image is held back for validation "
+                    f"(use --eval-every 0, a larger --val-fraction or {path})"
+                )
         chosen = set(val)
         ids = val if split == "val" else [i for i in everything if i not in chosen]
         return ids, self.collection.labels_file
@@ -401,23 +441,30 @@ class TagsLayout(SegLayout):
                 continue
             key = image_id(entry) if image_id(entry) in files else entry
             if key not in files:
-                raise DataError(f"{path} line {number}: {entry!r} is not an image listed in "
-                                f"{self.collection.labels_file}")
+                raise DataError(
+                    f"{path} line {number}: {entry!r} is not an image listed in "
+                    f"{self.collection.labels_file}"
+                )
             ids.append(key)
         return ids
 
     def notes(self) -> list[str]:
         unlisted = list(self.collection.unlisted)
-        stray = (sorted(_mask_ids(self.mask_dir) - set(self.collection.files))
-                 if self.mask_dir else [])
+        stray = (
+            sorted(_mask_ids(self.mask_dir) - set(self.collection.files)) if self.mask_dir else []
+        )
         out = []
         if unlisted:
-            out.append(f"{len(unlisted)} image(s) in {self.image_dir} are not in "
-                       f"{self.collection.labels_file.name} and are left out: "
-                       f"{first_few(unlisted)}")
+            out.append(
+                f"{len(unlisted)} image(s) in {self.image_dir} are not in "
+                f"{self.collection.labels_file.name} and are left out: "
+                f"{first_few(unlisted)}"
+            )
         if stray:
-            out.append(f"{len(stray)} mask(s) in {self.mask_dir} belong to no listed image: "
-                       f"{first_few(stray)}")
+            out.append(
+                f"{len(stray)} mask(s) in {self.mask_dir} belong to no listed image: "
+                f"{first_few(stray)}"
+            )
         return out
 
     def split_has_masks(self, split: str) -> bool:
@@ -426,9 +473,11 @@ class TagsLayout(SegLayout):
         masked = self.mask_names() & set(ids)
         if masked and len(masked) < len(ids):
             without = [i for i in ids if i not in masked]
-            raise DataError(f"split '{split}' of {self.root}: {len(without)} of {len(ids)} "
-                            f"images have no mask in {self.mask_dir}: {first_few(without)} "
-                            "(validation needs masks for all of them or for none)")
+            raise DataError(
+                f"split '{split}' of {self.root}: {len(without)} of {len(ids)} "
+                f"images have no mask in {self.mask_dir}: {first_few(without)} "
+                "(validation needs masks for all of them or for none)"
+            )
         return bool(masked)
 
 
@@ -442,18 +491,22 @@ def _mask_ids(mask_dir: Path) -> set[str]:
     return out
 
 
-def tags_layout(root: str | Path, cache_dir: str | Path | None,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> TagsLayout:
+def tags_layout(
+    root: str | Path, cache_dir: str | Path | None, val_fraction: float = DEFAULT_VAL_FRACTION
+) -> TagsLayout:
     """The layout of a tagged root; a COCO-format root's masks are rasterised into the cache."""
     collection = read_collection(root)
     masks = collection.root / "masks"
     if collection.coco is not None and any(e.segmented for e in collection.coco.images.values()):
         if masks.is_dir():
-            raise DataError(f"{masks} and the segmentations of {collection.labels_file} both "
-                            "give masks: keep one")
+            raise DataError(
+                f"{masks} and the segmentations of {collection.labels_file} both "
+                "give masks: keep one"
+            )
         if cache_dir is None:
-            raise ConfigError("a tagged root with segmentations needs a cache folder for its "
-                              "masks (cache_dir unset)")
+            raise ConfigError(
+                "a tagged root with segmentations needs a cache folder for its "
+                "masks (cache_dir unset)"
+            )
         masks = coco_mask_dir(collection, Path(cache_dir))
     return TagsLayout(collection.root, collection, masks, val_fraction)
-

@@ -5,6 +5,7 @@ ViT/DeiT (incl. distilled), ViT with register tokens (DINOv2 `*_reg4_*`), DINOv2
 CLIP/OpenCLIP (`norm_pre`), SigLIP (no class token: the attention-pool output stands in for it)
 and EVA-02 (rotary position embeddings, final norm applied after pooling).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -40,8 +41,9 @@ class EncoderOutput(NamedTuple):
     aux_tokens: Tensor
 
 
-def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
-                     antialias: bool = False) -> Tensor:
+def resize_pos_embed(
+    pos_embed: Tensor, grid: tuple[int, int], new_grid: tuple[int, int], antialias: bool = False
+) -> Tensor:
     """Resize a (1, h*w, D) patch position table to `new_grid`, bicubic, align_corners=False.
 
     ToCo resizes without antialiasing (timm's default would antialias when shrinking, which
@@ -53,8 +55,9 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], new_grid: tuple[i
     table = pos_embed.reshape(1, grid[0], grid[1], dim).permute(0, 3, 1, 2)
     if table.dtype in (torch.float16, torch.bfloat16):  # bicubic needs fp32 on some devices
         table = table.float()
-    table = F.interpolate(table, size=new_grid, mode="bicubic", align_corners=False,
-                          antialias=antialias)
+    table = F.interpolate(
+        table, size=new_grid, mode="bicubic", align_corners=False, antialias=antialias
+    )
     return table.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
 
 
@@ -76,8 +79,10 @@ def create_vit(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
     if not timm.is_model(name):
         raise _unknown_backbone(name)
     if not timm.models.is_model_in_modules(timm.models.get_arch_name(name), SUPPORTED_MODULES):
-        raise ConfigError(f"backbone '{name}' is not one of the timm ViTs ToCo runs "
-                          f"({SUPPORTED_HINT}; timm modules {', '.join(SUPPORTED_MODULES)})")
+        raise ConfigError(
+            f"backbone '{name}' is not one of the timm ViTs ToCo runs "
+            f"({SUPPORTED_HINT}; timm modules {', '.join(SUPPORTED_MODULES)})"
+        )
     kwargs = dict(num_classes=0, dynamic_img_size=True, **kwargs)
     if pretrained == "none":
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -92,14 +97,19 @@ def create_vit(name: str, pretrained: str = "none", **kwargs) -> nn.Module:
             ) from None
     else:
         if not os.path.isfile(pretrained):
-            raise UserError(f"--pretrained: no such file '{pretrained}' (use 'none', 'timm' or "
-                            "a path to a checkpoint)")
+            raise UserError(
+                f"--pretrained: no such file '{pretrained}' (use 'none', 'timm' or "
+                "a path to a checkpoint)"
+            )
         try:
-            model = timm.create_model(name, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=pretrained), **kwargs)
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=dict(file=pretrained), **kwargs
+            )
         except Exception as err:
-            raise UserError(f"could not load backbone weights from '{pretrained}' into "
-                            f"'{name}': {type(err).__name__}: {err}") from None
+            raise UserError(
+                f"could not load backbone weights from '{pretrained}' into "
+                f"'{name}': {type(err).__name__}: {err}"
+            ) from None
     _check_supported(name, model)
     return model
 
@@ -108,24 +118,36 @@ def _check_supported(name: str, model: nn.Module) -> None:
     """One line at start-up for a model this encoder cannot run faithfully."""
     kind = type(model).__name__
     if kind not in SUPPORTED_CLASSES:
-        raise ConfigError(f"backbone '{name}' is a timm {kind}; ToCo runs timm ViTs only "
-                          f"({', '.join(SUPPORTED_CLASSES)}: {SUPPORTED_HINT})")
-    if (model.cls_token is None and getattr(model, "attn_pool", None) is None
-            and model.global_pool not in ("avg", "avgmax", "max")):
-        raise ConfigError(f"backbone '{name}' has neither a class token nor a pooled image "
-                          "embedding, so class-token contrast (CTC) has no token to use")
+        raise ConfigError(
+            f"backbone '{name}' is a timm {kind}; ToCo runs timm ViTs only "
+            f"({', '.join(SUPPORTED_CLASSES)}: {SUPPORTED_HINT})"
+        )
+    if (
+        model.cls_token is None
+        and getattr(model, "attn_pool", None) is None
+        and model.global_pool not in ("avg", "avgmax", "max")
+    ):
+        raise ConfigError(
+            f"backbone '{name}' has neither a class token nor a pooled image "
+            "embedding, so class-token contrast (CTC) has no token to use"
+        )
     drop = getattr(model, "patch_drop", None)
     if drop is not None and not isinstance(drop, nn.Identity):
-        raise ConfigError(f"backbone '{name}': patch dropout breaks the token grid ToCo needs; "
-                          "build it with patch_drop_rate=0")
+        raise ConfigError(
+            f"backbone '{name}': patch dropout breaks the token grid ToCo needs; "
+            "build it with patch_drop_rate=0"
+        )
 
 
 def _norms_after_pooling(vit: nn.Module) -> bool:
     """Avg-pool models with an `fc_norm` (EVA-02) keep `norm` as Identity and normalise after
     pooling; ToCo wants normalised tokens, so it applies that norm to every token."""
     fc_norm = getattr(vit, "fc_norm", None)
-    return (isinstance(vit.norm, nn.Identity) and fc_norm is not None
-        and not isinstance(fc_norm, nn.Identity))
+    return (
+        isinstance(vit.norm, nn.Identity)
+        and fc_norm is not None
+        and not isinstance(fc_norm, nn.Identity)
+    )
 
 
 class ViTBackbone(nn.Module):
@@ -148,9 +170,16 @@ class ViTBackbone(nn.Module):
     inference pass per view and only the heads are back-propagated.
     """
 
-    def __init__(self, name: str, pretrained: str = "none", aux_layer: int = -3,
-                 freeze_pos_embed: bool = True, pos_embed_antialias: bool = False,
-                 trainable_blocks: Optional[int] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        name: str,
+        pretrained: str = "none",
+        aux_layer: int = -3,
+        freeze_pos_embed: bool = True,
+        pos_embed_antialias: bool = False,
+        trainable_blocks: Optional[int] = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         self.vit = create_vit(name, pretrained, **kwargs)
         depth = len(self.vit.blocks)
@@ -184,8 +213,10 @@ class ViTBackbone(nn.Module):
     def train_last_blocks(self, k: int) -> None:
         """Freeze everything but the last `k` blocks and what follows them (k=0: all frozen)."""
         if not 0 <= k <= self.depth:
-            raise ConfigError(f"trainable_blocks {k} out of range for a {self.depth}-block "
-                              f"backbone (0..{self.depth})")
+            raise ConfigError(
+                f"trainable_blocks {k} out of range for a {self.depth}-block "
+                f"backbone (0..{self.depth})"
+            )
         first = self.depth + 2 if k == 0 else self.depth + 1 - k
         for name, p in self.named_parameters():
             if self.stage_of(name) < first:
@@ -208,8 +239,9 @@ class ViTBackbone(nn.Module):
             return torch.cat(prefix + [x], dim=1)
         n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         pos_prefix, pos_patch = vit.pos_embed[:, :n_prefix], vit.pos_embed[:, n_prefix:]
-        pos_patch = resize_pos_embed(pos_patch, vit.patch_embed.grid_size, (h, w),
-                                     antialias=self.pos_embed_antialias)
+        pos_patch = resize_pos_embed(
+            pos_patch, vit.patch_embed.grid_size, (h, w), antialias=self.pos_embed_antialias
+        )
         if vit.no_embed_class:
             return torch.cat(prefix + [x + pos_patch], dim=1)
         return torch.cat(prefix + [x], dim=1) + torch.cat([pos_prefix, pos_patch], dim=1)

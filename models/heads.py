@@ -1,4 +1,5 @@
 """ToCo's heads: the CAM classifier, the LargeFOV decoder and the CTC projection head."""
+
 from __future__ import annotations
 
 import copy
@@ -28,13 +29,16 @@ class CAMClassifier(nn.Module):
 class LargeFOV(nn.Module):
     """DeepLab-LargeFOV head: two dilated 3x3 convs (ReLU) and a 1x1 classifier, all bias-free."""
 
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int = 512,
-                 dilation: int = 5) -> None:
+    def __init__(
+        self, in_dim: int, num_classes: int, hidden_dim: int = 512, dilation: int = 5
+    ) -> None:
         super().__init__()
-        self.conv6 = nn.Conv2d(in_dim, hidden_dim, 3, padding=dilation, dilation=dilation,
-                               bias=False)
-        self.conv7 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=dilation, dilation=dilation,
-                               bias=False)
+        self.conv6 = nn.Conv2d(
+            in_dim, hidden_dim, 3, padding=dilation, dilation=dilation, bias=False
+        )
+        self.conv7 = nn.Conv2d(
+            hidden_dim, hidden_dim, 3, padding=dilation, dilation=dilation, bias=False
+        )
         self.conv8 = nn.Conv2d(hidden_dim, num_classes, 1, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -49,12 +53,15 @@ class CTCHead(nn.Module):
     Each output is a cosine in [-1, 1]; the output vector itself is not re-normalised.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 2048, bottleneck_dim: int = 256
+    ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
         for layer in self.mlp:

@@ -1,4 +1,5 @@
 """The ToCo network: ViT encoder + CAM classifiers + LargeFOV decoder + CTC projection heads."""
+
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,17 @@ class ToCoNet(nn.Module):
         pixel_mean, pixel_std: input normalisation (ToCo: ImageNet's, whatever the backbone).
     """
 
-    def __init__(self, backbone: ViTBackbone, num_classes: int, decoder_dim: int = 512,
-                 ctc_out_dim: int = 1024, ema_momentum: float = 0.9,
-                 ctc_hidden_dim: int = 2048,
-                 pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 pixel_std: tuple[float, float, float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        num_classes: int,
+        decoder_dim: int = 512,
+        ctc_out_dim: int = 1024,
+        ema_momentum: float = 0.9,
+        ctc_hidden_dim: int = 2048,
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         dim = backbone.embed_dim
         self.num_classes = num_classes
@@ -89,14 +96,17 @@ class ToCoNet(nn.Module):
 
         The teacher and frozen parameters (pos_embed, the weight-norm magnitudes) are left out.
         """
+
         def trainable(named):
             return [(n, p) for n, p in named if p.requires_grad]
 
         backbone = trainable(self.backbone.named_parameters())
-        heads = trainable(list(self.classifier.named_parameters())
-                          + list(self.aux_classifier.named_parameters())
-                          + list(self.proj_head.named_parameters())
-                          + list(self.feature_hooks.named_parameters()))
+        heads = trainable(
+            list(self.classifier.named_parameters())
+            + list(self.aux_classifier.named_parameters())
+            + list(self.proj_head.named_parameters())
+            + list(self.feature_hooks.named_parameters())
+        )
         return [
             [p for n, p in backbone if "norm" not in n],
             [p for n, p in backbone if "norm" in n],

@@ -20,6 +20,7 @@ A GPU at the VOC recipe needs (its training images/s) / (per-worker images/s) wo
 margin for the time the main process spends collating and pinning. The header names the CPU and
 the load average: on a shared CPU the per-worker figure is a floor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,26 @@ from toco.config import TrainConfig, parse_config
 from toco.train.sampling import SeededSamples
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = {"voc": "configs/voc_vit_b.yaml", "coco": "configs/coco_vit_b.yaml",
-           "synthetic": "configs/synthetic.yaml"}
+RECIPES = {
+    "voc": "configs/voc_vit_b.yaml",
+    "coco": "configs/coco_vit_b.yaml",
+    "synthetic": "configs/synthetic.yaml",
+}
 # module-level steps of VOCTrainDataset.__getitem__, looked up in datasets.voc at call time
-MODULE_STEPS = {"random_scale": "rescale", "random_hflip": "flip",
-                "random_crop_with_box": "pad + crop", "to_uint8_chw": "to uint8 tensors (3)"}
+MODULE_STEPS = {
+    "random_scale": "rescale",
+    "random_hflip": "flip",
+    "random_crop_with_box": "pad + crop",
+    "to_uint8_chw": "to uint8 tensors (3)",
+}
 # the dataset's own callables (instance attributes / methods)
-DATASET_STEPS = {"read_image": "decode JPEG", "local_view": "local view (jitter, grey, blur .5)",
-                 "main_view": "main view (jitter, grey, blur 1)",
-                 "resized_crop": "second view: resized crop (bicubic)",
-                 "second_view": "second view (flip, jitter, grey, blur .1, solarize .2)"}
+DATASET_STEPS = {
+    "read_image": "decode JPEG",
+    "local_view": "local view (jitter, grey, blur .5)",
+    "main_view": "main view (jitter, grey, blur 1)",
+    "resized_crop": "second view: resized crop (bicubic)",
+    "second_view": "second view (flip, jitter, grey, blur .1, solarize .2)",
+}
 
 
 @dataclass
@@ -70,6 +81,7 @@ class StepTimes:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - tic
+
         return timed
 
 
@@ -96,8 +108,14 @@ def timed_steps(dataset: Any, times: StepTimes) -> Iterator[None]:
 
 def recipe_config(recipe: str, root: Path, cache: Path) -> TrainConfig:
     """The recipe as train.py reads it, pointed at a generated tree."""
-    argv = ["--config", str(REPO / RECIPES[recipe]), "--cache-dir", str(cache),
-            "--pretrained", "none"]
+    argv = [
+        "--config",
+        str(REPO / RECIPES[recipe]),
+        "--cache-dir",
+        str(cache),
+        "--pretrained",
+        "none",
+    ]
     if recipe == "voc":
         argv += ["--data-root", str(root / "voc")]
     elif recipe == "coco":
@@ -122,8 +140,9 @@ def build_dataset(recipe: str, root: Path, images: int) -> tuple[TrainConfig, An
     ensure_tree(recipe, root, images)
     cfg = recipe_config(recipe, root, root / "cache")
     if recipe == "synthetic":
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "synthetic_train": images,
-                                     "synthetic_val": 2})
+        cfg = TrainConfig.from_dict(
+            {**cfg.to_dict(), "synthetic_train": images, "synthetic_val": 2}
+        )
     return cfg, build.train_dataset(cfg)
 
 
@@ -132,8 +151,13 @@ def loader_rate(dataset: Any, seed: int, batch_size: int, workers: int, batches:
     batch per worker (their start-up)."""
     samples = SeededSamples(dataset, seed)
     order = range(batch_size * (batches + max(workers, 1)))  # keys: SeededSamples wraps
-    loader = DataLoader(samples, batch_size=batch_size, sampler=order, num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        samples,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     it = iter(loader)
     for _ in range(max(workers, 1)):
         next(it)
@@ -169,20 +193,28 @@ def bench_recipe(recipe: str, args: argparse.Namespace) -> dict[str, Any]:
     for workers in args.workers:
         rates[workers] = statistics.median(
             loader_rate(dataset, cfg.seed, batch, workers, args.batches)
-            for _ in range(args.repeats))
-    return {"recipe": RECIPES[recipe], "crop_size": cfg.crop_size, "batch_size": batch,
-            "scale_range": list(cfg.scale_range), "images": len(dataset),
-            "image_hw": {"voc": VOC_HW, "coco": COCO_HW}.get(recipe, "synthetic (~160)"),
-            "images_per_s": {str(k): v for k, v in rates.items()},
-            "images_per_s_per_worker": {str(k): v / max(k, 1) for k, v in rates.items()},
-            "ms_per_sample": profile}
+            for _ in range(args.repeats)
+        )
+    return {
+        "recipe": RECIPES[recipe],
+        "crop_size": cfg.crop_size,
+        "batch_size": batch,
+        "scale_range": list(cfg.scale_range),
+        "images": len(dataset),
+        "image_hw": {"voc": VOC_HW, "coco": COCO_HW}.get(recipe, "synthetic (~160)"),
+        "images_per_s": {str(k): v for k, v in rates.items()},
+        "images_per_s_per_worker": {str(k): v / max(k, 1) for k, v in rates.items()},
+        "ms_per_sample": profile,
+    }
 
 
 def print_tables(result: dict[str, Any]) -> None:
     print(f"# {result['machine']}")
     for name, r in result["recipes"].items():
-        print(f"\n## {name}: {r['recipe']}, crop {r['crop_size']}, batch {r['batch_size']}, "
-              f"images {r['image_hw']}")
+        print(
+            f"\n## {name}: {r['recipe']}, crop {r['crop_size']}, batch {r['batch_size']}, "
+            f"images {r['image_hw']}"
+        )
         print("| workers | images/s | per worker |\n|---|---|---|")
         for k, v in r["images_per_s"].items():
             print(f"| {k} | {v:.1f} | {r['images_per_s_per_worker'][k]:.1f} |")
@@ -194,14 +226,18 @@ def print_tables(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
-                   help="DataLoader worker counts to measure (0 = main process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="DataLoader worker counts to measure (0 = main process)",
+    )
     p.add_argument("--images", type=int, default=64, help="generated images per recipe")
     p.add_argument("--batches", type=int, default=8, help="timed batches per measurement")
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     p.add_argument("--repeats", type=int, default=1, help="measurements per count (median)")
-    p.add_argument("--profile-samples", type=int, default=16,
-                   help="samples timed step by step")
+    p.add_argument("--profile-samples", type=int, default=16, help="samples timed step by step")
     p.add_argument("--root", default=".cache/bench_data", help="where the trees are generated")
     p.add_argument("--json", help="also write the results here")
     return p.parse_args(argv)
@@ -210,8 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as in a worker process: the main-process rate is comparable
-    result = {"machine": machine_line(), "cpu_cores": os.cpu_count(),
-              "recipes": {r: bench_recipe(r, args) for r in args.recipes}}
+    result = {
+        "machine": machine_line(),
+        "cpu_cores": os.cpu_count(),
+        "recipes": {r: bench_recipe(r, args) for r in args.recipes},
+    }
     print_tables(result)
     if args.json:
         write_bytes_atomic(Path(args.json), json.dumps(result, indent=2).encode())

@@ -12,6 +12,7 @@ allocator's peak per configuration, or on the CPU the process's max RSS (one num
 whole run: the OS cannot reset it). Weights are random unless --checkpoint is given: speed does
 not depend on them. The header names the device, threads and load average.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--image-size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
-    p.add_argument("--protocols", nargs="+", choices=PROTOCOL_NAMES,
-                   default=["train-val", "voc-ms"])
+    p.add_argument(
+        "--protocols", nargs="+", choices=PROTOCOL_NAMES, default=["train-val", "voc-ms"]
+    )
     p.add_argument("--no-crf", action="store_true", help="skip the CRF configurations")
     p.add_argument("--images", type=int, default=20, help="images per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
@@ -88,9 +90,10 @@ def main(argv=None) -> int:
     images = test_images(args.images, tuple(args.image_size), device)
     configs = {}
     for name in args.protocols:
-        for crf in ([False] if args.no_crf else [False, True]):
+        for crf in [False] if args.no_crf else [False, True]:
             configs[f"{name}{' +CRF' if crf else ''}"] = build_protocol(
-                name, cfg, crf="torch" if crf else None)
+                name, cfg, crf="torch" if crf else None
+            )
 
     def run(protocol, batch) -> None:
         with torch.no_grad():
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     rates: dict[str, list[float]] = {k: [] for k in configs}
     peaks: dict[str, float] = {k: 0.0 for k in configs}
     for protocol in configs.values():
-        run(protocol, images[:args.warmup])
+        run(protocol, images[: args.warmup])
     for _ in range(args.repeats):
         for key, protocol in configs.items():
             if device.type == "cuda":
@@ -110,11 +113,16 @@ def main(argv=None) -> int:
                 peaks[key] = max(peaks[key], torch.cuda.max_memory_allocated(device) / 2**20)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
-    print(f"# {where}; torch {torch.__version__}; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; backbone {cfg.backbone}; "
-          f"images {args.image_size[0]}x{args.image_size[1]}; median of {args.repeats}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads")
+    )
+    print(
+        f"# {where}; torch {torch.__version__}; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; backbone {cfg.backbone}; "
+        f"images {args.image_size[0]}x{args.image_size[1]}; median of {args.repeats}"
+    )
     mem_title = "peak CUDA MiB" if device.type == "cuda" else "max RSS MiB (run)"
     print(f"| configuration | images/s | {mem_title} |\n|---|---|---|")
     results = []
@@ -122,15 +130,34 @@ def main(argv=None) -> int:
         rate = statistics.median(rates[key])
         mem = peaks[key] if device.type == "cuda" else rss_mb
         print(f"| {key} | {rate:.2f} | {mem:.0f} |")
-        results.append({"configuration": key, "images_per_s": rate, "all_rates": rates[key],
-                        "peak_memory_mib": mem, "protocol": configs[key].to_dict()})
+        results.append(
+            {
+                "configuration": key,
+                "images_per_s": rate,
+                "all_rates": rates[key],
+                "peak_memory_mib": mem,
+                "protocol": configs[key].to_dict(),
+            }
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": where, "torch": torch.__version__, "backbone": cfg.backbone,
-            "image_size": list(args.image_size), "images": args.images,
-            "repeats": args.repeats, "load_average": os.getloadavg(),
-            "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
-            "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": where,
+                    "torch": torch.__version__,
+                    "backbone": cfg.backbone,
+                    "image_size": list(args.image_size),
+                    "images": args.images,
+                    "repeats": args.repeats,
+                    "load_average": os.getloadavg(),
+                    "memory_kind": "cuda_max_allocated"
+                    if device.type == "cuda"
+                    else "process_max_rss",
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

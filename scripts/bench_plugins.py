@@ -14,6 +14,7 @@ step time of each is reported, as wall time and as the process's CPU time (on a 
 other jobs the latter is the steadier measure of the work a step does), with the overhead over
 `base` and the budget it must stay within (PPC 30%, RCA 10%, MCIS 25%, all three 60%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,27 @@ from toco.train.engine import Trainer
 
 BUDGETS = {"ppc": 0.30, "rca": 0.10, "mcis": 0.25, "all": 0.60}
 # recipe keys that concern data or the run, not the step being timed
-SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pretrained",
-             "recipe")
+SKIP_KEYS = ("dataset", "data_root", "train_split", "val_split", "work_dir", "pretrained", "recipe")
 
 
 def make_batch(cfg: TrainConfig, num_fg: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     b, s = cfg.batch_size, cfg.crop_size
+
     def img() -> torch.Tensor:
         return torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)
+
     labels = torch.zeros(b, num_fg)
     for i in range(0, b, 2):  # pairs share class i % num_fg (what the MCIS sampler guarantees)
-        labels[i:i + 2, i % num_fg] = 1
+        labels[i : i + 2, i % num_fg] = 1
         labels[i, (i + 3) % num_fg] = 1
-    return {"image": img(), "view2": img(), "local_view": img(), "cls_label": labels,
-            "img_box": torch.tensor([[0, s, 0, s]] * b)}
+    return {
+        "image": img(),
+        "view2": img(),
+        "local_view": img(),
+        "cls_label": labels,
+        "img_box": torch.tensor([[0, s, 0, s]] * b),
+    }
 
 
 def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
@@ -61,22 +68,29 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device) -> Trainer:
     for p in plugins:
         if hasattr(p, "memory"):  # a full memory and real centroids: the steady state
             m = p.memory
-            m.enqueue(torch.nn.functional.normalize(torch.randn(m.size, m.num_classes, m.dim,
-                                                                device=device), dim=-1),
-                      torch.ones(m.size, m.num_classes, dtype=torch.bool, device=device))
+            m.enqueue(
+                torch.nn.functional.normalize(
+                    torch.randn(m.size, m.num_classes, m.dim, device=device), dim=-1
+                ),
+                torch.ones(m.size, m.num_classes, dtype=torch.bool, device=device),
+            )
             m.refresh_centroids(cfg.plugins.rca.kmeans_iters)
     return trainer
 
 
-def trainer_steps(trainers: dict[str, Trainer], batches: list[dict]
-                  ) -> dict[str, Callable[[int], object]]:
+def trainer_steps(
+    trainers: dict[str, Trainer], batches: list[dict]
+) -> dict[str, Callable[[int], object]]:
     """One step function per trainer for `time_interleaved`: call i trains on batch i mod n."""
-    return {name: (lambda i, t=trainer: t.train_step(batches[i % len(batches)], i))
-            for name, trainer in trainers.items()}
+    return {
+        name: (lambda i, t=trainer: t.train_step(batches[i % len(batches)], i))
+        for name, trainer in trainers.items()
+    }
 
 
-def bench_parser(description: str, backbone: str, batch_size: int, num_local_crops: int,
-                 steps: int, warmup: int) -> argparse.ArgumentParser:
+def bench_parser(
+    description: str, backbone: str, batch_size: int, num_local_crops: int, steps: int, warmup: int
+) -> argparse.ArgumentParser:
     """The flags every step benchmark takes (model, batch, device, timing rounds, output)."""
     p = ArgumentParser(description=description)
     p.add_argument("--backbone", default=backbone)
@@ -95,37 +109,80 @@ def bench_parser(description: str, backbone: str, batch_size: int, num_local_cro
 
 
 def main() -> None:
-    p = bench_parser(__doc__.splitlines()[0], "deit_tiny_patch16_224", batch_size=4,
-                     num_local_crops=8, steps=10, warmup=2)
+    p = bench_parser(
+        __doc__.splitlines()[0],
+        "deit_tiny_patch16_224",
+        batch_size=4,
+        num_local_crops=8,
+        steps=10,
+        warmup=2,
+    )
     p.add_argument("--configs", nargs="+", default=["base", "ppc", "rca", "mcis", "all"])
-    p.add_argument("--recipe", help="YAML recipe whose model, crop and loss settings are timed "
-                   "(--backbone, --crop-size, --num-local-crops override it)")
+    p.add_argument(
+        "--recipe",
+        help="YAML recipe whose model, crop and loss settings are timed "
+        "(--backbone, --crop-size, --num-local-crops override it)",
+    )
     p.set_defaults(backbone=None, crop_size=None, num_local_crops=None)  # recipe, then these:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    recipe = {k: v for k, v in (load_yaml(args.recipe) if args.recipe else {}).items()
-              if k not in SKIP_KEYS}
-    given = {k: v for k, v in (("backbone", args.backbone), ("crop_size", args.crop_size),
-                               ("num_local_crops", args.num_local_crops)) if v is not None}
-    common = {"backbone": "deit_tiny_patch16_224", "crop_size": 160, "num_local_crops": 8,
-              **recipe, **given, "dataset": "synthetic", "pretrained": args.pretrained,
-              "batch_size": args.batch_size, "device": args.device, "plugin_start_iter": 0,
-              "seg_start_iter": 0, "warmup_iters": 1, "rca_enqueue_thr": 0.0,
-              "amp": "none" if device.type == "cpu" else "auto"}
-    flags = {"base": {}, "ppc": {"ppc": True}, "rca": {"rca": True}, "mcis": {"mcis": True},
-             "all": {"ppc": True, "rca": True, "mcis": True}}
-    trainers = {n: build(TrainConfig.from_dict({**common, **flags[n]}), args.num_classes, device)
-                for n in args.configs}
+    recipe = {
+        k: v
+        for k, v in (load_yaml(args.recipe) if args.recipe else {}).items()
+        if k not in SKIP_KEYS
+    }
+    given = {
+        k: v
+        for k, v in (
+            ("backbone", args.backbone),
+            ("crop_size", args.crop_size),
+            ("num_local_crops", args.num_local_crops),
+        )
+        if v is not None
+    }
+    common = {
+        "backbone": "deit_tiny_patch16_224",
+        "crop_size": 160,
+        "num_local_crops": 8,
+        **recipe,
+        **given,
+        "dataset": "synthetic",
+        "pretrained": args.pretrained,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "plugin_start_iter": 0,
+        "seg_start_iter": 0,
+        "warmup_iters": 1,
+        "rca_enqueue_thr": 0.0,
+        "amp": "none" if device.type == "cpu" else "auto",
+    }
+    flags = {
+        "base": {},
+        "ppc": {"ppc": True},
+        "rca": {"rca": True},
+        "mcis": {"mcis": True},
+        "all": {"ppc": True, "rca": True, "mcis": True},
+    }
+    trainers = {
+        n: build(TrainConfig.from_dict({**common, **flags[n]}), args.num_classes, device)
+        for n in args.configs
+    }
     first = trainers[args.configs[0]].cfg
-    batches = [make_batch(first, args.num_classes - 1, i)
-               for i in range(args.steps + args.warmup)]
-    times, cpu = time_interleaved(trainer_steps(trainers, batches), len(batches),
-                                  args.rounds, args.warmup, device)
-    result = {"device": args.device, "threads": args.threads, "backbone": first.backbone,
-              "crop_size": first.crop_size, "batch_size": args.batch_size,
-              "recipe": args.recipe, "steps": {}}
+    batches = [make_batch(first, args.num_classes - 1, i) for i in range(args.steps + args.warmup)]
+    times, cpu = time_interleaved(
+        trainer_steps(trainers, batches), len(batches), args.rounds, args.warmup, device
+    )
+    result = {
+        "device": args.device,
+        "threads": args.threads,
+        "backbone": first.backbone,
+        "crop_size": first.crop_size,
+        "batch_size": args.batch_size,
+        "recipe": args.recipe,
+        "steps": {},
+    }
     base = statistics.median(times["base"]) if "base" in times else None
     base_cpu = statistics.median(cpu["base"]) if "base" in cpu else None
     for name, ts in times.items():
@@ -133,12 +190,22 @@ def main() -> None:
         overhead = None if base is None else med / base - 1
         budget = BUDGETS.get(name)
         result["steps"][name] = {
-            "median_s": med, "median_cpu_s": med_cpu, "overhead": overhead,
+            "median_s": med,
+            "median_cpu_s": med_cpu,
+            "overhead": overhead,
             "overhead_cpu": None if base_cpu is None else med_cpu / base_cpu - 1,
-            "budget": budget, "within_budget": None if overhead is None or budget is None
-            else overhead <= budget, "n": len(ts)}
-        extra = "" if base is None else (f"  {(med / base - 1) * 100:+.1f}% wall, "
-                                         f"{(med_cpu / base_cpu - 1) * 100:+.1f}% process CPU")
+            "budget": budget,
+            "within_budget": None if overhead is None or budget is None else overhead <= budget,
+            "n": len(ts),
+        }
+        extra = (
+            ""
+            if base is None
+            else (
+                f"  {(med / base - 1) * 100:+.1f}% wall, "
+                f"{(med_cpu / base_cpu - 1) * 100:+.1f}% process CPU"
+            )
+        )
         if budget is not None and overhead is not None:
             extra += f"  (budget {budget * 100:.0f}%: {'ok' if overhead <= budget else 'OVER'})"
         print(f"{name:5s} {med:.3f} s/step, {med_cpu:.3f} s CPU (n={len(ts)}){extra}")
@@ -152,8 +219,10 @@ def main() -> None:
         km = time.perf_counter() - tic
         every = trainers["rca"].cfg.plugins.rca.kmeans_every
         result["rca_kmeans_s"] = km
-        print(f"rca k-means refresh: {km:.3f} s every {every} iterations "
-              f"({km / every * 1000:.2f} ms per iteration amortised)")
+        print(
+            f"rca k-means refresh: {km:.3f} s every {every} iterations "
+            f"({km / every * 1000:.2f} ms per iteration amortised)"
+        )
     if args.output_json:
         with open(args.output_json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -25,6 +25,7 @@ children (wait4): the largest single process, not the sum over loader or pool wo
 pictures default to 96x128 (82,783 real-size JPEGs need ~5 GB); masks, instances and headers are of
 real count, and --image-size 480 640 gives real-size pictures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,13 +58,20 @@ COCO_SMALL_HW = (96, 128)
 ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
-def run_measured(cmd: list[str], marker: str | None = None, timeout: float = 3600
-                 ) -> dict[str, Any]:
+def run_measured(
+    cmd: list[str], marker: str | None = None, timeout: float = 3600
+) -> dict[str, Any]:
     """Run `cmd` (cwd: the repository); wall seconds, seconds until a stdout line contains
     `marker`, peak RSS (MiB) of the process and its waited-for children, and the last lines."""
     tic = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, lines = None, []
     deadline = tic + timeout
     for line in proc.stdout:
@@ -75,20 +83,26 @@ def run_measured(cmd: list[str], marker: str | None = None, timeout: float = 360
             break
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - tic,
-            "marker_seconds": seen, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "tail": lines[-8:]}
+    return {
+        "returncode": proc.returncode,
+        "seconds": time.perf_counter() - tic,
+        "marker_seconds": seen,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "tail": lines[-8:],
+    }
 
 
 def checked(result: dict[str, Any], what: str) -> dict[str, Any]:
     if result["returncode"] != 0:
-        raise UserError(f"{what} failed (exit {result['returncode']}): "
-                        + " | ".join(result["tail"][-3:]))
+        raise UserError(
+            f"{what} failed (exit {result['returncode']}): " + " | ".join(result["tail"][-3:])
+        )
     return result
 
 
 # ------------------------------------------------------------------------------------------
 # generate
+
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
@@ -96,11 +110,15 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     progress = (lambda n: print(f"  {n} images", flush=True)) if not args.quiet else None
     tic = time.perf_counter()
     if args.what == "coco":
-        counts = {"train2014": args.count or COCO_TRAIN_IMAGES,
-                  "val2014": args.val_count if args.val_count is not None else 5_000}
+        counts = {
+            "train2014": args.count or COCO_TRAIN_IMAGES,
+            "val2014": args.val_count if args.val_count is not None else 5_000,
+        }
         if counts["val2014"] < 1:
-            raise UserError("generate coco: --val-count must be at least 1 (train.py builds "
-                            "its val_part split from val2014)")
+            raise UserError(
+                "generate coco: --val-count must be at least 1 (train.py builds "
+                "its val_part split from val2014)"
+            )
         write_coco_tree(root, counts, hw or COCO_SMALL_HW, progress=progress)
     elif args.what == "coco-val":
         counts = {"train2014": 8, "val2014": args.count or COCO_VAL_EVAL_IMAGES}
@@ -108,23 +126,55 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         count = args.count or VOC_TRAIN_AUG_IMAGES
         val = min(args.val_count if args.val_count is not None else VOC_VAL_IMAGES, count)
-        write_voc_tree(root, count, hw or VOC_HW, splits={"train_aug": None, "val": val},
-                       progress=progress)
+        write_voc_tree(
+            root, count, hw or VOC_HW, splits={"train_aug": None, "val": val}, progress=progress
+        )
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-    return {"what": args.what, "root": str(root), "seconds": time.perf_counter() - tic,
-            "bytes": size}
+    return {
+        "what": args.what,
+        "root": str(root),
+        "seconds": time.perf_counter() - tic,
+        "bytes": size,
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # startup
 
+
 def train_command(dataset: str, root: Path, cache: Path, work: Path) -> list[str]:
     recipe = {"coco": "configs/coco_vit_b.yaml", "voc": "configs/voc_vit_b.yaml"}[dataset]
-    return [sys.executable, "train.py", "--config", recipe, "--data-root", str(root),
-            "--cache-dir", str(cache), "--work-dir", str(work), "--pretrained", "none",
-            *SMOKE_MODEL, "--max-iters", "2", "--stop-at", "1", "--log-every", "1",
-            "--warmup-iters", "1", "--seg-start-iter", "1", "--contrast-start-iter", "0",
-            "--aux-cam-until-iter", "0", "--num-workers", "0"]
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        recipe,
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(cache),
+        "--work-dir",
+        str(work),
+        "--pretrained",
+        "none",
+        *SMOKE_MODEL,
+        "--max-iters",
+        "2",
+        "--stop-at",
+        "1",
+        "--log-every",
+        "1",
+        "--warmup-iters",
+        "1",
+        "--seg-start-iter",
+        "1",
+        "--contrast-start-iter",
+        "0",
+        "--aux-cam-until-iter",
+        "0",
+        "--num-workers",
+        "0",
+    ]
 
 
 def startup(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,14 +185,19 @@ def startup(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("first", "cached"):
         work = scratch / f"startup-{args.dataset}-{name}"
         shutil.rmtree(work, ignore_errors=True)
-        r = checked(run_measured(train_command(args.dataset, Path(args.root), cache, work),
-                                 marker="iter 1/"), f"train.py ({name} start)")
+        r = checked(
+            run_measured(
+                train_command(args.dataset, Path(args.root), cache, work), marker="iter 1/"
+            ),
+            f"train.py ({name} start)",
+        )
         runs[name] = {k: r[k] for k in ("marker_seconds", "seconds", "peak_rss_mib")}
     return {"dataset": args.dataset, "root": args.root, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------
 # prepare
+
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(args.scratch or Path(args.root).parent / "bench_scale_runs")
@@ -152,27 +207,48 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     for workers in args.workers:
         out = scratch / f"prepared-w{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        r = checked(run_measured([sys.executable, "-m", "datasets.coco", "prepare",
-                                  "--data-root", str(args.root), "--out", str(out),
-                                  "--subsets", "train2014", "--workers", str(workers)]),
-                    f"prepare --workers {workers}")
+        r = checked(
+            run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "datasets.coco",
+                    "prepare",
+                    "--data-root",
+                    str(args.root),
+                    "--out",
+                    str(out),
+                    "--subsets",
+                    "train2014",
+                    "--workers",
+                    str(workers),
+                ]
+            ),
+            f"prepare --workers {workers}",
+        )
         # its own timing line ("train2014: N masks, S s -> out"): no interpreter start-up
         found = re.search(r"train2014: (\d+) masks, ([\d.]+) s", "\n".join(r["tail"]))
         if not found or int(found[1]) != masks:
-            raise UserError(f"prepare --workers {workers}: no timing line for {masks} masks in "
-                            f"its output: {' | '.join(r['tail'][-3:])}")
+            raise UserError(
+                f"prepare --workers {workers}: no timing line for {masks} masks in "
+                f"its output: {' | '.join(r['tail'][-3:])}"
+            )
         seconds = float(found[2])
         rate = masks / seconds
-        runs[str(workers)] = {"seconds": seconds, "process_seconds": r["seconds"],
-                              "masks_per_s": rate,
-                              "masks_per_s_per_worker": rate / workers,
-                              "peak_rss_mib": r["peak_rss_mib"]}
+        runs[str(workers)] = {
+            "seconds": seconds,
+            "process_seconds": r["seconds"],
+            "masks_per_s": rate,
+            "masks_per_s_per_worker": rate / workers,
+            "peak_rss_mib": r["peak_rss_mib"],
+        }
         shutil.rmtree(out, ignore_errors=True)
     return {"root": args.root, "masks": masks, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------
 # eval-rss
+
 
 def tiny_checkpoint(root: Path, cache: Path, work: Path) -> Path:
     """A 1-iteration tiny COCO run on the tree (its val2014 gets prepared on the way)."""
@@ -195,44 +271,91 @@ def eval_rss(args: argparse.Namespace) -> dict[str, Any]:
     write_bytes_atomic(splits / f"val_first{first}.txt", ("\n".join(names[:first]) + "\n").encode())
     runs = {}
     for split, count in ((f"val_first{first}", first), ("val", len(names))):
-        r = checked(run_measured([sys.executable, "evaluate.py", "--checkpoint", str(ckpt),
-                                  "--data-root", str(root), "--cache-dir", str(cache),
-                                  "--split", split, "--size", str(args.size), "--device", "cpu",
-                                  "--workers", str(args.eval_workers)]), f"evaluate {split}")
+        r = checked(
+            run_measured(
+                [
+                    sys.executable,
+                    "evaluate.py",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data-root",
+                    str(root),
+                    "--cache-dir",
+                    str(cache),
+                    "--split",
+                    split,
+                    "--size",
+                    str(args.size),
+                    "--device",
+                    "cpu",
+                    "--workers",
+                    str(args.eval_workers),
+                ]
+            ),
+            f"evaluate {split}",
+        )
         runs[str(count)] = {"seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"]}
     small, full = runs[str(first)], runs[str(len(names))]
     extra = len(names) - first  # the rate of the images beyond the first (no start-up in it)
     marginal = extra / (full["seconds"] - small["seconds"]) if extra else None
-    return {"root": args.root, "images": len(names), "first": first, "runs": runs,
-            "growth": full["peak_rss_mib"] / small["peak_rss_mib"] - 1,
-            "images_per_s_beyond_first": marginal}
+    return {
+        "root": args.root,
+        "images": len(names),
+        "first": first,
+        "runs": runs,
+        "growth": full["peak_rss_mib"] / small["peak_rss_mib"] - 1,
+        "images_per_s_beyond_first": marginal,
+    }
 
 
 # ------------------------------------------------------------------------------------------
+
 
 def markdown(command: str, r: dict[str, Any]) -> str:
     if command == "generate":
         return f"generated {r['what']} in {r['seconds']:.0f} s, {r['bytes'] / 2**20:.0f} MiB"
     if command == "startup":
-        rows = [f"| {k} | {v['marker_seconds']:.1f} | {v['seconds']:.1f} | "
-                f"{v['peak_rss_mib']:.0f} |" for k, v in r["runs"].items()]
-        return "\n".join([f"start-up, {r['dataset']} ({r['root']})", "",
-                          "| start | s to iteration 1 | s total | peak RSS MiB |",
-                          "|---|---|---|---|", *rows])
+        rows = [
+            f"| {k} | {v['marker_seconds']:.1f} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} |"
+            for k, v in r["runs"].items()
+        ]
+        return "\n".join(
+            [
+                f"start-up, {r['dataset']} ({r['root']})",
+                "",
+                "| start | s to iteration 1 | s total | peak RSS MiB |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
     if command == "prepare":
-        rows = [f"| {k} | {v['seconds']:.1f} | {v['masks_per_s']:.0f} | "
-                f"{v['masks_per_s_per_worker']:.0f} | {v['peak_rss_mib']:.0f} |"
-                for k, v in r["runs"].items()]
-        return "\n".join([f"prepare train2014, {r['masks']} masks", "",
-                          "| workers | s | masks/s | per worker | peak RSS MiB |",
-                          "|---|---|---|---|---|", *rows])
-    rows = [f"| {k} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} |"
-            for k, v in r["runs"].items()]
+        rows = [
+            f"| {k} | {v['seconds']:.1f} | {v['masks_per_s']:.0f} | "
+            f"{v['masks_per_s_per_worker']:.0f} | {v['peak_rss_mib']:.0f} |"
+            for k, v in r["runs"].items()
+        ]
+        return "\n".join(
+            [
+                f"prepare train2014, {r['masks']} masks",
+                "",
+                "| workers | s | masks/s | per worker | peak RSS MiB |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+    rows = [f"| {k} | {v['seconds']:.1f} | {v['peak_rss_mib']:.0f} |" for k, v in r["runs"].items()]
     rate = r["images_per_s_beyond_first"]
-    return "\n".join([f"evaluation peak RSS, {r['images']} val images: growth "
-                      f"{100 * r['growth']:+.1f}% from the first {r['first']}"
-                      + (f"; {rate:.1f} images/s beyond them" if rate else ""), "",
-                      "| images | s (process) | peak RSS MiB |", "|---|---|---|", *rows])
+    return "\n".join(
+        [
+            f"evaluation peak RSS, {r['images']} val images: growth "
+            f"{100 * r['growth']:+.1f}% from the first {r['first']}"
+            + (f"; {rate:.1f} images/s beyond them" if rate else ""),
+            "",
+            "| images | s (process) | peak RSS MiB |",
+            "|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,8 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = {"generate": generate, "startup": startup, "prepare": prepare,
-              "eval-rss": eval_rss}[args.command](args)
+    result = {"generate": generate, "startup": startup, "prepare": prepare, "eval-rss": eval_rss}[
+        args.command
+    ](args)
     result["machine"] = machine_line()
     print(markdown(args.command, result))
     if args.json:

@@ -19,6 +19,7 @@ Measured, in interleaved rounds (full step, bare backbone step, full, bare, ...)
 - inference images/s (single-scale segmentation at the validation size, batch 1);
 - peak memory: max RSS of this process on the CPU, max allocated on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,7 @@ from toco.runtime import configure_precision, resolve_device
 from toco.train.engine import Trainer
 from toco.train.profiling import PassCounter
 
-STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward",
-          "optimizer")
+STAGES = ("main_pass", "ms_cam", "ctc_views", "pseudo_labels", "losses", "backward", "optimizer")
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,11 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     g.add_argument("--num-classes", type=int, default=21, help="classes incl. background")
     g.add_argument("--json", help="write the results here")
-    g.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend for --compile ('eager': a quick CPU check)")
+    g.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend for --compile ('eager': a quick CPU check)",
+    )
 
 
 def random_batch(cfg: TrainConfig, num_classes: int, gen: torch.Generator) -> dict:
@@ -68,13 +71,22 @@ def random_batch(cfg: TrainConfig, num_classes: int, gen: torch.Generator) -> di
     for i in range(b):
         k = int(torch.randint(1, 4, (1,), generator=gen))
         labels[i, torch.randperm(num_classes - 1, generator=gen)[:k]] = 1
-    return {"image": image(), "view2": image(), "local_view": image(), "cls_label": labels,
-            "img_box": torch.tensor([[0, s, 0, s]] * b)}
+    return {
+        "image": image(),
+        "view2": image(),
+        "local_view": image(),
+        "cls_label": labels,
+        "img_box": torch.tensor([[0, s, 0, s]] * b),
+    }
 
 
 def all_terms_on(cfg: TrainConfig) -> int:
-    starts = [cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter,
-              cfg.plugins.first_start(cfg)]
+    starts = [
+        cfg.seg_start_iter,
+        cfg.contrast_start_iter,
+        cfg.aux_cam_until_iter,
+        cfg.plugins.first_start(cfg),
+    ]
     return max(starts) + 1
 
 
@@ -85,8 +97,9 @@ class BareBackbone:
         import timm
 
         kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
-        self.model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
-                                       dynamic_img_size=True, **kwargs).to(device)
+        self.model = timm.create_model(
+            cfg.backbone, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs
+        ).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6, foreach=True)
         self.device = device
 
@@ -149,8 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     stages: dict[str, float] = {}
     counter.reset()  # the bare step has its own backbone: the counter sees the full steps only
-    wall, _ = time_interleaved({"full": full_step, "bare": bare_step}, args.iters, args.rounds,
-                               device=device, block=args.iters)
+    wall, _ = time_interleaved(
+        {"full": full_step, "bare": bare_step},
+        args.iters,
+        args.rounds,
+        device=device,
+        block=args.iters,
+    )
     full, floor = wall["full"], wall["bare"]
     n_passes, n_images = counter.reset()
     passes = [(n_passes / (args.iters * args.rounds), n_images / (args.iters * args.rounds))]
@@ -165,21 +183,35 @@ def main(argv: list[str] | None = None) -> dict:
     peak = peak_memory_gb(device)
     s_it, s_bare = statistics.median(full), statistics.median(floor)
     result = {
-        "machine": {"device": str(device), "cpu": platform.processor() or platform.machine(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else None, "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "config": {"backbone": cfg.backbone, "crop_size": cfg.crop_size,
-                   "batch_size": cfg.batch_size, "amp": cfg.amp, "recipe": cfg.recipe,
-                   "compile": cfg.compile, "tf32": cfg.tf32,
-                   "plugins": cfg.plugins.enabled()},
-        "train_s_per_iter": s_it, "train_s_per_iter_rounds": full,
+        "machine": {
+            "device": str(device),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "config": {
+            "backbone": cfg.backbone,
+            "crop_size": cfg.crop_size,
+            "batch_size": cfg.batch_size,
+            "amp": cfg.amp,
+            "recipe": cfg.recipe,
+            "compile": cfg.compile,
+            "tf32": cfg.tf32,
+            "plugins": cfg.plugins.enabled(),
+        },
+        "train_s_per_iter": s_it,
+        "train_s_per_iter_rounds": full,
         "train_images_per_s": cfg.batch_size / s_it,
         "stage_s_per_iter": stages,
-        "vit_passes_per_iter": passes[-1][0], "vit_images_per_iter": passes[-1][1],
-        "bare_backbone_s_per_iter": s_bare, "bare_backbone_rounds": floor,
+        "vit_passes_per_iter": passes[-1][0],
+        "vit_images_per_iter": passes[-1][1],
+        "bare_backbone_s_per_iter": s_bare,
+        "bare_backbone_rounds": floor,
         "overhead_vs_bare": s_it / s_bare,
-        "inference_images_per_s": inference_rate(model, cfg, device, trainer.autocast,
-                                                 max(args.iters, 3)),
+        "inference_images_per_s": inference_rate(
+            model, cfg, device, trainer.autocast, max(args.iters, 3)
+        ),
         "peak_memory_gb": peak,
         "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "max RSS",
     }
@@ -191,16 +223,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(r: dict) -> None:
     c = r["config"]
-    print(f"{c['backbone']}  crop {c['crop_size']}  batch {c['batch_size']}  amp {c['amp']}  "
-          f"plug-ins {'+'.join(c['plugins']) or 'none'}  on {r['machine']['device']} "
-          f"({r['machine']['threads']} threads)")
-    print(f"  training      {r['train_s_per_iter']:.3f} s/iter   "
-          f"{r['train_images_per_s']:.2f} images/s   rounds "
-          + ", ".join(f"{v:.3f}" for v in r["train_s_per_iter_rounds"]))
-    print(f"  bare backbone {r['bare_backbone_s_per_iter']:.3f} s/iter   "
-          f"overhead x{r['overhead_vs_bare']:.2f}")
-    print(f"  ViT passes    {r['vit_passes_per_iter']:.1f} per iter, "
-          f"{r['vit_images_per_iter']:.0f} images through the encoder")
+    print(
+        f"{c['backbone']}  crop {c['crop_size']}  batch {c['batch_size']}  amp {c['amp']}  "
+        f"plug-ins {'+'.join(c['plugins']) or 'none'}  on {r['machine']['device']} "
+        f"({r['machine']['threads']} threads)"
+    )
+    print(
+        f"  training      {r['train_s_per_iter']:.3f} s/iter   "
+        f"{r['train_images_per_s']:.2f} images/s   rounds "
+        + ", ".join(f"{v:.3f}" for v in r["train_s_per_iter_rounds"])
+    )
+    print(
+        f"  bare backbone {r['bare_backbone_s_per_iter']:.3f} s/iter   "
+        f"overhead x{r['overhead_vs_bare']:.2f}"
+    )
+    print(
+        f"  ViT passes    {r['vit_passes_per_iter']:.1f} per iter, "
+        f"{r['vit_images_per_iter']:.0f} images through the encoder"
+    )
     total = sum(r["stage_s_per_iter"].values())
     for k, v in r["stage_s_per_iter"].items():
         print(f"    {k:<14}{v:8.3f} s  {100 * v / max(total, 1e-12):5.1f}%")

@@ -27,6 +27,7 @@ paths, with registry warnings); imageio (datasets/transforms.py, of which only `
 is used) and matplotlib (utils/imutils.py, for colour maps) are stubbed with empty modules when
 they are not installed: no function the fixtures call uses them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,17 @@ def import_official(root: Path) -> dict[str, types.ModuleType]:
 
     import datasets.transforms as official_transforms
 
-    return dict(encoder=encoder, vit=vit, deit=deit, conv_head=conv_head,
-                net=model_seg_neg, par=PAR, cam=camutils, im=imutils,
-                transforms=official_transforms)
+    return dict(
+        encoder=encoder,
+        vit=vit,
+        deit=deit,
+        conv_head=conv_head,
+        net=model_seg_neg,
+        par=PAR,
+        cam=camutils,
+        im=imutils,
+        transforms=official_transforms,
+    )
 
 
 def small_network(off: dict, num_classes: int, module: str, vit_kwargs: dict) -> nn.Module:
@@ -82,9 +91,17 @@ def small_network(off: dict, num_classes: int, module: str, vit_kwargs: dict) ->
     vit_class = off[module].VisionTransformer
 
     def factory(pretrained=False, aux_layer=-3):
-        return vit_class(patch_size=16, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-                         qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                         num_classes=HEAD_OUT, aux_layer=aux_layer, **vit_kwargs)
+        return vit_class(
+            patch_size=16,
+            embed_dim=WIDTH,
+            depth=DEPTH,
+            num_heads=HEADS,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_classes=HEAD_OUT,
+            aux_layer=aux_layer,
+            **vit_kwargs,
+        )
 
     official_head, official_fov = off["net"].CTCHead, off["conv_head"].LargeFOV
 
@@ -107,8 +124,9 @@ def small_network(off: dict, num_classes: int, module: str, vit_kwargs: dict) ->
     off["net"].CTCHead = SmallCTCHead
     off["net"].decoder.LargeFOV = SmallLargeFOV
     try:
-        net = off["net"].network("fixture_vit", num_classes=num_classes, init_momentum=0.9,
-                                 aux_layer=AUX_LAYER)
+        net = off["net"].network(
+            "fixture_vit", num_classes=num_classes, init_momentum=0.9, aux_layer=AUX_LAYER
+        )
     finally:
         off["net"].CTCHead, off["net"].decoder.LargeFOV = official_head, official_fov
     return net.eval()
@@ -135,8 +153,8 @@ def randomise_and_quantise(net: nn.Module, gen: torch.Generator) -> dict[str, di
             else:
                 value = 0.1 * noise
             exp = math.ceil(math.log2(value.abs().max().item() / 127))
-            q = torch.round(value / 2.0 ** exp).clamp(-127, 127).to(torch.int8)
-            t.copy_(q.float() * 2.0 ** exp)
+            q = torch.round(value / 2.0**exp).clamp(-127, 127).to(torch.int8)
+            t.copy_(q.float() * 2.0**exp)
             stored[name] = {"q": q, "exp": exp}
     return stored
 
@@ -181,27 +199,50 @@ def record(off: dict, net: nn.Module, num_classes: int, gen: torch.Generator) ->
     cls_label = torch.zeros(b, num_classes - 1)
     cls_label.scatter_(1, present, 1.0)
     cam_fn = off["cam"]
-    out: dict = {"pixels": pixels, "img_box": img_box, "cls_label": cls_label,
-                 "present": present.sort(dim=1).values}
+    out: dict = {
+        "pixels": pixels,
+        "img_box": img_box,
+        "cls_label": cls_label,
+        "present": present.sort(dim=1).values,
+    }
     with torch.no_grad():
         x = train_normalise(pixels)
         cls, seg, _, cls_aux = net(x)
         out.update(cls=cls, cls_aux=cls_aux, seg=seg)
         for s in CAM_SCALES:
-            xs = x if s == 1.0 else F.interpolate(x, size=(int(s * h), int(s * w)),
-                                                 mode="bilinear", align_corners=False)
+            xs = (
+                x
+                if s == 1.0
+                else F.interpolate(
+                    x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False
+                )
+            )
             cam_aux, cam = net(torch.cat([xs, xs.flip(-1)]), cam_only=True)
             out[f"raw_cam_{s}"], out[f"raw_cam_aux_{s}"] = cam, cam_aux
         cams, cams_aux = cam_fn.multi_scale_cam2(net, x, CAM_SCALES)
         idx = out["present"][:, :, None, None].expand(-1, -1, h, w)
         out["cam_present"], out["cam_aux_present"] = cams.gather(1, idx), cams_aux.gather(1, idx)
-        valid_cam, _ = cam_fn.cam_to_label(cams, cls_label, img_box=img_box, ignore_mid=True,
-                                           bkg_thre=thre["bkg"], high_thre=thre["high"],
-                                           low_thre=thre["low"], ignore_index=255)
+        valid_cam, _ = cam_fn.cam_to_label(
+            cams,
+            cls_label,
+            img_box=img_box,
+            ignore_mid=True,
+            bkg_thre=thre["bkg"],
+            high_thre=thre["high"],
+            low_thre=thre["low"],
+            ignore_index=255,
+        )
         par = off["par"].PAR(num_iter=10, dilations=[1, 2, 4, 8, 12, 24])
         label = cam_fn.refine_cams_with_bkg_v2(
-            par, off["im"].denormalize_img2(x.clone()), cams=valid_cam, cls_labels=cls_label,
-            high_thre=thre["high"], low_thre=thre["low"], ignore_index=255, img_box=img_box)
+            par,
+            off["im"].denormalize_img2(x.clone()),
+            cams=valid_cam,
+            cls_labels=cls_label,
+            high_thre=thre["high"],
+            low_thre=thre["low"],
+            ignore_index=255,
+            img_box=img_box,
+        )
         out["pseudo_label"] = label.to(torch.uint8)
         cls_token = net.encoder.forward_features(x)[0]
         out["ctc_student"] = net.proj_head(cls_token)
@@ -225,9 +266,18 @@ def record_validation(off: dict, net: nn.Module, num_classes: int, gen) -> dict:
     cams, _ = off["cam"].multi_scale_cam2(net, inputs, CAM_SCALES)
     cams = F.interpolate(cams, size=VAL_HW, mode="bilinear", align_corners=False)
     out["val_cam_present"] = cams[:, present]
-    out["val_cam_label"] = off["cam"].cam_to_label(
-        cams, cls_label, bkg_thre=thre["bkg"], high_thre=thre["high"], low_thre=thre["low"],
-        ignore_index=255).to(torch.uint8)
+    out["val_cam_label"] = (
+        off["cam"]
+        .cam_to_label(
+            cams,
+            cls_label,
+            bkg_thre=thre["bkg"],
+            high_thre=thre["high"],
+            low_thre=thre["low"],
+            ignore_index=255,
+        )
+        .to(torch.uint8)
+    )
     segs = F.interpolate(segs, size=VAL_HW, mode="bilinear", align_corners=False)
     out["val_seg_pred"], out["val_seg_margin"] = segs.argmax(1).to(torch.uint8), top2_margin(segs)
     # The multi-scale tools (tools/infer_seg_voc.py, tools/infer_seg_coco_ddp.py).
@@ -239,12 +289,16 @@ def record_validation(off: dict, net: nn.Module, num_classes: int, gen) -> dict:
     _, _, h, w = base.shape
     seg_list = []
     for sc in scales:
-        scaled = F.interpolate(base, size=[int(h * sc), int(w * sc)], mode="bilinear",
-                               align_corners=False)
+        scaled = F.interpolate(
+            base, size=[int(h * sc), int(w * sc)], mode="bilinear", align_corners=False
+        )
         segs = net(torch.cat([scaled, scaled.flip(-1)]))[1]
         segs = F.interpolate(segs, size=VAL_HW, mode="bilinear", align_corners=False)
-        pair = (segs[:1] + segs[1:].flip(-1) if flip_fuse == "sum"
-                else torch.max(segs[:1], segs[1:].flip(-1)))
+        pair = (
+            segs[:1] + segs[1:].flip(-1)
+            if flip_fuse == "sum"
+            else torch.max(segs[:1], segs[1:].flip(-1))
+        )
         seg_list.append(pair)
     stack = torch.stack(seg_list)
     seg = stack.max(dim=0)[0] if scale_fuse == "max" else stack.sum(dim=0)
@@ -254,8 +308,9 @@ def record_validation(off: dict, net: nn.Module, num_classes: int, gen) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", required=True, type=Path,
-                        help="checkout of rulixiang/ToCo at commit e13514d")
+    parser.add_argument(
+        "--official", required=True, type=Path, help="checkout of rulixiang/ToCo at commit e13514d"
+    )
     parser.add_argument("--out", type=Path, default=Path("tests/official_fixtures"))
     args = parser.parse_args(argv)
     off = import_official(args.official.resolve())
@@ -265,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(100 + i)
         net = small_network(off, num_classes, module, vit_kwargs)
         weights = randomise_and_quantise(net, gen)
-        fixture = {"name": name, "num_classes": num_classes, "family": module,
-                   "vit_kwargs": vit_kwargs, "weights": weights,
-                   "outputs": record(off, net, num_classes, gen)}
+        fixture = {
+            "name": name,
+            "num_classes": num_classes,
+            "family": module,
+            "vit_kwargs": vit_kwargs,
+            "weights": weights,
+            "outputs": record(off, net, num_classes, gen),
+        }
         path = args.out / f"{name}.pt"
         torch.save(fixture, path)
         print(f"{path}: {path.stat().st_size / 1024:.0f} KiB")

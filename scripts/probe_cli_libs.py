@@ -11,6 +11,7 @@ of flags in its help, the spelling it gives a few known settings, and what happe
 flags, to a malformed value and to a value outside a setting's declared choices (exit code,
 number of lines printed, last line).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,15 @@ from typing import Any
 
 from toco.cli import ArgumentParser, run_cli
 
-PROBES = (["--crop-size", "320"], ["--core.crop-size", "320"], ["--core.crop_size", "320"],
-          ["--ppc-tau", "0.2"], ["--ppc.tau", "0.2"], ["--core.lr", "fast"],
-          ["--core.amp", "bf17"])
+PROBES = (
+    ["--crop-size", "320"],
+    ["--core.crop-size", "320"],
+    ["--core.crop_size", "320"],
+    ["--ppc-tau", "0.2"],
+    ["--ppc.tau", "0.2"],
+    ["--core.lr", "fast"],
+    ["--core.amp", "bf17"],
+)
 
 
 def probe_types() -> type:
@@ -38,12 +45,17 @@ def probe_types() -> type:
         return dataclasses.field(default_factory=f.default_factory)
 
     core = dataclasses.make_dataclass(
-        "Core", [(f.name, f.type, copy(f)) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "plugins"])
+        "Core",
+        [(f.name, f.type, copy(f)) for f in dataclasses.fields(TrainConfig) if f.name != "plugins"],
+    )
     core.__module__ = TrainConfig.__module__  # resolve the string annotations there
-    return dataclasses.make_dataclass("Probe", [
-        ("core", core, dataclasses.field(default_factory=core)),
-        ("ppc", PPCSettings, dataclasses.field(default_factory=PPCSettings))])
+    return dataclasses.make_dataclass(
+        "Probe",
+        [
+            ("core", core, dataclasses.field(default_factory=core)),
+            ("ppc", PPCSettings, dataclasses.field(default_factory=PPCSettings)),
+        ],
+    )
 
 
 def parse_with(library: Any, name: str, probe: type, argv: list[str]) -> tuple[Any, str]:
@@ -79,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     _, help_text = parse_with(library, args.library, probe, ["--help"])
     flags = sorted({t.split("=")[0].strip(",[]") for t in help_text.split() if t.startswith("--")})
     known = [f for f in flags if f.endswith(("crop-size", "crop_size", ".tau", ".enable"))]
-    print(f"{args.library} {getattr(library, '__version__', '?')}: import {imported:.2f} s, "
-          f"{len(flags)} flags in --help, e.g. {', '.join(known)}")
+    print(
+        f"{args.library} {getattr(library, '__version__', '?')}: import {imported:.2f} s, "
+        f"{len(flags)} flags in --help, e.g. {', '.join(known)}"
+    )
     for probe_argv in PROBES:
         code, printed = parse_with(library, args.library, probe, probe_argv)
         lines = [line for line in printed.splitlines() if line.strip()]

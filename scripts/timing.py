@@ -5,6 +5,7 @@
   the machine's load hits them all alike; wall and process-CPU seconds per call;
 - `machine_line()`: the CPU, cores, GPU, torch version, threads and load average, for tables.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,7 @@ def sync(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: Optional[torch.device] = None,
-          calls: int = 1) -> float:
+def timed(fn: Callable[[], object], device: Optional[torch.device] = None, calls: int = 1) -> float:
     """Wall seconds per call of `fn`, over `calls` consecutive calls."""
     sync(device)
     tic = time.perf_counter()
@@ -33,9 +33,14 @@ def timed(fn: Callable[[], object], device: Optional[torch.device] = None,
     return (time.perf_counter() - tic) / calls
 
 
-def time_interleaved(steps: dict[str, Callable[[int], object]], calls: int, rounds: int = 1,
-                     warmup: int = 0, device: Optional[torch.device] = None, block: int = 1
-                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def time_interleaved(
+    steps: dict[str, Callable[[int], object]],
+    calls: int,
+    rounds: int = 1,
+    warmup: int = 0,
+    device: Optional[torch.device] = None,
+    block: int = 1,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and process-CPU seconds per call of each step function, the functions interleaved.
 
     Each round makes `calls` calls of every function, in turns of `block` consecutive calls per
@@ -74,5 +79,7 @@ def machine_line() -> str:
         pass
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; load average {load}")
+    return (
+        f"machine: {cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average {load}"
+    )

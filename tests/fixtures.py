@@ -110,8 +110,9 @@ def standard_specs() -> list[ImageSpec]:
         ImageSpec("img_b", boxes_mask(50, 30, [(7, 10, 40, 5, 25)]), mode="L"),
         ImageSpec("img_c", boxes_mask(36, 36, [(20, 0, 36, 10, 20)]), mode="CMYK"),
         ImageSpec("img_d", mask_d),
-        ImageSpec("img_e", boxes_mask(44, 52, [(3, 2, 10, 2, 10), (12, 20, 40, 20, 50)]),
-                  mask_mode="L"),  # fmt: skip
+        ImageSpec(
+            "img_e", boxes_mask(44, 52, [(3, 2, 10, 2, 10), (12, 20, 40, 20, 50)]), mask_mode="L"
+        ),  # fmt: skip
     ]
 
 
@@ -139,20 +140,25 @@ def make_standard_voc_tree(root: Path) -> Path:
 # PASCAL VOC annotation files
 
 
-def write_voc_xml(path: Path, hw: tuple[int, int], objects: Sequence[str],
-                  difficult: Sequence[bool] = ()) -> None:
+def write_voc_xml(
+    path: Path, hw: tuple[int, int], objects: Sequence[str], difficult: Sequence[bool] = ()
+) -> None:
     """A VOC ``Annotations/<id>.xml`` with one <object> per name (person parts included)."""
     parts = []
     for i, name in enumerate(objects):
         flag = int(difficult[i]) if i < len(difficult) else 0
         part = "<part><name>head</name></part>" if name == "person" else ""
-        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0"
-                     f"</truncated><difficult>{flag}</difficult><bndbox><xmin>1</xmin><ymin>1"
-                     f"</ymin><xmax>5</xmax><ymax>5</ymax></bndbox>{part}</object>")
+        parts.append(
+            f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0"
+            f"</truncated><difficult>{flag}</difficult><bndbox><xmin>1</xmin><ymin>1"
+            f"</ymin><xmax>5</xmax><ymax>5</ymax></bndbox>{part}</object>"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"<annotation><folder>VOC2012</folder><filename>{path.stem}.jpg</filename>"
-                    f"<size><width>{hw[1]}</width><height>{hw[0]}</height><depth>3</depth>"
-                    f"</size>{''.join(parts)}</annotation>")
+    path.write_text(
+        f"<annotation><folder>VOC2012</folder><filename>{path.stem}.jpg</filename>"
+        f"<size><width>{hw[1]}</width><height>{hw[0]}</height><depth>3</depth>"
+        f"</size>{''.join(parts)}</annotation>"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,13 +211,24 @@ COCO_TEST_CATEGORIES = [
 
 
 def coco_image(image_id: int, subset: str, hw: tuple[int, int]) -> dict:
-    return {"id": image_id, "file_name": f"COCO_{subset}_{image_id:012d}.jpg",
-            "height": hw[0], "width": hw[1]}
+    return {
+        "id": image_id,
+        "file_name": f"COCO_{subset}_{image_id:012d}.jpg",
+        "height": hw[0],
+        "width": hw[1],
+    }
 
 
 def coco_ann(ann_id: int, image_id: int, category: int, segmentation, crowd: int = 0) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category, "iscrowd": crowd,
-            "segmentation": segmentation, "area": 0.0, "bbox": [0, 0, 1, 1]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category,
+        "iscrowd": crowd,
+        "segmentation": segmentation,
+        "area": 0.0,
+        "bbox": [0, 0, 1, 1],
+    }
 
 
 def standard_coco_instances() -> dict[str, dict]:
@@ -229,8 +246,12 @@ def standard_coco_instances() -> dict[str, dict]:
       73 (32x32): person [0:32, 0:16].
       74 (16x16): no annotation (left out).
     """
-    train_images = [coco_image(1, "train2014", (40, 60)), coco_image(2, "train2014", (30, 30)),
-                    coco_image(3, "train2014", (20, 20)), coco_image(4, "train2014", (24, 32))]
+    train_images = [
+        coco_image(1, "train2014", (40, 60)),
+        coco_image(2, "train2014", (30, 30)),
+        coco_image(3, "train2014", (20, 20)),
+        coco_image(4, "train2014", (24, 32)),
+    ]
     train_anns = [
         coco_ann(101, 1, 1, [coco_rect(10, 5, 30, 25)]),
         coco_ann(102, 1, 18, compressed_rle(rect_mask((40, 60), 15, 35, 20, 50))),
@@ -240,8 +261,11 @@ def standard_coco_instances() -> dict[str, dict]:
         coco_ann(203, 2, 13, [coco_rect(20, 0, 30, 10), coco_rect(20, 20, 30, 30)]),
         coco_ann(301, 4, 3, uncompressed_rle(rect_mask((24, 32), 4, 20, 8, 24)), crowd=1),
     ]
-    val_images = [coco_image(42, "val2014", (36, 48)), coco_image(73, "val2014", (32, 32)),
-                  coco_image(74, "val2014", (16, 16))]
+    val_images = [
+        coco_image(42, "val2014", (36, 48)),
+        coco_image(73, "val2014", (32, 32)),
+        coco_image(74, "val2014", (16, 16)),
+    ]
     val_anns = [
         coco_ann(401, 42, 5, [coco_rect(4, 6, 44, 30)]),
         coco_ann(402, 42, 9, [coco_rect(8, 6, 48, 30)]),
@@ -249,10 +273,18 @@ def standard_coco_instances() -> dict[str, dict]:
     ]
     info = {"description": "toco test tree"}
     return {  # fresh dicts on every call: tests edit them
-        "train2014": {"info": info, "images": train_images, "annotations": train_anns,
-                      "categories": [dict(c) for c in COCO_TEST_CATEGORIES]},
-        "val2014": {"info": info, "images": val_images, "annotations": val_anns,
-                    "categories": [dict(c) for c in COCO_TEST_CATEGORIES]},
+        "train2014": {
+            "info": info,
+            "images": train_images,
+            "annotations": train_anns,
+            "categories": [dict(c) for c in COCO_TEST_CATEGORIES],
+        },
+        "val2014": {
+            "info": info,
+            "images": val_images,
+            "annotations": val_anns,
+            "categories": [dict(c) for c in COCO_TEST_CATEGORIES],
+        },
     }
 
 
@@ -277,9 +309,13 @@ def expected_coco_masks() -> dict[str, np.ndarray]:
     m42[6:30, 4:44] = 5  # equal areas: the lower annotation id (airplane) wins
     m73 = np.zeros((32, 32), dtype=np.uint8)
     m73[0:32, 0:16] = 1
-    return {"COCO_train2014_000000000001": m1, "COCO_train2014_000000000002": m2,
-            "COCO_train2014_000000000004": m4, "COCO_val2014_000000000042": m42,
-            "COCO_val2014_000000000073": m73}
+    return {
+        "COCO_train2014_000000000001": m1,
+        "COCO_train2014_000000000002": m2,
+        "COCO_train2014_000000000004": m4,
+        "COCO_val2014_000000000042": m42,
+        "COCO_val2014_000000000073": m73,
+    }
 
 
 EXPECTED_COCO_LABELS = {
@@ -300,8 +336,11 @@ def write_coco_json(root: Path, subset: str, content: dict) -> Path:
     return path
 
 
-def make_coco_tree(root: Path, instances: dict[str, dict] | None = None,
-                   grayscale: set[str] = GRAYSCALE_COCO_IMAGES) -> Path:
+def make_coco_tree(
+    root: Path,
+    instances: dict[str, dict] | None = None,
+    grayscale: set[str] = GRAYSCALE_COCO_IMAGES,
+) -> Path:
     """A COCO 2014 root: ``<subset>/<file_name>`` JPEGs and ``annotations/instances_*.json``."""
     root = Path(root)
     for subset, content in (instances or standard_coco_instances()).items():
@@ -351,7 +390,8 @@ def make_tags_tree(
         (root / "labels.csv").write_text("\n".join(lines) + "\n")
     else:
         (root / "labels.jsonl").write_text(
-            "".join(json.dumps({"image": p, "labels": list(n)}) + "\n" for p, n in labels.items()))
+            "".join(json.dumps({"image": p, "labels": list(n)}) + "\n" for p, n in labels.items())
+        )
     if classes is not None:
         (root / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
     for relative, mask in (masks or {}).items():
@@ -364,8 +404,12 @@ def make_tags_tree(
     return root
 
 
-def tags_form_of_voc(voc_root: Path, root: Path, labels: dict[str, list[int]],
-                     splits: Sequence[str] = ("train", "val")) -> Path:
+def tags_form_of_voc(
+    voc_root: Path,
+    root: Path,
+    labels: dict[str, list[int]],
+    splits: Sequence[str] = ("train", "val"),
+) -> Path:
     """The CSV form of a VOC-style tree: same images (as images/<id>.jpg), masks and splits,
     ``labels`` (id -> VOC class ids) in labels.csv, VOC's class list in classes.txt."""
     import shutil

@@ -1,6 +1,7 @@
 """The Python API (toco.load_segmenter): the documented example runs, masks equal the argmax of
 the model's own logits computed here, batches equal single images, checkpoint == release, and
 every image mode and array dtype becomes the RGB the model sees."""
+
 from __future__ import annotations
 
 import re
@@ -20,13 +21,23 @@ from toco.errors import UserError
 from toco.images import array_to_rgb, pil_to_rgb, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {"dataset": "voc", "backbone": "deit_tiny_patch16_224", "backbone_depth": 2,
-               "aux_layer": 0, "pretrained": "none", "crop_size": 64, "local_crop_size": 32,
-               "decoder_dim": 16, "val_scales": [1.0, 0.5], "cam_scales": [1.0, 0.5]}
+TINY_CONFIG = {
+    "dataset": "voc",
+    "backbone": "deit_tiny_patch16_224",
+    "backbone_depth": 2,
+    "aux_layer": 0,
+    "pretrained": "none",
+    "crop_size": 64,
+    "local_crop_size": 32,
+    "decoder_dim": 16,
+    "val_scales": [1.0, 0.5],
+    "cam_scales": [1.0, 0.5],
+}
 
 
-def save_tiny_model(folder: Path, data_root: Path | None = None,
-                    class_names: list[str] | None = None) -> tuple[Path, Path]:
+def save_tiny_model(
+    folder: Path, data_root: Path | None = None, class_names: list[str] | None = None
+) -> tuple[Path, Path]:
     """A random-weight 2-block ViT written by the project's own writers, as a training
     checkpoint and as a release file: (last.pt, model.safetensors)."""
     from toco.build import build_model
@@ -60,13 +71,12 @@ def segmenter(model_files):
 def picture(h: int, w: int) -> np.ndarray:
     """Content with structure (gradients plus a bright square), so masks are not constant."""
     img = image_pixels(h, w)
-    img[h // 4: h // 2, w // 3: w // 2] = (250, 30, 30)
+    img[h // 4 : h // 2, w // 3 : w // 2] = (250, 30, 30)
     return img
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/predict.md"])
-def test_the_documented_example_runs_as_written(page, model_files, tmp_path, monkeypatch,
-                                                capsys):
+def test_the_documented_example_runs_as_written(page, model_files, tmp_path, monkeypatch, capsys):
     text = (ROOT / page).read_text()
     example = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", text, re.DOTALL)
     block = example.group(1)
@@ -81,8 +91,9 @@ def test_the_documented_example_runs_as_written(page, model_files, tmp_path, mon
 
 def test_import_toco_stays_cheap():
     code = "import sys, toco; assert 'torch' not in sys.modules; print(toco.__all__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert "load_segmenter" in out.stdout
 
 
@@ -93,8 +104,12 @@ def test_mask_and_scores_equal_the_model_computed_directly(segmenter):
     img = picture(50, 70)
     pred = segmenter.predict(img)
     model = segmenter.model
-    x = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, size=(64, 64),
-                      mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255,
+        size=(64, 64),
+        mode="bilinear",
+        align_corners=False,
+    )
     with torch.no_grad():
         logits = F.interpolate(model(x), size=(64, 64), mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=(50, 70), mode="bilinear", align_corners=False)
@@ -143,8 +158,15 @@ def test_a_list_of_mixed_sizes_equals_one_image_at_a_time(model_files, protocol)
         # ... and the protocol's own function on the single image gives the same mask
         p = seg.protocol
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-        logits = predict_seg_logits(seg.model, x, p.seg_scales, flip=p.flip, size=p.size,
-                                    flip_fusion=p.flip_fusion, scale_fusion=p.scale_fusion)
+        logits = predict_seg_logits(
+            seg.model,
+            x,
+            p.seg_scales,
+            flip=p.flip,
+            size=p.size,
+            flip_fusion=p.flip_fusion,
+            scale_fusion=p.scale_fusion,
+        )
         np.testing.assert_array_equal(pred.mask, logits.argmax(1)[0].numpy())
 
 
@@ -180,8 +202,13 @@ def test_more_classes_than_a_uint8_mask_holds_are_refused(segmenter):
     model.num_classes = 256  # only the count is checked: no need to build a wider model
     try:
         with pytest.raises(UserError, match="at most 255 classes fit"):
-            Segmenter(model, segmenter.cfg, [f"c{i}" for i in range(256)], segmenter.protocol,
-                      segmenter.device)
+            Segmenter(
+                model,
+                segmenter.cfg,
+                [f"c{i}" for i in range(256)],
+                segmenter.protocol,
+                segmenter.device,
+            )
     finally:
         model.num_classes = 21
 
@@ -224,8 +251,9 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     expected = (values // 257).astype(np.uint8)
     np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, axis=-1))
     np.testing.assert_array_equal(array_to_rgb(values)[..., 0], expected)
-    np.testing.assert_array_equal(pil_to_rgb(Image.fromarray(values.astype(np.int32)))[..., 1],
-                                  expected)
+    np.testing.assert_array_equal(
+        pil_to_rgb(Image.fromarray(values.astype(np.int32)))[..., 1], expected
+    )
 
 
 def test_transparency_is_composited_over_white():
@@ -254,20 +282,29 @@ def test_other_pil_modes_become_rgb(mode):
 def test_array_dtypes_by_their_range():
     base = np.array([[0, 51, 255]], dtype=np.uint8)
     expected = np.repeat(base[..., None], 3, axis=-1)
-    for array in (base, base.astype(np.float32) / 255, base.astype(np.float64),
-                  base.astype(np.int64), base.astype(np.uint16) * 257, base[..., None]):
+    for array in (
+        base,
+        base.astype(np.float32) / 255,
+        base.astype(np.float64),
+        base.astype(np.int64),
+        base.astype(np.uint16) * 257,
+        base[..., None],
+    ):
         np.testing.assert_array_equal(array_to_rgb(array), expected, err_msg=str(array.dtype))
     assert array_to_rgb(np.array([[True, False]]))[0, :, 0].tolist() == [255, 0]
 
 
-@pytest.mark.parametrize("bad,needle", [
-    (np.zeros((4, 4, 2), np.uint8), "must be \\(H, W\\)"),
-    (np.zeros((0, 4), np.uint8), "must not be empty"),
-    (np.full((2, 2), np.nan), "NaN"),
-    (np.full((2, 2), -3), "0..255 or 0..65535"),
-    (np.zeros((2, 2), np.complex64), "is not an image"),
-    (42, "a path, a PIL image or a numpy array"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (np.zeros((4, 4, 2), np.uint8), "must be \\(H, W\\)"),
+        (np.zeros((0, 4), np.uint8), "must not be empty"),
+        (np.full((2, 2), np.nan), "NaN"),
+        (np.full((2, 2), -3), "0..255 or 0..65535"),
+        (np.zeros((2, 2), np.complex64), "is not an image"),
+        (42, "a path, a PIL image or a numpy array"),
+    ],
+)
 def test_unusable_arrays_are_one_line_errors(bad, needle):
     with pytest.raises(UserError, match=needle):
         to_rgb(bad)

@@ -4,6 +4,7 @@ shapes on the family's patch grid, evaluation at any size, freezing and layer-wi
 One tiny random-weight model per family (3 blocks, width 32), re-initialised with non-trivial
 values so that LayerScale (DINOv2), zero-initialised tokens and unit norms hide nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,13 +57,14 @@ def timm_reference(bb: ViTBackbone, x: torch.Tensor):
     vit = bb.vit
     with torch.no_grad():
         final = vit.forward_features(x)
-        _, inter = vit.forward_intermediates(x, indices=[bb.aux_index], norm=False,
-                                             output_fmt="NCHW")
+        _, inter = vit.forward_intermediates(
+            x, indices=[bb.aux_index], norm=False, output_fmt="NCHW"
+        )
         summary = vit.forward_head(final, pre_logits=True) if vit.cls_token is None else None
         if bb.norm_tokens_after_pooling:
             final = vit.fc_norm(final)
         summary = final[:, 0] if summary is None else summary
-    return final[:, vit.num_prefix_tokens:], inter[0], summary
+    return final[:, vit.num_prefix_tokens :], inter[0], summary
 
 
 @pytest.mark.parametrize("family", list(FAMILIES) + list(PARITY_ONLY))
@@ -76,8 +78,7 @@ def test_encoder_equals_timm_forward_token_for_token(family):
             out = bb(x)
         tokens, aux, summary = timm_reference(bb, x)
         assert out.tokens.shape == (2, 32, h // p, w // p)
-        torch.testing.assert_close(out.tokens.flatten(2).transpose(1, 2), tokens,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.tokens.flatten(2).transpose(1, 2), tokens, rtol=0, atol=1e-5)
         torch.testing.assert_close(out.aux_tokens, aux, rtol=0, atol=1e-5)
         torch.testing.assert_close(out.cls, summary, rtol=0, atol=1e-5)
 
@@ -112,32 +113,59 @@ class Probe(LossModule):
         self.seen: dict = {}
 
     def compute(self, state):
-        self.seen = {"cam": state.cam.shape, "tokens": state.feats.tokens.shape,
-                     "aux": state.feats.aux_tokens.shape, "cls": state.feats.cls.shape,
-                     "token_label": state.token_label.shape, "seg": state.seg_logits.shape,
-                     "pseudo": state.pseudo_label.shape, "student": state.ctc.student.shape,
-                     "teacher": state.ctc.teacher.shape, "flags": state.ctc.flags.shape,
-                     "raw_cams": [c.shape for c in state.model.cams(state.images)]}
+        self.seen = {
+            "cam": state.cam.shape,
+            "tokens": state.feats.tokens.shape,
+            "aux": state.feats.aux_tokens.shape,
+            "cls": state.feats.cls.shape,
+            "token_label": state.token_label.shape,
+            "seg": state.seg_logits.shape,
+            "pseudo": state.pseudo_label.shape,
+            "student": state.ctc.student.shape,
+            "teacher": state.ctc.teacher.shape,
+            "flags": state.ctc.flags.shape,
+            "raw_cams": [c.shape for c in state.model.cams(state.images)],
+        }
         return {}
 
 
 def tiny_config(patch: int, **overrides) -> TrainConfig:
     """All losses on from iteration 0, full LR at once (a 1e-6 warm-up start moves nothing)."""
-    values = dict(pretrained="none", aux_layer=1, crop_size=4 * patch,
-                  local_crop_size=2 * patch, num_local_crops=2, batch_size=2, decoder_dim=8,
-                  cam_scales=(1.0, 0.5), par_iters=2, par_dilations=(1, 2), seg_start_iter=0,
-                  contrast_start_iter=0, w_reg=0.05, warmup_iters=1, warmup_ratio=1.0, lr=1e-3,
-                  device="cpu")
+    values = dict(
+        pretrained="none",
+        aux_layer=1,
+        crop_size=4 * patch,
+        local_crop_size=2 * patch,
+        num_local_crops=2,
+        batch_size=2,
+        decoder_dim=8,
+        cam_scales=(1.0, 0.5),
+        par_iters=2,
+        par_dilations=(1, 2),
+        seg_start_iter=0,
+        contrast_start_iter=0,
+        w_reg=0.05,
+        warmup_iters=1,
+        warmup_ratio=1.0,
+        lr=1e-3,
+        device="cpu",
+    )
     return TrainConfig(**{**values, **overrides}).validate()
 
 
 def batch(size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
+
     def img() -> torch.Tensor:
         return torch.randint(0, 256, (2, 3, size, size), generator=g, dtype=torch.uint8)
-    return {"image": img(), "view2": img(), "local_view": img(),
-            "cls_label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
-            "img_box": torch.tensor([[0, size, 0, size], [2, size - 3, 0, size - 1]])}
+
+    return {
+        "image": img(),
+        "view2": img(),
+        "local_view": img(),
+        "cls_label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+        "img_box": torch.tensor([[0, size, 0, size], [2, size - 3, 0, size - 1]]),
+    }
 
 
 def tiny_trainer(family: str, probe: LossModule | None = None, **overrides):
@@ -168,8 +196,12 @@ def test_one_training_step_with_all_losses_and_token_grid_shapes(family):
     changed = {n for n, t in model.named_parameters() if not torch.equal(t, before[n])}
     # every block, the class/summary path and the heads were trained
     assert {f"backbone.vit.blocks.{i}.mlp.fc1.weight" for i in range(3)} <= changed
-    assert {"classifier.conv.weight", "aux_classifier.conv.weight",
-            "decoder.conv8.weight", "proj_head.mlp.0.weight"} <= changed
+    assert {
+        "classifier.conv.weight",
+        "aux_classifier.conv.weight",
+        "decoder.conv8.weight",
+        "proj_head.mlp.0.weight",
+    } <= changed
     assert "backbone.vit.pos_embed" not in changed  # frozen, as in ToCo
 
 
@@ -192,8 +224,9 @@ def test_evaluation_at_a_size_that_is_not_a_multiple_of_the_patch(family):
     assert (4 * p, 3 * p) in seen  # the scale-1 pass: h, w padded by less than one patch
 
 
-@pytest.mark.parametrize("family,trainable_blocks", [("dinov2", 0), ("eva02", 0),
-                                                     ("clip", 1), ("dinov2_reg", 2)])
+@pytest.mark.parametrize(
+    "family,trainable_blocks", [("dinov2", 0), ("eva02", 0), ("clip", 1), ("dinov2_reg", 2)]
+)
 def test_frozen_parameters_stay_bit_identical_after_a_step(family, trainable_blocks):
     trainer, cfg = tiny_trainer(family, trainable_blocks=trainable_blocks)
     model = trainer.model
@@ -205,8 +238,7 @@ def test_frozen_parameters_stay_bit_identical_after_a_step(family, trainable_blo
         tail = n.startswith(("vit.norm.", "vit.fc_norm.", "vit.attn_pool."))
         assert (n in frozen) == (not in_last_blocks and not (trainable_blocks and tail)), n
     optimised = {id(t) for g in trainer.optimizer.param_groups for t in g["params"]}
-    assert all(id(t) not in optimised for n, t in model.backbone.named_parameters()
-               if n in frozen)
+    assert all(id(t) not in optimised for n, t in model.backbone.named_parameters() if n in frozen)
     before = {n: t.detach().clone() for n, t in model.named_parameters()}
     log = trainer.train_step(batch(cfg.crop_size), 0)
     assert all(math.isfinite(v) for v in log.values())
@@ -228,20 +260,27 @@ def test_layer_decay_gives_each_block_its_hand_computed_lr():
     lr_of = {id(t): g["lr"] for g in opt.param_groups for t in g["params"]}
     named = dict(model.named_parameters())
     # depth 3: embeddings 0.5^4, block i 0.5^(3-i), final norm 0.5^0 (BEiT's layer ids)
-    expected = {"backbone.vit.cls_token": 1e-3 / 16, "backbone.vit.patch_embed.proj.weight":
-                1e-3 / 16, "backbone.vit.blocks.0.attn.qkv.weight": 1e-3 / 8,
-                "backbone.vit.blocks.1.norm1.weight": 1e-3 / 4,
-                "backbone.vit.blocks.2.mlp.fc2.bias": 1e-3 / 2, "backbone.vit.norm.weight": 1e-3,
-                "classifier.conv.weight": 1e-2, "decoder.conv6.weight": 1e-2}
+    expected = {
+        "backbone.vit.cls_token": 1e-3 / 16,
+        "backbone.vit.patch_embed.proj.weight": 1e-3 / 16,
+        "backbone.vit.blocks.0.attn.qkv.weight": 1e-3 / 8,
+        "backbone.vit.blocks.1.norm1.weight": 1e-3 / 4,
+        "backbone.vit.blocks.2.mlp.fc2.bias": 1e-3 / 2,
+        "backbone.vit.norm.weight": 1e-3,
+        "classifier.conv.weight": 1e-2,
+        "decoder.conv6.weight": 1e-2,
+    }
     for name, lr in expected.items():
         assert lr_of[id(named[name])] == pytest.approx(lr, rel=1e-12), name
     assert id(named["backbone.vit.pos_embed"]) not in lr_of
     assert opt.param_groups[0]["lr"] == 1e-3  # group 0: the undecayed backbone LR
     assert all(g["weight_decay"] == cfg.weight_decay for g in opt.param_groups)
-    trainable = {id(t) for n, t in model.named_parameters()
-                 if t.requires_grad and not n.startswith("proj_head_teacher")}
-    assert set(lr_of) == trainable and len(lr_of) == sum(len(g["params"])
-                                                         for g in opt.param_groups)
+    trainable = {
+        id(t)
+        for n, t in model.named_parameters()
+        if t.requires_grad and not n.startswith("proj_head_teacher")
+    }
+    assert set(lr_of) == trainable and len(lr_of) == sum(len(g["params"]) for g in opt.param_groups)
 
 
 def test_layer_decay_with_trainable_blocks_groups_only_the_trained_ones():
@@ -257,8 +296,9 @@ def test_default_groups_are_tocos_four():
     opt = build_optimizer(model, cfg, extra)
     want = model.param_groups()
     want[2] = want[2] + extra
-    assert ([[id(t) for t in g["params"]] for g in opt.param_groups] ==
-        [[id(t) for t in g] for g in want])
+    assert [[id(t) for t in g["params"]] for g in opt.param_groups] == [
+        [id(t) for t in g] for g in want
+    ]
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([6e-5, 6e-5, 6e-4, 6e-4])
     assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
     assert set(opt.param_groups[0]) == set(opt.param_groups[3])  # no extra keys added
@@ -267,13 +307,16 @@ def test_default_groups_are_tocos_four():
 def test_input_normalisation_follows_the_backbone_unless_imagenet_is_asked():
     from toco.build import build_model
 
-    base = dict(backbone="vit_base_patch16_clip_224.openai", pretrained="none", backbone_depth=1,
-                aux_layer=0, decoder_dim=8)
+    base = dict(
+        backbone="vit_base_patch16_clip_224.openai",
+        pretrained="none",
+        backbone_depth=1,
+        aux_layer=0,
+        decoder_dim=8,
+    )
     clip = build_model(TrainConfig(**base).validate(), NUM_CLASSES)
-    assert clip.pixel_mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275,
-                                                                0.40821073])
-    assert clip.pixel_std.flatten().tolist() == pytest.approx([0.26862954, 0.26130258,
-                                                               0.27577711])
+    assert clip.pixel_mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert clip.pixel_std.flatten().tolist() == pytest.approx([0.26862954, 0.26130258, 0.27577711])
     toco = build_model(TrainConfig(**base, input_norm="imagenet").validate(), NUM_CLASSES)
     assert toco.pixel_mean.flatten().tolist() == pytest.approx(IMAGENET_MEAN)
     assert toco.pixel_std.flatten().tolist() == pytest.approx(IMAGENET_STD)
@@ -282,30 +325,62 @@ def test_input_normalisation_follows_the_backbone_unless_imagenet_is_asked():
 def test_freeze_flags_reach_the_model_and_the_recorded_config():
     from toco.build import build_model
 
-    cfg, _ = parse_config(["--backbone", "deit_tiny_patch16_224", "--pretrained", "none",
-                           "--backbone-depth", "2", "--aux-layer", "0", "--freeze-backbone",
-                           "--layer-decay", "0.75",
-                           "--input-norm", "imagenet", "--decoder-dim", "8"])
+    cfg, _ = parse_config(
+        [
+            "--backbone",
+            "deit_tiny_patch16_224",
+            "--pretrained",
+            "none",
+            "--backbone-depth",
+            "2",
+            "--aux-layer",
+            "0",
+            "--freeze-backbone",
+            "--layer-decay",
+            "0.75",
+            "--input-norm",
+            "imagenet",
+            "--decoder-dim",
+            "8",
+        ]
+    )
     recorded = cfg.to_dict()
     assert recorded["freeze_backbone"] is True and recorded["layer_decay"] == 0.75
     assert recorded["input_norm"] == "imagenet" and recorded["trainable_blocks"] is None
     model = build_model(cfg, NUM_CLASSES)
     assert not any(t.requires_grad for t in model.backbone.parameters())
-    cfg2, _ = parse_config(["--backbone", "deit_tiny_patch16_224", "--pretrained", "none",
-                            "--backbone-depth", "2", "--aux-layer", "0", "--trainable-blocks", "1",
-                            "--decoder-dim", "8"])
-    trained = {n for n, t in build_model(cfg2, NUM_CLASSES).backbone.named_parameters()
-               if t.requires_grad}
+    cfg2, _ = parse_config(
+        [
+            "--backbone",
+            "deit_tiny_patch16_224",
+            "--pretrained",
+            "none",
+            "--backbone-depth",
+            "2",
+            "--aux-layer",
+            "0",
+            "--trainable-blocks",
+            "1",
+            "--decoder-dim",
+            "8",
+        ]
+    )
+    trained = {
+        n for n, t in build_model(cfg2, NUM_CLASSES).backbone.named_parameters() if t.requires_grad
+    }
     assert trained and all(n.startswith(("vit.blocks.1.", "vit.norm.")) for n in trained)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--freeze-backbone", "--trainable-blocks", "2"], "contradicts --trainable-blocks 2"),
-    (["--layer-decay", "0"], "layer_decay must be in"),
-    (["--layer-decay", "1.5"], "layer_decay must be in"),
-    (["--trainable-blocks", "-1"], "trainable_blocks must be >= 0"),
-    (["--input-norm", "clip"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--freeze-backbone", "--trainable-blocks", "2"], "contradicts --trainable-blocks 2"),
+        (["--layer-decay", "0"], "layer_decay must be in"),
+        (["--layer-decay", "1.5"], "layer_decay must be in"),
+        (["--trainable-blocks", "-1"], "trainable_blocks must be >= 0"),
+        (["--input-norm", "clip"], "invalid choice"),
+    ],
+)
 def test_bad_backbone_flags_are_one_line_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv)
@@ -329,8 +404,18 @@ def test_backbone_recipes_load_and_build(recipe, grid, tmp_path):
     from toco.build import build_model
     from toco.config import CONFIG_DIR
 
-    cfg, _ = parse_config(["--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--data-root",
-                           str(tmp_path), "--pretrained", "none", "--backbone-depth", "6"])
+    cfg, _ = parse_config(
+        [
+            "--config",
+            str(CONFIG_DIR / f"{recipe}.yaml"),
+            "--data-root",
+            str(tmp_path),
+            "--pretrained",
+            "none",
+            "--backbone-depth",
+            "6",
+        ]
+    )
     assert cfg.input_norm == "backbone" and cfg.layer_decay < 1
     model = build_model(cfg, 21)
     assert cfg.crop_size // model.patch_size == grid and cfg.crop_size % model.patch_size == 0
@@ -349,14 +434,16 @@ def test_local_weights_file_loads_a_patch14_rope_backbone_exactly(tmp_path):
     src = tiny_backbone("eva02")
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in src.vit.state_dict().items()}, str(path))
-    dst = ViTBackbone(FAMILIES["eva02"][0], pretrained=str(path), aux_layer=1, **TINY,
-                      **FAMILIES["eva02"][1])
+    dst = ViTBackbone(
+        FAMILIES["eva02"][0], pretrained=str(path), aux_layer=1, **TINY, **FAMILIES["eva02"][1]
+    )
     for (k, a), b in zip(src.vit.state_dict().items(), dst.vit.state_dict().values()):
         assert torch.equal(a, b), k
 
 
-@pytest.mark.parametrize("backbone,depth", [("eva02_tiny_patch14_224", 2),
-                                            ("vit_base_patch16_siglip_224", 1)])
+@pytest.mark.parametrize(
+    "backbone,depth", [("eva02_tiny_patch14_224", 2), ("vit_base_patch16_siglip_224", 1)]
+)
 def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
     """train.py → evaluate.py (sizes off the patch grid) → release export, one odd family each:
     patch 14 + rotary embeddings + fc_norm tokens, and no class token (attention pool)."""
@@ -369,11 +456,34 @@ def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
     patch = 14 if "patch14" in backbone else 16
-    argv = train_args(root, work, "--max-iters", "2", "--eval-every", "2", "--seg-start-iter",
-                      "1", "--warmup-iters", "1", "--threads", "1", "--backbone", backbone,
-                      "--crop-size", str(4 * patch), "--local-crop-size", str(2 * patch),
-                      "--backbone-depth", str(depth), "--trainable-blocks", "1",
-                      "--layer-decay", "0.8", "--input-norm", "backbone")
+    argv = train_args(
+        root,
+        work,
+        "--max-iters",
+        "2",
+        "--eval-every",
+        "2",
+        "--seg-start-iter",
+        "1",
+        "--warmup-iters",
+        "1",
+        "--threads",
+        "1",
+        "--backbone",
+        backbone,
+        "--crop-size",
+        str(4 * patch),
+        "--local-crop-size",
+        str(2 * patch),
+        "--backbone-depth",
+        str(depth),
+        "--trainable-blocks",
+        "1",
+        "--layer-decay",
+        "0.8",
+        "--input-norm",
+        "backbone",
+    )
     assert run(train, argv) == 0
     recorded = yaml.safe_load((work / "config.yaml").read_text())
     assert recorded["trainable_blocks"] == 1 and recorded["layer_decay"] == 0.8
@@ -381,8 +491,22 @@ def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
     ckpt = str(work / "checkpoints" / "last.pt")
     for mode in ("seg", "cam"):
         out = tmp_path / f"{mode}.json"
-        assert run(evaluate, ["--checkpoint", ckpt, "--mode", mode, "--device", "cpu",
-                              "--output-json", str(out)]) == 0
+        assert (
+            run(
+                evaluate,
+                [
+                    "--checkpoint",
+                    ckpt,
+                    "--mode",
+                    mode,
+                    "--device",
+                    "cpu",
+                    "--output-json",
+                    str(out),
+                ],
+            )
+            == 0
+        )
         assert 0 <= json.loads(out.read_text())["miou"] <= 100  # percent
     model, _ = load_release(str(export_release(ckpt, str(tmp_path / "m.safetensors"))))
     state = torch.load(ckpt, weights_only=True)["model"]
@@ -391,10 +515,13 @@ def test_train_evaluate_export_end_to_end(backbone, depth, tmp_path):
             assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--backbone", "beit_base_patch16_224"], "is not one of the timm ViTs ToCo runs"),
-    (["--backbone-depth", "2", "--trainable-blocks", "3"], "trainable_blocks 3 out of range"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--backbone", "beit_base_patch16_224"], "is not one of the timm ViTs ToCo runs"),
+        (["--backbone-depth", "2", "--trainable-blocks", "3"], "trainable_blocks 3 out of range"),
+    ],
+)
 def test_train_refuses_an_unusable_backbone_with_one_line(extra, needle, tmp_path, capsys):
     import train
     from tests.fixtures import make_standard_voc_tree

@@ -1,5 +1,6 @@
 """The training loader at the VOC recipe on generated real-size JPEGs: outputs pinned for a seed,
 the benchmark's step timers transparent, and a throughput floor in process CPU time."""
+
 from __future__ import annotations
 
 import hashlib
@@ -57,11 +58,17 @@ def test_step_timers_leave_the_samples_and_the_dataset_unchanged(voc):
         timed = [SeededSamples(dataset, cfg.seed)[k] for k in range(2)]
     assert digest(plain) == digest(timed)
     assert voc_module.random_scale is before and "read_image" not in dataset.__dict__
-    assert set(times.seconds) == {"decode JPEG", "rescale", "flip", "pad + crop",
-                                  "to uint8 tensors (3)", "local view (jitter, grey, blur .5)",
-                                  "main view (jitter, grey, blur 1)",
-                                  "second view: resized crop (bicubic)",
-                                  "second view (flip, jitter, grey, blur .1, solarize .2)"}
+    assert set(times.seconds) == {
+        "decode JPEG",
+        "rescale",
+        "flip",
+        "pad + crop",
+        "to uint8 tensors (3)",
+        "local view (jitter, grey, blur .5)",
+        "main view (jitter, grey, blur 1)",
+        "second view: resized crop (bicubic)",
+        "second view (flip, jitter, grey, blur .1, solarize .2)",
+    }
     assert all(v > 0 for v in times.seconds.values())
 
 

@@ -5,6 +5,7 @@
   installed) against pydensecrf's C++ lattice;
 - the lattice against the exact filter within the stated bounds; gradients; the spatial blur.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,10 +44,11 @@ def natural_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     img = torch.stack([60 + 120 * x, 80 + 60 * y, 150 - 50 * x * y])
     for _ in range(5):
-        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([1, 1, 0.35])
-                     + torch.tensor([0, 0, 0.1]))
+        cy, cx, r = torch.rand(3, generator=g) * torch.tensor([1, 1, 0.35]) + torch.tensor(
+            [0, 0, 0.1]
+        )
         colour = torch.rand(3, 1, 1, generator=g) * 255
-        inside = ((y - cy) ** 2 + (x - cx) ** 2) < r ** 2
+        inside = ((y - cy) ** 2 + (x - cx) ** 2) < r**2
         img = torch.where(inside, colour * (1 + 0.3 * (y - cy)), img)
     img = img + 4 * torch.randn(img.shape, generator=g)
     return img.clamp(0, 255).round().unsqueeze(0)
@@ -59,7 +61,7 @@ def lattice_reference(feats: np.ndarray, vals: np.ndarray) -> np.ndarray:
     d1 = d + 1
     scale = [np.float32(math.sqrt(2 / 3) * d1 / math.sqrt((i + 1) * (i + 2))) for i in range(d)]
     table: dict[tuple[int, ...], int] = {}
-    splats = []                                       # (pixel, lattice point, weight)
+    splats = []  # (pixel, lattice point, weight)
     for n in range(n_pix):
         el = [np.float32(0)] * d1
         acc = np.float32(0)
@@ -106,7 +108,7 @@ def lattice_reference(feats: np.ndarray, vals: np.ndarray) -> np.ndarray:
                 if nb in table:
                     new[k] += 0.5 * lat[table[nb]]
         lat = new
-    alpha = 1 / (1 + 2 ** -d)
+    alpha = 1 / (1 + 2**-d)
     out = np.zeros_like(vals, dtype=np.float64)
     for n, k, wt in splats:
         out[n] += alpha * wt * lat[k]
@@ -146,7 +148,7 @@ def test_lattice_matches_scalar_reference(d, sigmas):
     g = torch.Generator().manual_seed(d)
     if d == 5:
         image = natural_image(7, 9, seed=1)
-        image[..., :2, :3] = 128.0                      # ties between residuals
+        image[..., :2, :3] = 128.0  # ties between residuals
         feats = bilateral_features(image, *sigmas)
     else:
         feats = pixel_grid(1, 7, 9, sigmas[0])
@@ -164,11 +166,16 @@ def _pydensecrf_lattice(feats: np.ndarray, vals: np.ndarray) -> np.ndarray:
     c, n = vals.shape
     crf = dcrf.DenseCRF(n, c + 1)
     crf.setUnaryEnergy(np.zeros((c + 1, n), np.float32))
-    crf.addPairwiseEnergy(np.ascontiguousarray(feats, dtype=np.float32), compat=1.0,
-                          kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    crf.addPairwiseEnergy(
+        np.ascontiguousarray(feats, dtype=np.float32),
+        compat=1.0,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NO_NORMALIZATION,
+    )
     _, tmp1, tmp2 = crf.startInference()
-    q = eigen.matrixXf(np.ascontiguousarray(np.concatenate([vals, np.zeros((1, n))]),
-                                            dtype=np.float32))
+    q = eigen.matrixXf(
+        np.ascontiguousarray(np.concatenate([vals, np.zeros((1, n))]), dtype=np.float32)
+    )
     crf.stepInference(q, tmp1, tmp2)
     q = np.asarray(q, dtype=np.float64)
     return np.log(q[:-1]) - np.log(q[-1:])
@@ -181,7 +188,7 @@ def test_lattice_matches_pydensecrf(sigmas):
     feats = bilateral_features(image, *sigmas)
     vals = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     lat = PermutohedralLattice(feats)
-    vals = vals * (4 / lat(vals).max())             # keep the softmax read-back precise
+    vals = vals * (4 / lat(vals).max())  # keep the softmax read-back precise
     ours = lat(vals).flatten(2)[0].numpy()
     ref = _pydensecrf_lattice(feats.flatten(2)[0].numpy(), vals.flatten(2)[0].numpy())
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
@@ -193,8 +200,9 @@ def test_lattice_within_bound_on_natural_images(seed, sigmas):
     """The guarantee for photo-like features at the energy-loss and CRF sigmas, random values;
     the raw sums are ~0.55x the exact ones (the C++ lattice's scale, kept on purpose)."""
     feats = bilateral_features(natural_image(32, 40, seed), *sigmas)
-    vals = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(seed),
-                      dtype=torch.float64)
+    vals = torch.rand(
+        1, 3, 32, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     rel, scale = lattice_vs_exact(feats, vals)
     assert rel <= LATTICE_REL_L2_NATURAL
     assert 0.45 <= scale <= 0.7
@@ -215,8 +223,8 @@ def test_images_of_a_batch_do_not_interact():
     vals = torch.rand(2, 4, 20, 24, generator=torch.Generator().manual_seed(0))
     both = PermutohedralLattice(feats)(vals)
     for i in range(2):
-        alone = PermutohedralLattice(feats[i:i + 1])(vals[i:i + 1])
-        torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        alone = PermutohedralLattice(feats[i : i + 1])(vals[i : i + 1])
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_lattice_backward_is_the_exact_transpose():
@@ -232,7 +240,7 @@ def test_lattice_backward_is_the_exact_transpose():
         (kt_y,) = torch.autograd.grad(forward, x)
         torch.testing.assert_close((x * kt_y).sum(), forward, rtol=1e-8, atol=0)
         # the lattice is not symmetric: the transpose is not the forward filter itself
-        assert ((kt_y - lat(y)).abs().max() > 1e-6 * kt_y.abs().max())
+        assert (kt_y - lat(y)).abs().max() > 1e-6 * kt_y.abs().max()
 
 
 def test_float32_and_float64_agree():

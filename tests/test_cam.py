@@ -44,13 +44,16 @@ def naive_multi_scale(cam_fn, images, scales, flip):
             for i in range(b):
                 x = images[i : i + 1]
                 if s != 1.0:
-                    x = F.interpolate(x, size=(int(s * h), int(s * w)), mode="bilinear",
-                                      align_corners=False)
-                m = F.interpolate(cam_fn(x)[which], size=(h, w), mode="bilinear",
-                                  align_corners=False)
+                    x = F.interpolate(
+                        x, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False
+                    )
+                m = F.interpolate(
+                    cam_fn(x)[which], size=(h, w), mode="bilinear", align_corners=False
+                )
                 if flip:
-                    mf = F.interpolate(cam_fn(x.flip(-1))[which], size=(h, w), mode="bilinear",
-                                       align_corners=False)
+                    mf = F.interpolate(
+                        cam_fn(x.flip(-1))[which], size=(h, w), mode="bilinear", align_corners=False
+                    )
                     m = torch.maximum(m, mf.flip(-1))
                 total[i] += m[0].clamp_min(0)
         for i in range(b):
@@ -89,9 +92,13 @@ def test_multi_scale_cam_flip_changes_result_and_no_grad():
 
 def test_cam_to_label_hand_example():
     cam = torch.tensor(
-        [[[[0.9, 0.6, 0.2], [0.1, 0.3, 0.5]],
-          [[0.8, 0.7, 0.1], [0.95, 0.4, 0.2]],
-          [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]]]
+        [
+            [
+                [[0.9, 0.6, 0.2], [0.1, 0.3, 0.5]],
+                [[0.8, 0.7, 0.1], [0.95, 0.4, 0.2]],
+                [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],
+            ]
+        ]
     )  # (1, 3, 2, 3); class 2 is absent
     y = torch.tensor([[1.0, 1.0, 0.0]])
     valid, label = cam_to_label(cam, y, bkg_thre=0.5)
@@ -113,8 +120,9 @@ def test_cam_to_label_matches_naive_loops(ignore_mid):
     cam = torch.rand(b, k, h, w)
     y = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.float32)
     box = torch.tensor([[1, 6, 0, 9], [0, 7, 2, 5], [3, 3, 0, 9]])  # last one is empty
-    valid, label = cam_to_label(cam, y, box, bkg_thre=0.45, high_thre=0.65, low_thre=0.3,
-                                ignore_mid=ignore_mid)
+    valid, label = cam_to_label(
+        cam, y, box, bkg_thre=0.45, high_thre=0.65, low_thre=0.3, ignore_mid=ignore_mid
+    )
     c, yv = cam.numpy(), y.numpy()
     for i in range(b):
         for r in range(h):
@@ -145,9 +153,7 @@ def test_box_mask_and_box_to_grid():
 
 def test_cam_to_roi_mask_thresholds_and_absent_classes():
     cam = torch.tensor(
-        [[[[0.25, 0.26, 0.75, 0.74]],
-          [[0.0, 0.0, 0.0, 0.0]],
-          [[0.9, 0.9, 0.9, 0.9]]]]
+        [[[[0.25, 0.26, 0.75, 0.74]], [[0.0, 0.0, 0.0, 0.0]], [[0.9, 0.9, 0.9, 0.9]]]]
     )  # class 2 absent: its 0.9 must not count
     y = torch.tensor([[1.0, 1.0, 0.0]])
     roi = cam_to_roi_mask(cam, y, low_thre=0.25, high_thre=0.75)
@@ -210,12 +216,14 @@ def test_refine_combination_rule_by_hand():
     y = torch.tensor([[1.0, 0.0]])  # class 2 absent: its 0.95 is ignored
     images = torch.rand(1, 3, 1, 4)
     par = PAR(num_iter=0, dilations=(1,))
-    out = refine_cams_with_bkg(par, images, cams, y, None, high_thre=0.7, low_thre=0.25,
-                               down_scale=1)
+    out = refine_cams_with_bkg(
+        par, images, cams, y, None, high_thre=0.7, low_thre=0.25, down_scale=1
+    )
     assert out.tolist() == [[[1, 255, 0, 1]]]
     box = torch.tensor([[0, 1, 1, 4]])
-    out = refine_cams_with_bkg(par, images, cams, y, box, high_thre=0.7, low_thre=0.25,
-                               down_scale=1)
+    out = refine_cams_with_bkg(
+        par, images, cams, y, box, high_thre=0.7, low_thre=0.25, down_scale=1
+    )
     assert out.tolist() == [[[255, 255, 0, 1]]]
 
 

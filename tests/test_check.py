@@ -33,13 +33,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*no foreground class:UserWarnin
 @pytest.fixture
 def voc(tmp_path: Path) -> Path:
     """A clean VOC tree: train a, b, c; val d; test t1, t2 (no masks, XML annotations)."""
-    specs = [ImageSpec("a", boxes_mask(32, 40, [(1, 2, 12, 2, 12)])),
-             ImageSpec("b", boxes_mask(36, 30, [(15, 4, 20, 4, 20), (7, 22, 30, 5, 25)])),
-             ImageSpec("c", boxes_mask(30, 30, [(20, 0, 10, 0, 30)]), mode="L"),
-             ImageSpec("d", boxes_mask(28, 28, [(3, 5, 15, 5, 15)])),
-             ImageSpec("t1", None, image_hw=(30, 40)), ImageSpec("t2", None, image_hw=(20, 20))]
-    root = make_voc_tree(tmp_path / "VOC2012", specs,
-                         {"train_aug": ["a", "b", "c"], "val": ["d"], "test": ["t1", "t2"]})
+    specs = [
+        ImageSpec("a", boxes_mask(32, 40, [(1, 2, 12, 2, 12)])),
+        ImageSpec("b", boxes_mask(36, 30, [(15, 4, 20, 4, 20), (7, 22, 30, 5, 25)])),
+        ImageSpec("c", boxes_mask(30, 30, [(20, 0, 10, 0, 30)]), mode="L"),
+        ImageSpec("d", boxes_mask(28, 28, [(3, 5, 15, 5, 15)])),
+        ImageSpec("t1", None, image_hw=(30, 40)),
+        ImageSpec("t2", None, image_hw=(20, 20)),
+    ]
+    root = make_voc_tree(
+        tmp_path / "VOC2012",
+        specs,
+        {"train_aug": ["a", "b", "c"], "val": ["d"], "test": ["t1", "t2"]},
+    )
     write_voc_xml(root / "Annotations/t1.xml", (30, 40), ["person", "dog"])
     write_voc_xml(root / "Annotations/t2.xml", (20, 20), ["boat"], difficult=[True])
     return root
@@ -153,8 +159,17 @@ def test_synthetic_tree(tmp_path, capsys):
 
 def test_coco_prepared_tree_and_tampered_mask(tmp_path, capsys):
     root, cache = make_coco_tree(tmp_path / "coco"), tmp_path / "cache"
-    args = ("--dataset", "coco", "--data-root", str(root), "--cache-dir", str(cache),
-            "--splits", "train", "val")
+    args = (
+        "--dataset",
+        "coco",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(cache),
+        "--splits",
+        "train",
+        "val",
+    )
     code, out = run_check(capsys, *args)
     assert code == 0 and "not prepared yet" in out and "5 image(s) checked; OK" in out, out
     for subset in ("train2014", "val2014"):
@@ -188,12 +203,22 @@ def test_coco_unprepared_corrupt_image_and_bad_json(tmp_path, capsys):
 def test_coco_preconverted_disagreement(tmp_path, capsys):
     root, cache = make_coco_tree(tmp_path / "coco"), tmp_path / "cache"
     prepare_subset(root, prepared_dir(root, cache), "val2014")
-    shutil.copytree(prepared_dir(root, cache) / "SegmentationClass/val2014",
-                    root / "SegmentationClass/val2014")
+    shutil.copytree(
+        prepared_dir(root, cache) / "SegmentationClass/val2014", root / "SegmentationClass/val2014"
+    )
     bad = root / "SegmentationClass/val2014/COCO_val2014_000000000042.png"
     save_palette_png(np.zeros((36, 48), dtype=np.uint8), bad)
-    code, out = run_check(capsys, "--dataset", "coco", "--data-root", str(root),
-                          "--cache-dir", str(tmp_path / "other-cache"), "--splits", "val")
+    code, out = run_check(
+        capsys,
+        "--dataset",
+        "coco",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(tmp_path / "other-cache"),
+        "--splits",
+        "val",
+    )
     assert code == 1, out
     assert f"[disagreement] pre-converted mask {bad} agrees with" in out
     assert "1/2 sampled agree" in out
@@ -213,15 +238,27 @@ TINY = ["--backbone", "deit_tiny_patch16_224", "--backbone-depth", "1", "--aux-l
 def test_training_skips_a_corrupt_image_with_the_flag(voc, tmp_path, capsys):
     truncate(voc / "JPEGImages/b.jpg")
     (voc / "ImageSets/Segmentation/two.txt").write_text("a\nb\n")  # every batch holds b
-    base = ["--dataset", "voc", "--data-root", str(voc), "--train-split", "two",
-            "--val-split", "val", "--cache-dir", str(tmp_path / "cache"), *TINY]
+    base = [
+        "--dataset",
+        "voc",
+        "--data-root",
+        str(voc),
+        "--train-split",
+        "two",
+        "--val-split",
+        "val",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *TINY,
+    ]
     code = run_cli(lambda: train.main(base + ["--work-dir", str(tmp_path / "stop")]))
     err = capsys.readouterr().err
     assert code == 2 and "cannot read image" in err and "b.jpg" in err
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = run_cli(lambda: train.main(base + ["--work-dir", str(tmp_path / "skip"),
-                                                  "--skip-bad-images"]))
+        code = run_cli(
+            lambda: train.main(base + ["--work-dir", str(tmp_path / "skip"), "--skip-bad-images"])
+        )
     assert code == 0 and (tmp_path / "skip/COMPLETE").exists()
     skipped = [w for w in caught if "skipping a training image" in str(w.message)]
     assert len(skipped) == 1 and "b.jpg" in str(skipped[0].message)

@@ -103,8 +103,10 @@ def test_prepared_masks_are_exact(prepared_tree):
         with Image.open(path) as img:
             assert img.mode == "P"  # VOC-style palette PNG, class id = pixel index
         np.testing.assert_array_equal(read_mask(path), expected, err_msg=stem)
-    unlabelled = [folder / "train2014/COCO_train2014_000000000003.png",
-                  folder / "val2014/COCO_val2014_000000000074.png"]
+    unlabelled = [
+        folder / "train2014/COCO_train2014_000000000003.png",
+        folder / "val2014/COCO_val2014_000000000074.png",
+    ]
     assert not any(p.exists() for p in unlabelled)
 
 
@@ -169,6 +171,7 @@ def test_grayscale_image_becomes_three_equal_channels(prepared_tree):
     np.testing.assert_array_equal(item["mask"].numpy(), expected_coco_masks()[ev.names[0]])
     gray = coco_layout(root, "train", cache, prepare=False)
     from datasets.files import read_rgb
+
     pixels = np.asarray(read_rgb(gray.image_path("COCO_train2014_000000000002")))
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
 
@@ -177,8 +180,9 @@ def test_grayscale_image_becomes_three_equal_channels(prepared_tree):
 # Prepare: resumable, checksummed, invalidated by a new annotation file
 
 
-def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(coco_root, tmp_path,
-                                                                     monkeypatch):
+def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(
+    coco_root, tmp_path, monkeypatch
+):
     out = tmp_path / "prepared"
     monkeypatch.setattr(coco, "CHECKPOINT_EVERY", 1)
     real_render, calls = coco._render, []
@@ -207,7 +211,8 @@ def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(coco_root, 
     assert rendered == ["COCO_train2014_000000000002", "COCO_train2014_000000000004"]
     assert is_prepared(coco_root, out, "train2014")
     assert sorted(p.name for p in mask_dir.iterdir()) == [
-        f"COCO_train2014_00000000000{i}.png" for i in (1, 2, 4)]
+        f"COCO_train2014_00000000000{i}.png" for i in (1, 2, 4)
+    ]
     for stem, expected in expected_coco_masks().items():
         if subset(stem) == "train2014":
             np.testing.assert_array_equal(read_mask(mask_dir / f"{stem}.png"), expected)
@@ -221,12 +226,14 @@ def test_checksum_manifest_detects_a_tampered_mask(coco_root, tmp_path, monkeypa
     tampered = read_mask(mask)
     tampered[0, 0] = 9
     from datasets.files import save_palette_png
+
     save_palette_png(tampered, mask)
     (problem,) = verify_masks(out, "val2014")
     assert "COCO_val2014_000000000073.png does not match its checksum" in problem
     (out / "SegmentationClass/val2014/COCO_val2014_000000000042.png").unlink()
-    assert any("000042.png listed in" in p and "is missing" in p
-               for p in verify_masks(out, "val2014"))
+    assert any(
+        "000042.png listed in" in p and "is missing" in p for p in verify_masks(out, "val2014")
+    )
     rendered = []
     real_render = coco._render
     monkeypatch.setattr(coco, "_render", lambda task: rendered.append(task[0].stem)
@@ -280,6 +287,7 @@ def test_preconverted_masks_that_disagree_are_reported(prepared_tree, tmp_path):
     mask = read_mask(raw)
     mask[mask == 17] = 18  # raw COCO category id of 'dog' instead of ToCo's contiguous 17
     from datasets.files import save_palette_png
+
     save_palette_png(mask, raw)
     wrong = mine / "SegmentationClass/val2014/COCO_val2014_000000000073.png"
     save_palette_png(np.zeros((32, 32), dtype=np.uint8), wrong)
@@ -330,8 +338,9 @@ def _break(content: dict, how: str) -> dict:
     ("rle size", "annotation 102 has RLE size [10, 10]"),
 ])  # fmt: skip
 def test_bad_annotation_files_name_the_file(coco_root, tmp_path, how, needle):
-    path = write_coco_json(coco_root, "train2014",
-                           _break(standard_coco_instances()["train2014"], how))
+    path = write_coco_json(
+        coco_root, "train2014", _break(standard_coco_instances()["train2014"], how)
+    )
     with pytest.raises(DataError) as err:
         prepare_subset(coco_root, tmp_path / "prepared", "train2014")
     assert str(path) in str(err.value) and needle in str(err.value)
@@ -420,8 +429,10 @@ def test_coco_recipes_follow_the_official_schedule(recipe, backbone):
         "coco", backbone, "train", "val_part")  # fmt: skip
     assert (cfg.batch_size, cfg.max_iters, cfg.eval_every, cfg.aux_layer) == (8, 80000, 4000, -3)
     assert (cfg.high_thre, cfg.low_thre, cfg.bkg_thre, cfg.ctc_temp) == (0.65, 0.25, 0.45, 1.0)
-    active = {n: {type(m).__name__ for m in build_loss_modules(cfg) if m.active(n)}
-              for n in (0, 8000, 8001, 12000, 12001)}
+    active = {
+        n: {type(m).__name__ for m in build_loss_modules(cfg) if m.active(n)}
+        for n in (0, 8000, 8001, 12000, 12001)
+    }
     assert active[0] == active[8000] == {"ClassificationLoss"}  # only cls losses up to 8000
     seg_reg = {"ClassificationLoss", "SegmentationLoss", "RegularizationLoss"}
     assert active[8001] == active[12000] == seg_reg

@@ -1,4 +1,5 @@
 """Config: defaults < YAML recipe < flags; bad input is a ConfigError naming the setting."""
+
 import pytest
 
 from toco.config import TrainConfig, parse_config
@@ -9,8 +10,9 @@ def test_no_arguments_give_the_synthetic_demo_recipe():
     from toco.config import CONFIG_DIR, load_yaml
 
     cfg, _ = parse_config([])
-    expected = TrainConfig.from_dict({**load_yaml(str(CONFIG_DIR / "synthetic.yaml")),
-                                      "recipe": "configs/synthetic.yaml"})
+    expected = TrainConfig.from_dict(
+        {**load_yaml(str(CONFIG_DIR / "synthetic.yaml")), "recipe": "configs/synthetic.yaml"}
+    )
     assert cfg == expected
     assert cfg.dataset == "synthetic" and cfg.backbone_depth == 4
 
@@ -30,12 +32,15 @@ def test_unknown_yaml_key_suggests_the_right_one(tmp_path):
         parse_config(["--config", str(recipe)])
 
 
-@pytest.mark.parametrize("text, match", [
-    ("- a\n- b\n", "must hold a mapping"),
-    ("lr: [oops\n", "not valid YAML"),
-    ("lr: fast\n", "bad value 'fast' for 'lr'"),
-    ("reference_quirks: maybe\n", "bad value"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("- a\n- b\n", "must hold a mapping"),
+        ("lr: [oops\n", "not valid YAML"),
+        ("lr: fast\n", "bad value 'fast' for 'lr'"),
+        ("reference_quirks: maybe\n", "bad value"),
+    ],
+)
 def test_malformed_recipe(tmp_path, text, match):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
@@ -43,14 +48,17 @@ def test_malformed_recipe(tmp_path, text, match):
         parse_config(["--config", str(recipe)])
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--dataset", "imagenet"], "invalid choice"),
-    (["--batch-size", "0"], "batch_size must be positive"),
-    (["--lr", "abc"], "invalid float value"),
-    (["--low-thre", "0.8", "--high-thre", "0.7"], "low_thre <= high_thre"),
-    (["--dataset", "voc"], "--data-root is required"),
-    (["--config", "/no/such/file.yaml"], "config file not found"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--batch-size", "0"], "batch_size must be positive"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--low-thre", "0.8", "--high-thre", "0.7"], "low_thre <= high_thre"),
+        (["--dataset", "voc"], "--data-root is required"),
+        (["--config", "/no/such/file.yaml"], "config file not found"),
+    ],
+)
 def test_bad_flags(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(argv)
@@ -63,6 +71,7 @@ def test_roundtrip_through_dict():
 
 def test_shipped_recipes_parse():
     from pathlib import Path
+
     recipes = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
     assert recipes
     for recipe in recipes:

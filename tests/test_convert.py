@@ -15,6 +15,7 @@ a wrong mapping gives (0.2 to 10 in the mutation tests). Labels must match exact
 pixels whose official top-2 logit margin, or CAM distance to the threshold, is within TOL (none
 so far: every label matches).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -107,8 +108,13 @@ def errors(model: ToCoNet, fx: dict) -> dict[str, float]:
         close("ctc_teacher", model.project_teacher(feats.cls))
         h, w = images.shape[-2:]
         for s in (1.0, 0.5, 1.5):
-            x = images if s == 1.0 else F.interpolate(images, size=(int(s * h), int(s * w)),
-                                                      mode="bilinear", align_corners=False)
+            x = (
+                images
+                if s == 1.0
+                else F.interpolate(
+                    images, size=(int(s * h), int(s * w)), mode="bilinear", align_corners=False
+                )
+            )
             cam, cam_aux = model.cams(torch.cat([x, x.flip(-1)]))
             close(f"raw_cam_{s}", cam)
             close(f"raw_cam_aux_{s}", cam_aux)
@@ -116,11 +122,25 @@ def errors(model: ToCoNet, fx: dict) -> dict[str, float]:
         idx = out["present"][:, :, None, None].expand(-1, -1, h, w)
         close("cam_present", cam.gather(1, idx))
         close("cam_aux_present", cam_aux.gather(1, idx))
-        valid, _ = cam_to_label(cam, out["cls_label"], out["img_box"], thre["bkg"],
-                                thre["high"], thre["low"], ignore_mid=True)
-        label = refine_cams_with_bkg(PAR(10, (1, 2, 4, 8, 12, 24)),
-                                     truncate_like_reference(images), valid, out["cls_label"],
-                                     out["img_box"], thre["high"], thre["low"], 2)
+        valid, _ = cam_to_label(
+            cam,
+            out["cls_label"],
+            out["img_box"],
+            thre["bkg"],
+            thre["high"],
+            thre["low"],
+            ignore_mid=True,
+        )
+        label = refine_cams_with_bkg(
+            PAR(10, (1, 2, 4, 8, 12, 24)),
+            truncate_like_reference(images),
+            valid,
+            out["cls_label"],
+            out["img_box"],
+            thre["high"],
+            thre["low"],
+            2,
+        )
         err["pseudo_label_pixels"] = (label != out["pseudo_label"].long()).sum().item()
         err.update(validation_errors(model, fx))
     return err
@@ -135,8 +155,9 @@ def validation_errors(model: ToCoNet, fx: dict) -> dict[str, float]:
     # patch: our default padding pads nothing); the official multi-scale tools floor.
     train_val = build_protocol("train-val", cfg, size=64)
     cam, _ = train_val.cams(model, images)
-    err["val_cam_present"] = (cam[:, out["val_present"]]
-                              - out["val_cam_present"]).abs().max().item()
+    err["val_cam_present"] = (
+        (cam[:, out["val_present"]] - out["val_cam_present"]).abs().max().item()
+    )
     value = (cam * out["val_cls_label"][:, :, None, None]).amax(1)
     decided = (value - THRESHOLDS[n]["bkg"]).abs() > TOL
     label = cams_to_prediction(cam, out["val_cls_label"], THRESHOLDS[n]["bkg"])
@@ -173,15 +194,27 @@ def swap_blocks(state: dict, a: int, b: int) -> dict:
 MUTATIONS = {
     "blocks 1 and 2 swapped": lambda s: swap_blocks(s, 1, 2),
     "attention projection transposed": lambda s: {
-        **s, "encoder.blocks.0.attn.proj.weight": s["encoder.blocks.0.attn.proj.weight"].t()},
+        **s,
+        "encoder.blocks.0.attn.proj.weight": s["encoder.blocks.0.attn.proj.weight"].t(),
+    },
     "classifier and aux classifier swapped": lambda s: {
-        **s, "classifier.weight": s["aux_classifier.weight"],
-        "aux_classifier.weight": s["classifier.weight"]},
+        **s,
+        "classifier.weight": s["aux_classifier.weight"],
+        "aux_classifier.weight": s["classifier.weight"],
+    },
     "teacher and student CTC heads swapped": lambda s: {
-        **s, **{k.replace("proj_head_t.", "proj_head."): v for k, v in s.items()
-                if k.startswith("proj_head_t.")},
-        **{k.replace("proj_head.", "proj_head_t."): v for k, v in s.items()
-           if k.startswith("proj_head.")}},
+        **s,
+        **{
+            k.replace("proj_head_t.", "proj_head."): v
+            for k, v in s.items()
+            if k.startswith("proj_head_t.")
+        },
+        **{
+            k.replace("proj_head.", "proj_head_t."): v
+            for k, v in s.items()
+            if k.startswith("proj_head.")
+        },
+    },
 }
 
 
@@ -208,8 +241,12 @@ def test_cli_writes_a_release_that_loads_with_the_official_weights(tmp_path, cap
     fx = load_fixture("vit_coco")
     src = write_official(fx["state"], tmp_path / "toco_vit-b_coco_model_iter_80000.pth")
     out = tmp_path / "model.safetensors"
-    assert convert.main([str(src), "--from", "toco-official", "--backbone", TEST_VIT,
-                         "--output", str(out)]) == 0
+    assert (
+        convert.main(
+            [str(src), "--from", "toco-official", "--backbone", TEST_VIT, "--output", str(out)]
+        )
+        == 0
+    )
     model, cfg = load_release(str(out))
     with safe_open(str(out), framework="pt") as fh:
         meta = fh.metadata()
@@ -218,10 +255,18 @@ def test_cli_writes_a_release_that_loads_with_the_official_weights(tmp_path, cap
     assert '"background"' in meta["class_names"] and '"toothbrush"' in meta["class_names"]
     assert not any(k.startswith("proj_head_teacher.") for k in keys)
     # The config is the published COCO recipe with the checkpoint's own sizes.
-    assert ((cfg.dataset, cfg.input_norm, cfg.bkg_thre, cfg.aux_cam_until_iter) ==
-        ("coco", "imagenet", 0.45, 12001))
-    assert ((cfg.backbone, cfg.backbone_depth, cfg.decoder_dim, cfg.ctc_out_dim) ==
-        (TEST_VIT, 3, 16, 16))
+    assert (cfg.dataset, cfg.input_norm, cfg.bkg_thre, cfg.aux_cam_until_iter) == (
+        "coco",
+        "imagenet",
+        0.45,
+        12001,
+    )
+    assert (cfg.backbone, cfg.backbone_depth, cfg.decoder_dim, cfg.ctc_out_dim) == (
+        TEST_VIT,
+        3,
+        16,
+        16,
+    )
     err = errors(model, fx)
     err.pop("ctc_teacher")  # releases drop the teacher; load_release keeps a fresh one
     assert_matches(err)
@@ -253,8 +298,19 @@ def test_family_comes_from_flag_arguments_or_name(tmp_path):
 # ---- foreign files: one line each ----
 def refusal(path: Path, capsys) -> str:
     """The CLI's stderr for `path`: exactly one line, exit code 2, no output file."""
-    code = run_cli(lambda: convert.main([str(path), "--from", "toco-official", "--family",
-                                         "vit", "--output", str(path.parent / "o.safetensors")]))
+    code = run_cli(
+        lambda: convert.main(
+            [
+                str(path),
+                "--from",
+                "toco-official",
+                "--family",
+                "vit",
+                "--output",
+                str(path.parent / "o.safetensors"),
+            ]
+        )
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert not (path.parent / "o.safetensors").exists()
@@ -280,8 +336,15 @@ def test_truncated_file_is_refused(tmp_path, capsys):
 
 def test_own_training_checkpoint_points_to_export(tmp_path, capsys):
     path = tmp_path / "last.pt"
-    save_checkpoint({"model": {"backbone.vit.cls_token": torch.zeros(1, 1, 4)}, "trainer": {},
-                     "iteration": 3, "config": {}}, path)
+    save_checkpoint(
+        {
+            "model": {"backbone.vit.cls_token": torch.zeros(1, 1, 4)},
+            "trainer": {},
+            "iteration": 3,
+            "config": {},
+        },
+        path,
+    )
     assert "python -m toco.export" in refusal(path, capsys)
 
 

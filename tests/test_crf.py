@@ -1,5 +1,6 @@
 """Dense CRF: the mean-field update written out with dense kernel matrices, the lattice version,
 pydensecrf (optional), and evaluate.py --crf."""
+
 from __future__ import annotations
 
 import json
@@ -17,25 +18,29 @@ from tests.test_bilateral import natural_image, one_cpu_thread  # noqa: F401 (au
 from tests.test_cli import run, train_args
 from toco.method.crf import dense_crf, dense_crf_pydensecrf, pydensecrf_available
 
-needs_pydensecrf = pytest.mark.skipif(not pydensecrf_available(),
-                                      reason="pydensecrf2 not installed (optional)")
+needs_pydensecrf = pytest.mark.skipif(
+    not pydensecrf_available(), reason="pydensecrf2 not installed (optional)"
+)
 
 
 def dense_meanfield(image, probs, iterations, gsxy, gw, bsxy, bsrgb, bw, clip=1e-5):
     """Krähenbühl-Koltun mean field, one image, with explicit N x N kernel matrices."""
     c, h, w = probs.shape
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                          torch.arange(w, dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     pos = torch.stack([x.flatten(), y.flatten()], 1)
     col = image.double().flatten(1).T
     d_pos = (pos[:, None] - pos[None]).square().sum(-1)
     d_col = (col[:, None] - col[None]).square().sum(-1)
     kernels = []
-    for k, wt in ((torch.exp(-d_pos / (2 * gsxy ** 2)), gw),
-                  (torch.exp(-d_pos / (2 * bsxy ** 2) - d_col / (2 * bsrgb ** 2)), bw)):
+    for k, wt in (
+        (torch.exp(-d_pos / (2 * gsxy**2)), gw),
+        (torch.exp(-d_pos / (2 * bsxy**2) - d_col / (2 * bsrgb**2)), bw),
+    ):
         norm = k.sum(1).rsqrt()
-        kernels.append(wt * norm[:, None] * k * norm[None])          # D^-½ K D^-½
-    unary = -probs.double().clamp(clip, 1).log().flatten(1)           # (C, N)
+        kernels.append(wt * norm[:, None] * k * norm[None])  # D^-½ K D^-½
+    unary = -probs.double().clamp(clip, 1).log().flatten(1)  # (C, N)
     q = torch.softmax(-unary, 0)
     for _ in range(iterations):
         q = torch.softmax(-unary + sum(q @ k.T for k in kernels), 0)
@@ -45,8 +50,14 @@ def dense_meanfield(image, probs, iterations, gsxy, gw, bsxy, bsrgb, bw, clip=1e
 def test_exact_crf_is_the_meanfield_update():
     image = torch.cat([natural_image(9, 11, 0), natural_image(9, 11, 1)]).to(torch.uint8)
     probs = decoder_like_probs(image, 3, seed=0, cells=(3, 3))
-    params = dict(iterations=4, gaussian_sxy=1.5, gaussian_w=1.0, bilateral_sxy=5.0,
-                  bilateral_srgb=20.0, bilateral_w=4.0)
+    params = dict(
+        iterations=4,
+        gaussian_sxy=1.5,
+        gaussian_w=1.0,
+        bilateral_sxy=5.0,
+        bilateral_srgb=20.0,
+        bilateral_w=4.0,
+    )
     got = dense_crf(image, probs, method="exact", **params)
     for i in range(2):
         ref = dense_meanfield(image[i], probs[i], *params.values())
@@ -71,7 +82,7 @@ def test_shapes_batching_and_distribution():
     assert both.shape == probs.shape and both.dtype == torch.float32
     torch.testing.assert_close(both.sum(1), torch.ones(2, 20, 24))
     for i in range(2):
-        single = dense_crf(image[i], probs[i])                        # (3, H, W) / (C, H, W)
+        single = dense_crf(image[i], probs[i])  # (3, H, W) / (C, H, W)
         assert single.shape == probs.shape[1:]
         torch.testing.assert_close(single, both[i], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="differ"):
@@ -132,20 +143,43 @@ def test_pydensecrf_backend_says_how_to_install(monkeypatch):
 
 # ---- evaluate.py --crf ----
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("crf")
     from tests.fixtures import make_standard_voc_tree
+
     root = make_standard_voc_tree(base / "VOC2012")
     work = base / "run"
-    assert run(train, train_args(root, work, "--max-iters", "1", "--eval-every", "1",
-                                 "--save-every", "1", "--warmup-iters", "1")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                root,
+                work,
+                "--max-iters",
+                "1",
+                "--eval-every",
+                "1",
+                "--save-every",
+                "1",
+                "--warmup-iters",
+                "1",
+            ),
+        )
+        == 0
+    )
     return work / "checkpoints" / "last.pt"
 
 
 def _evaluate(ckpt: Path, out: Path, *extra: str) -> dict:
-    assert run(evaluate, ["--checkpoint", str(ckpt), "--mode", "seg", "--output-json", str(out),
-                          *extra]) == 0
+    assert (
+        run(
+            evaluate,
+            ["--checkpoint", str(ckpt), "--mode", "seg", "--output-json", str(out), *extra],
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 

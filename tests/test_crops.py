@@ -29,8 +29,14 @@ def make_inputs(b=2, h=24, w=28, seed=0):
 def test_crops_are_direct_slices_and_flags_are_direct_sums():
     image, roi = make_inputs()
     b, n, s, m = 2, 5, 8, 4
-    crops, flags = sample_local_crops(image, roi, num_crops=n, crop_size=s, neg_ratio=0.9,
-                                      generator=torch.Generator().manual_seed(1))
+    crops, flags = sample_local_crops(
+        image,
+        roi,
+        num_crops=n,
+        crop_size=s,
+        neg_ratio=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert crops.shape == (n * b, 3, s, s) and flags.shape == (b, n)
     assert flags.dtype == torch.float32
     for i in range(b):
@@ -55,8 +61,9 @@ def test_confident_foreground_never_chosen_when_enough_candidates():
     roi[0, 0, 0] = 0  # outside the window: must never be used
     image = torch.rand(1, 3, h, w)
     for seed in range(5):
-        crops, _ = sample_local_crops(image, roi, num_crops=6, crop_size=s,
-                                      generator=torch.Generator().manual_seed(seed))
+        crops, _ = sample_local_crops(
+            image, roi, num_crops=6, crop_size=s, generator=torch.Generator().manual_seed(seed)
+        )
         centres = {tuple(v + m for v in find_position(image[0], c)) for c in crops}
         assert centres == set(allowed)
 
@@ -67,8 +74,9 @@ def test_fallback_uses_every_window_position_when_too_few_candidates():
     roi = torch.full((2, h, w), 2, dtype=torch.int16)
     roi[1, 6, 6] = 0  # one candidate only (window position (2, 2)), fewer than num_crops
     image = torch.rand(2, 3, h, w)
-    crops, flags = sample_local_crops(image, roi, num_crops=16, crop_size=s,
-                                      generator=torch.Generator().manual_seed(0))
+    crops, flags = sample_local_crops(
+        image, roi, num_crops=16, crop_size=s, generator=torch.Generator().manual_seed(0)
+    )
     for i in range(2):
         pos = {find_position(image[i], crops[j * 2 + i]) for j in range(16)}
         assert pos == {(y, x) for y in range(4) for x in range(4)}
@@ -77,8 +85,9 @@ def test_fallback_uses_every_window_position_when_too_few_candidates():
     # position shows up, and the lone candidate is not always among them.
     picked: list[set] = []
     for seed in range(20):
-        crops, _ = sample_local_crops(image, roi, num_crops=8, crop_size=s,
-                                      generator=torch.Generator().manual_seed(seed))
+        crops, _ = sample_local_crops(
+            image, roi, num_crops=8, crop_size=s, generator=torch.Generator().manual_seed(seed)
+        )
         picked.append({find_position(image[1], crops[j * 2 + 1]) for j in range(8)})
     assert set().union(*picked) == {(y, x) for y in range(4) for x in range(4)}
     assert not all((2, 2) in p for p in picked)
@@ -88,11 +97,23 @@ def test_flag_threshold_is_inclusive_for_negatives():
     # Every 5-wide crop holds exactly one column of 1s: ratio = 5 / 25 = 0.2 <= neg_ratio -> 0.
     roi = torch.zeros(1, 12, 15, dtype=torch.int16)
     roi[..., ::5] = 1
-    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5,
-                                  neg_ratio=0.2, generator=torch.Generator().manual_seed(0))
+    _, flags = sample_local_crops(
+        torch.rand(1, 3, 12, 15),
+        roi,
+        num_crops=6,
+        crop_size=5,
+        neg_ratio=0.2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (flags == 0).all()
-    _, flags = sample_local_crops(torch.rand(1, 3, 12, 15), roi, num_crops=6, crop_size=5,
-                                  neg_ratio=0.19, generator=torch.Generator().manual_seed(0))
+    _, flags = sample_local_crops(
+        torch.rand(1, 3, 12, 15),
+        roi,
+        num_crops=6,
+        crop_size=5,
+        neg_ratio=0.19,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (flags == 1).all()
 
 
@@ -101,8 +122,14 @@ def test_flags_negative_for_background_crops_hand_case():
     roi = torch.zeros(1, h, w, dtype=torch.int16)
     roi[0, :, 8:] = 2  # right half confident foreground
     image = torch.rand(1, 3, h, w)
-    crops, flags = sample_local_crops(image, roi, num_crops=8, crop_size=8, neg_ratio=0.2,
-                                      generator=torch.Generator().manual_seed(3))
+    crops, flags = sample_local_crops(
+        image,
+        roi,
+        num_crops=8,
+        crop_size=8,
+        neg_ratio=0.2,
+        generator=torch.Generator().manual_seed(3),
+    )
     for j in range(8):
         y, x = find_position(image[0], crops[j])
         fg_cols = x  # crop columns [x, x + 8) that are >= 8, for x < 8

@@ -1,4 +1,5 @@
 """The dense energy (regularisation) loss against ToCo spec 3.5, written out independently."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from toco.method.cam import box_mask
 from toco.method.energy import RegularizationLoss, dense_energy_loss
 from toco.method.step import StepState
 
-SIGMA_RGB, SIGMA_XY = 15.0, 20.0          # σxy at full resolution; 10 px at the half scale
+SIGMA_RGB, SIGMA_XY = 15.0, 20.0  # σxy at full resolution; 10 px at the half scale
 
 
 def half(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -24,12 +25,13 @@ def half(x: torch.Tensor, mode: str) -> torch.Tensor:
 def kernel_matrix(image_s: torch.Tensor, sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
     """(B, N, N) dense Gaussian affinities over (x, y, r, g, b), self term included."""
     b, _, h, w = image_s.shape
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64),
-                          torch.arange(w, dtype=torch.float64), indexing="ij")
-    pos = torch.stack([x.flatten(), y.flatten()], 1)                          # (N, 2)
-    d_pos = (pos[:, None] - pos[None]).square().sum(-1) / sigma_xy ** 2
-    col = image_s.double().flatten(2).transpose(1, 2)                         # (B, N, 3)
-    d_col = (col[:, :, None] - col[:, None]).square().sum(-1) / sigma_rgb ** 2
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    pos = torch.stack([x.flatten(), y.flatten()], 1)  # (N, 2)
+    d_pos = (pos[:, None] - pos[None]).square().sum(-1) / sigma_xy**2
+    col = image_s.double().flatten(2).transpose(1, 2)  # (B, N, 3)
+    d_col = (col[:, :, None] - col[:, None]).square().sum(-1) / sigma_rgb**2
     return torch.exp(-0.5 * (d_pos + d_col))
 
 
@@ -41,7 +43,7 @@ def spec_energy(image, probs, roi, label, gate_fixed=None):
     gate = torch.where(label_s == 255, torch.ones_like(gate), gate).clamp(min=0).detach()
     if gate_fixed is not None:
         gate = gate_fixed
-    seg = (probs_s * roi_s).flatten(2)                                        # (B, C, N)
+    seg = (probs_s * roi_s).flatten(2)  # (B, C, N)
     k = kernel_matrix(image_s, SIGMA_XY * 0.5, SIGMA_RGB)
     filtered = torch.einsum("bij,bcj->bci", k, seg)
     return -(seg * gate.flatten(2) * filtered).sum() / probs.shape[0], gate
@@ -59,8 +61,7 @@ def make_inputs(b=2, c=3, h=16, w=12, seed=0):
 
 def loss(image, logits, label, box, **kw):
     roi = box_mask(box, *image.shape[-2:])
-    return dense_energy_loss(image, torch.softmax(logits, 1), roi, label, SIGMA_RGB, SIGMA_XY,
-                             **kw)
+    return dense_energy_loss(image, torch.softmax(logits, 1), roi, label, SIGMA_RGB, SIGMA_XY, **kw)
 
 
 def test_value_follows_the_spec():
@@ -69,8 +70,9 @@ def test_value_follows_the_spec():
     expect, gate = spec_energy(image, torch.softmax(logits, 1), roi, label)
     # all three gate regimes occur: outside the ROI (0), ignored (1), labelled (1 - max S)
     assert (gate == 0).any() and (gate == 1).any() and ((gate > 0) & (gate < 1)).any()
-    torch.testing.assert_close(loss(image, logits, label, box, method="exact"), expect,
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        loss(image, logits, label, box, method="exact"), expect, rtol=1e-10, atol=0
+    )
 
 
 def test_lattice_value_is_the_reference_lattice_scale():
@@ -88,8 +90,13 @@ def test_gradient_matches_finite_differences_where_the_gate_is_constant(method):
     image, logits, label, box = make_inputs(b=2, c=2, h=8, w=6)
     label.fill_(255)
     logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z: loss(image, z, label, box, method=method),
-                                    (logits,), atol=1e-8, rtol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda z: loss(image, z, label, box, method=method),
+        (logits,),
+        atol=1e-8,
+        rtol=1e-6,
+        fast_mode=True,
+    )
 
 
 def test_gradient_holds_the_gate_fixed():
@@ -134,23 +141,36 @@ def test_exact_and_reference_gradients_agree_for_a_symmetric_kernel_and_constant
 
 
 def _state(images, seg_logits, label, box) -> StepState:
-    return StepState(iteration=5, images=images, cls_label=None, img_box=box, feats=None,
-                     logits=None, aux_logits=None, seg_logits=seg_logits, cam=None, cam_aux=None,
-                     make_pseudo_label=lambda s: label, make_token_label=None, make_ctc=None)
+    return StepState(
+        iteration=5,
+        images=images,
+        cls_label=None,
+        img_box=box,
+        feats=None,
+        logits=None,
+        aux_logits=None,
+        seg_logits=seg_logits,
+        cam=None,
+        cam_aux=None,
+        make_pseudo_label=lambda s: label,
+        make_token_label=None,
+        make_ctc=None,
+    )
 
 
 def test_regularization_loss_module():
     image, _, label, box = make_inputs(b=2, c=4, h=32, w=32, seed=3)
     images = (image / 255).float()
-    seg_logits = torch.randn(2, 4, 8, 8, requires_grad=True)          # decoder stride 4
+    seg_logits = torch.randn(2, 4, 8, 8, requires_grad=True)  # decoder stride 4
     module = RegularizationLoss(0.05, start_iter=3)
     assert module.names == ("reg",) and module.active(3) and not module.active(2)
     assert not RegularizationLoss(0.0, 0).active(10)
     out = module.compute(_state(images, seg_logits, label, box))
     assert set(out) == {"reg"} and out["reg"].shape == () and out["reg"].dtype == torch.float32
     up = F.interpolate(seg_logits.detach(), size=(32, 32), mode="bilinear", align_corners=False)
-    expect = 1e-7 * dense_energy_loss(images * 255, torch.softmax(up, 1),
-                                      box_mask(box, 32, 32), label)
+    expect = 1e-7 * dense_energy_loss(
+        images * 255, torch.softmax(up, 1), box_mask(box, 32, 32), label
+    )
     torch.testing.assert_close(out["reg"], expect)
     assert out["reg"] < 0
     out["reg"].backward()

@@ -1,6 +1,7 @@
 """evaluate.py end to end on one tiny trained run: the in-training protocol reproduces the
 run's own validation, pseudo-label export, server archive, provenance, the HTML report in a
 real browser, and sharded (2-process) evaluation equal to a single process."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,15 +33,39 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("evalcli")
     root = make_standard_voc_tree(base / "VOC2012")
     work = base / "run"
-    assert run(train, train_args(root, work, "--max-iters", "2", "--seg-start-iter", "1",
-                                 "--warmup-iters", "1", "--eval-every", "2",
-                                 "--save-every", "2", "--lr", "1e-3")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                root,
+                work,
+                "--max-iters",
+                "2",
+                "--seg-start-iter",
+                "1",
+                "--warmup-iters",
+                "1",
+                "--eval-every",
+                "2",
+                "--save-every",
+                "2",
+                "--lr",
+                "1e-3",
+            ),
+        )
+        == 0
+    )
     return root, work / "checkpoints" / "last.pt"
 
 
 def evaluate_json(ckpt: Path, out: Path, *extra: str) -> dict:
-    assert run(evaluate, ["--checkpoint", str(ckpt), "--workers", "0", "--output-json",
-                          str(out), *extra]) == 0
+    assert (
+        run(
+            evaluate,
+            ["--checkpoint", str(ckpt), "--workers", "0", "--output-json", str(out), *extra],
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -79,8 +104,17 @@ def test_provenance_traces_the_number(trained, tmp_path):
 def test_pseudo_labels_export_round_trip(trained, tmp_path, crf):
     root, ckpt = trained
     out = tmp_path / "pseudo"
-    record = evaluate_json(ckpt, tmp_path / "ps.json", "--mode", "pseudo", "--split", "val",
-                           "--save-dir", str(out), *(["--crf"] if crf else []))
+    record = evaluate_json(
+        ckpt,
+        tmp_path / "ps.json",
+        "--mode",
+        "pseudo",
+        "--split",
+        "val",
+        "--save-dir",
+        str(out),
+        *(["--crf"] if crf else []),
+    )
     assert record["mode"] == "pseudo" and record["cam_source"] == "cam"
     crf_params = record["provenance"]["protocol"]["crf_params"]
     assert (crf_params["bilateral_sxy"] == 36.0) if crf else crf_params is None
@@ -95,8 +129,9 @@ def test_pseudo_labels_export_round_trip(trained, tmp_path, crf):
         gt = read_mask(root / "SegmentationClass" / f"{name}.png")
         assert label.shape == gt.shape
         assert set(np.unique(label)) <= set(range(21)) | {255}
-        scores.update(torch.from_numpy(label.astype(np.int64)),
-                      torch.from_numpy(gt.astype(np.int64)))
+        scores.update(
+            torch.from_numpy(label.astype(np.int64)), torch.from_numpy(gt.astype(np.int64))
+        )
     # the PNGs on disk are exactly the labels that were scored
     assert scores.ignored.miou() == record["miou"]
     assert scores.strict.miou() == record["miou_uncertain_as_miss"]
@@ -107,16 +142,34 @@ def test_pseudo_labels_export_round_trip(trained, tmp_path, crf):
 def test_voc_submission_archive(trained, tmp_path):
     root, ckpt = trained
     out = tmp_path / "sub"
-    assert run(evaluate, ["--checkpoint", str(ckpt), "--workers", "0", "--split", "test",
-                          "--protocol", "voc-ms", "--submission", "voc",
-                          "--save-dir", str(out)]) == 0
+    assert (
+        run(
+            evaluate,
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--workers",
+                "0",
+                "--split",
+                "test",
+                "--protocol",
+                "voc-ms",
+                "--submission",
+                "voc",
+                "--save-dir",
+                str(out),
+            ],
+        )
+        == 0
+    )
     unpacked = tmp_path / "unpacked"
     with tarfile.open(out / "results.tar.gz") as tar:
         tar.extractall(unpacked, filter="data")
     pngs = sorted((unpacked / VOC_RESULTS_DIR).iterdir())
     assert [p.stem for p in pngs] == STANDARD_SPLITS["test"]
-    assert (sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
-        == [f"{VOC_RESULTS_DIR}/{n}.png" for n in STANDARD_SPLITS["test"]])
+    assert sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file()) == [
+        f"{VOC_RESULTS_DIR}/{n}.png" for n in STANDARD_SPLITS["test"]
+    ]
     for png in pngs:
         img = Image.open(png)
         with Image.open(root / "JPEGImages" / f"{png.stem}.jpg") as jpeg:
@@ -131,12 +184,25 @@ def test_bad_combinations_are_one_line_errors(trained, capsys, tmp_path):
     unlabelled = shutil.copytree(root, tmp_path / "voc")
     for name in STANDARD_SPLITS["test"]:
         (unlabelled / "SegmentationClass" / f"{name}.png").unlink()
-    code = run(evaluate, base + ["--split", "test", "--data-root", str(unlabelled),
-                                 "--cache-dir", str(tmp_path / "cache")])
+    code = run(
+        evaluate,
+        base
+        + [
+            "--split",
+            "test",
+            "--data-root",
+            str(unlabelled),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert_user_error(capsys, code, "img_b", "--predict-only")
     assert_user_error(capsys, run(evaluate, base + ["--submission", "voc"]), "--save-dir")
-    assert_user_error(capsys, run(evaluate, base + ["--report", "r", "--predict-only",
-                                                    "--save-dir", "x"]), "--report needs")
+    assert_user_error(
+        capsys,
+        run(evaluate, base + ["--report", "r", "--predict-only", "--save-dir", "x"]),
+        "--report needs",
+    )
     assert_user_error(capsys, run(evaluate, base + ["--protocol", "voc"]), "invalid choice")
 
 
@@ -144,8 +210,9 @@ def test_bad_combinations_are_one_line_errors(trained, capsys, tmp_path):
 def test_report_renders_in_headless_chromium(trained, tmp_path):
     _, ckpt = trained
     report = tmp_path / "report"
-    record = evaluate_json(ckpt, tmp_path / "r.json", "--report", str(report),
-                           "--report-images", "1")
+    record = evaluate_json(
+        ckpt, tmp_path / "r.json", "--report", str(report), "--report-images", "1"
+    )
     page = (report / "index.html").read_text()
     # a copy of the page with a probe that writes what the browser rendered into the DOM
     probe = """<script>window.addEventListener('load', () => {
@@ -158,9 +225,20 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
       document.body.appendChild(out);});</script>"""
     check = report / "check.html"
     check.write_text(page.replace("</body>", probe + "</body>"))
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                          "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            check.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     found = json.loads(dom.split('<pre id="render-check">')[1].split("</pre>")[0])
     assert found["images"] == 10  # worst 1 + best 1, five panels each
     assert found["loaded"] == 10
@@ -168,16 +246,22 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
     assert found["bars"] >= 1
 
 
-def _sharded_worker(rank: int, world: int, init_file: str, argv_sets: list[list[str]],
-                    expected_code: int = 0) -> None:
+def _sharded_worker(
+    rank: int, world: int, init_file: str, argv_sets: list[list[str]], expected_code: int = 0
+) -> None:
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     for i, argv in enumerate(argv_sets):
         # a short timeout: a rank left waiting fails the test instead of hanging it
-        dist.init_process_group("gloo", init_method=f"file://{init_file}.{i}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}.{i}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
         code = run(evaluate, argv)  # evaluate tears the group down at the end
         assert code == expected_code, (rank, code)
 
@@ -188,19 +272,42 @@ def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path
     _, ckpt = trained
 
     def argv(kind: str, tag: str) -> list[str]:
-        extra = (["--mode", "pseudo", "--protocol", "voc-ms"] if kind == "pseudo"
-                 else ["--protocol", "voc-ms", "--report", str(tmp_path / f"rep_{tag}"),
-                       "--report-images", "1"])
-        return ["--checkpoint", str(ckpt), "--workers", "0", "--split", "train", *extra,
-                "--save-dir", str(tmp_path / f"{kind}_{tag}"),
-                "--output-json", str(tmp_path / f"{kind}_{tag}.json")]
+        extra = (
+            ["--mode", "pseudo", "--protocol", "voc-ms"]
+            if kind == "pseudo"
+            else [
+                "--protocol",
+                "voc-ms",
+                "--report",
+                str(tmp_path / f"rep_{tag}"),
+                "--report-images",
+                "1",
+            ]
+        )
+        return [
+            "--checkpoint",
+            str(ckpt),
+            "--workers",
+            "0",
+            "--split",
+            "train",
+            *extra,
+            "--save-dir",
+            str(tmp_path / f"{kind}_{tag}"),
+            "--output-json",
+            str(tmp_path / f"{kind}_{tag}.json"),
+        ]
 
     kinds = ("seg", "pseudo")
     for kind in kinds:
         assert run(evaluate, argv(kind, "single")) == 0
     # fork: the children need no fresh interpreter (spawn would re-import torch, ~10 s each)
-    mp.start_processes(_sharded_worker, nprocs=2, start_method="fork",
-                       args=(2, str(tmp_path / "pg"), [argv(k, "sharded") for k in kinds]))
+    mp.start_processes(
+        _sharded_worker,
+        nprocs=2,
+        start_method="fork",
+        args=(2, str(tmp_path / "pg"), [argv(k, "sharded") for k in kinds]),
+    )
     for kind in kinds:
         single = json.loads((tmp_path / f"{kind}_single.json").read_text())
         sharded = json.loads((tmp_path / f"{kind}_sharded.json").read_text())
@@ -208,17 +315,23 @@ def test_two_processes_give_exactly_the_single_process_numbers(trained, tmp_path
         assert sharded["provenance"]["world_size"] == 2
         for key in ("miou", "iou", "num_images", "coverage", "miou_uncertain_as_miss"):
             assert sharded.get(key) == single.get(key), (kind, key)
-        files = {d: sorted(p.relative_to(tmp_path / f"{kind}_{d}")
-                           for p in (tmp_path / f"{kind}_{d}").rglob("*.png"))
-                 for d in ("single", "sharded")}
+        files = {
+            d: sorted(
+                p.relative_to(tmp_path / f"{kind}_{d}")
+                for p in (tmp_path / f"{kind}_{d}").rglob("*.png")
+            )
+            for d in ("single", "sharded")
+        }
         assert files["single"] == files["sharded"] and len(files["single"]) >= 4
         for rel in files["single"]:
-            assert ((tmp_path / f"{kind}_single" / rel).read_bytes() ==
-                (tmp_path / f"{kind}_sharded" / rel).read_bytes())
+            assert (tmp_path / f"{kind}_single" / rel).read_bytes() == (
+                tmp_path / f"{kind}_sharded" / rel
+            ).read_bytes()
     single_report = (tmp_path / "rep_single" / "index.html").read_text()
     sharded_report = (tmp_path / "rep_sharded" / "index.html").read_text()
-    assert (sorted(p.name for p in (tmp_path / "rep_single" / "images").iterdir()) ==
-        sorted(p.name for p in (tmp_path / "rep_sharded" / "images").iterdir()))
+    assert sorted(p.name for p in (tmp_path / "rep_single" / "images").iterdir()) == sorted(
+        p.name for p in (tmp_path / "rep_sharded" / "images").iterdir()
+    )
     assert single_report.count("<img") == sharded_report.count("<img") == 10
 
 
@@ -229,11 +342,22 @@ def test_a_failing_process_stops_all_of_them(trained, tmp_path, capfd):
     broken = shutil.copytree(root, tmp_path / "voc")
     jpeg = broken / "JPEGImages" / "img_e.jpg"  # 3rd val image: rank 0's shard of 2
     data = jpeg.read_bytes()
-    jpeg.write_bytes(data[:len(data) * 3 // 4])  # header readable, pixels truncated
-    argv = ["--checkpoint", str(ckpt), "--workers", "0", "--data-root", str(broken),
-            "--cache-dir", str(tmp_path / "cache"), "--output-json", str(tmp_path / "x.json")]
-    mp.start_processes(_sharded_worker, nprocs=2, start_method="fork",
-                       args=(2, str(tmp_path / "pg"), [argv], 2))
+    jpeg.write_bytes(data[: len(data) * 3 // 4])  # header readable, pixels truncated
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--data-root",
+        str(broken),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-json",
+        str(tmp_path / "x.json"),
+    ]
+    mp.start_processes(
+        _sharded_worker, nprocs=2, start_method="fork", args=(2, str(tmp_path / "pg"), [argv], 2)
+    )
     err = capfd.readouterr().err
     assert "img_e.jpg" in err and "another process failed" in err
     assert not (tmp_path / "x.json").exists()

@@ -1,5 +1,6 @@
 """Evaluation building blocks on hand-made inputs: the protocols' fusion rules (spec 6.1 / 6.2),
 patch fitting, the pseudo-label CRF path, pseudo-label scoring, per-image scores, submissions."""
+
 from __future__ import annotations
 
 import tarfile
@@ -30,7 +31,7 @@ A3, B3 = [0.0, 2.5, 0.0], [0.0, 2.5, 0.0]
 # VOC, original 40 x 60: scales 1.0, 1.5, 1.25 -> widths 60, 90, 75, padded to 64, 96, 80.
 # COCO, 448 square first: scales 1.0, 1.25, 1.5 -> 448, 560, 672.
 TABLE = {64: (A1, B1), 96: (A2, B2), 80: (A3, B3), 448: (A1, B1), 560: (A2, B2), 672: (A3, B3)}
-VOC_EXPECTED = [4.0, 5.0, 3.2]   # max over scales of (a + b): max([1,0,3.2],[4,0,0],[0,5,0])
+VOC_EXPECTED = [4.0, 5.0, 3.2]  # max over scales of (a + b): max([1,0,3.2],[4,0,0],[0,5,0])
 COCO_EXPECTED = [3.0, 2.5, 3.2]  # sum over scales of max(a, b): [1,0,3.2]+[2,0,0]+[0,2.5,0]
 
 
@@ -60,14 +61,17 @@ class ConstantLogits(nn.Module):
 
 def half_dark_image(h: int = 40, w: int = 60) -> torch.Tensor:
     image = torch.full((1, 3, h, w), 0.2)
-    image[..., w // 2:] = 0.8
+    image[..., w // 2 :] = 0.8
     return image
 
 
-@pytest.mark.parametrize("name, expected, seen", [
-    ("voc-ms", VOC_EXPECTED, [(2, 3, 48, 64), (2, 3, 64, 96), (2, 3, 64, 80)]),
-    ("coco-ms", COCO_EXPECTED, [(2, 3, 448, 448), (2, 3, 560, 560), (2, 3, 672, 672)]),
-])
+@pytest.mark.parametrize(
+    "name, expected, seen",
+    [
+        ("voc-ms", VOC_EXPECTED, [(2, 3, 48, 64), (2, 3, 64, 96), (2, 3, 64, 80)]),
+        ("coco-ms", COCO_EXPECTED, [(2, 3, 448, 448), (2, 3, 560, 560), (2, 3, 672, 672)]),
+    ],
+)
 def test_multiscale_protocols_fuse_as_the_official_tools(name, expected, seen):
     model = ConstantLogits()
     protocol = named_protocol(name, TrainConfig())
@@ -119,8 +123,9 @@ def test_floor_patch_fit_drops_the_remainder_and_stretches_once():
     floor = build_protocol("train-val", TrainConfig(), size=0, patch_fit="floor")
     out = floor.seg_logits(Grid(), image)
     assert seen[0].shape[-2:] == (32, 48) and torch.equal(seen[0], image[..., :32, :48])
-    torch.testing.assert_close(out, F.interpolate(grid, size=(40, 60), mode="bilinear",
-                                                  align_corners=False))
+    torch.testing.assert_close(
+        out, F.interpolate(grid, size=(40, 60), mode="bilinear", align_corners=False)
+    )
     pad = build_protocol("train-val", TrainConfig(), size=0).seg_logits(Grid(), image)
     assert seen[1].shape[-2:] == (48, 64) and torch.equal(seen[1][..., :40, :60], image)
     assert seen[1][..., 40:, :].abs().sum() == 0 and seen[1][..., 60:].abs().sum() == 0
@@ -132,8 +137,9 @@ def test_crf_refinement_with_identity_crf_equals_the_training_refinement():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 3, 24, 32, generator=g)
     cams = torch.rand(3, 5, 24, 32, generator=g)
-    cls_label = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]],
-                             dtype=torch.float32)  # the last image has no class: background
+    cls_label = torch.tensor(
+        [[1, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.float32
+    )  # the last image has no class: background
     valid = cams * cls_label[:, :, None, None]
     par = PAR(3, (1, 2))
     want = refine_cams_with_bkg(par, images, valid, cls_label, None, 0.55, 0.3, 2)
@@ -185,7 +191,9 @@ def test_submission_check_finds_wrong_archives(tmp_path: Path):
     with tarfile.open(archive) as tar:
         assert sorted(tar.getnames()) == [f"{VOC_RESULTS_DIR}/a.png", f"{VOC_RESULTS_DIR}/b.png"]
     assert verify_submission(archive, {"a": (6, 4), "b": (5, 5)}) == [
-        f"{VOC_RESULTS_DIR}/b.png: values [30] outside 0..20"]
+        f"{VOC_RESULTS_DIR}/b.png: values [30] outside 0..20"
+    ]
     problems = verify_submission(archive, {"a": (4, 6), "b": (5, 5), "c": (1, 1)})
-    assert any("size (6, 4)" in p for p in problems) and any("without a prediction" in p
-                                                            for p in problems)
+    assert any("size (6, 4)" in p for p in problems) and any(
+        "without a prediction" in p for p in problems
+    )

@@ -1,5 +1,6 @@
 """docs/extending.md's example as written: a loss term in a module outside the repository,
 trained with --plugin-module and evaluated from the stored config alone."""
+
 from __future__ import annotations
 
 import importlib
@@ -57,10 +58,17 @@ def env_with(path: Path | None) -> dict[str, str]:
     return env
 
 
-def run_script(script: str, argv: list[str], pythonpath: Path | None
-               ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, env=env_with(pythonpath),
-                          capture_output=True, text=True, timeout=300)
+def run_script(
+    script: str, argv: list[str], pythonpath: Path | None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *argv],
+        cwd=ROOT,
+        env=env_with(pythonpath),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_absent_class_mass_by_hand(imported):
@@ -85,13 +93,18 @@ def test_flags_and_recipe_key_import_the_module(imported, tmp_path):
     # A base recipe names the module; the recipe on top sets its settings; a flag adds one more.
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"base": "none", "plugin_modules": [MODULE]}))
-    (tmp_path / "top.yaml").write_text(yaml.safe_dump(
-        {"base": "base.yaml", "plugin_modules": [], "plugins": {"absent": {"weight": 0.3}}}))
+    (tmp_path / "top.yaml").write_text(
+        yaml.safe_dump(
+            {"base": "base.yaml", "plugin_modules": [], "plugins": {"absent": {"weight": 0.3}}}
+        )
+    )
     cfg, _ = parse_config(["--config", str(tmp_path / "top.yaml"), "--plugin-module", "json"])
     assert cfg.plugin_modules == (MODULE, "json")
     assert cfg.plugins.absent.weight == 0.3
     assert [layer.path.name for layer in load_recipe_chain(str(tmp_path / "top.yaml"))] == [
-        "base.yaml", "top.yaml"]
+        "base.yaml",
+        "top.yaml",
+    ]
 
 
 def test_help_lists_the_module_flags(imported, capsys):
@@ -119,8 +132,14 @@ def test_a_saved_config_imports_its_modules(tmp_path, monkeypatch):
     (tmp_path / "stored_ext_mod.py").write_text(STORED_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     saved = tmp_path / "config.yaml"
-    saved.write_text(yaml.safe_dump({"plugin_modules": ["stored_ext_mod"],
-                                     "plugins": {"stored_only": {"enable": True, "level": 3}}}))
+    saved.write_text(
+        yaml.safe_dump(
+            {
+                "plugin_modules": ["stored_ext_mod"],
+                "plugins": {"stored_only": {"enable": True, "level": 3}},
+            }
+        )
+    )
     assert "stored_ext_mod" not in sys.modules
     try:
         cfg = TrainConfig.from_dict(load_yaml(str(saved)), str(saved))
@@ -132,8 +151,9 @@ def test_a_saved_config_imports_its_modules(tmp_path, monkeypatch):
 
 
 def test_bad_module_names_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="plug-in module 'no_such_module_xyz' cannot be "
-                                          "imported.*PYTHONPATH"):
+    with pytest.raises(
+        ConfigError, match="plug-in module 'no_such_module_xyz' cannot be imported.*PYTHONPATH"
+    ):
         parse_config(["--plugin-module", "no_such_module_xyz"])
     with pytest.raises(ConfigError, match="not a module name"):
         TrainConfig.from_dict({"plugin_modules": ["bad/name.py"]})
@@ -141,8 +161,11 @@ def test_bad_module_names_are_one_line_errors(tmp_path):
     broken.write_text("raise RuntimeError('boom')\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        with pytest.raises(ConfigError, match=r"'broken_ext_mod' cannot be imported: "
-                                              r"RuntimeError: boom$"):
+        with pytest.raises(
+            ConfigError,
+            match=r"'broken_ext_mod' cannot be imported: "
+            r"RuntimeError: boom$",
+        ):
             parse_config(["--plugin-module", "broken_ext_mod"])
     finally:
         sys.path.remove(str(tmp_path))
@@ -151,10 +174,29 @@ def test_bad_module_names_are_one_line_errors(tmp_path):
 def test_train_with_the_module_then_evaluate_without_the_flag(ext_dir, tmp_path):
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    argv = train_args(root, work, "--max-iters", "2", "--seg-start-iter", "0",
-                      "--warmup-iters", "1", "--eval-every", "2", "--save-every", "2",
-                      "--log-every", "1", "--plugin-module", MODULE, "--absent",
-                      "--absent-weight", "0.5", "--absent-start-iter", "0")
+    argv = train_args(
+        root,
+        work,
+        "--max-iters",
+        "2",
+        "--seg-start-iter",
+        "0",
+        "--warmup-iters",
+        "1",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--plugin-module",
+        MODULE,
+        "--absent",
+        "--absent-weight",
+        "0.5",
+        "--absent-start-iter",
+        "0",
+    )
     trained = run_script("train.py", argv, ext_dir)
     assert trained.returncode == 0, trained.stderr
     stored = yaml.safe_load((work / "config.yaml").read_text())
@@ -166,8 +208,11 @@ def test_train_with_the_module_then_evaluate_without_the_flag(ext_dir, tmp_path)
 
     checkpoint = str(work / "checkpoints" / "last.pt")
     scores = tmp_path / "scores.json"
-    evaluated = run_script("evaluate.py", ["--checkpoint", checkpoint, "--workers", "0",
-                                           "--output-json", str(scores)], ext_dir)
+    evaluated = run_script(
+        "evaluate.py",
+        ["--checkpoint", checkpoint, "--workers", "0", "--output-json", str(scores)],
+        ext_dir,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert 0.0 <= json.loads(scores.read_text())["miou"] <= 100.0
 

@@ -1,5 +1,6 @@
 """Fidelity to the official ToCo run: recipes, dormant-term dynamics, the energy gradient, the
 logged LR, the reference-quirks switch, the PAR input and the image-label source."""
+
 from __future__ import annotations
 
 import copy
@@ -21,34 +22,94 @@ from toco.train.schedule import poly_warmup_factor
 # ---- the published recipes against the official values (ToCo spec, section 10) ----
 # Written from the specification, not from the YAML files.
 TOCO_COMMON = {
-    "crop_size": 448, "scale_range": (0.5, 2.0), "lr": 6e-5, "head_lr_mult": 10.0,
-    "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_iters": 1500, "warmup_ratio": 1e-6,
-    "poly_power": 0.9, "w_cls": 1.0, "w_ptc": 0.2, "w_ctc": 0.5, "w_seg": 0.1, "w_reg": 0.05,
-    "ema_momentum": 0.9, "ctc_hidden_dim": 2048, "ctc_out_dim": 1024, "num_local_crops": 8,
-    "local_crop_size": 96, "ctc_neg_ratio": 0.2,
-    "cam_scales": (1.0, 0.5, 1.5), "low_thre": 0.25, "par_iters": 10,
-    "par_dilations": (1, 2, 4, 8, 12, 24), "refine_down_scale": 2, "aux_layer": -3,
-    "decoder_dim": 512, "loss_group_size": 2, "amp": "none", "tf32": True, "val_size": 448,
-    "val_scales": (1.0, 0.5, 1.5), "seed": 0, "log_every": 200, "pretrained": "timm",
-    "input_norm": "imagenet", "pos_embed_antialias": False, "freeze_backbone": False,
-    "trainable_blocks": None, "layer_decay": 1.0,
+    "crop_size": 448,
+    "scale_range": (0.5, 2.0),
+    "lr": 6e-5,
+    "head_lr_mult": 10.0,
+    "weight_decay": 0.01,
+    "betas": (0.9, 0.999),
+    "warmup_iters": 1500,
+    "warmup_ratio": 1e-6,
+    "poly_power": 0.9,
+    "w_cls": 1.0,
+    "w_ptc": 0.2,
+    "w_ctc": 0.5,
+    "w_seg": 0.1,
+    "w_reg": 0.05,
+    "ema_momentum": 0.9,
+    "ctc_hidden_dim": 2048,
+    "ctc_out_dim": 1024,
+    "num_local_crops": 8,
+    "local_crop_size": 96,
+    "ctc_neg_ratio": 0.2,
+    "cam_scales": (1.0, 0.5, 1.5),
+    "low_thre": 0.25,
+    "par_iters": 10,
+    "par_dilations": (1, 2, 4, 8, 12, 24),
+    "refine_down_scale": 2,
+    "aux_layer": -3,
+    "decoder_dim": 512,
+    "loss_group_size": 2,
+    "amp": "none",
+    "tf32": True,
+    "val_size": 448,
+    "val_scales": (1.0, 0.5, 1.5),
+    "seed": 0,
+    "log_every": 200,
+    "pretrained": "timm",
+    "input_norm": "imagenet",
+    "pos_embed_antialias": False,
+    "freeze_backbone": False,
+    "trainable_blocks": None,
+    "layer_decay": 1.0,
     # official behaviours, except the two fixes of misaligned boxes / crops
-    "dormant_terms": "step", "reg_gradient": "reference", "ctc_negative_term": True,
-    "par_input": "uint8", "image_labels": "annotations", "ptc_box": "grid",
-    "local_view_flip": "aligned", "reference_quirks": False,
+    "dormant_terms": "step",
+    "reg_gradient": "reference",
+    "ctc_negative_term": True,
+    "par_input": "uint8",
+    "image_labels": "annotations",
+    "ptc_box": "grid",
+    "local_view_flip": "aligned",
+    "reference_quirks": False,
 }
-VOC = {**TOCO_COMMON, "dataset": "voc", "train_split": "train_aug", "val_split": "val",
-       "batch_size": 4, "max_iters": 20000, "high_thre": 0.7, "bkg_thre": 0.5,
-       "seg_start_iter": 2001, "contrast_start_iter": 0, "aux_cam_until_iter": 0,
-       "ctc_temp": 0.5, "eval_every": 2000}
-COCO = {**TOCO_COMMON, "dataset": "coco", "train_split": "train", "val_split": "val_part",
-        "batch_size": 8, "max_iters": 80000, "high_thre": 0.65, "bkg_thre": 0.45,
-        "seg_start_iter": 8001, "contrast_start_iter": 12001, "aux_cam_until_iter": 12001,
-        "ctc_temp": 1.0, "eval_every": 4000}
+VOC = {
+    **TOCO_COMMON,
+    "dataset": "voc",
+    "train_split": "train_aug",
+    "val_split": "val",
+    "batch_size": 4,
+    "max_iters": 20000,
+    "high_thre": 0.7,
+    "bkg_thre": 0.5,
+    "seg_start_iter": 2001,
+    "contrast_start_iter": 0,
+    "aux_cam_until_iter": 0,
+    "ctc_temp": 0.5,
+    "eval_every": 2000,
+}
+COCO = {
+    **TOCO_COMMON,
+    "dataset": "coco",
+    "train_split": "train",
+    "val_split": "val_part",
+    "batch_size": 8,
+    "max_iters": 80000,
+    "high_thre": 0.65,
+    "bkg_thre": 0.45,
+    "seg_start_iter": 8001,
+    "contrast_start_iter": 12001,
+    "aux_cam_until_iter": 12001,
+    "ctc_temp": 1.0,
+    "eval_every": 4000,
+}
 VIT_B = "vit_base_patch16_224.orig_in21k_ft_in1k"
 DEIT_B = "deit_base_patch16_224.fb_in1k"
-RECIPES = {"voc_vit_b": {**VOC, "backbone": VIT_B}, "voc_deit_b": {**VOC, "backbone": DEIT_B},
-           "coco_vit_b": {**COCO, "backbone": VIT_B}, "coco_deit_b": {**COCO, "backbone": DEIT_B}}
+RECIPES = {
+    "voc_vit_b": {**VOC, "backbone": VIT_B},
+    "voc_deit_b": {**VOC, "backbone": DEIT_B},
+    "coco_vit_b": {**COCO, "backbone": VIT_B},
+    "coco_deit_b": {**COCO, "backbone": DEIT_B},
+}
 # Keys a recipe may set beyond the specification's (bookkeeping, not numerics).
 BOOKKEEPING = {"work_dir", "save_every"}
 
@@ -74,8 +135,11 @@ def test_dataset_without_config_uses_its_published_recipe(dataset, recipe):
 def test_coco_resolves_the_coco_thresholds_and_schedule():
     cfg, _ = parse_config(["--dataset", "coco", "--data-root", "/data"])
     assert (cfg.high_thre, cfg.low_thre, cfg.bkg_thre) == (0.65, 0.25, 0.45)
-    assert ((cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter) ==
-        (8001, 12001, 12001))
+    assert (cfg.seg_start_iter, cfg.contrast_start_iter, cfg.aux_cam_until_iter) == (
+        8001,
+        12001,
+        12001,
+    )
     assert (cfg.batch_size, cfg.max_iters, cfg.ctc_temp) == (8, 80000, 1.0)
 
 
@@ -105,11 +169,26 @@ def test_precision_defaults_to_fp32():
 
 # ---- training dynamics on a tiny model ----
 def tiny_cfg(**over) -> TrainConfig:
-    base = dict(dataset="synthetic", backbone="deit_tiny_patch16_224", backbone_depth=2,
-                aux_layer=0, pretrained="none", crop_size=32, local_crop_size=16,
-                num_local_crops=2, batch_size=2, decoder_dim=8, cam_scales=(1.0,),
-                par_iters=2, par_dilations=(1, 2), max_iters=50, warmup_iters=2, lr=1e-3,
-                w_reg=0.05, seed=0)
+    base = dict(
+        dataset="synthetic",
+        backbone="deit_tiny_patch16_224",
+        backbone_depth=2,
+        aux_layer=0,
+        pretrained="none",
+        crop_size=32,
+        local_crop_size=16,
+        num_local_crops=2,
+        batch_size=2,
+        decoder_dim=8,
+        cam_scales=(1.0,),
+        par_iters=2,
+        par_dilations=(1, 2),
+        max_iters=50,
+        warmup_iters=2,
+        lr=1e-3,
+        w_reg=0.05,
+        seed=0,
+    )
     return TrainConfig(**{**base, **over}).validate()
 
 
@@ -119,9 +198,13 @@ def tiny_batch(seed: int) -> dict[str, torch.Tensor]:
     def img() -> torch.Tensor:
         return torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
 
-    return {"image": img(), "view2": img(), "local_view": img(),
-            "cls_label": torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]),
-            "img_box": torch.tensor([[0, 32, 0, 28], [2, 32, 0, 32]])}
+    return {
+        "image": img(),
+        "view2": img(),
+        "local_view": img(),
+        "cls_label": torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]]),
+        "img_box": torch.tensor([[0, 32, 0, 28], [2, 32, 0, 32]]),
+    }
 
 
 class ComputedAtZeroWeight(LossModule):
@@ -157,8 +240,7 @@ def trainers(cfg: TrainConfig, zero_weight: bool = True) -> tuple[Trainer, Train
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=7)
     fast = Trainer(cfg, model, build_loss_modules(cfg), torch.device("cpu"))
-    ref_modules = [ComputedAtZeroWeight(m) if zero_weight else m
-                   for m in build_loss_modules(cfg)]
+    ref_modules = [ComputedAtZeroWeight(m) if zero_weight else m for m in build_loss_modules(cfg)]
     ref = Trainer(cfg, copy.deepcopy(model), ref_modules, torch.device("cpu"))
     return fast, ref
 
@@ -166,8 +248,11 @@ def trainers(cfg: TrainConfig, zero_weight: bool = True) -> tuple[Trainer, Train
 def record_gradients(trainer: Trainer) -> list[list[torch.Tensor]]:
     """A list that receives, at every optimizer step, a copy of every gradient it applies."""
     steps: list[list[torch.Tensor]] = []
-    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: steps.append(
-        [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: steps.append(
+            [p.grad.clone() for g in opt.param_groups for p in g["params"]]
+        )
+    )
     return steps
 
 
@@ -180,8 +265,10 @@ def assert_same_params_and_state(a: Trainer, b: Trainer, module_name: str) -> No
     pb = list(getattr(b.model, module_name).parameters())
     for x, y in zip(pa, pb):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
-    for sa, sb in zip(adam_state(a, [p for p in pa if p.requires_grad]),
-                      adam_state(b, [p for p in pb if p.requires_grad])):
+    for sa, sb in zip(
+        adam_state(a, [p for p in pa if p.requires_grad]),
+        adam_state(b, [p for p in pb if p.requires_grad]),
+    ):
         assert sa and sb, f"{module_name}: a parameter took no optimizer step"
         assert float(sa["step"]) == float(sb["step"])
         torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-6, atol=1e-9)
@@ -204,10 +291,18 @@ def test_dormant_decoder_takes_zero_gradient_steps_like_the_official_loop():
     assert_same_params_and_state(fast, ref, "decoder")
     assert_same_params_and_state(fast, ref, "backbone")
     # Zero gradients: the moments stay 0 and only the decoupled weight decay moved the weights.
-    shrink = np.prod([1 - cfg.lr * cfg.head_lr_mult * cfg.weight_decay
-                      * poly_warmup_factor(t, cfg.warmup_iters, cfg.max_iters,
-                                           cfg.warmup_ratio, cfg.poly_power)
-                      for t in range(K)])
+    shrink = np.prod(
+        [
+            1
+            - cfg.lr
+            * cfg.head_lr_mult
+            * cfg.weight_decay
+            * poly_warmup_factor(
+                t, cfg.warmup_iters, cfg.max_iters, cfg.warmup_ratio, cfg.poly_power
+            )
+            for t in range(K)
+        ]
+    )
     for p, p0 in zip(fast.model.decoder.parameters(), decoder0):
         torch.testing.assert_close(p, p0 * float(shrink), rtol=1e-6, atol=1e-9)
         assert float(fast.optimizer.state[p]["step"]) == K
@@ -237,8 +332,9 @@ def test_dormant_ctc_still_updates_the_teacher_every_iteration():
         ref.train_step(batch, it)
     for got, want in zip(fast.model.proj_head_teacher.parameters(), teacher):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    for a, b in zip(fast.model.proj_head_teacher.parameters(),
-                    ref.model.proj_head_teacher.parameters()):
+    for a, b in zip(
+        fast.model.proj_head_teacher.parameters(), ref.model.proj_head_teacher.parameters()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     assert_same_params_and_state(fast, ref, "proj_head")
 
@@ -248,7 +344,8 @@ def test_logged_lr_is_the_lr_the_step_used():
     fast, _ = trainers(cfg)
     used = []
     fast.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"])
+    )
     logged = [fast.train_step(tiny_batch(t), t)["lr"] for t in range(4)]
     assert logged == used
     for t, lr in enumerate(logged):
@@ -273,15 +370,24 @@ def test_default_energy_gradient_is_the_reference_formula():
     assert reg.reference_gradient is True
     image, logits, roi, label = energy_inputs()
     probs = torch.softmax(logits, 1).requires_grad_(True)
-    dense_energy_loss(image, probs, roi, label, sigma_xy=6.0, scale_factor=1.0,
-                      reference_gradient=reg.reference_gradient, method="exact").backward()
+    dense_energy_loss(
+        image,
+        probs,
+        roi,
+        label,
+        sigma_xy=6.0,
+        scale_factor=1.0,
+        reference_gradient=reg.reference_gradient,
+        method="exact",
+    ).backward()
     # -(2/B) Gate (K S') ROI, written out with a brute-force Gaussian sum.
     b, c, h, w = probs.shape
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    feats = torch.cat([torch.stack([xs / 6.0, ys / 6.0]).double()[None].expand(b, -1, -1, -1),
-                       image / 15.0], 1).flatten(2)                             # (B, 5, N)
+    feats = torch.cat(
+        [torch.stack([xs / 6.0, ys / 6.0]).double()[None].expand(b, -1, -1, -1), image / 15.0], 1
+    ).flatten(2)  # (B, 5, N)
     kernel = torch.exp(-0.5 * ((feats[:, :, :, None] - feats[:, :, None, :]) ** 2).sum(1))
-    s = (probs.detach() * roi[:, None]).flatten(2)                              # (B, C, N)
+    s = (probs.detach() * roi[:, None]).flatten(2)  # (B, C, N)
     ks = torch.einsum("bnm,bcm->bcn", kernel, s)
     gate = (roi.double() - probs.detach().amax(1)).masked_fill(label == 255, 1).clamp(min=0)
     expected = -2.0 / b * gate.flatten(1)[:, None] * ks * roi.flatten(1)[:, None]
@@ -294,8 +400,16 @@ def test_exact_energy_gradient_matches_finite_differences():
     probs = torch.softmax(logits, 1).requires_grad_(True)
 
     def energy(p):
-        return dense_energy_loss(image, p, roi, label, sigma_xy=6.0, scale_factor=1.0,
-                                 reference_gradient=False, method="exact")
+        return dense_energy_loss(
+            image,
+            p,
+            roi,
+            label,
+            sigma_xy=6.0,
+            scale_factor=1.0,
+            reference_gradient=False,
+            method="exact",
+        )
 
     assert torch.autograd.gradcheck(energy, (probs,), eps=1e-6, atol=1e-6)
 
@@ -338,7 +452,7 @@ def test_image_labels_from_annotation_files(tmp_path):
     from datasets.voc import VOC_CLASSES, VOCTrainDataset
 
     mask_a = np.zeros((40, 48), np.uint8)
-    mask_a[5:20, 5:20] = 1                                           # the mask shows aeroplane
+    mask_a[5:20, 5:20] = 1  # the mask shows aeroplane
     mask_b = np.zeros((40, 48), np.uint8)
     mask_b[5:20, 5:20] = 2
     root = make_voc_tree(tmp_path / "VOC", [ImageSpec("a", mask_a), ImageSpec("b", mask_b)])
@@ -358,12 +472,18 @@ def test_cli_runs_log_the_recipe(tmp_path):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    assert run(train, train_args(root, work, "--max-iters", "1", "--eval-every", "1",
-                                 "--seg-start-iter", "0")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                root, work, "--max-iters", "1", "--eval-every", "1", "--seg-start-iter", "0"
+            ),
+        )
+        == 0
+    )
     text = (work / "train.log").read_text()
     assert "recipe configs/voc_vit_b.yaml" in text
-    assert (yaml.safe_load((work / "config.yaml").read_text())["recipe"] ==
-        "configs/voc_vit_b.yaml")
+    assert yaml.safe_load((work / "config.yaml").read_text())["recipe"] == "configs/voc_vit_b.yaml"
 
 
 # ---- the optimised step equals a straightforward one ----
@@ -410,8 +530,10 @@ def test_given_scale_one_maps_equal_a_separate_pass():
 
 
 # ---- CPU threads never compete with the data-loader workers ----
-@pytest.mark.parametrize("cores, workers, procs, expected", [
-    (2, 1, 1, 1), (2, 0, 1, 2), (8, 2, 1, 6), (8, 2, 2, 2), (2, 4, 1, 1), (4, 0, 4, 1)])
+@pytest.mark.parametrize(
+    "cores, workers, procs, expected",
+    [(2, 1, 1, 1), (2, 0, 1, 2), (8, 2, 1, 6), (8, 2, 2, 2), (2, 4, 1, 1), (4, 0, 4, 1)],
+)
 def test_default_threads_leave_room_for_workers(monkeypatch, cores, workers, procs, expected):
     import toco.runtime as runtime
 
@@ -445,11 +567,18 @@ def test_backbone_uses_fused_attention():
 
 
 def test_configs_saved_before_a_setting_existed_keep_their_behaviour():
-    saved = {k: v for k, v in tiny_cfg().to_dict().items()
-             if k not in ("input_norm", "dormant_terms", "par_input", "ptc_box")}
+    saved = {
+        k: v
+        for k, v in tiny_cfg().to_dict().items()
+        if k not in ("input_norm", "dormant_terms", "par_input", "ptc_box")
+    }
     cfg = TrainConfig.from_saved(saved)
-    assert ((cfg.input_norm, cfg.dormant_terms, cfg.par_input, cfg.ptc_box) ==
-        ("imagenet", "skip", "float", "grid"))
+    assert (cfg.input_norm, cfg.dormant_terms, cfg.par_input, cfg.ptc_box) == (
+        "imagenet",
+        "skip",
+        "float",
+        "grid",
+    )
     cfg = TrainConfig.from_saved({**saved, "reference_quirks": True})
     assert cfg.ptc_box == "pixels"
     full = tiny_cfg(par_input="uint8").to_dict()
@@ -461,13 +590,15 @@ def test_grad_checkpointing_gives_the_same_step(monkeypatch):
     order): losses and gradients agree to float rounding."""
     calls = []
     real = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     plain, _ = trainers(tiny_cfg(seg_start_iter=0))
     torch.manual_seed(0)
     cfg = tiny_cfg(seg_start_iter=0, grad_checkpointing=True)
-    ckpt = Trainer(cfg, build_model(cfg, num_classes=7), build_loss_modules(cfg),
-                   torch.device("cpu"))
+    ckpt = Trainer(
+        cfg, build_model(cfg, num_classes=7), build_loss_modules(cfg), torch.device("cpu")
+    )
     assert ckpt.model.backbone.grad_checkpointing
     grads = {"plain": record_gradients(plain), "ckpt": record_gradients(ckpt)}
     for name, trainer in (("plain", plain), ("ckpt", ckpt)):

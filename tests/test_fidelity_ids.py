@@ -1,5 +1,6 @@
 """Every pipeline (S) or official-defect (B) id that the code cites is defined in
 docs/fidelity.md, and no code cites a specification outside the repository."""
+
 from __future__ import annotations
 
 import io
@@ -8,8 +9,12 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [*(sorted((ROOT / d).rglob("*.py")) for d in ("toco", "models", "datasets", "scripts")),
-           ROOT / "train.py", ROOT / "evaluate.py", ROOT / "predict.py"]
+SOURCES = [
+    *(sorted((ROOT / d).rglob("*.py")) for d in ("toco", "models", "datasets", "scripts")),
+    ROOT / "train.py",
+    ROOT / "evaluate.py",
+    ROOT / "predict.py",
+]
 ID = re.compile(r"\b(S\d(?:\.\d)?|B\d{1,2})\b")
 DEFINED = re.compile(r"^\| (S\d(?:\.\d)?|B\d{1,2}) \|", re.M)
 

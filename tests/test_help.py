@@ -1,4 +1,5 @@
 """Every command-line entry point answers --help: exit 0, its grouped options, quickly."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,11 @@ def _modules_with_main() -> set[str]:
 def test_every_entry_point_is_listed():
     scripts = {p.name for p in ROOT.glob("*.py")}
     listed = set(ENTRY_POINTS)
-    assert {f"-m scripts.{p.stem}" for p in (ROOT / "scripts").glob("*.py")
-            if 'if __name__ == "__main__"' in p.read_text()} <= listed  # the rest: helpers
+    assert {
+        f"-m scripts.{p.stem}"
+        for p in (ROOT / "scripts").glob("*.py")
+        if 'if __name__ == "__main__"' in p.read_text()
+    } <= listed  # the rest: helpers
     assert _modules_with_main() <= listed
     assert {s for s in scripts if 'if __name__ == "__main__"' in (ROOT / s).read_text()} <= listed
 
@@ -59,8 +63,14 @@ def test_every_entry_point_is_listed():
 def test_help(entry):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     tic = time.perf_counter()
-    out = subprocess.run([sys.executable, *entry.split(), "--help"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, *entry.split(), "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     seconds = time.perf_counter() - tic
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage:") and "options:" in out.stdout

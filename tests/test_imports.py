@@ -5,6 +5,7 @@ Read from the source (ast), so imports inside functions count as much as those a
 imports under `if TYPE_CHECKING:` (annotations only) do not. `from pkg import name` is an edge
 to `pkg.name` when that is a module of the project, else to `pkg` itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,19 @@ EVALUATION = "toco.evaluation"
 # (annotation-only imports aside). The ground floor is shared by models/, datasets/ and every
 # layer; build.py turns a config into the model, its loss modules and the datasets.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("toco", "toco.errors", "toco.atomic", "toco.cli", "toco.distributed", "toco.runtime",
-     "toco.schema", "toco.checkpoint", "toco.release", "toco.images", "toco.visualize"),
+    (
+        "toco",
+        "toco.errors",
+        "toco.atomic",
+        "toco.cli",
+        "toco.distributed",
+        "toco.runtime",
+        "toco.schema",
+        "toco.checkpoint",
+        "toco.release",
+        "toco.images",
+        "toco.visualize",
+    ),
     ("toco.method",),
     ("toco.plugins",),
     ("toco.config",),
@@ -89,8 +101,10 @@ def imported_modules(module: str, source: str, modules: set[str], is_package: bo
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     files = module_files(root)
     names = set(files)
-    return {m: imported_modules(m, p.read_text(), names, p.name == "__init__.py")
-            for m, p in files.items()}
+    return {
+        m: imported_modules(m, p.read_text(), names, p.name == "__init__.py")
+        for m, p in files.items()
+    }
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -165,16 +179,22 @@ def test_every_toco_module_has_a_layer(graph):
 
 
 def test_layers_import_only_downwards(graph):
-    upward = [f"{m} -> {w}" for m in sorted(graph) for w in sorted(graph[m])
-              if layer_of(m) is not None and layer_of(w) is not None
-              and layer_of(w) > layer_of(m)]
+    upward = [
+        f"{m} -> {w}"
+        for m in sorted(graph)
+        for w in sorted(graph[m])
+        if layer_of(m) is not None and layer_of(w) is not None and layer_of(w) > layer_of(m)
+    ]
     assert not upward, "imports from a lower layer up: " + "; ".join(upward)
 
 
 def test_evaluation_never_reaches_training(graph):
     training = training_modules(graph)
-    chains = [path_to(graph, m, training) for m in sorted(graph)
-              if m == EVALUATION or m.startswith(EVALUATION + ".")]
+    chains = [
+        path_to(graph, m, training)
+        for m in sorted(graph)
+        if m == EVALUATION or m.startswith(EVALUATION + ".")
+    ]
     chains = [" -> ".join(c) for c in chains if c]
     assert not chains, "evaluation imports training: " + "; ".join(chains)
 
@@ -191,21 +211,25 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
     (pkg / "evaluation" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from toco import b\n")
     (pkg / "b.py").write_text("from .a import f\n")
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                              "    import toco.a\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import toco.a\n"
+    )
     (pkg / "train").mkdir()
     (pkg / "train" / "__init__.py").write_text("")
     (pkg / "train" / "runner.py").write_text("")
-    (pkg / "evaluation" / "run.py").write_text("from ..c import x\nimport toco.b as b\n"
-                                               "def g():\n    import toco.train.runner\n")
+    (pkg / "evaluation" / "run.py").write_text(
+        "from ..c import x\nimport toco.b as b\ndef g():\n    import toco.train.runner\n"
+    )
     planted = import_graph(tmp_path)
     assert planted["toco.a"] == {"toco.b"} and planted["toco.b"] == {"toco.a"}
     assert planted["toco.c"] == set()
     assert circles(planted) == [["toco.a", "toco.b"]]
     training = training_modules(planted)
     assert training == {"toco.train", "toco.train.runner"}
-    assert path_to(planted, "toco.evaluation.run", training) == ["toco.evaluation.run",
-                                                                 "toco.train.runner"]
+    assert path_to(planted, "toco.evaluation.run", training) == [
+        "toco.evaluation.run",
+        "toco.train.runner",
+    ]
     assert path_to(planted, "toco.a", training) == []
     assert layer_of("toco.evaluation.run") > layer_of("toco.method.cam") > layer_of("toco.cli")
     assert layer_of("toco.a") is None and layer_of("models.network") is None

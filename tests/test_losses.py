@@ -45,8 +45,9 @@ def test_ptc_loss_matches_naive_loops():
     torch.manual_seed(1)
     tokens = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     tokens[1, :, 0, 0] = 0  # a zero token: normalised with eps, cos 0
-    labels = torch.tensor([[[0, 1, 255], [1, 1, 0], [2, 0, 255]],
-                           [[3, 3, 3], [0, 255, 255], [0, 3, 1]]])
+    labels = torch.tensor(
+        [[[0, 1, 255], [1, 1, 0], [2, 0, 255]], [[3, 3, 3], [0, 255, 255], [0, 3, 1]]]
+    )
     assert ptc_loss(tokens, labels).item() == pytest.approx(naive_ptc(tokens, labels), rel=1e-12)
 
 
@@ -89,8 +90,9 @@ def test_ctc_loss_matches_naive_loops(add_neg):
     b, v, k = 3, 6, 8
     student = torch.randn(v * b, k, dtype=torch.float64)
     teacher = torch.randn(2 * b, k, dtype=torch.float64)
-    flags = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]],
-                         dtype=torch.float32)
+    flags = torch.tensor(
+        [[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.float32
+    )
     got = ctc_loss(student, teacher, flags, 0.5, always_add_negative_term=add_neg)
     assert got.item() == pytest.approx(naive_ctc(student, teacher, flags, 0.5, add_neg), rel=1e-12)
 
@@ -101,8 +103,9 @@ def test_ctc_loss_hand_value_single_image():
     teacher = torch.ones(2, 1)
     flags = torch.tensor([[1.0, 1.0, 0.0]])
     per_view = 2 * -math.log(1 / (2 + 1e-4))
-    assert (ctc_loss(student, teacher, flags, 1.0).item()
-            == pytest.approx(per_view / (2 + 1e-4), rel=1e-6))
+    assert ctc_loss(student, teacher, flags, 1.0).item() == pytest.approx(
+        per_view / (2 + 1e-4), rel=1e-6
+    )
     bonus = math.log(2 + 1e-4)
     got = ctc_loss(student, teacher, flags, 1.0, always_add_negative_term=True).item()
     assert got == pytest.approx((per_view + bonus) / (2 + 1e-4), rel=1e-6)
@@ -176,9 +179,13 @@ def test_losses_under_autocast_are_fp32_and_close():
     student, teacher = torch.randn(8, 32), torch.randn(4, 32)
     flags = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     logits = torch.randn(2, 3, 4, 4)
+
     def all_three() -> list[torch.Tensor]:
-        return [ptc_loss(tokens, labels), ctc_loss(student, teacher, flags, 0.5),
-                seg_loss(logits, labels)]
+        return [
+            ptc_loss(tokens, labels),
+            ctc_loss(student, teacher, flags, 0.5),
+            seg_loss(logits, labels),
+        ]
 
     ref = all_three()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):

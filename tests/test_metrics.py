@@ -108,8 +108,11 @@ def test_format_iou_table():
     }
     text = format_iou_table(["background", "cat", "dog"], cols)
     lines = text.splitlines()
-    rows = {line.split("|")[1].strip(): [x.strip() for x in line.split("|")[2:-1]]
-            for line in lines if "---" not in line}
+    rows = {
+        line.split("|")[1].strip(): [x.strip() for x in line.split("|")[2:-1]]
+        for line in lines
+        if "---" not in line
+    }
     assert rows["class"] == ["CAM", "Seg_Pred"]
     assert rows["background"] == ["50.00", "100.00"]
     assert rows["cat"] == ["25.00", "12.35"]

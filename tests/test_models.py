@@ -1,4 +1,5 @@
 """Backbone wrapper, heads and the network: numerics against timm and independent formulas."""
+
 import math
 
 import numpy as np
@@ -24,6 +25,7 @@ def cubic_weight(t: float, a: float = -0.75) -> float:
 
 def naive_bicubic(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Separable bicubic (a=-0.75), half-pixel centres, clamped borders: PyTorch's convention."""
+
     def resize_axis(x, n_out, axis):
         n_in = x.shape[axis]
         scale = n_in / n_out
@@ -37,6 +39,7 @@ def naive_bicubic(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
                 acc = acc + cubic_weight(src - (base + k)) * np.take(x, idx, axis=axis)
             rows.append(acc)
         return np.stack(rows, axis=axis)
+
     return resize_axis(resize_axis(img, out_h, 0), out_w, 1)
 
 
@@ -127,11 +130,15 @@ def test_network_param_groups_cover_trainable_params_once():
     groups = net.param_groups()
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids))
-    trainable = {id(p) for n, p in net.named_parameters()
-                 if p.requires_grad and not n.startswith("proj_head_teacher")}
+    trainable = {
+        id(p)
+        for n, p in net.named_parameters()
+        if p.requires_grad and not n.startswith("proj_head_teacher")
+    }
     assert set(ids) == trainable
-    assert all("norm" in n for n, p in net.backbone.named_parameters()
-               if any(p is q for q in groups[1]))
+    assert all(
+        "norm" in n for n, p in net.backbone.named_parameters() if any(p is q for q in groups[1])
+    )
     assert {id(p) for p in net.decoder.parameters()} == {id(p) for p in groups[3]}
 
 
@@ -146,8 +153,9 @@ def test_network_cams_use_classifier_weights():
     logits, _ = net.classify(feats)
     # GMP before the 1x1 conv: logits = W · max_hw F
     pooled = feats.tokens.amax(dim=(2, 3))
-    torch.testing.assert_close(logits, pooled @ net.classifier.conv.weight[:, :, 0, 0].T,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        logits, pooled @ net.classifier.conv.weight[:, :, 0, 0].T, rtol=1e-4, atol=1e-5
+    )
     assert net.segment(feats).shape == (2, 4, 4, 3)
 
 

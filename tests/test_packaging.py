@@ -1,5 +1,6 @@
 """pyproject.toml: the console scripts resolve to callables, the packages it lists are the
 project's, and its dependencies are requirements.txt's (the test tools are the [dev] extra)."""
+
 from __future__ import annotations
 
 import importlib
@@ -32,8 +33,9 @@ def test_console_scripts_resolve_to_callables(script, monkeypatch, capsys):
 
 
 def test_dependencies_are_requirements_txt():
-    lines = [ln.split("#", 1)[0].strip() for ln in (ROOT / "requirements.txt").read_text()
-             .splitlines()]
+    lines = [
+        ln.split("#", 1)[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
+    ]
     required = {ln for ln in lines if ln}
     declared = set(PROJECT["dependencies"])
     dev = PROJECT["optional-dependencies"]["dev"]
@@ -43,9 +45,13 @@ def test_dependencies_are_requirements_txt():
 
 def test_listed_packages_are_the_project_packages():
     patterns = SETUPTOOLS["packages"]["find"]["include"]
-    packages = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
-                for top in ("toco", "models", "datasets")
-                for p in (ROOT / top).rglob("__init__.py")}
+    packages = {
+        p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for top in ("toco", "models", "datasets")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
     for package in packages:
-        assert any(package == pat or (pat.endswith("*") and package.startswith(pat[:-1]))
-                   for pat in patterns), package
+        assert any(
+            package == pat or (pat.endswith("*") and package.startswith(pat[:-1]))
+            for pat in patterns
+        ), package

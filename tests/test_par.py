@@ -25,8 +25,10 @@ def naive_affinity(img: np.ndarray, dilations, w1: float, w2: float) -> np.ndarr
             for x in range(w_):
                 vals = np.array(
                     [
-                        [img[b, c, min(max(y + oy, 0), h_ - 1), min(max(x + ox, 0), w_ - 1)]
-                         for oy, ox in offs]
+                        [
+                            img[b, c, min(max(y + oy, 0), h_ - 1), min(max(x + ox, 0), w_ - 1)]
+                            for oy, ox in offs
+                        ]
                         for c in range(c_)
                     ]
                 )  # (3, N)
@@ -65,8 +67,9 @@ def test_par_matches_naive_per_pixel_implementation(dilations):
     assert out.shape == (2, 3, 9, 11) and out.dtype == torch.float64
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-10, atol=1e-12)
     aff = par.affinity(img)
-    np.testing.assert_allclose(aff.numpy(), naive_affinity(img.numpy(), dilations, 0.3, 0.01),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        aff.numpy(), naive_affinity(img.numpy(), dilations, 0.3, 0.01), rtol=1e-10
+    )
 
 
 def test_par_fp32_matches_float64():

@@ -1,4 +1,5 @@
 """MCIS plug-in: co-attention maths and symmetry, the losses, and the class-aware pair sampler."""
+
 from __future__ import annotations
 
 import itertools
@@ -32,10 +33,12 @@ def test_co_attention_shapes_and_formula():
     for p in range(2):
         m, n = fm[p].numpy(), fn[p].numpy()
         s = (m @ w.T) @ n.T / math.sqrt(6)  # S_ij = (W f_m,i) . f_n,j
-        np.testing.assert_allclose(att_n[p].detach().numpy(), np_softmax(s, 0).T @ m, rtol=1e-5,
-                                   atol=1e-6)
-        np.testing.assert_allclose(att_m[p].detach().numpy(), np_softmax(s, 1) @ n, rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            att_n[p].detach().numpy(), np_softmax(s, 0).T @ m, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            att_m[p].detach().numpy(), np_softmax(s, 1) @ n, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_co_attention_is_symmetric_under_swapping_the_pair():
@@ -67,12 +70,22 @@ def test_low_rank_affinity_has_the_same_shapes():
 
 def make_state(tokens: torch.Tensor, labels: torch.Tensor, iteration: int = 10, model=None):
     b = tokens.shape[0]
-    return StepState(iteration=iteration, images=torch.zeros(b, 3, 8, 8), cls_label=labels,
-                     img_box=torch.zeros(b, 4), feats=EncoderOutput(tokens.mean((-2, -1)), tokens,
-                                                                    tokens),
-                     logits=torch.zeros_like(labels), aux_logits=torch.zeros_like(labels),
-                     seg_logits=torch.zeros(b, 4, 2, 2), cam=None, cam_aux=None,
-                     make_pseudo_label=None, make_token_label=None, make_ctc=None, model=model)
+    return StepState(
+        iteration=iteration,
+        images=torch.zeros(b, 3, 8, 8),
+        cls_label=labels,
+        img_box=torch.zeros(b, 4),
+        feats=EncoderOutput(tokens.mean((-2, -1)), tokens, tokens),
+        logits=torch.zeros_like(labels),
+        aux_logits=torch.zeros_like(labels),
+        seg_logits=torch.zeros(b, 4, 2, 2),
+        cam=None,
+        cam_aux=None,
+        make_pseudo_label=None,
+        make_token_label=None,
+        make_ctc=None,
+        model=model,
+    )
 
 
 def mlsm(logits, labels):
@@ -84,8 +97,14 @@ def mlsm(logits, labels):
 def test_losses_match_independent_values_and_skip_empty_unshared_rows():
     torch.manual_seed(2)
     tokens = torch.randn(4, 6, 2, 3)
-    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0],    # pair 0: common {0}, m has {1}
-                           [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])   # pair 1: common {2}, nothing else
+    labels = torch.tensor(
+        [
+            [1.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0],  # pair 0: common {0}, m has {1}
+            [0.0, 0.0, 1.0],
+            [0.0, 0.0, 1.0],
+        ]
+    )  # pair 1: common {2}, nothing else
     mcis = CrossImageSemantics(6, 4, w_co=1.0, w_ex=2.0)
     out = mcis.compute(make_state(tokens, labels))
     x = tokens.flatten(2).transpose(1, 2)
@@ -93,10 +112,13 @@ def test_losses_match_independent_values_and_skip_empty_unshared_rows():
     w = mcis.head.classifier.weight
     co = torch.cat([att_m, att_n]).mean(1) @ w.t()
     common = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
-    assert float(out["mcis_co"]) == pytest.approx(mlsm(co, torch.cat([common, common])).mean(),
-                                                  rel=1e-5)
+    assert float(out["mcis_co"]) == pytest.approx(
+        mlsm(co, torch.cat([common, common])).mean(), rel=1e-5
+    )
+
     def gate(f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return f * (1 - torch.sigmoid(a @ mcis.head.gate.weight.t()))
+
     ex = torch.cat([gate(x[0::2], att_m), gate(x[1::2], att_n)]).mean(1) @ w.t()
     y_ex = torch.tensor([[0, 1.0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])  # rows m0, m1, n0, n1
     per_row = mlsm(ex, y_ex)
@@ -104,7 +126,8 @@ def test_losses_match_independent_values_and_skip_empty_unshared_rows():
     official = CrossImageSemantics(6, 4, w_ex=1.0, ex_empty_rows=True)
     official.load_state_dict(mcis.state_dict())
     assert float(official.compute(make_state(tokens, labels))["mcis_ex"]) == pytest.approx(
-        per_row.mean(), rel=1e-5)
+        per_row.mean(), rel=1e-5
+    )
     late = CrossImageSemantics(6, 4, ex_start=11).compute(make_state(tokens, labels))
     assert set(late) == {"mcis_co"}
 
@@ -144,15 +167,21 @@ def test_cross_image_cam_keeps_each_class_from_its_partners():
     net, mcis = Net(), CrossImageSemantics(6, 4)
     cam_m, cam_n = co_attention_cams(net, mcis, torch.rand(2, 3, 16, 16), torch.rand(2, 3, 8, 12))
     assert cam_m.shape == (2, 3, 4, 4) and cam_n.shape == (2, 3, 2, 3)
-    cam = cross_image_cam(net, mcis, torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0]]),
-                          {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 8, 8)]})
+    cam = cross_image_cam(
+        net,
+        mcis,
+        torch.rand(1, 3, 16, 16),
+        torch.tensor([[1.0, 0.0, 1.0]]),
+        {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 8, 8)]},
+    )
     assert cam.shape == (1, 3, 16, 16) and cam[:, 1].abs().sum() == 0
     assert 0 <= float(cam.min()) and float(cam.max()) <= 1
 
 
 def _unit_map(raw, size=(16, 16)):
-    m = torch.nn.functional.interpolate(torch.relu(raw), size=size, mode="bilinear",
-                                        align_corners=False)
+    m = torch.nn.functional.interpolate(
+        torch.relu(raw), size=size, mode="bilinear", align_corners=False
+    )
     return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
@@ -163,12 +192,12 @@ def test_cross_image_cam_adds_self_pairs_and_filters_maps_by_score():
     partners = {1: [torch.rand(1, 3, 16, 16), torch.rand(1, 3, 12, 12)]}
     partner_maps = [co_attention_cams(net, mcis, image, p)[0][:, 1:2] for p in partners[1]]
     flip = co_attention_cams(net, mcis, image, image.flip(-1))[1].flip(-1)[:, 1:2]
-    small = co_attention_cams(net, mcis, image,
-                              torch.nn.functional.interpolate(image, size=(12, 12),
-                                                              mode="bilinear"))[1][:, 1:2]
-    big = co_attention_cams(net, mcis, image,
-                            torch.nn.functional.interpolate(image, size=(32, 32),
-                                                            mode="bilinear"))[1][:, 1:2]
+    small = co_attention_cams(
+        net, mcis, image, torch.nn.functional.interpolate(image, size=(12, 12), mode="bilinear")
+    )[1][:, 1:2]
+    big = co_attention_cams(
+        net, mcis, image, torch.nn.functional.interpolate(image, size=(32, 32), mode="bilinear")
+    )[1][:, 1:2]
     maps = partner_maps + [flip, small, big]
     every = cross_image_cam(net, mcis, image, label, partners, score_thr=-1.0)
     expected = sum(_unit_map(m) for m in maps) / 5  # 2 partners + 3 self-pairs
@@ -179,12 +208,13 @@ def test_cross_image_cam_adds_self_pairs_and_filters_maps_by_score():
     # the official filter: sigmoid(mean of the raw map) > 0.1
     kept = [m for m in maps if float(torch.sigmoid(m.mean())) > 0.1 or m is flip]
     official = cross_image_cam(net, mcis, image, label, partners)
-    torch.testing.assert_close(official[:, 1:2], sum(_unit_map(m) for m in kept) / 5,
-                               rtol=1e-4, atol=1e-5)
-    no_self = cross_image_cam(net, mcis, image, label, partners, self_pairs=False,
-                              score_thr=-1.0)
-    torch.testing.assert_close(no_self[:, 1:2], sum(_unit_map(m) for m in partner_maps) / 2,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        official[:, 1:2], sum(_unit_map(m) for m in kept) / 5, rtol=1e-4, atol=1e-5
+    )
+    no_self = cross_image_cam(net, mcis, image, label, partners, self_pairs=False, score_thr=-1.0)
+    torch.testing.assert_close(
+        no_self[:, 1:2], sum(_unit_map(m) for m in partner_maps) / 2, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cross_image_cam_encodes_the_image_once():
@@ -193,8 +223,7 @@ def test_cross_image_cam_encodes_the_image_once():
     net, mcis = Net(), CrossImageSemantics(6, 4)
     partners = {0: [torch.rand(1, 3, 16, 16)] * 2, 2: [torch.rand(1, 3, 12, 12)] * 3}
     counter = PassCounter(net.embed)
-    cross_image_cam(net, mcis, torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0]]),
-                    partners)
+    cross_image_cam(net, mcis, torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0]]), partners)
     assert counter.reset()[0] == 1 + 5 + 3  # the image, each partner, the three self-pairs
 
 
@@ -207,8 +236,7 @@ def test_partners_come_from_the_pool_and_share_the_class():
     picks = sample_partners(torch.tensor([1.0, 1.0, 0.0]), pool, 20, random.Random(0))
     assert set(picks) == {0, 1}
     assert set(picks[0]) == {0, 2} and set(picks[1]) == {1, 2}
-    only_self = sample_partners(torch.tensor([0.0, 0.0, 1.0]), pool, 3, random.Random(0),
-                                exclude=3)
+    only_self = sample_partners(torch.tensor([0.0, 0.0, 1.0]), pool, 3, random.Random(0), exclude=3)
     assert only_self == {2: [3, 3, 3]}  # the image itself only when no other has the class
     assert sample_partners(torch.tensor([0.0, 0.0, 1.0]), pool[:3], 2, random.Random(0)) == {2: []}
 
@@ -225,8 +253,9 @@ def _co_cam_by_hand(mcis, tokens, size):
         # the anchor attended by its partner (softmax over n), the partner by the anchor (over m)
         att = s.softmax(dim=1) @ x[n] if i == m else s.softmax(dim=0).t() @ x[m]
         cam = (att @ wc.t()).t().reshape(1, -1, h, w)
-        cam = torch.nn.functional.interpolate(torch.relu(cam), size=size, mode="bilinear",
-                                              align_corners=False)
+        cam = torch.nn.functional.interpolate(
+            torch.relu(cam), size=size, mode="bilinear", align_corners=False
+        )
         cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
         out.append(cam / (cam.amax(dim=(-2, -1), keepdim=True) + 1e-5))
     return torch.cat(out)
@@ -235,8 +264,14 @@ def _co_cam_by_hand(mcis, tokens, size):
 def test_online_fusion_is_the_max_with_the_co_attention_cam_on_shared_classes():
     torch.manual_seed(5)
     tokens = torch.randn(4, 6, 3, 3)
-    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0],    # pair 0 shares class 0
-                           [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])   # pair 1 shares 1 and 2
+    labels = torch.tensor(
+        [
+            [1.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0],  # pair 0 shares class 0
+            [0.0, 1.0, 1.0],
+            [0.0, 1.0, 1.0],
+        ]
+    )  # pair 1 shares 1 and 2
     state = make_state(tokens, labels)
     state.cam = torch.rand(4, 3, 12, 12) * 0.5
     on = CrossImageSemantics(6, 4, co_cam="online_fuse")
@@ -248,9 +283,12 @@ def test_online_fusion_is_the_max_with_the_co_attention_cam_on_shared_classes():
     assert (fused > state.cam).any()  # the co-attention CAM is higher somewhere
     mean = CrossImageSemantics(6, 4, co_cam="online_fuse", co_cam_fuse="mean")
     mean.load_state_dict(on.state_dict())
-    torch.testing.assert_close(mean.pseudo_label_cam(state, state.cam),
-                               torch.where(shared[..., None, None] > 0, (state.cam + co) / 2,
-                                           state.cam), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        mean.pseudo_label_cam(state, state.cam),
+        torch.where(shared[..., None, None] > 0, (state.cam + co) / 2, state.cam),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     off = CrossImageSemantics(6, 4)
     assert off.pseudo_label_cam(state, state.cam) is state.cam
     late = CrossImageSemantics(6, 4, co_cam="online_fuse", co_cam_start=11)
@@ -265,8 +303,9 @@ def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
     from toco.train.engine import Trainer
 
     def trainer(**plugin):
-        cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0,
-                                                                   **plugin}}})
+        cfg = TrainConfig.from_dict(
+            {**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0, **plugin}}}
+        )
         torch.manual_seed(0)
         model = build_model(cfg, 4)
         plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
@@ -276,10 +315,22 @@ def test_online_fusion_changes_the_pseudo_label_only_when_switched_on():
         b = batch(0)
         images = b["image"].float() / 255
         feats = t.model.encode(images)
-        return StepState(iteration=3, images=images, cls_label=torch.tensor([[1.0, 0, 0]] * 2),
-                         img_box=b["img_box"], feats=feats, logits=None, aux_logits=None,
-                         seg_logits=None, cam=cam, cam_aux=cam, make_pseudo_label=None,
-                         make_token_label=None, make_ctc=None, model=t.model)
+        return StepState(
+            iteration=3,
+            images=images,
+            cls_label=torch.tensor([[1.0, 0, 0]] * 2),
+            img_box=b["img_box"],
+            feats=feats,
+            logits=None,
+            aux_logits=None,
+            seg_logits=None,
+            cam=cam,
+            cam_aux=cam,
+            make_pseudo_label=None,
+            make_token_label=None,
+            make_ctc=None,
+            model=t.model,
+        )
 
     # the in-batch fusion (co_cam_partners in_batch, as before the related-image maps)
     on = trainer(co_cam="online_fuse", co_cam_partners="in_batch", co_cam_fuse="max")
@@ -334,9 +385,11 @@ def test_pair_sampler_resumes_and_shards_like_the_resumable_sampler():
     labels = random_labels(40, 5, 2)
     full = take(PairedResumableSampler(labels, 4, seed=3), 4 * 25)
     resumed = take(PairedResumableSampler(labels, 4, seed=3, start_iter=7), 4 * 18)
-    assert resumed == full[4 * 7:]
-    ranks = [take(PairedResumableSampler(labels, 2, seed=3, rank=r, world_size=2), 2 * 20)
-             for r in range(2)]
+    assert resumed == full[4 * 7 :]
+    ranks = [
+        take(PairedResumableSampler(labels, 2, seed=3, rank=r, world_size=2), 2 * 20)
+        for r in range(2)
+    ]
     for t in range(20):  # iteration t: the two ranks hold different anchors
         a0, a1 = ranks[0][2 * t] % 40, ranks[1][2 * t] % 40
         assert a0 != a1
@@ -362,8 +415,21 @@ def test_mcis_trains_through_the_cli(tmp_path):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    argv = train_args(root, work, "--max-iters", "3", "--mcis", "--plugin-start-iter", "0",
-                      "--eval-every", "3", "--log-every", "1", "--threads", "1")
+    argv = train_args(
+        root,
+        work,
+        "--max-iters",
+        "3",
+        "--mcis",
+        "--plugin-start-iter",
+        "0",
+        "--eval-every",
+        "3",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+    )
     argv[argv.index("--batch-size") + 1] = "4"
     assert run(train, argv) == 0
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
@@ -374,8 +440,22 @@ def test_mcis_trains_through_the_cli(tmp_path):
     from toco.evaluation import mcis as mcis_eval
 
     out = tmp_path / "mcis.json"
-    assert run(mcis_eval, ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--partners",
-                           "2", "--size", "32", "--output-json", str(out)]) == 0
+    assert (
+        run(
+            mcis_eval,
+            [
+                "--checkpoint",
+                str(work / "checkpoints" / "last.pt"),
+                "--partners",
+                "2",
+                "--size",
+                "32",
+                "--output-json",
+                str(out),
+            ],
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert 0 <= report["miou"] <= 100 and report["num_images"] == 3
     assert report["partner_split"] == "train" and report["self_pairs"]
@@ -387,8 +467,9 @@ def test_odd_batch_is_refused(tmp_path, capsys):
     from tests.test_cli import run, train_args
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
-    argv = train_args(root, tmp_path / "run", "--max-iters", "1", "--mcis",
-                      "--loss-group-size", "0")
+    argv = train_args(
+        root, tmp_path / "run", "--max-iters", "1", "--mcis", "--loss-group-size", "0"
+    )
     argv[argv.index("--batch-size") + 1] = "3"
     assert run(train, argv) == 2
     assert "--batch-size 3 is odd" in capsys.readouterr().err
@@ -400,10 +481,22 @@ def test_self_pairs_loss_is_the_co_attention_with_the_mirror_image():
     images = torch.rand(2, 3, 12, 12)
     labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     feats = net.encode(images)
-    state = StepState(iteration=10, images=images, cls_label=labels, img_box=torch.zeros(2, 4),
-                      feats=feats, logits=None, aux_logits=None, seg_logits=None, cam=None,
-                      cam_aux=None, make_pseudo_label=None, make_token_label=None, make_ctc=None,
-                      model=net)
+    state = StepState(
+        iteration=10,
+        images=images,
+        cls_label=labels,
+        img_box=torch.zeros(2, 4),
+        feats=feats,
+        logits=None,
+        aux_logits=None,
+        seg_logits=None,
+        cam=None,
+        cam_aux=None,
+        make_pseudo_label=None,
+        make_token_label=None,
+        make_ctc=None,
+        model=net,
+    )
     mcis = CrossImageSemantics(6, 4, self_pairs=True)
     out = mcis.compute(state)
     x = feats.tokens.flatten(2).transpose(1, 2)
@@ -411,7 +504,8 @@ def test_self_pairs_loss_is_the_co_attention_with_the_mirror_image():
     att_x, att_f = mcis.head.attend(x, xf)
     scores = torch.cat([att_x, att_f]).mean(1) @ mcis.head.classifier.weight.t()
     assert float(out["mcis_self"]) == pytest.approx(
-        mlsm(scores, torch.cat([labels, labels])).mean(), rel=1e-5)
+        mlsm(scores, torch.cat([labels, labels])).mean(), rel=1e-5
+    )
     out["mcis_self"].backward()
     assert net.embed.weight.grad.abs().sum() > 0
 
@@ -436,13 +530,15 @@ def test_related_maps_match_a_hand_computed_map():
     assert image.tolist() == [0, 0] and cls.tolist() == [0, 0]
     mirror, small = torch.randn(1, h * w, d), torch.randn(1, 4, d)
     views = [(True, True, mirror, (h, w)), (False, False, small, (2, 2))]
-    got, count = related_image_maps(head, weight, x, (h, w), labels, (image, cls, tokens), views,
-                                    size, 0.1)
+    got, count = related_image_maps(
+        head, weight, x, (h, w), labels, (image, cls, tokens), views, size, 0.1
+    )
     assert count.tolist() == [[4.0, 0.0]]
 
     def norm(m):  # (h', w') raw map -> normalised (H, W)
-        m = F.interpolate(torch.relu(m)[None, None], size=size, mode="bilinear",
-                          align_corners=False)[0, 0]
+        m = F.interpolate(
+            torch.relu(m)[None, None], size=size, mode="bilinear", align_corners=False
+        )[0, 0]
         return m / (m.max() + 1e-5)
 
     def attend(fm, fn):  # S = W fm . fn / sqrt(D); fm side: softmax over n; fn side: over m
@@ -476,8 +572,12 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
 
     cfg = TrainConfig.from_dict({**TINY, "plugins": {"mcis": {"enable": True, "start_iter": 0}}})
     s = cfg.plugins.mcis
-    assert ((s.co_cam, s.co_cam_partners, s.co_cam_fuse, s.co_cam_self_views) ==
-        ("online_fuse", "related", "mean", True))
+    assert (s.co_cam, s.co_cam_partners, s.co_cam_fuse, s.co_cam_self_views) == (
+        "online_fuse",
+        "related",
+        "mean",
+        True,
+    )
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
@@ -493,10 +593,22 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     def state(t):
         with torch.no_grad():
             feats = t.model.encode(images)
-        return StepState(iteration=3, images=images, cls_label=torch.tensor([[1.0, 0, 0]] * 2),
-                         img_box=b["img_box"], feats=feats, logits=None, aux_logits=None,
-                         seg_logits=None, cam=cam, cam_aux=cam, make_pseudo_label=None,
-                         make_token_label=None, make_ctc=None, model=t.model)
+        return StepState(
+            iteration=3,
+            images=images,
+            cls_label=torch.tensor([[1.0, 0, 0]] * 2),
+            img_box=b["img_box"],
+            feats=feats,
+            logits=None,
+            aux_logits=None,
+            seg_logits=None,
+            cam=cam,
+            cam_aux=cam,
+            make_pseudo_label=None,
+            make_token_label=None,
+            make_ctc=None,
+            model=t.model,
+        )
 
     with torch.no_grad():
         plain = base._pseudo_label(state(base))
@@ -520,13 +632,17 @@ def test_cam_views_are_the_mirrored_and_rescaled_inputs_of_the_cam_passes():
     given = (torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 2, 2))
     multi_scale_cam(cam_fn, images, (1.0, 0.5, 1.5), given=given)
     views = split_cam_passes(seen, 2, (1.0, 0.5, 1.5))
-    def resize(s):
-        return F.interpolate(images, size=(int(8 * s),) * 2, mode="bilinear",
-                             align_corners=False)
 
-    want = [(1.0, True, images.flip(-1)), (0.5, False, resize(0.5)),
-            (0.5, True, resize(0.5).flip(-1)), (1.5, False, resize(1.5)),
-            (1.5, True, resize(1.5).flip(-1))]
+    def resize(s):
+        return F.interpolate(images, size=(int(8 * s),) * 2, mode="bilinear", align_corners=False)
+
+    want = [
+        (1.0, True, images.flip(-1)),
+        (0.5, False, resize(0.5)),
+        (0.5, True, resize(0.5).flip(-1)),
+        (1.5, False, resize(1.5)),
+        (1.5, True, resize(1.5).flip(-1)),
+    ]
     assert [(s, m) for s, m, _ in views] == [(s, m) for s, m, _ in want]
     for (_, _, got), (_, _, exp) in zip(views, want):
         assert torch.equal(got, exp)

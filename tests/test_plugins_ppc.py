@@ -1,4 +1,5 @@
 """PPC plug-in: prototypes, semi-hard ranks, hard pixels and losses against independent maths."""
+
 from __future__ import annotations
 
 import json
@@ -101,13 +102,14 @@ def test_hard_pixel_window_of_ascending_similarity():
     sims = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0, 0.5, 0.2, 0.3, 0.1])
     label = torch.tensor([1] * 10 + [2, 2, 3, IGNORE])
     valid = label != IGNORE
-    w, group = hard_pixel_weights(sims, label, valid, num_classes=4, random_frac=0.0,
-                                  lo=0.1, hi=0.6)
+    w, group = hard_pixel_weights(
+        sims, label, valid, num_classes=4, random_frac=0.0, lo=0.1, hi=0.6
+    )
     for cls, n in ((1, 10), (2, 2)):
         idx = [i for i in range(14) if int(label[i]) == cls]
         asc = sorted(idx, key=lambda i: float(sims[i]))
         hi = math.floor(0.6 * n)
-        expected = set(asc[hi - n // 2:hi])  # PPC: [floor(0.6 n) - floor(n / 2), floor(0.6 n))
+        expected = set(asc[hi - n // 2 : hi])  # PPC: [floor(0.6 n) - floor(n / 2), floor(0.6 n))
         assert {i for i in idx if w[i] > 0} == expected
     assert float(w[12]) == 0 and float(w[13]) == 0  # n_c < 2 and ignored
     assert int(group[13]) == 4
@@ -117,8 +119,9 @@ def test_hard_pixel_random_half_without_replacement():
     label = torch.tensor([1] * 9 + [2] * 6)
     sims = torch.linspace(0, 1, 15)
     gen = torch.Generator().manual_seed(3)
-    w, _ = hard_pixel_weights(sims, label, torch.ones(15, dtype=torch.bool), 3, 0.5, 0.0, 0.0,
-                              generator=gen)
+    w, _ = hard_pixel_weights(
+        sims, label, torch.ones(15, dtype=torch.bool), 3, 0.5, 0.0, 0.0, generator=gen
+    )
     assert w.max() == 1  # the hard window is empty: only random draws, each pixel once
     assert int(w[:9].sum()) == 4 and int(w[9:].sum()) == 3
 
@@ -169,10 +172,22 @@ def make_state(net: FakeNet, scale_cam_from_online: bool, b: int = 2, size: int 
     else:
         cam = torch.rand(b, 3, size, size)
     box = torch.tensor([[0, size, 0, size]] * b)
-    return StepState(iteration=5, images=images, cls_label=y, img_box=box, feats=feats,
-                     logits=torch.zeros(b, 3), aux_logits=torch.zeros(b, 3),
-                     seg_logits=torch.zeros(b, 4, 8, 8), cam=cam, cam_aux=cam,
-                     make_pseudo_label=None, make_token_label=None, make_ctc=None, model=net)
+    return StepState(
+        iteration=5,
+        images=images,
+        cls_label=y,
+        img_box=box,
+        feats=feats,
+        logits=torch.zeros(b, 3),
+        aux_logits=torch.zeros(b, 3),
+        seg_logits=torch.zeros(b, 4, 8, 8),
+        cam=cam,
+        cam_aux=cam,
+        make_pseudo_label=None,
+        make_token_label=None,
+        make_ctc=None,
+        model=net,
+    )
 
 
 def test_identical_views_make_cross_prototype_equal_cross_cam():
@@ -185,8 +200,16 @@ def test_identical_views_make_cross_prototype_equal_cross_cam():
 
 def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     net = FakeNet()
-    ppc = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bkg_thre=0.3,
-                                 semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
+    ppc = PixelPrototypeContrast(
+        8,
+        4,
+        view_scale=0.5,
+        view_flip=True,
+        bkg_thre=0.3,
+        semi_hard=(1, 3),
+        terms=(1.0, 0.5, 2.0),
+        proto_scope="gather",
+    )
     state = make_state(net, scale_cam_from_online=False)
     out = ppc.compute(state)
     assert set(out) == {"ppc_cp", "ppc_cc", "ppc_intra", "ppc_hardest_dropped"}
@@ -197,8 +220,16 @@ def test_ppc_losses_are_finite_and_train_the_encoder_and_head():
     assert ppc.proj.fc1.weight.grad.abs().sum() > 0
     assert ("rescaled_view", 0.5, True) in state.extras  # one extra pass, cached
     # the same step and seed draw the same random pixels
-    again = PixelPrototypeContrast(8, 4, view_scale=0.5, view_flip=True, bkg_thre=0.3,
-                                   semi_hard=(1, 3), terms=(1.0, 0.5, 2.0), proto_scope="gather")
+    again = PixelPrototypeContrast(
+        8,
+        4,
+        view_scale=0.5,
+        view_flip=True,
+        bkg_thre=0.3,
+        semi_hard=(1, 3),
+        terms=(1.0, 0.5, 2.0),
+        proto_scope="gather",
+    )
     again.load_state_dict(ppc.state_dict())
     out2 = again.compute(make_state(net, scale_cam_from_online=False))
     for k in out:
@@ -229,10 +260,31 @@ def test_ppc_trains_through_the_cli(tmp_path, capsys):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    assert run(train, train_args(root, work, "--max-iters", "4", "--stop-at", "3", "--ppc",
-                                 "--plugin-start-iter", "0", "--ppc-view2-flip",
-                                 "--ppc-ignore-band", "--eval-every", "4", "--log-every", "1",
-                                 "--threads", "1")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                root,
+                work,
+                "--max-iters",
+                "4",
+                "--stop-at",
+                "3",
+                "--ppc",
+                "--plugin-start-iter",
+                "0",
+                "--ppc-view2-flip",
+                "--ppc-ignore-band",
+                "--eval-every",
+                "4",
+                "--log-every",
+                "1",
+                "--threads",
+                "1",
+            ),
+        )
+        == 0
+    )
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "total" in r]
     assert len(losses) == 3
@@ -249,8 +301,9 @@ def test_ppc_trains_through_the_cli(tmp_path, capsys):
 
 def test_no_prototype_at_all_gives_zero_loss_and_finite_gradients():
     sim = torch.rand(3, 4, requires_grad=True)
-    loss, valid = prototype_ce(sim, torch.tensor([0, 1, IGNORE]), torch.zeros(4, dtype=torch.bool),
-                               tau=0.1)
+    loss, valid = prototype_ce(
+        sim, torch.tensor([0, 1, IGNORE]), torch.zeros(4, dtype=torch.bool), tau=0.1
+    )
     assert not valid.any()
     loss.sum().backward()
     assert torch.isfinite(sim.grad).all()
@@ -267,6 +320,7 @@ def test_scaled_window_is_the_official_one_at_21_prototypes():
     assert window(3) == (0, 2)  # ceil(13 * 3 / 21) = 2: the nearest other prototype stays
     assert window(81) == (11, 51)  # COCO: skip the top ~14%, keep to the ~63rd percentile
     assert window(1) == (0, 1)  # never empty
+
     # the default floor 2: the hardest negative (rank 0 or 1) is never in the window
     def floor2(n):
         return tuple(int(v) for v in scaled_window(3, 13, torch.tensor(n), min_first=2))
@@ -280,10 +334,12 @@ def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
     net = FakeNet()
     state = make_state(net, scale_cam_from_online=False)
     state.cls_label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # 3 prototypes with bg
-    relative = PixelPrototypeContrast(8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0),
-                                      proto_scope="gather", semi_hard_min_first=0)
-    official = PixelPrototypeContrast(8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0),
-                                      proto_scope="gather", semi_hard_window="absolute")
+    relative = PixelPrototypeContrast(
+        8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0), proto_scope="gather", semi_hard_min_first=0
+    )
+    official = PixelPrototypeContrast(
+        8, 4, bkg_thre=0.3, terms=(0.0, 0.0, 1.0), proto_scope="gather", semi_hard_window="absolute"
+    )
     official.load_state_dict(relative.state_dict())
     intra = relative.compute(state)["ppc_intra"]
     assert float(intra) > 0.05
@@ -298,8 +354,10 @@ def test_intra_loss_is_non_zero_on_a_two_image_two_class_batch():
 def test_ema_prototypes_blend_and_stand_in_for_absent_classes():
     ppc = PixelPrototypeContrast(2, 4, proj_dim=2, proto_scope="ema", ema_momentum=0.9)
     assert set(ppc.state_dict()) >= {"proto_ema", "proto_seen"}
-    assert "proto_ema" not in PixelPrototypeContrast(2, 4, proj_dim=2,
-                                                     proto_scope="gather").state_dict()
+    assert (
+        "proto_ema"
+        not in PixelPrototypeContrast(2, 4, proj_dim=2, proto_scope="gather").state_dict()
+    )
     p1 = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
     p2 = F.normalize(torch.tensor([[0.0, 1.0], [1.0, 0.0], [3.0, 1.0], [2.0, 2.0]]), dim=1)
     ppc._update_ema(p1, torch.tensor([True, False, True, False]))
@@ -350,14 +408,21 @@ def _reference_prototypes(emb, cam, lab, y, k):
     """Loop version of the prototypes of one view (batch scope, present classes only)."""
     b, h, w, _ = emb.shape
     c = cam.shape[1] + 1
-    pixels = [(i, r, q) for i in range(b) for r in range(h) for q in range(w)
-              if int(lab[i, r, q]) != IGNORE]
+    pixels = [
+        (i, r, q)
+        for i in range(b)
+        for r in range(h)
+        for q in range(w)
+        if int(lab[i, r, q]) != IGNORE
+    ]
     protos, exists = {}, {}
     for cls in range(c):
+
         def score(p):
             i, r, q = p
             present = [float(cam[i, j, r, q]) * float(y[i, j]) for j in range(c - 1)]
             return 1 - max(present) if cls == 0 else present[cls - 1]  # noqa: B023
+
         top = sorted(pixels, key=lambda p: -score(p))[:k]
         vec = sum(max(score(p), 0.0) * emb[p].double() for p in top)
         present_cls = cls == 0 or bool(y[:, cls - 1].any())
@@ -398,20 +463,34 @@ def test_cross_view_terms_take_labels_and_prototypes_from_the_right_view():
     lab_t = ppc_pseudo_label(cam_t, y, 0.4, valid)
     lab_t[0, 0, 0] = IGNORE
     assert (lab_s != lab_t).any()  # the views disagree somewhere
-    ppc = PixelPrototypeContrast(d, k_fg + 1, proto_scope="batch", topk_ratio=0.5,
-                                 terms=(1.0, 1.0, 0.0), tau=0.1)
-    state = StepState(iteration=0, images=torch.zeros(b, 3, 8, 8), cls_label=y,
-                      img_box=torch.zeros(b, 4), feats=None, logits=None, aux_logits=None,
-                      seg_logits=None, cam=None, cam_aux=None, make_pseudo_label=None,
-                      make_token_label=None, make_ctc=None)
+    ppc = PixelPrototypeContrast(
+        d, k_fg + 1, proto_scope="batch", topk_ratio=0.5, terms=(1.0, 1.0, 0.0), tau=0.1
+    )
+    state = StepState(
+        iteration=0,
+        images=torch.zeros(b, 3, 8, 8),
+        cls_label=y,
+        img_box=torch.zeros(b, 4),
+        feats=None,
+        logits=None,
+        aux_logits=None,
+        seg_logits=None,
+        cam=None,
+        cam_aux=None,
+        make_pseudo_label=None,
+        make_token_label=None,
+        make_ctc=None,
+    )
     out = ppc._losses(state, emb_s, emb_t, cam_s, cam_t, lab_s, lab_t, (h, w))
     k = round(0.5 * h * w)
     p_s, e_s = _reference_prototypes(emb_s, cam_s, lab_s, y, k)
     p_t, e_t = _reference_prototypes(emb_t, cam_t, lab_t, y, k)
-    cp = 0.5 * (_reference_f(emb_s, lab_s, p_t, e_t, 0.1) + _reference_f(emb_t, lab_t, p_s, e_s,
-                                                                         0.1))
-    cc = 0.5 * (_reference_f(emb_s, lab_t, p_s, e_s, 0.1) + _reference_f(emb_t, lab_s, p_t, e_t,
-                                                                         0.1))
+    cp = 0.5 * (
+        _reference_f(emb_s, lab_s, p_t, e_t, 0.1) + _reference_f(emb_t, lab_t, p_s, e_s, 0.1)
+    )
+    cc = 0.5 * (
+        _reference_f(emb_s, lab_t, p_s, e_s, 0.1) + _reference_f(emb_t, lab_s, p_t, e_t, 0.1)
+    )
     assert float(out["ppc_cp"]) == pytest.approx(cp, rel=1e-5)
     assert float(out["ppc_cc"]) == pytest.approx(cc, rel=1e-5)
     assert abs(cp - cc) > 1e-3  # the test tells the two assemblies apart
@@ -426,10 +505,15 @@ def test_default_settings_mine_semi_hard_prototypes():
 
     cfg = TrainConfig()
     s = cfg.plugins.ppc
-    assert ((s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bkg_thre) ==
-        ("ema", "relative", 2, 0.2))
-    (ppc,) = build_ppc(s, BuildContext(cfg, 8, 4, __import__("toco.distributed").distributed
-                                       .DistInfo()))
+    assert (s.proto_scope, s.semi_hard_window, s.semi_hard_min_first, s.bkg_thre) == (
+        "ema",
+        "relative",
+        2,
+        0.2,
+    )
+    (ppc,) = build_ppc(
+        s, BuildContext(cfg, 8, 4, __import__("toco.distributed").distributed.DistInfo())
+    )
     net = FakeNet()
     ppc.proto_seen.fill_(True)
     ppc.proto_ema.copy_(F.normalize(torch.randn(4, 128), dim=1))

@@ -1,4 +1,5 @@
 """RCA plug-in: FIFO memory, k-means, contrast, aggregation hook, checkpoints, DDP gather."""
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,12 @@ def test_contrast_matches_a_loop_over_positives():
     m = F.normalize(mem, dim=-1)
     for r in range(2):
         t = int(target[r])
-        s = {(c, j): float(q[r] @ m[c, j]) / 0.07 for c in range(k) for j in range(size)
-             if filled[c, j]}
+        s = {
+            (c, j): float(q[r] @ m[c, j]) / 0.07
+            for c in range(k)
+            for j in range(size)
+            if filled[c, j]
+        }
         neg = sum(math.exp(v) for (c, _), v in s.items() if c != t)
         pos = [v for (c, _), v in s.items() if c == t]
         expected = sum(-v + math.log(math.exp(v) + neg) for v in pos) / len(pos)
@@ -141,8 +146,12 @@ def test_aggregation_starts_as_identity_and_attends_over_centroids():
     u = mem.cent.reshape(-1, 4)
     attn = ((hook.q(x) @ hook.k(u).t()) / 2.0).softmax(-1)  # sqrt(d) = 2
     expected = x + hook.out(attn @ hook.v(u))
-    np.testing.assert_allclose(out.tokens.flatten(2).transpose(1, 2).detach().numpy(),
-                               expected.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out.tokens.flatten(2).transpose(1, 2).detach().numpy(),
+        expected.detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     dot = RCAAggregation(8, mem, attention="dot", fusion="gate")
     dot.load_state_dict(hook.state_dict())
     got = dot.aggregate(tokens).flatten(2).transpose(1, 2)
@@ -161,10 +170,19 @@ def test_aggregation_without_centroids_has_finite_gradients():
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    base = dict(backbone="deit_tiny_patch16_224", pretrained="none", backbone_depth=1,
-                aux_layer=0, crop_size=32,
-                local_crop_size=16,
-                decoder_dim=8, rca=True, rca_dim=8, rca_mem_size=5, rca_num_centroids=2)
+    base = dict(
+        backbone="deit_tiny_patch16_224",
+        pretrained="none",
+        backbone_depth=1,
+        aux_layer=0,
+        crop_size=32,
+        local_crop_size=16,
+        decoder_dim=8,
+        rca=True,
+        rca_dim=8,
+        rca_mem_size=5,
+        rca_num_centroids=2,
+    )
     return TrainConfig.from_dict({**base, **kw})
 
 
@@ -183,8 +201,14 @@ def test_hook_and_loss_module_share_one_memory_and_round_trip_a_checkpoint(tmp_p
     with torch.no_grad():
         model.feature_hooks[0].gate.fill_(0.3)
     modules = torch.nn.ModuleList([coarse, plugin])
-    save_checkpoint({"model": model.state_dict(), "trainer": {"loss_modules": modules.state_dict()},
-                     "config": cfg.to_dict()}, tmp_path / "last.pt")
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "trainer": {"loss_modules": modules.state_dict()},
+            "config": cfg.to_dict(),
+        },
+        tmp_path / "last.pt",
+    )
     state = load_checkpoint(tmp_path / "last.pt")
     assert "feature_hooks.0.memory.mem" in state["model"]
     assert "1.memory.count" in state["trainer"]["loss_modules"]
@@ -238,8 +262,7 @@ def test_memory_is_identical_on_every_rank(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the children need no fresh interpreter (spawn would re-import torch, ~10 s each)
-    mp.start_processes(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+    mp.start_processes(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -254,12 +277,43 @@ def test_rca_trains_through_the_cli_and_evaluates_with_its_memory(tmp_path):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    assert run(train, train_args(root, work, "--max-iters", "4", "--rca", "--plugin-start-iter",
-                                 "0", "--rca-enqueue-thr", "0", "--rca-min-fill", "0",
-                                 "--rca-min-tokens", "1", "--rca-mask-source", "cam_mean",
-                                 "--rca-kmeans-every", "2", "--rca-dim", "16",
-                                 "--rca-mem-size", "8", "--rca-num-centroids", "2",
-                                 "--eval-every", "4", "--log-every", "1", "--threads", "1")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                root,
+                work,
+                "--max-iters",
+                "4",
+                "--rca",
+                "--plugin-start-iter",
+                "0",
+                "--rca-enqueue-thr",
+                "0",
+                "--rca-min-fill",
+                "0",
+                "--rca-min-tokens",
+                "1",
+                "--rca-mask-source",
+                "cam_mean",
+                "--rca-kmeans-every",
+                "2",
+                "--rca-dim",
+                "16",
+                "--rca-mem-size",
+                "8",
+                "--rca-num-centroids",
+                "2",
+                "--eval-every",
+                "4",
+                "--log-every",
+                "1",
+                "--threads",
+                "1",
+            ),
+        )
+        == 0
+    )
     records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     rca = [r["rca"] for r in records if "rca" in r]
     assert len(rca) == 4 and all(math.isfinite(v) for v in rca) and rca[-1] > 0
@@ -267,8 +321,20 @@ def test_rca_trains_through_the_cli_and_evaluates_with_its_memory(tmp_path):
     assert int(ckpt["model"]["feature_hooks.0.memory.count"].sum()) > 0
     assert bool(ckpt["model"]["feature_hooks.0.memory.cent_ok"].any())
     out = tmp_path / "cam.json"
-    assert run(evaluate, ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--mode", "cam",
-                          "--output-json", str(out)]) == 0
+    assert (
+        run(
+            evaluate,
+            [
+                "--checkpoint",
+                str(work / "checkpoints" / "last.pt"),
+                "--mode",
+                "cam",
+                "--output-json",
+                str(out),
+            ],
+        )
+        == 0
+    )
     assert 0 <= json.loads(out.read_text())["miou"] <= 100
 
 
@@ -277,8 +343,9 @@ def test_contrast_gradients_stay_finite_with_empty_classes():
     filled = torch.zeros(3, 4, dtype=torch.bool)
     filled[1, :2] = True  # only class 1 has entries: no negatives for it, nothing for 0 and 2
     q = F.normalize(torch.randn(3, 5), dim=1).requires_grad_(True)
-    own, other = contrast_per_query(q, [torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1])],
-                                    mem, filled, tau=0.07)
+    own, other = contrast_per_query(
+        q, [torch.tensor([0, 1, 2]), torch.tensor([1, 1, 1])], mem, filled, tau=0.07
+    )
     assert own.tolist() == [0.0, 0.0, 0.0] and torch.allclose(other, torch.zeros(3), atol=1e-6)
     (own.sum() + other.sum()).backward()
     assert torch.isfinite(q.grad).all()
@@ -290,9 +357,24 @@ def test_projection_head_is_trained_from_the_first_memory_write():
     from toco.plugins import build_plugins
     from toco.train.engine import Trainer
 
-    cfg = TrainConfig.from_dict({**TINY, "plugins": {"rca": {
-        "enable": True, "start_iter": 2, "mask_source": "cam_mean", "enqueue_thr": 0.0,
-        "min_tokens": 1, "dim": 8, "mem_size": 6, "num_centroids": 2, "kmeans_every": 1}}})
+    cfg = TrainConfig.from_dict(
+        {
+            **TINY,
+            "plugins": {
+                "rca": {
+                    "enable": True,
+                    "start_iter": 2,
+                    "mask_source": "cam_mean",
+                    "enqueue_thr": 0.0,
+                    "min_tokens": 1,
+                    "dim": 8,
+                    "mem_size": 6,
+                    "num_centroids": 2,
+                    "kmeans_every": 1,
+                }
+            },
+        }
+    )
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)
@@ -322,16 +404,26 @@ def test_contrast_is_taken_against_the_memory_after_the_write():
     torch.manual_seed(1)
     tokens = torch.randn(2, 6, 2, 2)
     State.feats = EncoderOutput(torch.zeros(2, 6), tokens, tokens)
-    rca = RegionalContrast(6, 3, RCAMemory(2, 4, 4, 1), dim=4, mask_source="cam_thr",
-                           high_thre=0.5, min_tokens=1, mixup_p=0.0, enqueue_score="logits")
+    rca = RegionalContrast(
+        6,
+        3,
+        RCAMemory(2, 4, 4, 1),
+        dim=4,
+        mask_source="cam_thr",
+        high_thre=0.5,
+        min_tokens=1,
+        mixup_p=0.0,
+        enqueue_score="logits",
+    )
     loss = rca.compute(State)["rca"]
     g = rca.proj(tokens)  # (B, h, w, d); regions: row 0 of image 0, row 1 of image 1
     z = F.normalize(torch.stack([g[0, 0].mean(0), g[1, 1].mean(0)]), dim=-1)
     assert torch.allclose(rca.memory.mem[[0, 1], 0], z.detach(), atol=1e-6)
     # one entry per class: each region's only positive is itself, its negative the other
     s = (z @ z.t()).detach() / 0.07
-    expected = torch.stack([torch.logaddexp(s[0, 0], s[0, 1]) - s[0, 0],
-                            torch.logaddexp(s[1, 1], s[1, 0]) - s[1, 1]]).mean()
+    expected = torch.stack(
+        [torch.logaddexp(s[0, 0], s[0, 1]) - s[0, 0], torch.logaddexp(s[1, 1], s[1, 0]) - s[1, 1]]
+    ).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
@@ -352,9 +444,13 @@ def test_aggregation_can_rewrite_only_the_decoder_input():
         model.decoder.aggregation.gate.fill_(0.5)
     torch.manual_seed(6)
     plain = build_model(tiny_cfg(rca=False), 4)
-    plain.load_state_dict({k.replace("decoder.decoder.", "decoder."): v
-                           for k, v in model.state_dict().items()
-                           if not k.startswith("decoder.aggregation.")})
+    plain.load_state_dict(
+        {
+            k.replace("decoder.decoder.", "decoder."): v
+            for k, v in model.state_dict().items()
+            if not k.startswith("decoder.aggregation.")
+        }
+    )
     model.eval(), plain.eval()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
@@ -422,8 +518,7 @@ def test_coarse_head_loss_masks_and_cam_gap_enqueue_by_hand():
     loss = head.compute(State)["rca_coarse"]
     a0 = torch.einsum("kd,bdhw->bkhw", head.classifier.weight[:, :, 0, 0], tokens)
     assert torch.allclose(State.extras[COARSE_CAM], a0, atol=1e-6)
-    assert float(loss) == pytest.approx(float(multilabel_loss(a0.mean(dim=(-2, -1)), y)),
-                                        rel=1e-6)
+    assert float(loss) == pytest.approx(float(multilabel_loss(a0.mean(dim=(-2, -1)), y)), rel=1e-6)
     masks = region_masks("coarse_mean", State, (3, 3), 0.7)
     p = a0.softmax(dim=1)
     for b in range(2):
@@ -451,8 +546,12 @@ def _loop_infonce(q, target, mem, tau):
     """L(q, t) = mean_{j in M_t} [-s_j + log(exp(s_j) + sum_{n not in M_t} exp(s_n))]."""
     m = F.normalize(mem, dim=-1)
     pos = [float(q @ m[target, j]) / tau for j in range(m.shape[1])]
-    neg = [float(q @ m[c, j]) / tau for c in range(m.shape[0]) if c != target
-           for j in range(m.shape[1])]
+    neg = [
+        float(q @ m[c, j]) / tau
+        for c in range(m.shape[0])
+        if c != target
+        for j in range(m.shape[1])
+    ]
     return sum(-s + math.log(math.exp(s) + sum(math.exp(n) for n in neg)) for s in pos) / len(pos)
 
 
@@ -484,8 +583,10 @@ def test_mixup_combination_against_a_loop():
             continue
         j, l_ = int(partner[i]), float(lam[i])
         q = F.normalize(l_ * flat[i] + (1 - l_) * flat[j], dim=0)
-        expected.append(l_ * _loop_infonce(q, i % k, mem.mem, 0.07)
-                        + (1 - l_) * _loop_infonce(q, j % k, mem.mem, 0.07))
+        expected.append(
+            l_ * _loop_infonce(q, i % k, mem.mem, 0.07)
+            + (1 - l_) * _loop_infonce(q, j % k, mem.mem, 0.07)
+        )
     assert float(got) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     # the permutation varies with the step; the same step draws the same plan
     assert torch.equal(rca.mixup_plan(region_ok, it)[0], partner)
@@ -498,13 +599,23 @@ def test_a_stored_config_from_before_the_official_pieces_builds_the_earlier_rca(
     from toco.plugins import build_plugins
 
     stored = tiny_cfg(rca_mask_source="pseudo_label", rca_mixup_p=0.5).to_dict()
-    for key in ("fusion", "coarse_head", "w_coarse", "coarse_pool", "enqueue_score",
-                "mixup_partner"):
+    for key in (
+        "fusion",
+        "coarse_head",
+        "w_coarse",
+        "coarse_pool",
+        "enqueue_score",
+        "mixup_partner",
+    ):
         del stored["plugins"]["rca"][key]
     cfg = TrainConfig.from_saved(stored)
     s = cfg.plugins.rca
-    assert ((s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) ==
-        ("gate", False, "logits", "region"))
+    assert (s.fusion, s.coarse_head, s.enqueue_score, s.mixup_partner) == (
+        "gate",
+        False,
+        "logits",
+        "region",
+    )
     model = build_model(cfg, 4)
     assert hasattr(model.feature_hooks[0], "gate")
     (rca,) = build_plugins(cfg, 192, 4, model=model)

@@ -1,5 +1,6 @@
 """The plug-in registry: a plug-in defined outside the package gets flags, a YAML section,
 validation, training and checkpoints; recipes and checkpoints with the older flat keys load."""
+
 from __future__ import annotations
 
 import json
@@ -53,16 +54,23 @@ class ToyLoss(LossModule):
 
 @pytest.fixture
 def toy():
-    register(Plugin("toy", ToySettings, "toy: an extra loss defined in a test",
-                    lambda s, ctx: [ToyLoss(s, ctx)]))
+    register(
+        Plugin(
+            "toy",
+            ToySettings,
+            "toy: an extra loss defined in a test",
+            lambda s, ctx: [ToyLoss(s, ctx)],
+        )
+    )
     yield
     unregister("toy")
 
 
 def test_a_plugin_defined_outside_the_package_gets_flags_and_a_yaml_section(toy, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"plugins": {"toy": {"enable": True, "scale": 4.0,
-                                                          "sizes": [3, 4]}}}))
+    recipe.write_text(
+        yaml.safe_dump({"plugins": {"toy": {"enable": True, "scale": 4.0, "sizes": [3, 4]}}})
+    )
     cfg, _ = parse_config(["--config", str(recipe), "--toy-mode", "abs"])
     assert cfg.plugins.toy == ToySettings(enable=True, scale=4.0, mode="abs", sizes=(3, 4))
     cfg, _ = parse_config(["--config", str(recipe), "--toy-scale", "5", "--no-toy"])
@@ -93,13 +101,25 @@ def test_a_plugin_defined_outside_the_package_trains_and_resumes(toy, tmp_path):
 
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    common = ["--toy", "--toy-scale", "3", "--plugin-start-iter", "0", "--log-every", "1",
-              "--threads", "1", "--eval-every", "100"]
+    common = [
+        "--toy",
+        "--toy-scale",
+        "3",
+        "--plugin-start-iter",
+        "0",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--eval-every",
+        "100",
+    ]
     assert run(train, train_args(root, work, "--max-iters", "2", *common)) == 0
     ckpt = load_checkpoint(work / "checkpoints" / "last.pt")
     assert ckpt["config"]["plugins"]["toy"]["scale"] == 3.0
-    toy_state = {k: v for k, v in ckpt["trainer"]["loss_modules"].items()
-                 if k.endswith(("calls", "bias"))}
+    toy_state = {
+        k: v for k, v in ckpt["trainer"]["loss_modules"].items() if k.endswith(("calls", "bias"))
+    }
     (calls,) = [v for k, v in toy_state.items() if k.endswith("calls")]
     (bias,) = [v for k, v in toy_state.items() if k.endswith("bias")]
     assert int(calls) == 2 and float(bias) != 0.0  # trained by the optimizer
@@ -114,21 +134,40 @@ def test_a_plugin_defined_outside_the_package_trains_and_resumes(toy, tmp_path):
 
 
 # plug-in settings that did not exist when the settings were flat keys of the core config
-ADDED_SINCE = {("ppc", "semi_hard_window"), ("ppc", "ema_momentum"),
-               ("rca", "aggregation_insert"), ("mcis", "self_pairs"), ("mcis", "co_cam"),
-               ("mcis", "co_cam_fuse"), ("mcis", "co_cam_start_iter"), ("ppc", "start_iter"),
-               ("rca", "start_iter"), ("mcis", "start_iter"), ("ppc", "semi_hard_min_first"),
-               ("rca", "fusion"), ("rca", "coarse_head"), ("rca", "w_coarse"),
-               ("rca", "coarse_pool"), ("rca", "enqueue_score"), ("rca", "mixup_partner"),
-               ("mcis", "co_cam_partners"), ("mcis", "co_cam_num_partners"),
-               ("mcis", "co_cam_bank_size"), ("mcis", "co_cam_self_views"),
-               ("mcis", "co_cam_score_thr")}
+ADDED_SINCE = {
+    ("ppc", "semi_hard_window"),
+    ("ppc", "ema_momentum"),
+    ("rca", "aggregation_insert"),
+    ("mcis", "self_pairs"),
+    ("mcis", "co_cam"),
+    ("mcis", "co_cam_fuse"),
+    ("mcis", "co_cam_start_iter"),
+    ("ppc", "start_iter"),
+    ("rca", "start_iter"),
+    ("mcis", "start_iter"),
+    ("ppc", "semi_hard_min_first"),
+    ("rca", "fusion"),
+    ("rca", "coarse_head"),
+    ("rca", "w_coarse"),
+    ("rca", "coarse_pool"),
+    ("rca", "enqueue_score"),
+    ("rca", "mixup_partner"),
+    ("mcis", "co_cam_partners"),
+    ("mcis", "co_cam_num_partners"),
+    ("mcis", "co_cam_bank_size"),
+    ("mcis", "co_cam_self_views"),
+    ("mcis", "co_cam_score_thr"),
+}
 
 
 # defaults changed since (a config of that time stored the old value)
-OLD_DEFAULTS = {("rca", "mask_source"): "pseudo_label", ("rca", "mixup_p"): 0.5,
-                ("ppc", "proto_scope"): "gather", ("ppc", "bkg_thre"): None,
-                ("mcis", "co_cam"): "off"}
+OLD_DEFAULTS = {
+    ("rca", "mask_source"): "pseudo_label",
+    ("rca", "mixup_p"): 0.5,
+    ("ppc", "proto_scope"): "gather",
+    ("ppc", "bkg_thre"): None,
+    ("mcis", "co_cam"): "off",
+}
 
 
 # settings renamed since (one spelling per concept): their name in configs of that time
@@ -150,10 +189,19 @@ def _flat(cfg: TrainConfig) -> dict:
 
 
 def test_older_flat_keys_load_into_the_plugin_sections():
-    cfg = TrainConfig.from_dict({"ppc": True, "w_ppc": 0.2, "ppc_tau": 0.3, "rca_dim": 16,
-                                 "rca_mem_size": 8, "rca_num_centroids": 2,
-                                 "plugin_start_iter": 5, "mcis_pool": "gmp",
-                                 "plugins": {"rca": {"start_iter": 9}}})
+    cfg = TrainConfig.from_dict(
+        {
+            "ppc": True,
+            "w_ppc": 0.2,
+            "ppc_tau": 0.3,
+            "rca_dim": 16,
+            "rca_mem_size": 8,
+            "rca_num_centroids": 2,
+            "plugin_start_iter": 5,
+            "mcis_pool": "gmp",
+            "plugins": {"rca": {"start_iter": 9}},
+        }
+    )
     assert cfg.plugins.ppc.enable and cfg.plugins.ppc.weight == 0.2
     assert cfg.plugins.ppc.tau == 0.3 and cfg.plugins.rca.dim == 16
     assert cfg.plugins.mcis.pool == "gmp"
@@ -167,29 +215,33 @@ def test_older_flat_keys_load_into_the_plugin_sections():
     from toco.config.plugin_section import plugin_values_before
 
     before = plugin_values_before(old)
-    assert before == {"plugins.ppc.semi_hard_window": "absolute",
-                      "plugins.ppc.semi_hard_min_first": 0, "plugins.rca.fusion": "gate",
-                      "plugins.rca.coarse_head": False, "plugins.rca.enqueue_score": "logits",
-                      "plugins.rca.mixup_partner": "region",
-                      "plugins.mcis.co_cam_partners": "in_batch"}
+    assert before == {
+        "plugins.ppc.semi_hard_window": "absolute",
+        "plugins.ppc.semi_hard_min_first": 0,
+        "plugins.rca.fusion": "gate",
+        "plugins.rca.coarse_head": False,
+        "plugins.rca.enqueue_score": "logits",
+        "plugins.rca.mixup_partner": "region",
+        "plugins.mcis.co_cam_partners": "in_batch",
+    }
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
     assert plugin_values_before(again.to_dict()) == {}  # written with every setting
-    with pytest.raises(ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*"
-                                          "'plugins.ppc' section"):
+    with pytest.raises(
+        ConfigError, match="'ppc_semi_hard_top' is no longer a setting.*'plugins.ppc' section"
+    ):
         TrainConfig.from_dict({"ppc_semi_hard_top": 3})
 
 
 def test_renamed_settings_still_load_from_yaml_flags_and_stored_configs(tmp_path):
     """PPC bg_thr -> bkg_thre (ToCo's name), RCA coarse_weight -> w_coarse (the w_ loss-weight
     names): every earlier spelling still reads, and configs are written with the new one."""
-    section = TrainConfig.from_dict({"plugins": {"ppc": {"bg_thr": 0.3},
-                                                 "rca": {"coarse_weight": 0.7}}})
+    section = TrainConfig.from_dict(
+        {"plugins": {"ppc": {"bg_thr": 0.3}, "rca": {"coarse_weight": 0.7}}}
+    )
     flat = TrainConfig.from_dict({"ppc_bg_thr": 0.3, "rca_coarse_weight": 0.7})
-    dotted = TrainConfig.from_dict({"plugins.ppc.bg_thr": 0.3,
-                                    "plugins.rca.coarse_weight": 0.7})
+    dotted = TrainConfig.from_dict({"plugins.ppc.bg_thr": 0.3, "plugins.rca.coarse_weight": 0.7})
     recipe = tmp_path / "old.yaml"
-    recipe.write_text("plugins:\n  ppc: {enable: true, bg_thr: 0.3}\n"
-                      "  rca: {coarse_weight: 0.7}\n")
+    recipe.write_text("plugins:\n  ppc: {enable: true, bg_thr: 0.3}\n  rca: {coarse_weight: 0.7}\n")
     from_yaml = parse_config(["--config", str(recipe)])[0]
     flags = parse_config(["--ppc-bg-thr", "0.3", "--rca-coarse-weight", "0.7"])[0]
     new_flags = parse_config(["--ppc-bkg-thre", "0.3", "--rca-w-coarse", "0.7"])[0]

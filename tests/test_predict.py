@@ -1,6 +1,7 @@
 """predict.py end to end: a folder of every kind of image (and two bad files) gives one mask of
 the displayed size per readable image, names the bad files once and exits 0; lists, name
 collisions, --cams, --strict, bad arguments; evaluate.py scores a release like its checkpoint."""
+
 from __future__ import annotations
 
 import errno
@@ -37,21 +38,38 @@ def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
     Image.fromarray(picture(36, 30)).convert("L").save(root / "sub" / "gray.jpg")
     rgba = np.dstack([picture(32, 48), np.full((32, 48), 200, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(root / "sub" / "alpha.png")
-    Image.fromarray(image_pixels(30, 44)[..., 0].astype(np.uint16) * 257).save(
-        root / "deep16.png")
+    Image.fromarray(image_pixels(30, 44)[..., 0].astype(np.uint16) * 257).save(root / "deep16.png")
     Image.fromarray(image_pixels(1500, 2000)).save(root / "large.jpg", quality=80)
     (root / "broken.jpg").write_bytes((root / "plain.jpg").read_bytes()[:300])  # truncated
     (root / "notes.png").write_text("this is a text file with an image name\n")
     (root / "README.txt").write_text("not an image extension: ignored\n")
     (root / ".hidden.jpg").write_text("hidden files are ignored\n")
-    sizes = {"plain": (56, 40), "rotated": (40, 56), "sub/gray": (30, 36),
-             "sub/alpha": (48, 32), "deep16": (44, 30), "large": (2000, 1500)}
+    sizes = {
+        "plain": (56, 40),
+        "rotated": (40, 56),
+        "sub/gray": (30, 36),
+        "sub/alpha": (48, 32),
+        "deep16": (44, 30),
+        "large": (2000, 1500),
+    }
     return root, sizes
 
 
 def predict_run(model: Path, out: Path, *args: str) -> int:
-    return run(predict, ["--model", str(model), "--output", str(out), "--device", "cpu",
-                         "--batch-size", "2", *args])
+    return run(
+        predict,
+        [
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            *args,
+        ],
+    )
 
 
 def records(out: Path) -> list[dict]:
@@ -68,8 +86,9 @@ def test_a_folder_of_every_kind_of_image(model_files, mixed_folder, tmp_path, ca
     for bad in ("broken.jpg", "notes.png"):
         assert sum(bad in line for line in err.splitlines()) == 1, err
     assert "README.txt" not in err and ".hidden" not in err
-    masks = sorted(p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*")
-                   if p.is_file())
+    masks = sorted(
+        p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*") if p.is_file()
+    )
     assert masks == sorted(f"{n}.png" for n in sizes)
     seg = load_segmenter(model_files[1])
     for name, (w, h) in sizes.items():
@@ -79,13 +98,15 @@ def test_a_folder_of_every_kind_of_image(model_files, mixed_folder, tmp_path, ca
         overlay = Image.open(out / "overlays" / f"{name}.jpg")
         assert overlay.width >= w and overlay.height > h  # the legend is underneath
         if name != "large":  # the CLI's mask is the API's mask for the same file
-            np.testing.assert_array_equal(read_mask(out / "masks" / f"{name}.png"),
-                                          seg.predict(root / Path(name + _ext(root, name))).mask)
+            np.testing.assert_array_equal(
+                read_mask(out / "masks" / f"{name}.png"),
+                seg.predict(root / Path(name + _ext(root, name))).mask,
+            )
     lines = records(out)
     assert len(lines) == 8
     failed = {Path(r["path"]).name: r["error"] for r in lines if "error" in r}
     assert set(failed) == {"broken.jpg", "notes.png"}
-    good = {r["mask"][len("masks/"):-len(".png")]: r for r in lines if "error" not in r}
+    good = {r["mask"][len("masks/") : -len(".png")]: r for r in lines if "error" not in r}
     assert {n: (r["width"], r["height"]) for n, r in good.items()} == sizes
     for r in good.values():
         mask = read_mask(out / r["mask"])
@@ -99,8 +120,9 @@ def test_a_folder_of_every_kind_of_image(model_files, mixed_folder, tmp_path, ca
 
 
 def _ext(root: Path, name: str) -> str:
-    return next(p.suffix for p in root.rglob("*") if p.with_suffix("").relative_to(root)
-                .as_posix() == name)
+    return next(
+        p.suffix for p in root.rglob("*") if p.with_suffix("").relative_to(root).as_posix() == name
+    )
 
 
 def test_strict_and_all_bad_inputs_exit_non_zero(model_files, mixed_folder, tmp_path, capsys):
@@ -124,14 +146,17 @@ def test_lists_collisions_cams_and_the_output_inside_the_input(model_files, tmp_
     for name, hw in (("a.jpg", (32, 40)), ("a.png", (20, 24)), ("deep/b.jpg", (28, 28))):
         Image.fromarray(picture(*hw)).save(photos / name)
     listing = tmp_path / "list.txt"
-    listing.write_text("# my images\nphotos/deep/b.jpg\n\nphotos/missing.jpg\n"
-                       "photos/deep/b.jpg\n")
+    listing.write_text("# my images\nphotos/deep/b.jpg\n\nphotos/missing.jpg\nphotos/deep/b.jpg\n")
     out = photos / "predictions"  # inside the folder it predicts
     assert predict_run(model_files[0], out, str(photos), f"@{listing}", "--cams") == 0
     assert "missing.jpg" in capsys.readouterr().err
     lines = records(out)
-    assert [r.get("mask") for r in lines] == ["masks/a.jpg.png", "masks/a.png.png",
-                                              "masks/deep/b.png", None]
+    assert [r.get("mask") for r in lines] == [
+        "masks/a.jpg.png",
+        "masks/a.png.png",
+        "masks/deep/b.png",
+        None,
+    ]
     assert Image.open(out / "masks" / "a.png.png").size == (24, 20)
     for r in lines[:3]:
         assert sorted(r["cams"]) == sorted(c["name"] for c in r["classes"])
@@ -142,18 +167,22 @@ def test_lists_collisions_cams_and_the_output_inside_the_input(model_files, tmp_
     assert len(records(out)) == 3
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["missing_folder"], "input not found: missing_folder"),
-    (["@nolist.txt"], "input list not found: nolist.txt"),
-    ([], "no inputs"),
-    (["--batch-size", "0", "."], "--batch-size must be >= 1"),
-    (["--workers", "0", "."], "--workers must be >= 1"),
-    (["--device", "cuda:7", "."], "cuda"),
-    (["--device", "tpu", "."], "unknown --device 'tpu'"),
-    (["--protocol", "best", "."], "invalid choice: 'best'"),
-])
-def test_bad_arguments_are_one_line_errors(model_files, tmp_path, args, needle, capsys,
-                                           monkeypatch):
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["missing_folder"], "input not found: missing_folder"),
+        (["@nolist.txt"], "input list not found: nolist.txt"),
+        ([], "no inputs"),
+        (["--batch-size", "0", "."], "--batch-size must be >= 1"),
+        (["--workers", "0", "."], "--workers must be >= 1"),
+        (["--device", "cuda:7", "."], "cuda"),
+        (["--device", "tpu", "."], "unknown --device 'tpu'"),
+        (["--protocol", "best", "."], "invalid choice: 'best'"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(
+    model_files, tmp_path, args, needle, capsys, monkeypatch
+):
     (tmp_path / "x.jpg").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     assert predict_run(model_files[0], tmp_path / "out", *args) == 2
@@ -162,8 +191,7 @@ def test_bad_arguments_are_one_line_errors(model_files, tmp_path, args, needle, 
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unwritable_output_is_one_line(model_files, mixed_folder, tmp_path, capsys,
-                                          monkeypatch):
+def test_an_unwritable_output_is_one_line(model_files, mixed_folder, tmp_path, capsys, monkeypatch):
     import toco.predict.batch
 
     root, _ = mixed_folder
@@ -195,8 +223,22 @@ def test_evaluate_scores_a_release_like_its_checkpoint(tmp_path):
     scores = []
     for model in (ckpt, release):
         out = tmp_path / f"{model.suffix}.json"
-        assert run(evaluate, ["--checkpoint", str(model), "--device", "cpu", "--workers", "0",
-                              "--output-json", str(out)]) == 0
+        assert (
+            run(
+                evaluate,
+                [
+                    "--checkpoint",
+                    str(model),
+                    "--device",
+                    "cpu",
+                    "--workers",
+                    "0",
+                    "--output-json",
+                    str(out),
+                ],
+            )
+            == 0
+        )
         scores.append(json.loads(out.read_text()))
     assert scores[0]["iou"] == scores[1]["iou"] and scores[0]["miou"] == scores[1]["miou"]
     assert scores[1]["provenance"]["checkpoint"]["iteration"] == 3

@@ -1,4 +1,5 @@
 """Recipes that inherit (`base:`), and resuming a run that never mixes two runs' settings."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,12 @@ def test_chain_resolves_bases_next_to_the_file_then_in_configs(tmp_path):
     top = write(tmp_path / "top.yaml", "base: sub/middle.yaml\nlr: 0.5\n")
     cfg, _ = parse_config(["--config", top, "--data-root", "x"])
     assert cfg.backbone.startswith("deit_base") and cfg.max_iters == 7 and cfg.lr == 0.5
-    assert cfg.recipe.split(" + ") == ["configs/voc_vit_b.yaml", "configs/voc_deit_b.yaml",
-                                       middle, top]
+    assert cfg.recipe.split(" + ") == [
+        "configs/voc_vit_b.yaml",
+        "configs/voc_deit_b.yaml",
+        middle,
+        top,
+    ]
 
 
 def test_run_config_names_the_chain_and_reloads_to_the_same_settings(tmp_path, capsys):
@@ -49,8 +54,9 @@ def test_run_config_names_the_chain_and_reloads_to_the_same_settings(tmp_path, c
 def test_a_cycle_is_refused_in_one_line(tmp_path):
     write(tmp_path / "a.yaml", "base: b.yaml\n")
     b = write(tmp_path / "b.yaml", "base: a.yaml\n")
-    with pytest.raises(ConfigError, match="recipe bases form a cycle: .*b.yaml -> .*a.yaml -> "
-                                          ".*b.yaml") as err:
+    with pytest.raises(
+        ConfigError, match="recipe bases form a cycle: .*b.yaml -> .*a.yaml -> .*b.yaml"
+    ) as err:
         parse_config(["--config", b, "--data-root", "x"])
     assert "\n" not in str(err.value)
 
@@ -91,12 +97,22 @@ def test_shipped_recipes_give_no_warning(capsys):
 def unfinished(tmp_path):
     """A tiny VOC run stopped at iteration 2 of 4 (checkpoint written, no COMPLETE)."""
     from tests.fixtures import make_standard_voc_tree
+
     root = make_standard_voc_tree(tmp_path / "VOC2012")
     work = tmp_path / "run"
-    common = ["--seg-start-iter", "1", "--warmup-iters", "2", "--eval-every", "100",
-              "--log-every", "1", "--preview-images", "0"]
-    assert run(train, train_args(root, work, "--max-iters", "4", "--stop-at", "2",
-                                 *common)) == 0
+    common = [
+        "--seg-start-iter",
+        "1",
+        "--warmup-iters",
+        "2",
+        "--eval-every",
+        "100",
+        "--log-every",
+        "1",
+        "--preview-images",
+        "0",
+    ]
+    assert run(train, train_args(root, work, "--max-iters", "4", "--stop-at", "2", *common)) == 0
     assert not (work / "COMPLETE").exists()
     return root, work, common
 
@@ -104,8 +120,7 @@ def unfinished(tmp_path):
 def test_resume_with_a_changed_loss_weight_is_refused(unfinished, capsys):
     root, work, common = unfinished
     before = (work / "config.yaml").read_text()
-    assert run(train, train_args(root, work, "--max-iters", "4", "--w-seg", "0.5",
-                                 *common)) == 2
+    assert run(train, train_args(root, work, "--max-iters", "4", "--w-seg", "0.5", *common)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds an unfinished run with other settings (w_seg: 0.1 -> 0.5)" in err
     assert "--resume" in err and "--work-dir" in err and len(err.splitlines()) == 1
@@ -122,8 +137,13 @@ def test_resume_accepts_a_longer_run(unfinished):
 
 def test_explicit_resume_keeps_the_stored_settings(unfinished):
     root, work, common = unfinished
-    assert run(train, train_args(root, work, "--max-iters", "3", "--w-seg", "0.5", *common)
-               + ["--resume"]) == 0
+    assert (
+        run(
+            train,
+            train_args(root, work, "--max-iters", "3", "--w-seg", "0.5", *common) + ["--resume"],
+        )
+        == 0
+    )
     stored = yaml.safe_load((work / "config.yaml").read_text())
     assert stored["w_seg"] == 0.1 and stored["max_iters"] == 3
     assert "keeping the stored run's w_seg=0.1 (not 0.5)" in (work / "train.log").read_text()

@@ -1,5 +1,6 @@
 """Faults around a run: full or read-only disk, a loader worker killed by the OS, foreign or
 incomplete checkpoints, wandb dying mid-run, and the file mode of what we write."""
+
 from __future__ import annotations
 
 import errno
@@ -17,8 +18,18 @@ from tests.test_runtime import voc  # noqa: F401  (module fixture)
 from toco import atomic
 from toco.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
-SHORT = ["--warmup-iters", "2", "--seg-start-iter", "1", "--lr", "1e-4", "--log-every", "1",
-         "--threads", "1"]
+SHORT = [
+    "--warmup-iters",
+    "2",
+    "--seg-start-iter",
+    "1",
+    "--lr",
+    "1e-4",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +42,8 @@ def finished(voc, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_checkpoint_write_failure_is_one_line_and_keeps_the_previous_checkpoint(
-        voc, tmp_path, monkeypatch, capsys, code):
+    voc, tmp_path, monkeypatch, capsys, code
+):
     real_save, calls = torch.save, []
 
     def failing_save(obj, fh, *a, **k):
@@ -43,10 +55,18 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(torch, "save", failing_save)
     work = tmp_path / "run"
-    rc = run(train, train_args(voc, work, *SHORT, "--max-iters", "6", "--eval-every", "6",
-                               "--save-every", "2"))
-    assert_user_error(capsys, rc, "cannot write", str(work / "checkpoints" / "last.pt"),
-                      os.strerror(code), "intact")
+    rc = run(
+        train,
+        train_args(voc, work, *SHORT, "--max-iters", "6", "--eval-every", "6", "--save-every", "2"),
+    )
+    assert_user_error(
+        capsys,
+        rc,
+        "cannot write",
+        str(work / "checkpoints" / "last.pt"),
+        os.strerror(code),
+        "intact",
+    )
     assert load_checkpoint(work / "checkpoints" / "last.pt")["iteration"] == 2
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["last.pt"]
     assert not (work / "COMPLETE").exists()
@@ -65,8 +85,9 @@ def test_read_only_work_dir_fails_before_training(voc, tmp_path, monkeypatch, ca
     assert_user_error(capsys, rc, "cannot write", "Read-only file system")
 
 
-def test_a_loader_worker_killed_by_the_os_is_named_with_its_image(voc, tmp_path, monkeypatch,
-                                                                  capsys):
+def test_a_loader_worker_killed_by_the_os_is_named_with_its_image(
+    voc, tmp_path, monkeypatch, capsys
+):
     from torch.utils.data import get_worker_info
 
     from datasets.voc import VOCTrainDataset
@@ -80,8 +101,12 @@ def test_a_loader_worker_killed_by_the_os_is_named_with_its_image(voc, tmp_path,
 
     monkeypatch.setattr(VOCTrainDataset, "__getitem__", oom_killed)
     work = tmp_path / "run"
-    rc = run(train, train_args(voc, work, *SHORT, "--max-iters", "4", "--eval-every", "4",
-                               "--num-workers", "2"))
+    rc = run(
+        train,
+        train_args(
+            voc, work, *SHORT, "--max-iters", "4", "--eval-every", "4", "--num-workers", "2"
+        ),
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")][0]
@@ -96,18 +121,31 @@ def tampered(finished: Path, work: Path, change) -> None:
     torch.save(state, work / "checkpoints" / "last.pt")
 
 
-@pytest.mark.parametrize("change, needles", [
-    (lambda s: s.pop("trainer"), ["lacks trainer"]),
-    (lambda s: s.update(format=CHECKPOINT_FORMAT + 1), ["checkpoint format 2", "reads format 1"]),
-    (lambda s: (s["model"].pop("classifier.conv.weight"),
-                s["model"].update({"old_head.weight": torch.zeros(1)})),
-     ["missing classifier.conv.weight", "unexpected old_head.weight"]),
-    (lambda s: s["model"].update({"classifier.conv.weight": torch.zeros(3, 3)}),
-     ["shape mismatch classifier.conv.weight (3, 3)"]),
-    (lambda s: s["trainer"].pop("optimizer"), ["training state does not fit", "optimizer"]),
-])
-def test_checkpoint_from_another_version_names_the_keys(voc, finished, tmp_path, capsys,
-                                                        change, needles):
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        (lambda s: s.pop("trainer"), ["lacks trainer"]),
+        (
+            lambda s: s.update(format=CHECKPOINT_FORMAT + 1),
+            ["checkpoint format 2", "reads format 1"],
+        ),
+        (
+            lambda s: (
+                s["model"].pop("classifier.conv.weight"),
+                s["model"].update({"old_head.weight": torch.zeros(1)}),
+            ),
+            ["missing classifier.conv.weight", "unexpected old_head.weight"],
+        ),
+        (
+            lambda s: s["model"].update({"classifier.conv.weight": torch.zeros(3, 3)}),
+            ["shape mismatch classifier.conv.weight (3, 3)"],
+        ),
+        (lambda s: s["trainer"].pop("optimizer"), ["training state does not fit", "optimizer"]),
+    ],
+)
+def test_checkpoint_from_another_version_names_the_keys(
+    voc, finished, tmp_path, capsys, change, needles
+):
     work = tmp_path / "run"
     tampered(finished, work, change)
     rc = run(train, train_args(voc, work, *SHORT, "--max-iters", "2", "--eval-every", "2"))
@@ -134,8 +172,15 @@ def test_wandb_dying_mid_run_does_not_stop_training(voc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", lambda *a, **k: DyingRun())
     work = tmp_path / "run"
-    assert run(train, train_args(voc, work, *SHORT, "--max-iters", "3", "--eval-every", "3",
-                                 "--wandb", "online")) == 0
+    assert (
+        run(
+            train,
+            train_args(
+                voc, work, *SHORT, "--max-iters", "3", "--eval-every", "3", "--wandb", "online"
+            ),
+        )
+        == 0
+    )
     log = (work / "train.log").read_text()
     assert "wandb log failed (BrokenPipeError" in log and (work / "COMPLETE").exists()
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -183,8 +228,13 @@ def test_stability_script_counts_steps_with_non_finite_gradients():
     assert (watch.steps, watch.nonfinite, watch.first) == (4, 2, 1)
     opt.step()  # removed: no longer counted
     assert watch.steps == 4
-    assert stability.spread([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0,
-                                            "range": 2.0}
+    assert stability.spread([1.0, 3.0]) == {
+        "mean": 2.0,
+        "std": 1.0,
+        "min": 1.0,
+        "max": 3.0,
+        "range": 2.0,
+    }
 
 
 def test_release_file_with_foreign_weights_names_the_keys(finished, tmp_path):

@@ -6,6 +6,7 @@ bit-identical to an uninterrupted run. The file writers are killed in a forked c
 atomic write (temp file half written, complete but not renamed, renamed), then rerun; the
 output folder must hold exactly the files, bytes and modes of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,24 @@ from toco import atomic
 from toco.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEDULE = ["--max-iters", "6", "--save-every", "2", "--eval-every", "3", "--log-every", "1",
-            "--warmup-iters", "2", "--seg-start-iter", "2", "--lr", "1e-4", "--threads", "1"]
+SCHEDULE = [
+    "--max-iters",
+    "6",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "3",
+    "--log-every",
+    "1",
+    "--warmup-iters",
+    "2",
+    "--seg-start-iter",
+    "2",
+    "--lr",
+    "1e-4",
+    "--threads",
+    "1",
+]
 
 # Runs train.py's main in a subprocess that SIGKILLs itself at the chosen point.
 KILLER = r"""
@@ -104,19 +121,28 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 
 
 def test_sigkill_mid_run_in_a_checkpoint_write_or_in_validation_then_rerun_is_bit_identical(
-        voc, uninterrupted, tmp_path):
+    voc, uninterrupted, tmp_path
+):
     points = {"step": 4, "checkpoint": 2, "validation": 2}  # point -> checkpoint left behind
     runs = {p: tmp_path / p for p in points}
-    procs = {p: subprocess.Popen(  # killed runs side by side: start-up time dominates
-        [sys.executable, "-c", KILLER, p, json.dumps(train_args(voc, w, *SCHEDULE))],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for p, w in runs.items()}
+    procs = {
+        p: subprocess.Popen(  # killed runs side by side: start-up time dominates
+            [sys.executable, "-c", KILLER, p, json.dumps(train_args(voc, w, *SCHEDULE))],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p, w in runs.items()
+    }
     for point, proc in procs.items():
         out, err = proc.communicate(timeout=900)  # generous: only a hang should trip it
         assert proc.returncode == -signal.SIGKILL, (point, out, err)
         work = runs[point]
         assert load_checkpoint(work / "checkpoints" / "last.pt")["iteration"] == points[point]
         assert not (work / "COMPLETE").exists()
+
     def final_state(work: Path) -> dict:
         state = load_checkpoint(work / "checkpoints" / "last.pt")
         for where in ("work_dir", "cache_dir"):  # the runs' own folders
@@ -128,8 +154,9 @@ def test_sigkill_mid_run_in_a_checkpoint_write_or_in_validation_then_rerun_is_bi
         assert run(train, train_args(voc, work, *SCHEDULE)) == 0, point  # resumes by itself
         resumed = final_state(work)
         assert_same_tensors(reference, resumed, point)
-        assert (json.loads((work / "final.json").read_text())
-                == json.loads((uninterrupted / "final.json").read_text())), point
+        assert json.loads((work / "final.json").read_text()) == json.loads(
+            (uninterrupted / "final.json").read_text()
+        ), point
         assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["last.pt"], point
 
 
@@ -173,12 +200,16 @@ def killed_at(job: Callable[[], object], k: int, phase: str) -> bool:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     """Every file below `folder` (hidden ones included): relative path -> (mode, bytes)."""
-    return {str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mode, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def assert_every_kill_then_rerun_matches(make_job: Callable[[Path], Callable[[], object]],
-                                         base: Path) -> int:
+def assert_every_kill_then_rerun_matches(
+    make_job: Callable[[Path], Callable[[], object]], base: Path
+) -> int:
     reference = base / "reference"
     make_job(reference)()
     expected = snapshot(reference)
@@ -195,14 +226,16 @@ def assert_every_kill_then_rerun_matches(make_job: Callable[[Path], Callable[[],
     raise AssertionError("unbounded number of writes")
 
 
-def test_coco_prepare_killed_at_any_write_then_rerun_gives_the_same_files(tmp_path,
-                                                                          monkeypatch, capsys):
+def test_coco_prepare_killed_at_any_write_then_rerun_gives_the_same_files(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(coco, "CHECKPOINT_EVERY", 1)  # a manifest checkpoint after each mask
     root = make_coco_tree(tmp_path / "coco2014")
 
     def make_job(out: Path):  # one subset: the other goes through the same writes
-        return lambda: coco.main(["prepare", "--data-root", str(root), "--out", str(out),
-                                  "--subsets", "train2014"])
+        return lambda: coco.main(
+            ["prepare", "--data-root", str(root), "--out", str(out), "--subsets", "train2014"]
+        )
 
     trials = assert_every_kill_then_rerun_matches(make_job, tmp_path)
     assert trials >= 3 * 6  # labels, list, manifest (start, per mask, end), masks

@@ -1,5 +1,6 @@
 """Training at scale: exact resume, atomic checkpoints, signals, NaN handling, torchrun, wandb,
 release export."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,18 @@ from toco.checkpoint import load_checkpoint, save_checkpoint
 from toco.train.sampling import ResumableSampler, SeededSamples
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["--warmup-iters", "2", "--seg-start-iter", "2", "--lr", "1e-4", "--log-every", "1",
-         "--threads", "1"]
+SHORT = [
+    "--warmup-iters",
+    "2",
+    "--seg-start-iter",
+    "2",
+    "--lr",
+    "1e-4",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +74,7 @@ def test_checkpoint_killed_mid_write_keeps_the_old_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_nonfinite_loss_stops_with_the_term_named_or_is_skipped(voc, tmp_path, monkeypatch,
-                                                                capsys):
+def test_nonfinite_loss_stops_with_the_term_named_or_is_skipped(voc, tmp_path, monkeypatch, capsys):
     from toco.method.losses import PatchTokenContrast
 
     original = PatchTokenContrast.compute
@@ -126,16 +136,28 @@ def _python(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(voc, tmp_path):
     work = tmp_path / "run"
-    args = train_args(voc, work, *SHORT, "--max-iters", "400", "--eval-every", "400",
-                      "--save-every", "1000")
-    proc = subprocess.Popen(_python(str(REPO / "train.py"), *args), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = train_args(
+        voc, work, *SHORT, "--max-iters", "400", "--eval-every", "400", "--save-every", "1000"
+    )
+    proc = subprocess.Popen(
+        _python(str(REPO / "train.py"), *args),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     for line in proc.stdout:  # wait until training is under way
         if "iter 3/400" in line or time.time() > deadline:
@@ -151,10 +173,27 @@ def test_sigterm_saves_a_checkpoint_that_resumes(voc, tmp_path):
 
 def test_torchrun_two_processes_on_cpu(voc, tmp_path):
     work = tmp_path / "ddp"
-    args = train_args(voc, work, *SHORT, "--max-iters", "2", "--eval-every", "2",
-                      "--batch-size", "4", "--loss-group-size", "2")
-    cmd = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  str(REPO / "train.py"), *args)
+    args = train_args(
+        voc,
+        work,
+        *SHORT,
+        "--max-iters",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--loss-group-size",
+        "2",
+    )
+    cmd = _python(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *args,
+    )
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cpu x2" in res.stdout
@@ -167,8 +206,19 @@ def test_torchrun_two_processes_on_cpu(voc, tmp_path):
 def test_wandb_offline_writes_history_and_images(voc, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     work = tmp_path / "wb"
-    args = train_args(voc, work, *SHORT, "--max-iters", "2", "--eval-every", "2",
-                      "--wandb", "offline", "--num-vis", "2")
+    args = train_args(
+        voc,
+        work,
+        *SHORT,
+        "--max-iters",
+        "2",
+        "--eval-every",
+        "2",
+        "--wandb",
+        "offline",
+        "--num-vis",
+        "2",
+    )
     assert run(train, args) == 0
     runs = list((work / "wandb_files" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -184,8 +234,9 @@ def test_wandb_failure_is_not_fatal(voc, tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     work = tmp_path / "wbfail"
-    args = train_args(voc, work, *SHORT, "--max-iters", "2", "--eval-every", "2",
-                      "--wandb", "online")
+    args = train_args(
+        voc, work, *SHORT, "--max-iters", "2", "--eval-every", "2", "--wandb", "online"
+    )
     assert run(train, args) == 0
     assert "wandb could not start" in (work / "train.log").read_text()
     assert (work / "metrics.jsonl").exists() and (work / "COMPLETE").exists()

@@ -39,8 +39,12 @@ def test_factor_edges_by_hand():
 def test_adamw_scheduler_lr_used_by_step_t(col, max_iters):
     p1 = torch.nn.Parameter(torch.zeros(2))
     p2 = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.AdamW([{"params": [p1], "lr": BASE}, {"params": [p2], "lr": 10 * BASE}],
-                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [{"params": [p1], "lr": BASE}, {"params": [p2], "lr": 10 * BASE}],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
+    )
     sched = build_poly_warmup_scheduler(opt, 1500, max_iters)
     wanted = {max_iters - 1 if t == "final" else t: row[col] for t, row in TABLE.items()}
     wanted_steps = sorted(wanted)

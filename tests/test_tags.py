@@ -1,5 +1,6 @@
 """--dataset tags: tagged collections in CSV, JSONL and COCO form, training on them through
 train.py (with and without masks), the VOC equivalence, the mask-free scores, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,37 @@ from toco.errors import DataError
 from toco.method.multilabel import average_precision, multilabel_scores
 
 # bird = 1, cat = 2, dog = 3 (sorted names: no classes.txt)
-IMAGES = {"cats/c1.jpg": (40, 48), "cats/c2.png": (36, 44), "dogs/d1.jpeg": (44, 40),
-          "dogs/d2.webp": (40, 40), "mixed/m1.bmp": (48, 52), "mixed/m2.tif": (40, 46),
-          "empty.jpg": (32, 32)}
-LABELS = {"cats/c1.jpg": ["cat"], "cats/c2.png": ["cat"], "dogs/d1.jpeg": ["dog"],
-          "dogs/d2.webp": ["dog"], "mixed/m1.bmp": ["cat", "dog"],
-          "mixed/m2.tif": ["bird", "cat"], "empty.jpg": []}
-MASKS = {"dogs/d1.jpeg": boxes_mask(44, 40, [(3, 5, 30, 5, 30)]),
-         "mixed/m1.bmp": boxes_mask(48, 52, [(2, 2, 20, 2, 20), (3, 25, 45, 25, 50)])}
-EXPECTED = {"cats/c1": [2], "cats/c2": [2], "dogs/d1": [3], "dogs/d2": [3],
-            "mixed/m1": [2, 3], "mixed/m2": [1, 2], "empty": []}
+IMAGES = {
+    "cats/c1.jpg": (40, 48),
+    "cats/c2.png": (36, 44),
+    "dogs/d1.jpeg": (44, 40),
+    "dogs/d2.webp": (40, 40),
+    "mixed/m1.bmp": (48, 52),
+    "mixed/m2.tif": (40, 46),
+    "empty.jpg": (32, 32),
+}
+LABELS = {
+    "cats/c1.jpg": ["cat"],
+    "cats/c2.png": ["cat"],
+    "dogs/d1.jpeg": ["dog"],
+    "dogs/d2.webp": ["dog"],
+    "mixed/m1.bmp": ["cat", "dog"],
+    "mixed/m2.tif": ["bird", "cat"],
+    "empty.jpg": [],
+}
+MASKS = {
+    "dogs/d1.jpeg": boxes_mask(44, 40, [(3, 5, 30, 5, 30)]),
+    "mixed/m1.bmp": boxes_mask(48, 52, [(2, 2, 20, 2, 20), (3, 25, 45, 25, 50)]),
+}
+EXPECTED = {
+    "cats/c1": [2],
+    "cats/c2": [2],
+    "dogs/d1": [3],
+    "dogs/d2": [3],
+    "mixed/m1": [2, 3],
+    "mixed/m2": [1, 2],
+    "empty": [],
+}
 
 
 def labels_of(dataset) -> dict[str, list[int]]:
@@ -64,13 +86,18 @@ def tree(tmp_path) -> Path:
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_labels_split_and_masks(tmp_path, fmt):
     root = make_tags_tree(tmp_path / fmt, IMAGES, LABELS, fmt=fmt, masks=MASKS)
-    assert datasets.get_dataset_spec("tags", root).class_names == ("background", "bird", "cat",
-                                                                   "dog")
+    assert datasets.get_dataset_spec("tags", root).class_names == (
+        "background",
+        "bird",
+        "cat",
+        "dog",
+    )
     train_set = build(root, None, tmp_path / "c")
     assert list((tmp_path / "c").glob("labels-train-*.json"))  # the label cache
     # default split: the images with masks are val; the rest train (the empty one left out)
-    assert labels_of(train_set) == {k: v for k, v in EXPECTED.items()
-                                    if k not in ("dogs/d1", "mixed/m1", "empty")}
+    assert labels_of(train_set) == {
+        k: v for k, v in EXPECTED.items() if k not in ("dogs/d1", "mixed/m1", "empty")
+    }
     val_set = build(root, None, tmp_path / "c", train_set=False)
     assert val_set.with_masks and val_set.names == ["dogs/d1", "mixed/m1"]
     assert labels_of(val_set) == {"dogs/d1": [3], "mixed/m1": [2, 3]}
@@ -90,8 +117,9 @@ def test_classes_txt_sets_the_order(tmp_path):
 def test_without_masks_a_fixed_fraction_is_held_back(tmp_path):
     root = make_tags_tree(tmp_path / "t", IMAGES, LABELS)
     ids = sorted(read_collection(root).files)
-    val = build(root, "val", tmp_path / "c", train_set=False,
-                synthetic_params={"val_fraction": 0.3})
+    val = build(
+        root, "val", tmp_path / "c", train_set=False, synthetic_params={"val_fraction": 0.3}
+    )
     assert not val.with_masks and len(val) == round(0.3 * len(ids))
     assert val.names == held_back(ids, 0.3) == held_back(reversed(ids), 0.3)
     train_set = build(root, "train", tmp_path / "c", synthetic_params={"val_fraction": 0.3})
@@ -100,22 +128,26 @@ def test_without_masks_a_fixed_fraction_is_held_back(tmp_path):
     # cls_label of a held-back image: its tags
     assert labels_of(val) == {n: EXPECTED[n] for n in val.names}
     with pytest.raises(DataError, match="no image is held back"):
-        build(root, "val", tmp_path / "c", train_set=False,
-              synthetic_params={"val_fraction": 0.0})
+        build(root, "val", tmp_path / "c", train_set=False, synthetic_params={"val_fraction": 0.0})
 
 
 def test_split_files_list_image_paths(tmp_path):
-    root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, masks=MASKS,
-                          splits={"train": ["cats/c1.jpg", "dogs/d1"],
-                                  "mine": ["mixed/m1.bmp", "dogs/d1.jpeg"]})
+    root = make_tags_tree(
+        tmp_path / "t",
+        IMAGES,
+        LABELS,
+        masks=MASKS,
+        splits={"train": ["cats/c1.jpg", "dogs/d1"], "mine": ["mixed/m1.bmp", "dogs/d1.jpeg"]},
+    )
     assert build(root, "train", tmp_path / "c").names == ["cats/c1", "dogs/d1"]
     mine = build(root, "mine", tmp_path / "c", train_set=False)
     assert mine.with_masks and mine.names == ["mixed/m1", "dogs/d1"]
 
 
 def test_a_split_with_masks_for_some_images_only_is_refused(tmp_path):
-    root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, masks=MASKS,
-                          splits={"val": ["dogs/d1.jpeg", "cats/c1.jpg"]})
+    root = make_tags_tree(
+        tmp_path / "t", IMAGES, LABELS, masks=MASKS, splits={"val": ["dogs/d1.jpeg", "cats/c1.jpg"]}
+    )
     with pytest.raises(DataError, match=r"1 of 2 images have no mask.*cats/c1"):
         build(root, "val", tmp_path / "c", train_set=False)
 
@@ -126,8 +158,10 @@ def coco_tree(root: Path, with_segmentation: bool = True) -> Path:
     sizes = {"a.jpg": (30, 40), "sub/b.png": (32, 32), "c.jpg": (30, 30), "d.jpg": (34, 30)}
     for name, hw in sizes.items():
         write_image(root / "images" / name, hw)
-    images = [{"id": i + 1, "file_name": name, "height": hw[0], "width": hw[1]}
-              for i, (name, hw) in enumerate(sizes.items())]
+    images = [
+        {"id": i + 1, "file_name": name, "height": hw[0], "width": hw[1]}
+        for i, (name, hw) in enumerate(sizes.items())
+    ]
     seg = (lambda *box: [coco_rect(*box)]) if with_segmentation else (lambda *box: [])
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 7, "segmentation": seg(0, 0, 40, 20)},
@@ -136,15 +170,15 @@ def coco_tree(root: Path, with_segmentation: bool = True) -> Path:
         {"id": 4, "image_id": 4, "category_id": 7, "segmentation": []},
     ]
     categories = [{"id": 7, "name": "widget"}, {"id": 3, "name": "gadget"}]
-    (root / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": categories}))
+    (root / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return root
 
 
 def test_coco_form_with_own_categories(tmp_path):
     root = coco_tree(tmp_path / "coco")
-    assert datasets.get_dataset_spec("tags", root).class_names == ("background", "gadget",
-                                                                   "widget")
+    assert datasets.get_dataset_spec("tags", root).class_names == ("background", "gadget", "widget")
     train_set = build(root, None, tmp_path / "c")
     assert labels_of(train_set) == {"d": [2], "sub/b": [1]}  # c has no tag: left out
     val_set = build(root, None, tmp_path / "c", train_set=False)
@@ -157,8 +191,9 @@ def test_coco_form_with_own_categories(tmp_path):
 
 def test_coco_form_without_segmentations_has_no_masks(tmp_path):
     root = coco_tree(tmp_path / "coco", with_segmentation=False)
-    val_set = build(root, "val", tmp_path / "c", train_set=False,
-                    synthetic_params={"val_fraction": 0.25})
+    val_set = build(
+        root, "val", tmp_path / "c", train_set=False, synthetic_params={"val_fraction": 0.25}
+    )
     assert not val_set.with_masks and len(val_set) == 1
 
 
@@ -187,14 +222,23 @@ def rewrite_csv(root: Path, *lines: str) -> None:
     (root / "labels.csv").write_text("image,labels\n" + "".join(f"{x}\n" for x in lines))
 
 
-@pytest.mark.parametrize("lines,classes,needle", [
-    (["cats/c1.jpg,cat", "dogs/d1.jpeg,fox"], ["cat", "dog"],
-     "labels.csv line 3: unknown class 'fox'"),
-    (["cats/c1.jpg,cat", "dogs/d1.jpeg,dog", "cats/c1.jpg,dog"], None,
-     "labels.csv line 4: image cats/c1.jpg is listed again (first on line 2)"),
-    (["cats/c1.jpg,cat", "cats/nope.jpg,cat"], None, "labels.csv line 3: image"),
-    (["cats/c1.jpg,cat,dog"], None, "labels.csv line 2: expected 2 fields"),
-])
+@pytest.mark.parametrize(
+    "lines,classes,needle",
+    [
+        (
+            ["cats/c1.jpg,cat", "dogs/d1.jpeg,fox"],
+            ["cat", "dog"],
+            "labels.csv line 3: unknown class 'fox'",
+        ),
+        (
+            ["cats/c1.jpg,cat", "dogs/d1.jpeg,dog", "cats/c1.jpg,dog"],
+            None,
+            "labels.csv line 4: image cats/c1.jpg is listed again (first on line 2)",
+        ),
+        (["cats/c1.jpg,cat", "cats/nope.jpg,cat"], None, "labels.csv line 3: image"),
+        (["cats/c1.jpg,cat,dog"], None, "labels.csv line 2: expected 2 fields"),
+    ],
+)
 def test_bad_label_lines(tmp_path, capsys, lines, classes, needle):
     root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, classes=classes)
     rewrite_csv(root, *lines)
@@ -219,16 +263,20 @@ def test_bad_jsonl_line_and_header(tmp_path):
 
 
 def test_bad_split_file_line(tmp_path):
-    root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, splits={"train": ["cats/c1.jpg",
-                                                                            "cats/c9.jpg"]})
+    root = make_tags_tree(
+        tmp_path / "t", IMAGES, LABELS, splits={"train": ["cats/c1.jpg", "cats/c9.jpg"]}
+    )
     with pytest.raises(DataError, match=r"train.txt line 2: 'cats/c9.jpg' is not an image"):
         build(root, "train", tmp_path / "c")
 
 
-@pytest.mark.parametrize("mask,needle", [
-    (boxes_mask(44, 40, [(4, 5, 30, 5, 30)]), "holds values [4] outside 0..3"),
-    (boxes_mask(40, 40, [(3, 5, 30, 5, 30)]), "is 40x40 but image"),
-])
+@pytest.mark.parametrize(
+    "mask,needle",
+    [
+        (boxes_mask(44, 40, [(4, 5, 30, 5, 30)]), "holds values [4] outside 0..3"),
+        (boxes_mask(40, 40, [(3, 5, 30, 5, 30)]), "is 40x40 but image"),
+    ],
+)
 def test_bad_masks_name_the_mask(tmp_path, capsys, mask, needle):
     root = make_tags_tree(tmp_path / "t", IMAGES, LABELS, masks={**MASKS, "dogs/d1.jpeg": mask})
     code = run(train, tags_args(root, tmp_path / "run", "--max-iters", "1"))
@@ -238,21 +286,34 @@ def test_bad_masks_name_the_mask(tmp_path, capsys, mask, needle):
 def test_check_command(tree, tmp_path, capsys):
     from datasets import check
 
-    assert check.main(["--dataset", "tags", "--data-root", str(tree), "--cache-dir",
-                       str(tmp_path / "c")]) == 0
+    assert (
+        check.main(
+            ["--dataset", "tags", "--data-root", str(tree), "--cache-dir", str(tmp_path / "c")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tags at" in out and "(4 classes)" in out and "7 image(s) checked; OK" in out
     assert "note:" not in out
     write_image(tree / "images" / "extra.jpg", (20, 20))
-    assert check.main(["--dataset", "tags", "--data-root", str(tree), "--cache-dir",
-                       str(tmp_path / "c")]) == 0
+    assert (
+        check.main(
+            ["--dataset", "tags", "--data-root", str(tree), "--cache-dir", str(tmp_path / "c")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("1 image(s) in") == 1  # once, not per split
     assert "not in labels.csv and are left out: extra.jpg" in out
     from tests.fixtures import write_mask_png
+
     write_mask_png(tree / "masks" / "dogs" / "d1.png", boxes_mask(44, 40, [(9, 5, 30, 5, 30)]))
-    assert check.main(["--dataset", "tags", "--data-root", str(tree), "--cache-dir",
-                       str(tmp_path / "c")]) == 1
+    assert (
+        check.main(
+            ["--dataset", "tags", "--data-root", str(tree), "--cache-dir", str(tmp_path / "c")]
+        )
+        == 1
+    )
     assert "holds values [9]" in capsys.readouterr().out
 
 
@@ -260,9 +321,24 @@ def test_check_command(tree, tmp_path, capsys):
 
 
 def tags_args(root: Path, work: Path, *extra: str) -> list[str]:
-    return ["--dataset", "tags", "--data-root", str(root), "--cache-dir",
-            str(work.parent / "cache"), "--work-dir", str(work), *TINY, "--warmup-iters", "1",
-            "--log-every", "1", "--seg-start-iter", "1", *extra]
+    return [
+        "--dataset",
+        "tags",
+        "--data-root",
+        str(root),
+        "--cache-dir",
+        str(work.parent / "cache"),
+        "--work-dir",
+        str(work),
+        *TINY,
+        "--warmup-iters",
+        "1",
+        "--log-every",
+        "1",
+        "--seg-start-iter",
+        "1",
+        *extra,
+    ]
 
 
 def test_training_with_masks_reports_miou_and_loads_for_evaluation(tree, tmp_path):
@@ -273,11 +349,15 @@ def test_training_with_masks_reports_miou_and_loads_for_evaluation(tree, tmp_pat
     final = json.loads((work / "final.json").read_text())
     assert math.isfinite(final["seg_miou"])
     out = tmp_path / "eval.json"
-    assert run(evaluate, ["--checkpoint", str(work / "checkpoints" / "last.pt"),
-                          "--output-json", str(out)]) == 0
+    assert (
+        run(
+            evaluate,
+            ["--checkpoint", str(work / "checkpoints" / "last.pt"), "--output-json", str(out)],
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    assert report["num_images"] == 2 and set(report["iou"]) == {"background", "bird", "cat",
-                                                                "dog"}
+    assert report["num_images"] == 2 and set(report["iou"]) == {"background", "bird", "cat", "dog"}
     # the checkpoint names its classes, so a release can be written without the data root
     from safetensors import safe_open
 
@@ -307,8 +387,24 @@ def test_training_without_masks_scores_the_held_back_images(tmp_path, form):
         root = make_tags_tree(tmp_path / form, IMAGES, LABELS, fmt=form)
         fraction = "0.3"
     work = tmp_path / "run"
-    assert run(train, tags_args(root, work, "--max-iters", "2", "--eval-every", "1",
-                                "--val-fraction", fraction, "--preview-images", "2")) == 0
+    assert (
+        run(
+            train,
+            tags_args(
+                root,
+                work,
+                "--max-iters",
+                "2",
+                "--eval-every",
+                "1",
+                "--val-fraction",
+                fraction,
+                "--preview-images",
+                "2",
+            ),
+        )
+        == 0
+    )
     for done in (1, 2):
         text = (work / f"val_iter{done:06d}.txt").read_text()
         assert "classification mAP" in text and "pseudo-label coverage" in text
@@ -327,8 +423,13 @@ def test_training_without_masks_scores_the_held_back_images(tmp_path, form):
 def test_eval_every_0_turns_validation_off(tmp_path):
     root = make_tags_tree(tmp_path / "t", IMAGES, LABELS)
     work = tmp_path / "run"
-    assert run(train, tags_args(root, work, "--max-iters", "2", "--eval-every", "0",
-                                "--val-fraction", "0")) == 0
+    assert (
+        run(
+            train,
+            tags_args(root, work, "--max-iters", "2", "--eval-every", "0", "--val-fraction", "0"),
+        )
+        == 0
+    )
     assert not list(work.glob("val_iter*"))
     assert json.loads((work / "final.json").read_text())["validation"] == {}
 
@@ -341,7 +442,8 @@ def test_average_precision_by_hand():
     assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
     # tied 0.5s enter together: thresholds 0.9 (no hit), 0.5 (1 of 3), 0.1 (2 of 4)
     assert average_precision([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1]) == pytest.approx(
-        0.5 * 1 / 3 + 0.5 * 2 / 4)
+        0.5 * 1 / 3 + 0.5 * 2 / 4
+    )
     assert math.isnan(average_precision([0.3, 0.2], [0, 0]))
 
 
@@ -355,7 +457,6 @@ def test_multilabel_scores_by_hand():
     # at 0.5: class 1 TP 1 FP 1 FN 1 -> F1 1/2; class 2 TP 2 -> 1; class 3 counts nothing
     assert out["f1"] == pytest.approx((0.5 + 1.0) / 2 * 100)
     assert out["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1) * 100)
-
 
 
 def test_a_mask_class_the_tags_do_not_list_is_refused(tmp_path):
@@ -380,8 +481,10 @@ def test_validation_without_masks_by_hand(monkeypatch):
     from toco.config import TrainConfig
     from toco.evaluation import unmasked as unmasked_validation
 
-    labels = [torch.tensor([[[1, 1, 255, 0], [255, 0, 1, 0]]]),   # 3 fg, 2 uncertain, 3 bg
-              torch.tensor([[[2, 255, 255, 255], [255, 255, 0, 0]]])]  # 1 fg, 5 uncertain
+    labels = [
+        torch.tensor([[[1, 1, 255, 0], [255, 0, 1, 0]]]),  # 3 fg, 2 uncertain, 3 bg
+        torch.tensor([[[2, 255, 255, 255], [255, 255, 0, 0]]]),
+    ]  # 1 fg, 5 uncertain
     logits = [torch.tensor([[2.0, 1.0]]), torch.tensor([[-1.0, 3.0]])]
     calls = iter(range(2))
 
@@ -394,13 +497,22 @@ def test_validation_without_masks_by_hand(monkeypatch):
             return logits[self.index], None
 
     model = Stub()
-    monkeypatch.setattr(unmasked_validation, "pseudo_labels",
-                        lambda m, image, cls_label, *a, **k: labels[model.index])
-    loader = [{"name": [f"i{i}"], "image": torch.zeros(1, 3, 2, 4, dtype=torch.uint8),
-               "cls_label": torch.tensor([tags])} for i, tags in enumerate([[1.0, 0.0],
-                                                                           [0.0, 1.0]])]
-    metrics = unmasked_validation.validate_without_masks(model, loader, TrainConfig(),
-                                                         torch.device("cpu"), size=4)
+    monkeypatch.setattr(
+        unmasked_validation,
+        "pseudo_labels",
+        lambda m, image, cls_label, *a, **k: labels[model.index],
+    )
+    loader = [
+        {
+            "name": [f"i{i}"],
+            "image": torch.zeros(1, 3, 2, 4, dtype=torch.uint8),
+            "cls_label": torch.tensor([tags]),
+        }
+        for i, tags in enumerate([[1.0, 0.0], [0.0, 1.0]])
+    ]
+    metrics = unmasked_validation.validate_without_masks(
+        model, loader, TrainConfig(), torch.device("cpu"), size=4
+    )
     assert metrics["pseudo_coverage"] == pytest.approx((6 + 3) / 16 * 100)
     assert metrics["pseudo_foreground"] == pytest.approx((3 + 1) / 16 * 100)
     # sigmoids: image 0 (0.88, 0.73) tags (1, 0); image 1 (0.27, 0.95) tags (0, 1)
@@ -416,15 +528,18 @@ def test_images_are_read_as_predict_reads_them(tmp_path):
 
     from toco.images import read_image
 
-    root = make_tags_tree(tmp_path / "t", {"a.jpg": (30, 30)}, {"a.jpg": ["cat"],
-                                                               "turned.jpg": ["cat"],
-                                                               "deep.png": ["dog"]})
-    stored = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6,
-                                     (24, 1, 3)))  # 40 wide, 24 high
+    root = make_tags_tree(
+        tmp_path / "t",
+        {"a.jpg": (30, 30)},
+        {"a.jpg": ["cat"], "turned.jpg": ["cat"], "deep.png": ["dog"]},
+    )
+    stored = Image.fromarray(
+        np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (24, 1, 3))
+    )  # 40 wide, 24 high
     exif = Image.Exif()
     exif[0x0112] = 6  # shown turned by 90 degrees: 24 wide, 40 high
     stored.save(root / "images" / "turned.jpg", exif=exif, quality=95)
-    deep = (np.arange(20 * 16, dtype=np.uint16).reshape(20, 16) * 200)
+    deep = np.arange(20 * 16, dtype=np.uint16).reshape(20, 16) * 200
     Image.fromarray(deep).save(root / "images" / "deep.png")
     (root / "masks").mkdir()
     from tests.fixtures import write_mask_png
@@ -435,8 +550,9 @@ def test_images_are_read_as_predict_reads_them(tmp_path):
     assert val.names == ["deep", "turned"] and val.with_masks
     for i, name in enumerate(val.names):
         image = val[i]["image"].permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(image, read_image(root / "images" /
-                                                        read_collection(root).files[name]))
+        np.testing.assert_array_equal(
+            image, read_image(root / "images" / read_collection(root).files[name])
+        )
     assert val[1]["image"].shape == (3, 40, 24)
     assert val[0]["image"].max() == round(deep.max() / 65535 * 255)  # scaled, not clipped
 
@@ -449,10 +565,25 @@ def test_two_processes_score_every_held_back_image_once(tmp_path):
 
     root = make_tags_tree(tmp_path / "t", IMAGES, LABELS)
     work = tmp_path / "ddp"
-    cmd = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  str(REPO / "train.py"),
-                  *tags_args(root, work, "--max-iters", "1", "--eval-every", "1",
-                             "--val-fraction", "0.4", "--threads", "1"))
+    cmd = _python(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *tags_args(
+            root,
+            work,
+            "--max-iters",
+            "1",
+            "--eval-every",
+            "1",
+            "--val-fraction",
+            "0.4",
+            "--threads",
+            "1",
+        ),
+    )
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     held = held_back(read_collection(root).files, 0.4)

@@ -1,4 +1,5 @@
 """Pictures: palette colours, heat-map colours, blending, the preview's image choice and grid."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,11 +16,15 @@ def test_palette_is_the_voc_colour_map():
     assert colors[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
     assert colors[255].tolist() == [224, 224, 192]  # the cream boundary / ignore colour
     assert colorize(np.array([[0, 2], [255, 1]], np.uint8)).tolist() == [
-        [[0, 0, 0], [0, 128, 0]], [[224, 224, 192], [128, 0, 0]]]
+        [[0, 0, 0], [0, 128, 0]],
+        [[224, 224, 192], [128, 0, 0]],
+    ]
 
 
-@pytest.mark.parametrize("value, rgb", [(0.0, (0, 0, 127)), (0.25, (0, 127, 255)),
-                                         (0.5, (127, 255, 127)), (1.0, (127, 0, 0))])
+@pytest.mark.parametrize(
+    "value, rgb",
+    [(0.0, (0, 0, 127)), (0.25, (0, 127, 255)), (0.5, (127, 255, 127)), (1.0, (127, 0, 0))],
+)
 def test_heatmap_colours(value, rgb):
     # r = clip(1.5 - |4x - 3|), g = clip(1.5 - |4x - 2|), b = clip(1.5 - |4x - 1|), times 255
     assert tuple(heatmap(np.full((1, 1), value))[0, 0]) == rgb
@@ -45,18 +50,25 @@ def test_pick_images_covers_the_classes_first():
 
 def test_preview_has_five_labelled_columns_and_a_legend(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [[rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
-             np.full((40, 60), k, np.uint8), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
-             np.full((40, 60), 255, np.uint8), np.full((40, 60), k, np.uint8)]
-            for k in (1, 2)]
-    path = write_preview(tmp_path / "preview.png", rows, ["a", "b"],
-                         ["background", "cat", "dog"], "demo")
+    rows = [
+        [
+            rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
+            np.full((40, 60), k, np.uint8),
+            rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
+            np.full((40, 60), 255, np.uint8),
+            np.full((40, 60), k, np.uint8),
+        ]
+        for k in (1, 2)
+    ]
+    path = write_preview(
+        tmp_path / "preview.png", rows, ["a", "b"], ["background", "cat", "dog"], "demo"
+    )
     picture = np.asarray(Image.open(path).convert("RGB"))
     body = grid(rows, COLUMNS, row_titles=["a", "b"], title="demo")
     assert picture.shape[1] == body.width and picture.shape[0] > body.height  # legend below
     key = np.asarray(legend(["background", "cat", "dog"], [1, 2, 255], width=body.width))
-    assert (picture[body.height:] == key).all()
+    assert (picture[body.height :] == key).all()
     # the ground truth of row 1 (class 1, dark red) fills its cell
-    cell_colours = {tuple(c) for c in picture[:body.height].reshape(-1, 3)}
+    cell_colours = {tuple(c) for c in picture[: body.height].reshape(-1, 3)}
     assert (128, 0, 0) in cell_colours and (0, 128, 0) in cell_colours
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind

@@ -3,12 +3,16 @@
 `from toco import load_segmenter` is the Python API (toco.predict.segmenter); it is imported on
 first use, so `import toco` stays cheap for the command-line tools.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-_LAZY = {"load_segmenter": "toco.predict.segmenter", "Segmenter": "toco.predict.segmenter",
-         "Prediction": "toco.predict.segmenter"}
+_LAZY = {
+    "load_segmenter": "toco.predict.segmenter",
+    "Segmenter": "toco.predict.segmenter",
+    "Prediction": "toco.predict.segmenter",
+}
 __all__ = list(_LAZY)
 
 

@@ -7,6 +7,7 @@ or the new one, never a mix. A kill leaves at most a `.<name>.*.tmp` sibling. Th
 a lock on its temporary file, which the OS releases when the writer dies, so
 `remove_stale_temps` can tell a dead writer's leftovers from a live writer's file.
 """
+
 from __future__ import annotations
 
 import contextlib

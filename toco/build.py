@@ -3,6 +3,7 @@
 The one place where config fields meet the network and dataset constructors; shared by training,
 evaluation, export and the benchmarks.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,17 @@ from toco.method.losses import (
 )
 from toco.method.step import LossModule
 
-__all__ = ["build_model", "build_loss_modules", "input_normalisation", "compile_backbone",
-           "dataset_spec", "train_dataset", "eval_dataset", "layout_params", "seed_worker"]
+__all__ = [
+    "build_model",
+    "build_loss_modules",
+    "input_normalisation",
+    "compile_backbone",
+    "dataset_spec",
+    "train_dataset",
+    "eval_dataset",
+    "layout_params",
+    "seed_worker",
+]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = None) -> ToCoNet:
@@ -31,13 +41,25 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None = Non
     `pretrained` overrides cfg.pretrained."""
     kwargs = {"depth": cfg.backbone_depth} if cfg.backbone_depth else {}
     trainable_blocks = 0 if cfg.freeze_backbone else cfg.trainable_blocks
-    backbone = ViTBackbone(cfg.backbone, cfg.pretrained if pretrained is None else pretrained,
-                           aux_layer=cfg.aux_layer, pos_embed_antialias=cfg.pos_embed_antialias,
-                           trainable_blocks=trainable_blocks, **kwargs)
+    backbone = ViTBackbone(
+        cfg.backbone,
+        cfg.pretrained if pretrained is None else pretrained,
+        aux_layer=cfg.aux_layer,
+        pos_embed_antialias=cfg.pos_embed_antialias,
+        trainable_blocks=trainable_blocks,
+        **kwargs,
+    )
     mean, std = input_normalisation(cfg, backbone)
-    model = ToCoNet(backbone, num_classes, decoder_dim=cfg.decoder_dim,
-                    ema_momentum=cfg.ema_momentum, ctc_hidden_dim=cfg.ctc_hidden_dim,
-                    ctc_out_dim=cfg.ctc_out_dim, pixel_mean=mean, pixel_std=std)
+    model = ToCoNet(
+        backbone,
+        num_classes,
+        decoder_dim=cfg.decoder_dim,
+        ema_momentum=cfg.ema_momentum,
+        ctc_hidden_dim=cfg.ctc_hidden_dim,
+        ctc_out_dim=cfg.ctc_out_dim,
+        pixel_mean=mean,
+        pixel_std=std,
+    )
     backbone.grad_checkpointing = cfg.grad_checkpointing
     # Plug-in feature hooks (RCA's aggregation) are part of the network: training, the CAM
     # passes, evaluation and export all rebuild them from the config. None when plug-ins are off.
@@ -52,11 +74,16 @@ def build_loss_modules(cfg: TrainConfig) -> list[LossModule]:
     return [
         ClassificationLoss(cfg.w_cls),
         PatchTokenContrast(cfg.w_ptc, cfg.contrast_start_iter, cfg.loss_group_size),
-        ClassTokenContrast(cfg.w_ctc, cfg.contrast_start_iter, temperature=cfg.ctc_temp,
-                           always_add_negative_term=cfg.ctc_negative_term),
+        ClassTokenContrast(
+            cfg.w_ctc,
+            cfg.contrast_start_iter,
+            temperature=cfg.ctc_temp,
+            always_add_negative_term=cfg.ctc_negative_term,
+        ),
         SegmentationLoss(cfg.w_seg, cfg.seg_start_iter, cfg.loss_group_size),
-        RegularizationLoss(cfg.w_reg, cfg.seg_start_iter,
-                           reference_gradient=cfg.reg_gradient == "reference"),
+        RegularizationLoss(
+            cfg.w_reg, cfg.seg_start_iter, reference_gradient=cfg.reg_gradient == "reference"
+        ),
     ]
 
 
@@ -65,7 +92,6 @@ def input_normalisation(cfg: TrainConfig, backbone: ViTBackbone) -> tuple[tuple,
     if cfg.input_norm == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     return backbone.pretrained_mean, backbone.pretrained_std
-
 
 
 def compile_backbone(model: ToCoNet, mode: str, backend: str = "inductor") -> None:
@@ -96,17 +122,29 @@ def dataset_spec(cfg: TrainConfig) -> DatasetSpec:
 
 def train_dataset(cfg: TrainConfig) -> VOCTrainDataset:
     return datasets.build_train_dataset(
-        cfg.dataset, cfg.data_root, cfg.train_split, cfg.crop_size, cfg.cache_dir,
+        cfg.dataset,
+        cfg.data_root,
+        cfg.train_split,
+        cfg.crop_size,
+        cfg.cache_dir,
         scale_range=tuple(cfg.scale_range),
         align_local_flip=cfg.local_view_flip == "aligned",  # "independent": reference bug B2
-        skip_bad_images=cfg.skip_bad_images, synthetic_params=layout_params(cfg),
-        label_source=cfg.image_labels)
+        skip_bad_images=cfg.skip_bad_images,
+        synthetic_params=layout_params(cfg),
+        label_source=cfg.image_labels,
+    )
 
 
-def eval_dataset(cfg: TrainConfig, split: str | None, with_masks: bool | None = True
-                 ) -> VOCEvalDataset:
+def eval_dataset(
+    cfg: TrainConfig, split: str | None, with_masks: bool | None = True
+) -> VOCEvalDataset:
     """with_masks=None: masks where the split has them (see datasets.build_eval_dataset)."""
-    return datasets.build_eval_dataset(cfg.dataset, cfg.data_root, split, cfg.cache_dir,
-                                       with_masks=with_masks,
-                                       synthetic_params=layout_params(cfg),
-                                       label_source=cfg.image_labels)
+    return datasets.build_eval_dataset(
+        cfg.dataset,
+        cfg.data_root,
+        split,
+        cfg.cache_dir,
+        with_masks=with_masks,
+        synthetic_params=layout_params(cfg),
+        label_source=cfg.image_labels,
+    )

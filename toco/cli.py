@@ -1,5 +1,6 @@
 """Shared CLI behaviour: user errors print one clear line and exit 2, without a traceback;
 one argument parser and help layout for every entry point."""
+
 from __future__ import annotations
 
 import argparse

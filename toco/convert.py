@@ -13,6 +13,7 @@ The config starts from the matching published recipe (configs/{voc,coco}_{vit,de
 the converted model runs as the official network: ImageNet input normalisation, its thresholds
 and CAM scales.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,24 +32,50 @@ SOURCE = "toco-official"
 FAMILIES = ("vit", "deit")
 # The timm weights each official factory was initialised from (its default_cfg URL), which the
 # published recipes of this project train from as well.
-OFFICIAL_BACKBONES = {"vit": "vit_base_patch16_224.orig_in21k_ft_in1k",
-                      "deit": "deit_base_patch16_224.fb_in1k"}
+OFFICIAL_BACKBONES = {
+    "vit": "vit_base_patch16_224.orig_in21k_ft_in1k",
+    "deit": "deit_base_patch16_224.fb_in1k",
+}
 DATASET_OF_CLASSES = {21: "voc", 81: "coco"}
 DEFAULT_DATA_ROOTS = {"voc": "VOCdevkit/VOC2012", "coco": "coco2014"}
 # Tensors of one encoder block, relative to `encoder.blocks.<i>.`.
-BLOCK_TENSORS = tuple(f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2",
-                                             "mlp.fc1", "mlp.fc2") for p in ("weight", "bias"))
-ENCODER_TENSORS = ("cls_token", "pos_embed", "patch_embed.proj.weight",
-                   "patch_embed.proj.bias", "norm.weight", "norm.bias")
+BLOCK_TENSORS = tuple(
+    f"{m}.{p}"
+    for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+    for p in ("weight", "bias")
+)
+ENCODER_TENSORS = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+)
 # The forked ViT keeps timm's 1000-class head, which ToCo never uses.
 UNUSED_TENSORS = ("encoder.head.weight", "encoder.head.bias")
-HEAD_TENSORS = ("classifier.weight", "aux_classifier.weight", "decoder.conv6.weight",
-                "decoder.conv7.weight", "decoder.conv8.weight")
-CTC_TENSORS = ("mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
-               "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v")
+HEAD_TENSORS = (
+    "classifier.weight",
+    "aux_classifier.weight",
+    "decoder.conv6.weight",
+    "decoder.conv7.weight",
+    "decoder.conv8.weight",
+)
+CTC_TENSORS = (
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+    "mlp.4.weight",
+    "mlp.4.bias",
+    "last_layer.weight_g",
+    "last_layer.weight_v",
+)
 # Official CTC head -> ours (torch.nn.utils.parametrizations.weight_norm's names).
-CTC_RENAMES = {"last_layer.weight_g": "last_layer.parametrizations.weight.original0",
-               "last_layer.weight_v": "last_layer.parametrizations.weight.original1"}
+CTC_RENAMES = {
+    "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
+    "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
+}
 CTC_HEADS = {"proj_head.": "proj_head.", "proj_head_t.": "proj_head_teacher.module."}
 CTC_BOTTLENECK = 256  # fixed in both implementations
 
@@ -90,21 +117,29 @@ def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        raise UserError(f"{path} is a .safetensors file, not an official ToCo checkpoint (.pth); "
-                        "a release of this project is used as it is")
+        raise UserError(
+            f"{path} is a .safetensors file, not an official ToCo checkpoint (.pth); "
+            "a release of this project is used as it is"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged files
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path} cannot be read as a PyTorch checkpoint (truncated or not a "
-                        f"checkpoint?): {first[:200]}") from None
+        raise UserError(
+            f"{path} cannot be read as a PyTorch checkpoint (truncated or not a "
+            f"checkpoint?): {first[:200]}"
+        ) from None
     if not isinstance(payload, Mapping):
-        raise UserError(f"{path} holds a {type(payload).__name__}, not the state_dict of an "
-                        "official ToCo network")
+        raise UserError(
+            f"{path} holds a {type(payload).__name__}, not the state_dict of an "
+            "official ToCo network"
+        )
     if "trainer" in payload or ("config" in payload and "model" in payload):
-        raise UserError(f"{path} is a training checkpoint of this project, not an official "
-                        "ToCo one: write its release with python -m toco.export --checkpoint "
-                        f"{path} --output model.safetensors")
+        raise UserError(
+            f"{path} is a training checkpoint of this project, not an official "
+            "ToCo one: write its release with python -m toco.export --checkpoint "
+            f"{path} --output model.safetensors"
+        )
     args: dict[str, Any] = {}
     for wrapper in ("state_dict", "model"):
         if isinstance(payload.get(wrapper), Mapping):
@@ -115,8 +150,10 @@ def read_official(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     state = {}
     for key, value in payload.items():
         if not isinstance(value, Tensor):
-            raise UserError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: "
-                            "not the state_dict of an official ToCo network")
+            raise UserError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: "
+                "not the state_dict of an official ToCo network"
+            )
         state[str(key).removeprefix("module.")] = value
     return state, args
 
@@ -149,10 +186,12 @@ def check_keys(state: Mapping[str, Tensor], path: str | Path) -> int:
     if any(k.startswith(("blocks.", "cls_token", "patch_embed.")) for k in state):
         hint = " (a timm/backbone checkpoint? train from it with --pretrained FILE instead)"
     elif any(k.startswith("backbone.vit.") for k in state):
-        hint = (" (weights of this project's own model: python -m toco.export writes its "
-                "release)")
-    parts = [f"{label} {_few(keys)}" for label, keys in (("missing", missing),
-                                                          ("unexpected", unexpected)) if keys]
+        hint = " (weights of this project's own model: python -m toco.export writes its release)"
+    parts = [
+        f"{label} {_few(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
     raise UserError(f"{path} is not an official ToCo checkpoint: {'; '.join(parts)}{hint}")
 
 
@@ -161,22 +200,29 @@ def infer_arch(state: Mapping[str, Tensor], depth: int, path: str | Path) -> Off
     patch = state["encoder.patch_embed.proj.weight"]
     embed_dim, _, p, p2 = patch.shape
     tokens = state["encoder.pos_embed"].shape[1] - 1
-    grid = round(tokens ** 0.5)
+    grid = round(tokens**0.5)
     if p != p2 or grid * grid != tokens:
-        raise UserError(f"{path}: a {p}x{p2} patch and {tokens} position tokens: not the square "
-                        "patch grid of an official ToCo encoder")
+        raise UserError(
+            f"{path}: a {p}x{p2} patch and {tokens} position tokens: not the square "
+            "patch grid of an official ToCo encoder"
+        )
     num_fg = state["classifier.weight"].shape[0]
     bottleneck = state["proj_head.mlp.4.weight"].shape[0]
     if bottleneck != CTC_BOTTLENECK:
-        raise UserError(f"{path}: CTC head bottleneck {bottleneck}, the official network's is "
-                        f"{CTC_BOTTLENECK}")
+        raise UserError(
+            f"{path}: CTC head bottleneck {bottleneck}, the official network's is {CTC_BOTTLENECK}"
+        )
     return OfficialArch(
-        embed_dim=int(embed_dim), depth=depth, patch_size=int(p), pos_grid=grid,
+        embed_dim=int(embed_dim),
+        depth=depth,
+        patch_size=int(p),
+        pos_grid=grid,
         mlp_dim=int(state["encoder.blocks.0.mlp.fc1.weight"].shape[0]),
         num_classes=int(num_fg) + 1,
         decoder_dim=int(state["decoder.conv6.weight"].shape[0]),
         ctc_hidden_dim=int(state["proj_head.mlp.0.weight"].shape[0]),
-        ctc_out_dim=int(state["proj_head.last_layer.weight_v"].shape[0]))
+        ctc_out_dim=int(state["proj_head.last_layer.weight_v"].shape[0]),
+    )
 
 
 # ---- renaming ----
@@ -208,8 +254,9 @@ def convert_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 # ---- what the tensors cannot say ----
-def resolve_family(path: str | Path, args: Mapping[str, Any], family: Optional[str],
-                   backbone: Optional[str] = None) -> str:
+def resolve_family(
+    path: str | Path, args: Mapping[str, Any], family: Optional[str], backbone: Optional[str] = None
+) -> str:
     """'vit' or 'deit': the flag, else the timm name given, the embedded --backbone, the file
     name."""
     if family:
@@ -220,9 +267,11 @@ def resolve_family(path: str | Path, args: Mapping[str, Any], family: Optional[s
             return "deit"
         if "vit" in low:
             return "vit"
-    raise UserError(f"{path}: official ViT-B and DeiT-B checkpoints have the same tensors and "
-                    "neither its name nor embedded arguments say which this is: pass "
-                    "--family vit or --family deit")
+    raise UserError(
+        f"{path}: official ViT-B and DeiT-B checkpoints have the same tensors and "
+        "neither its name nor embedded arguments say which this is: pass "
+        "--family vit or --family deit"
+    )
 
 
 def timm_depth(name: str) -> int:
@@ -233,28 +282,49 @@ def timm_depth(name: str) -> int:
         return len(timm.create_model(name, pretrained=False).blocks)
 
 
-def build_config(arch: OfficialArch, family: str, backbone: Optional[str],
-                 aux_layer: Optional[int], data_root: Optional[str],
-                 args: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+def build_config(
+    arch: OfficialArch,
+    family: str,
+    backbone: Optional[str],
+    aux_layer: Optional[int],
+    data_root: Optional[str],
+    args: Mapping[str, Any],
+    path: str | Path,
+) -> dict[str, Any]:
     """The published recipe for (dataset, family), with the checkpoint's own architecture."""
     from toco.config import CONFIG_DIR, parse_config
 
     dataset = DATASET_OF_CLASSES.get(arch.num_classes)
     if dataset is None:
-        raise UserError(f"{path}: {arch.num_classes} classes (background included); official "
-                        "checkpoints have 21 (VOC) or 81 (COCO)")
+        raise UserError(
+            f"{path}: {arch.num_classes} classes (background included); official "
+            "checkpoints have 21 (VOC) or 81 (COCO)"
+        )
     name = backbone or OFFICIAL_BACKBONES[family]
     if backbone is None and (arch.embed_dim, arch.patch_size, arch.pos_grid) != (768, 16, 14):
-        raise UserError(f"{path}: width {arch.embed_dim}, patch {arch.patch_size}, a "
-                        f"{arch.pos_grid}x{arch.pos_grid} position grid: not the ViT-B/16 of "
-                        "the released checkpoints; pass --backbone TIMM_NAME with these sizes")
+        raise UserError(
+            f"{path}: width {arch.embed_dim}, patch {arch.patch_size}, a "
+            f"{arch.pos_grid}x{arch.pos_grid} position grid: not the ViT-B/16 of "
+            "the released checkpoints; pass --backbone TIMM_NAME with these sizes"
+        )
     recipe = CONFIG_DIR / f"{dataset}_{family}_b.yaml"
     aux = aux_layer if aux_layer is not None else args.get("aux_layer")
-    argv = ["--config", str(recipe), "--backbone", name, "--pretrained", "none",
-            "--data-root", data_root or DEFAULT_DATA_ROOTS[dataset],
-            "--decoder-dim", str(arch.decoder_dim),
-            "--ctc-hidden-dim", str(arch.ctc_hidden_dim),
-            "--ctc-out-dim", str(arch.ctc_out_dim)]
+    argv = [
+        "--config",
+        str(recipe),
+        "--backbone",
+        name,
+        "--pretrained",
+        "none",
+        "--data-root",
+        data_root or DEFAULT_DATA_ROOTS[dataset],
+        "--decoder-dim",
+        str(arch.decoder_dim),
+        "--ctc-hidden-dim",
+        str(arch.ctc_hidden_dim),
+        "--ctc-out-dim",
+        str(arch.ctc_out_dim),
+    ]
     if aux is not None:
         argv += ["--aux-layer", str(int(aux))]
     try:
@@ -275,10 +345,16 @@ def default_iteration(path: str | Path, config: Mapping[str, Any]) -> int:
     return int(match.group(1)) if match else int(config["max_iters"])
 
 
-def convert_official(path: str | Path, *, family: Optional[str] = None,
-                     backbone: Optional[str] = None, aux_layer: Optional[int] = None,
-                     data_root: Optional[str] = None, iteration: Optional[int] = None,
-                     check: bool = True) -> Converted:
+def convert_official(
+    path: str | Path,
+    *,
+    family: Optional[str] = None,
+    backbone: Optional[str] = None,
+    aux_layer: Optional[int] = None,
+    data_root: Optional[str] = None,
+    iteration: Optional[int] = None,
+    check: bool = True,
+) -> Converted:
     """Read, check and rename an official checkpoint; `check` loads it into our model.
 
     The loading check refuses (one line naming the keys) a backbone name whose shapes differ.
@@ -293,14 +369,16 @@ def convert_official(path: str | Path, *, family: Optional[str] = None,
     tensors = convert_state_dict(state)
     if check:
         build_from_config(config, tensors, path)
-    return Converted(tensors=tensors, config=config,
-                     class_names=DATASETS[config["dataset"]].class_names,
-                     iteration=default_iteration(path, config) if iteration is None
-                     else iteration, arch=arch)
+    return Converted(
+        tensors=tensors,
+        config=config,
+        class_names=DATASETS[config["dataset"]].class_names,
+        iteration=default_iteration(path, config) if iteration is None else iteration,
+        arch=arch,
+    )
 
 
-def build_from_config(config: Mapping[str, Any], tensors: Mapping[str, Tensor],
-                      path: str | Path):
+def build_from_config(config: Mapping[str, Any], tensors: Mapping[str, Tensor], path: str | Path):
     """ToCoNet of `config` with `tensors` loaded (UserError naming keys that do not fit)."""
     from datasets import DATASETS
     from toco.build import build_model
@@ -330,52 +408,85 @@ def is_official_checkpoint(path: str | Path) -> bool:
     except Exception:  # unreadable here: the project's own loader reports why
         return False
     return isinstance(payload, Mapping) and any(
-        str(k).removeprefix("module.") == "encoder.patch_embed.proj.weight" for k in payload)
+        str(k).removeprefix("module.") == "encoder.patch_embed.proj.weight" for k in payload
+    )
 
 
 def checkpoint_state(path: str | Path, **options) -> dict[str, Any]:
     """An official checkpoint as `toco.checkpoint.load_checkpoint` returns ours: `model`,
     `config` and `iteration` entries, so evaluation can take either file."""
     converted = convert_official(path, check=False, **options)
-    return {"model": converted.tensors, "config": converted.config,
-            "iteration": converted.iteration}
+    return {
+        "model": converted.tensors,
+        "config": converted.config,
+        "iteration": converted.iteration,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m toco.convert",
         description="Convert an official ToCo checkpoint into a release .safetensors file "
-                    "(evaluate.py, predict.py and toco.load_segmenter read it).",
+        "(evaluate.py, predict.py and toco.load_segmenter read it).",
         epilog="example: python -m toco.convert --from toco-official model_iter_20000.pth "
-               "--family vit --output voc_vit_b.safetensors (docs/reproduce.md)")
+        "--family vit --output voc_vit_b.safetensors (docs/reproduce.md)",
+    )
     parser.add_argument("checkpoint", help="the official .pth (a state_dict of its network)")
-    parser.add_argument("--from", dest="source", choices=[SOURCE], required=True,
-                        help="the checkpoint's origin: rulixiang/ToCo")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=[SOURCE],
+        required=True,
+        help="the checkpoint's origin: rulixiang/ToCo",
+    )
     parser.add_argument("--output", required=True, help="release file to write (.safetensors)")
-    parser.add_argument("--family", choices=FAMILIES,
-                        help="ViT-B or DeiT-B (same tensors; default: from embedded arguments "
-                             "or the file name)")
-    parser.add_argument("--backbone", help="timm name of the encoder (default: the published "
-                        "recipe's for the family: " + ", ".join(OFFICIAL_BACKBONES.values())
-                        + ")")
-    parser.add_argument("--aux-layer", type=int,
-                        help="block feeding the aux classifier (default: embedded, else the "
-                             "recipe's -3, as every official run)")
-    parser.add_argument("--data-root", help="dataset root recorded in the config (default: "
-                        + ", ".join(f"{k}: {v}" for k, v in DEFAULT_DATA_ROOTS.items())
-                        + "; evaluate.py --data-root overrides it)")
-    parser.add_argument("--iteration", type=int,
-                        help="training iteration recorded (default: from model_iter_N in the "
-                             "file name, else the recipe's max_iters)")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        help="ViT-B or DeiT-B (same tensors; default: from embedded arguments or the file name)",
+    )
+    parser.add_argument(
+        "--backbone",
+        help="timm name of the encoder (default: the published "
+        "recipe's for the family: " + ", ".join(OFFICIAL_BACKBONES.values()) + ")",
+    )
+    parser.add_argument(
+        "--aux-layer",
+        type=int,
+        help="block feeding the aux classifier (default: embedded, else the "
+        "recipe's -3, as every official run)",
+    )
+    parser.add_argument(
+        "--data-root",
+        help="dataset root recorded in the config (default: "
+        + ", ".join(f"{k}: {v}" for k, v in DEFAULT_DATA_ROOTS.items())
+        + "; evaluate.py --data-root overrides it)",
+    )
+    parser.add_argument(
+        "--iteration",
+        type=int,
+        help="training iteration recorded (default: from model_iter_N in the "
+        "file name, else the recipe's max_iters)",
+    )
     args = parser.parse_args(argv)
     from toco.release import write_release
 
-    converted = convert_official(args.checkpoint, family=args.family, backbone=args.backbone,
-                                 aux_layer=args.aux_layer, data_root=args.data_root,
-                                 iteration=args.iteration)
-    out = write_release(args.output, converted.tensors, converted.config,
-                        iteration=converted.iteration, class_names=converted.class_names,
-                        source=SOURCE)
+    converted = convert_official(
+        args.checkpoint,
+        family=args.family,
+        backbone=args.backbone,
+        aux_layer=args.aux_layer,
+        data_root=args.data_root,
+        iteration=args.iteration,
+    )
+    out = write_release(
+        args.output,
+        converted.tensors,
+        converted.config,
+        iteration=converted.iteration,
+        class_names=converted.class_names,
+        source=SOURCE,
+    )
     print(out)
     return 0
 

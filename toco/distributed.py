@@ -6,6 +6,7 @@ Gradients are averaged explicitly after backward rather than through DDP's forwa
 because a ToCo step runs the encoder several times (main view, second view, local crops) and
 decides lazily which passes are needed; DDP requires a single forward call per step.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,9 @@ def average_gradients(params: Iterable[nn.Parameter], info: DistInfo) -> None:
     if not info.enabled:
         return
     params = [p for p in params if p.requires_grad]
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
-                            device=params[0].device)
+    has_grad = torch.tensor(
+        [p.grad is not None for p in params], dtype=torch.float32, device=params[0].device
+    )
     dist.all_reduce(has_grad)
     live = [p for p, flag in zip(params, has_grad.tolist()) if flag > 0]
     for p in live:
@@ -89,7 +91,7 @@ def average_gradients(params: Iterable[nn.Parameter], info: DistInfo) -> None:
         offset = 0
         for p in group:
             n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
 
 

@@ -1,4 +1,5 @@
 """Errors that are the user's to fix: the CLIs print their message, without a traceback."""
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,9 @@ class ConfigError(UserError):
 
 
 # A write that fails with one of these is the storage's fault, not a bug: say so in one line.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
-                            errno.EDQUOT, errno.EFBIG, errno.EIO})
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
+)
 
 
 def storage_error(err: OSError, resume_hint: str) -> Optional[UserError]:
@@ -27,5 +29,7 @@ def storage_error(err: OSError, resume_hint: str) -> Optional[UserError]:
     if err.errno not in STORAGE_ERRNOS:
         return None
     where = f" {err.filename}" if err.filename else ""
-    return UserError(f"cannot write{where}: {err.strerror or errno.errorcode.get(err.errno)} "
-                     f"(disk full or read-only?); {resume_hint}")
+    return UserError(
+        f"cannot write{where}: {err.strerror or errno.errorcode.get(err.errno)} "
+        f"(disk full or read-only?); {resume_hint}"
+    )

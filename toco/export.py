@@ -7,6 +7,7 @@ network from the embedded config with random-init backbone weights and loads the
 `load_model` reads either kind of file (a release or a training checkpoint, told apart by
 content), as evaluate.py, predict.py and `toco.load_segmenter` do.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,9 +20,17 @@ from toco.checkpoint import load_checkpoint, load_weights
 from toco.cli import ArgumentParser, run_cli
 from toco.release import TRAINING_ONLY_PREFIXES, is_release, read_release, write_release
 
-__all__ = ["TRAINING_ONLY_PREFIXES", "export_release", "is_release", "load_model",
-           "load_model_state", "load_release", "read_release", "with_training_heads",
-           "write_release"]
+__all__ = [
+    "TRAINING_ONLY_PREFIXES",
+    "export_release",
+    "is_release",
+    "load_model",
+    "load_model_state",
+    "load_release",
+    "read_release",
+    "with_training_heads",
+    "write_release",
+]
 
 
 def export_release(checkpoint: str, output: str) -> Path:
@@ -34,12 +43,12 @@ def export_release(checkpoint: str, output: str) -> Path:
     # A tagged collection's names come from its root: the checkpoint keeps them (the root may
     # be elsewhere by now).
     names = state.get("class_names") or build.dataset_spec(cfg).class_names
-    return write_release(output, state["model"], state["config"], iteration=state["iteration"],
-                         class_names=names)
+    return write_release(
+        output, state["model"], state["config"], iteration=state["iteration"], class_names=names
+    )
 
 
-def load_model_state(path: str | Path, map_location: str | torch.device = "cpu"
-                     ) -> dict[str, Any]:
+def load_model_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A training checkpoint, a release file or an official ToCo checkpoint (converted on the
     fly), as a dict with at least `model` and `config`."""
     from toco.convert import checkpoint_state, is_official_checkpoint
@@ -51,12 +60,15 @@ def load_model_state(path: str | Path, map_location: str | torch.device = "cpu"
     return load_checkpoint(path, map_location=map_location)
 
 
-def with_training_heads(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
-                        ) -> dict[str, torch.Tensor]:
+def with_training_heads(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """`tensors` plus the training-only heads a release leaves out, at the model's own values
     (inference never runs them)."""
-    return {**{k: v for k, v in model.state_dict().items()
-               if k.startswith(TRAINING_ONLY_PREFIXES)}, **tensors}
+    return {
+        **{k: v for k, v in model.state_dict().items() if k.startswith(TRAINING_ONLY_PREFIXES)},
+        **tensors,
+    }
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

@@ -11,6 +11,7 @@ uint8 as is, bool as 0/255, uint16 over its full range, float in [0, 1] (or, whe
 is above 1, in [0, 255]), other integer types by their range (at most 255: 8 bit, at most
 65535: 16 bit).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,10 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-        raise UserError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
-                        f"got shape {tuple(a.shape)}")
+        raise UserError(
+            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+            f"got shape {tuple(a.shape)}"
+        )
     if min(a.shape[:2]) == 0:
         raise UserError(f"an image array must not be empty; got shape {tuple(a.shape)}")
     a = _to_uint8(a)
@@ -75,8 +78,9 @@ def to_rgb(image: ImageInput) -> np.ndarray:
         return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         return array_to_rgb(image)
-    raise UserError(f"an image must be a path, a PIL image or a numpy array; got "
-                    f"{type(image).__name__}")
+    raise UserError(
+        f"an image must be a path, a PIL image or a numpy array; got {type(image).__name__}"
+    )
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -93,8 +97,10 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.integer):
         low, high = int(a.min()), int(a.max())
         if low < 0 or high > 65535:
-            raise UserError(f"an integer image array must hold values in 0..255 or 0..65535; "
-                            f"got {low}..{high} ({a.dtype})")
+            raise UserError(
+                f"an integer image array must hold values in 0..255 or 0..65535; "
+                f"got {low}..{high} ({a.dtype})"
+            )
         return _scaled(a, 255 if high <= 255 else 65535)
     raise UserError(f"an image array of dtype {a.dtype} is not an image")
 

@@ -2,6 +2,7 @@
 
 Shared by training, evaluation and prediction (none of which import each other for it).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def resolve_device(name: str) -> torch.device:
         if count == 0:
             raise ConfigError(f"--device {name} requested but no CUDA device is available")
         if device.index is not None and device.index >= count:
-            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), "
-                              f"cuda:0..cuda:{count - 1}")
+            raise ConfigError(
+                f"--device {name}: this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}"
+            )
     return device
 
 
@@ -61,8 +64,9 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
 
 
-def cpu_threads(cfg: RuntimeSettings, device: torch.device, local_world_size: int | None = None
-                ) -> tuple[int, str]:
+def cpu_threads(
+    cfg: RuntimeSettings, device: torch.device, local_world_size: int | None = None
+) -> tuple[int, str]:
     """Torch threads for this process, and why.
 
     On the CPU, torch's OpenMP threads spin-wait for each other: any other busy process on
@@ -80,12 +84,15 @@ def cpu_threads(cfg: RuntimeSettings, device: torch.device, local_world_size: in
     if local_world_size is None:
         local_world_size = local_processes()
     threads = max(1, cores // max(local_world_size, 1) - cfg.num_workers)
-    return threads, (f"{cores} cores, {local_world_size} process(es), {cfg.num_workers} "
-                     "data-loader worker(s) each; --threads overrides")
+    return threads, (
+        f"{cores} cores, {local_world_size} process(es), {cfg.num_workers} "
+        "data-loader worker(s) each; --threads overrides"
+    )
 
 
-def configure_precision(cfg: RuntimeSettings, device: torch.device,
-                        local_world_size: int | None = None) -> str:
+def configure_precision(
+    cfg: RuntimeSettings, device: torch.device, local_world_size: int | None = None
+) -> str:
     """Threads, denormals and TF32; returns a line for the log saying what was chosen."""
     threads, why = cpu_threads(cfg, device, local_world_size)
     if threads != torch.get_num_threads():

@@ -10,6 +10,7 @@ flag the same with dashes; the helpers below read these fields, so the
 core config (toco.config) and the plug-in section (toco.config.plugin_section) type values,
 build flags, check choices and load old configs the same way.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,14 +24,26 @@ from toco.errors import ConfigError
 _UNSET = object()
 
 
-def setting(default: Any, help: str, choices: Sequence[Any] | None = None,
-            group: str = "misc", *, elem: type | None = None, before: Any = _UNSET,
-            internal: bool = False, renamed_from: Sequence[str] = ()) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    choices: Sequence[Any] | None = None,
+    group: str = "misc",
+    *,
+    elem: type | None = None,
+    before: Any = _UNSET,
+    internal: bool = False,
+    renamed_from: Sequence[str] = (),
+) -> Any:
     """A typed setting (a dataclass field); tuples get `elem` (default: the first item's type).
 
     `internal`: stored and read from YAML, but no flag of its own."""
-    meta: dict[str, Any] = {"help": help, "group": group, "internal": internal,
-                            "renamed_from": tuple(renamed_from)}
+    meta: dict[str, Any] = {
+        "help": help,
+        "group": group,
+        "internal": internal,
+        "renamed_from": tuple(renamed_from),
+    }
     if choices is not None:
         meta["choices"] = tuple(choices)
     if before is not _UNSET:
@@ -49,8 +62,11 @@ def fields_of(cls: type) -> dict[str, dataclasses.Field]:
 
 @functools.cache
 def _old_names(cls: type) -> dict[str, str]:
-    return {old: name for name, f in fields_of(cls).items()
-            for old in f.metadata.get("renamed_from", ())}
+    return {
+        old: name
+        for name, f in fields_of(cls).items()
+        for old in f.metadata.get("renamed_from", ())
+    }
 
 
 def current_name(cls: type, key: str) -> str:
@@ -102,8 +118,7 @@ def convert(cls: type, name: str, value: Any, source: str, spelled: str | None =
             return value
         return typ(value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: bad value {value!r} for '{spelled or name}': {err}"
-                          ) from None
+        raise ConfigError(f"{source}: bad value {value!r} for '{spelled or name}': {err}") from None
 
 
 def unknown_key(what: str, key: str, known: Iterable[str], source: str) -> ConfigError:

@@ -4,6 +4,7 @@ Plain numpy + PIL (no matplotlib). Label maps use the VOC palette everywhere, so
 the same class in a run's preview, an evaluation report, a predicted mask PNG and an overlay;
 255 (ignored / uncertain) is drawn in VOC's cream boundary colour.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -42,8 +43,9 @@ def to_uint8_image(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def blend(image: np.ndarray, overlay: np.ndarray, alpha: float,
-          where: Optional[np.ndarray] = None) -> np.ndarray:
+def blend(
+    image: np.ndarray, overlay: np.ndarray, alpha: float, where: Optional[np.ndarray] = None
+) -> np.ndarray:
     """(1 - alpha) * image + alpha * overlay, only where `where` is true (default: everywhere)."""
     out = image.astype(np.float32)
     mixed = (1 - alpha) * out + alpha * overlay.astype(np.float32)
@@ -69,8 +71,9 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def legend(class_names: Sequence[str], labels: Optional[Sequence[int]] = None,
-           width: int = 600) -> Image.Image:
+def legend(
+    class_names: Sequence[str], labels: Optional[Sequence[int]] = None, width: int = 600
+) -> Image.Image:
     """A strip of colour swatches with class names, wrapped to `width` pixels.
 
     labels: the label values to show (default: every class); 255 may be included ("ignore").
@@ -90,14 +93,22 @@ def legend(class_names: Sequence[str], labels: Optional[Sequence[int]] = None,
     strip = Image.new("RGB", (width, y + line_h + CELL_PAD), "white")
     draw = ImageDraw.Draw(strip)
     for x, y, value, name in items:
-        draw.rectangle([x, y + 1, x + line_h - 4, y + line_h - 3],
-                       fill=tuple(int(c) for c in colors[value]), outline=(80, 80, 80))
+        draw.rectangle(
+            [x, y + 1, x + line_h - 4, y + line_h - 3],
+            fill=tuple(int(c) for c in colors[value]),
+            outline=(80, 80, 80),
+        )
         draw.text((x + line_h, y + 1), name, fill="black", font=_font())
     return strip
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
-         row_titles: Sequence[str] = (), title: str = "", cell: int = 128) -> Image.Image:
+def grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    columns: Sequence[str],
+    row_titles: Sequence[str] = (),
+    title: str = "",
+    cell: int = 128,
+) -> Image.Image:
     """A labelled table of pictures: one row per sample, one column per panel.
 
     Every panel is an (H, W, 3) uint8 picture or an (H, W) label map (coloured with the
@@ -123,8 +134,12 @@ def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
     y = title_h + text_h
     for i, row in enumerate(cells):
         if i < len(row_titles):
-            draw.text((CELL_PAD, y + heights[i] // 2 - text_h // 2), row_titles[i],
-                      fill="black", font=_font())
+            draw.text(
+                (CELL_PAD, y + heights[i] // 2 - text_h // 2),
+                row_titles[i],
+                fill="black",
+                font=_font(),
+            )
         for j, picture in enumerate(row):
             canvas.paste(picture, (row_label_w + CELL_PAD + j * (cell + CELL_PAD), y))
         y += heights[i] + CELL_PAD
@@ -133,8 +148,9 @@ def grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[str],
 
 def stack(pictures: Sequence[Image.Image]) -> Image.Image:
     """The pictures one under the other, left-aligned, on white."""
-    canvas = Image.new("RGB", (max(p.width for p in pictures),
-                               sum(p.height for p in pictures)), "white")
+    canvas = Image.new(
+        "RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white"
+    )
     y = 0
     for picture in pictures:
         canvas.paste(picture, (0, y))

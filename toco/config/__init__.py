@@ -7,6 +7,7 @@
 
 The names most callers need are here.
 """
+
 from toco.config.flags import build_parser, parse_config
 from toco.config.recipes import CONFIG_DIR, config_json, load_recipe_chain, load_yaml, save_config
 from toco.config.settings import (
@@ -18,6 +19,18 @@ from toco.config.settings import (
     resumed_config,
 )
 
-__all__ = ["CONFIG_DIR", "OFFICIAL_BEHAVIOUR", "RESUMABLE_SETTINGS", "TrainConfig",
-           "build_parser", "changed_settings", "config_json", "flat_settings",
-           "load_recipe_chain", "load_yaml", "parse_config", "resumed_config", "save_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "OFFICIAL_BEHAVIOUR",
+    "RESUMABLE_SETTINGS",
+    "TrainConfig",
+    "build_parser",
+    "changed_settings",
+    "config_json",
+    "flat_settings",
+    "load_recipe_chain",
+    "load_yaml",
+    "parse_config",
+    "resumed_config",
+    "save_config",
+]

@@ -1,5 +1,6 @@
 """The command line of train.py: one flag per setting (grouped as the settings declare), the
 plug-in flags, `--config` and `--plugin-module`, parsed into a validated TrainConfig."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,20 @@ def build_parser(extra: ExtraFlags = None) -> argparse.ArgumentParser:
         group_name = f.metadata["group"]
         group = groups.setdefault(group_name, parser.add_argument_group(group_name))
         flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": name,
-                                  "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {
+            "help": f.metadata["help"],
+            "dest": name,
+            "default": argparse.SUPPRESS,
+        }
         if schema.value_type(TrainConfig, name) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(schema.flag_options(TrainConfig, name))
         group.add_argument(flag, **kwargs)
         for old_name in schema.old_names(TrainConfig, name):  # earlier spellings still work
-            group.add_argument("--" + old_name.replace("_", "-"),
-                               **{**kwargs, "help": argparse.SUPPRESS})
+            group.add_argument(
+                "--" + old_name.replace("_", "-"), **{**kwargs, "help": argparse.SUPPRESS}
+            )
     _add_module_flag(groups.setdefault("plugins", parser.add_argument_group("plugins")))
     add_plugin_flags(parser)
     if extra is not None:
@@ -45,13 +50,19 @@ def build_parser(extra: ExtraFlags = None) -> argparse.ArgumentParser:
 
 
 def _add_module_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--plugin-module", dest=MODULES_KEY, action="append",
-                        default=argparse.SUPPRESS, metavar="MODULE",
-                        help=FIELDS[MODULES_KEY].metadata["help"])
+    parser.add_argument(
+        "--plugin-module",
+        dest=MODULES_KEY,
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="MODULE",
+        help=FIELDS[MODULES_KEY].metadata["help"],
+    )
 
 
-def parse_config(argv: Optional[Sequence[str]] = None,
-                 extra: ExtraFlags = None) -> tuple[TrainConfig, argparse.Namespace]:
+def parse_config(
+    argv: Optional[Sequence[str]] = None, extra: ExtraFlags = None
+) -> tuple[TrainConfig, argparse.Namespace]:
     """Parse flags (and the YAML named by --config) into a validated TrainConfig.
 
     Returns the config and the namespace (for script-only flags added by `extra`).

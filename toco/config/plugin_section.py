@@ -7,6 +7,7 @@ the flat keys of older recipes and checkpoints (`ppc`, `w_ppc`, `ppc_tau`, ...,
 `start_iter`; see `split_plugin_values`), types every value with toco.schema as the core
 settings are, and builds the plug-in flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def _coerce_section(name: str, values: Any, source: str) -> dict[str, Any]:
     if isinstance(values, bool):
         values = {"enable": values}
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: '{SECTION}.{name}' must be a mapping of settings or "
-                          f"true/false, got {values!r}")
+        raise ConfigError(
+            f"{source}: '{SECTION}.{name}' must be a mapping of settings or "
+            f"true/false, got {values!r}"
+        )
     known = schema.fields_of(plugin.settings)
     out = {}
     for raw, value in values.items():
@@ -42,8 +45,9 @@ def _coerce_section(name: str, values: Any, source: str) -> dict[str, Any]:
     return out
 
 
-def split_plugin_values(values: dict[str, Any], source: str
-                        ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def split_plugin_values(
+    values: dict[str, Any], source: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Split a mapping of settings into (the core keys, the typed plug-in values
     {name: {setting: value}}).
 
@@ -71,7 +75,7 @@ def split_plugin_values(values: dict[str, Any], source: str
         elif key == ALL_START_KEY:
             common = {n: _coerce_section(n, {"start_iter": value}, source) for n in plugins}
         elif key.startswith(SECTION + "."):
-            name, _, setting_name = key[len(SECTION) + 1:].partition(".")
+            name, _, setting_name = key[len(SECTION) + 1 :].partition(".")
             if name not in plugins:
                 raise schema.unknown_key("plug-in", name, plugins, source)
             ordered.append({name: _coerce_section(name, {setting_name: value}, source)})
@@ -84,12 +88,13 @@ def split_plugin_values(values: dict[str, Any], source: str
             if owner is None:
                 core[raw] = value
                 continue
-            setting_name = schema.current_name(plugins[owner].settings, key[len(owner) + 1:])
+            setting_name = schema.current_name(plugins[owner].settings, key[len(owner) + 1 :])
             if setting_name not in schema.fields_of(plugins[owner].settings):
                 raise ConfigError(
                     f"{source}: '{key}' is no longer a setting: plug-in settings live in the "
                     f"'{SECTION}.{owner}' section, which has no '{setting_name}' (known: "
-                    f"{', '.join(schema.fields_of(plugins[owner].settings))})")
+                    f"{', '.join(schema.fields_of(plugins[owner].settings))})"
+                )
             ordered.append({owner: _coerce_section(owner, {setting_name: value}, source)})
     return core, merge_plugin_values(common, *ordered)
 
@@ -122,13 +127,12 @@ def nest_plugin_values(values: dict[str, Any]) -> dict[str, Any]:
     nested: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
         if str(key).startswith(SECTION + "."):
-            name, _, setting_name = key[len(SECTION) + 1:].partition(".")
+            name, _, setting_name = key[len(SECTION) + 1 :].partition(".")
             nested.setdefault(name, {})[setting_name] = value
     return {**core, SECTION: nested} if nested else core
 
 
-def merge_plugin_values(*layers: Optional[dict[str, dict[str, Any]]]
-                        ) -> dict[str, dict[str, Any]]:
+def merge_plugin_values(*layers: Optional[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Later layers override earlier ones, setting by setting."""
     out: dict[str, dict[str, Any]] = {}
     for layer in layers:
@@ -140,8 +144,9 @@ def merge_plugin_values(*layers: Optional[dict[str, dict[str, Any]]]
 class PluginSet:
     """The settings of every registered plug-in: `plugins.ppc.tau`, `plugins["rca"]`."""
 
-    def __init__(self, values: "Optional[dict[str, Any] | PluginSet]" = None,
-                 source: str = "config") -> None:
+    def __init__(
+        self, values: "Optional[dict[str, Any] | PluginSet]" = None, source: str = "config"
+    ) -> None:
         given = dict(values._settings if isinstance(values, PluginSet) else values or {})
         plugins = registered()
         for name in given:
@@ -188,8 +193,13 @@ class PluginSet:
         return PluginSet({n: dataclasses.replace(self[n], enable=n in on) for n in self.names()})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {n: {k: (list(v) if isinstance(v, tuple) else v)
-                    for k, v in dataclasses.asdict(self[n]).items()} for n in self.names()}
+        return {
+            n: {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self[n]).items()
+            }
+            for n in self.names()
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PluginSet) and self.to_dict() == other.to_dict()
@@ -202,21 +212,27 @@ class PluginSet:
 
     def validate(self, cfg: "TrainConfig") -> None:
         """Generic choice checks for every plug-in, then each enabled plug-in's `check`."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
         for name in self.names():
             settings = self[name]
-            schema.check_choices(settings, lambda s, n=name: f"{SECTION}.{n}.{s} "
-                                 f"(--{flag_name(n, s)})")
-            need(settings.weight >= 0,
-                 f"{SECTION}.{name}.weight must be >= 0, got {settings.weight}")
-            need(settings.start_iter is None or settings.start_iter >= 0,
-                 f"{SECTION}.{name}.start_iter must be >= 0, got {settings.start_iter}")
+            schema.check_choices(
+                settings, lambda s, n=name: f"{SECTION}.{n}.{s} (--{flag_name(n, s)})"
+            )
+            need(
+                settings.weight >= 0, f"{SECTION}.{name}.weight must be >= 0, got {settings.weight}"
+            )
+            need(
+                settings.start_iter is None or settings.start_iter >= 0,
+                f"{SECTION}.{name}.start_iter must be >= 0, got {settings.start_iter}",
+            )
             if settings.enable:
-                settings.check(cfg, need, lambda s, n=name: f"{SECTION}.{n}.{s} "
-                               f"(--{flag_name(n, s)})")
+                settings.check(
+                    cfg, need, lambda s, n=name: f"{SECTION}.{n}.{s} (--{flag_name(n, s)})"
+                )
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -243,10 +259,14 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting of every registered plug-in (`--name`/`--no-name` for `enable`,
     `--name-<setting>`, also `--w-<name>` for the weight) and `--plugin-start-iter` for all."""
     common = {"dest": SECTION, "action": _PluginFlag, "default": argparse.SUPPRESS}
-    parser.add_argument("--" + ALL_START_KEY.replace("_", "-"), key=ALL_START_KEY, type=int,
-                        metavar="ITER",
-                        help="start_iter of every plug-in (a plug-in's own flag wins)",
-                        **common)
+    parser.add_argument(
+        "--" + ALL_START_KEY.replace("_", "-"),
+        key=ALL_START_KEY,
+        type=int,
+        metavar="ITER",
+        help="start_iter of every plug-in (a plug-in's own flag wins)",
+        **common,
+    )
     for name, plugin in registered().items():
         group = parser.add_argument_group(f"plug-in {name}", plugin.summary)
         for f in dataclasses.fields(plugin.settings):
@@ -254,26 +274,44 @@ def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
             flag = "--" + flag_name(name, f.name)
             typ = schema.value_type(plugin.settings, f.name)
             default = schema.default_of(plugin.settings, f.name)
-            help_text = (f"switch {name} on" if f.name == "enable" else f.metadata["help"])
+            help_text = f"switch {name} on" if f.name == "enable" else f.metadata["help"]
             if typ is bool:
-                group.add_argument(flag, key=key, nargs=0, const=True,
-                                   help=f"{help_text} (--no-{flag[2:]}: off; default: "
-                                   f"{'on' if default else 'off'})", **common)
-                group.add_argument("--no-" + flag[2:], key=key, nargs=0, const=False,
-                                   help=argparse.SUPPRESS, **common)
+                group.add_argument(
+                    flag,
+                    key=key,
+                    nargs=0,
+                    const=True,
+                    help=f"{help_text} (--no-{flag[2:]}: off; default: "
+                    f"{'on' if default else 'off'})",
+                    **common,
+                )
+                group.add_argument(
+                    "--no-" + flag[2:],
+                    key=key,
+                    nargs=0,
+                    const=False,
+                    help=argparse.SUPPRESS,
+                    **common,
+                )
                 continue
             for old_name in schema.old_names(plugin.settings, f.name):  # still accepted
-                group.add_argument("--" + flag_name(name, old_name), key=key,
-                                   help=argparse.SUPPRESS, **common,
-                                   **schema.flag_options(plugin.settings, f.name))
+                group.add_argument(
+                    "--" + flag_name(name, old_name),
+                    key=key,
+                    help=argparse.SUPPRESS,
+                    **common,
+                    **schema.flag_options(plugin.settings, f.name),
+                )
             flags = [flag, f"--w-{name}"] if f.name == "weight" else [flag]
             shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
             choices = f.metadata.get("choices")
             kwargs: dict[str, Any] = {
-                "key": key, "help": help_text if default is None
-                else f"{help_text} (default: {shown})",
-                "metavar": "{" + ",".join(map(str, choices)) + "}" if choices
-                else f.name.upper(), **common, **schema.flag_options(plugin.settings, f.name)}
+                "key": key,
+                "help": help_text if default is None else f"{help_text} (default: {shown})",
+                "metavar": "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper(),
+                **common,
+                **schema.flag_options(plugin.settings, f.name),
+            }
             group.add_argument(*flags, **kwargs)
 
 
@@ -281,9 +319,12 @@ def plugin_values_before(saved: dict[str, Any]) -> dict[str, Any]:
     """For a stored config: the plug-in settings it predates, at the values that reproduce how
     its run behaved (their `before`), as dotted keys to put under the stored values."""
     _, given = split_plugin_values(saved, "checkpoint config")
-    return flatten_plugin_values({
-        name: schema.values_before(plugin.settings, saved, given.get(name, {}))
-        for name, plugin in registered().items()})
+    return flatten_plugin_values(
+        {
+            name: schema.values_before(plugin.settings, saved, given.get(name, {}))
+            for name, plugin in registered().items()
+        }
+    )
 
 
 def enabled_in(config: dict[str, Any]) -> list[str]:

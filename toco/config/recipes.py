@@ -3,6 +3,7 @@ config.yaml a run writes.
 
 Precedence: TrainConfig defaults < the dataset's recipe < `--config` and its bases < flags.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,14 +34,15 @@ def load_yaml(path: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of settings, got {type(data).__name__}"
+        )
     return data
 
 
-def resolve_recipes(config: Optional[str], flags: dict[str, Any],
-                    layers: Optional[list["RecipeLayer"]] = None
-                    ) -> tuple[dict[str, Any], list[Path], list[str]]:
+def resolve_recipes(
+    config: Optional[str], flags: dict[str, Any], layers: Optional[list["RecipeLayer"]] = None
+) -> tuple[dict[str, Any], list[Path], list[str]]:
     """The settings of `--config` and its bases, over the dataset's default recipe.
 
     Returns (values, the recipe files in the order applied, warnings). A recipe names its base
@@ -58,19 +60,26 @@ def resolve_recipes(config: Optional[str], flags: dict[str, Any],
     default_path, defaults = dataset_recipe(dataset)
     warnings: list[str] = []
     # The recipe settings this file leaves to others and that differ from the built-in defaults.
-    unset = {k: v for k, v in defaults.items()
-             if k not in own and k not in flags and _plain(v) != _plain(_default_of(k))}
+    unset = {
+        k: v
+        for k, v in defaults.items()
+        if k not in own and k not in flags and _plain(v) != _plain(_default_of(k))
+    }
     if first is not None and first.base == "none":
         if unset:
-            warnings.append(f"{first.path} starts from the built-in defaults (base: none), not "
-                            f"from {display_path(str(default_path))}; it does not set "
-                            f"{_listing(unset)}")
+            warnings.append(
+                f"{first.path} starts from the built-in defaults (base: none), not "
+                f"from {display_path(str(default_path))}; it does not set "
+                f"{_listing(unset)}"
+            )
         defaults, default_path = {}, None
     elif first is not None and unset and not _inside(first.path, CONFIG_DIR):
-        warnings.append(f"{first.path} names no base recipe, so the settings it does not set "
-                        f"come from {display_path(str(default_path))}, among them "
-                        f"{_listing(unset)} (write `base: {default_path.name}` to say so, or "
-                        "`base: none` to start from the built-in defaults)")
+        warnings.append(
+            f"{first.path} names no base recipe, so the settings it does not set "
+            f"come from {display_path(str(default_path))}, among them "
+            f"{_listing(unset)} (write `base: {default_path.name}` to say so, or "
+            "`base: none` to start from the built-in defaults)"
+        )
     chain = [layer.path for layer in layers]
     if default_path is not None and all(p.resolve() != default_path.resolve() for p in chain):
         chain.insert(0, default_path)
@@ -117,16 +126,20 @@ def load_recipe_chain(path: str) -> list[RecipeLayer]:
     raw_layers.reverse()
     for recipe, _, raw in raw_layers:
         import_plugin_modules(raw.get(MODULES_KEY, ()), str(recipe))
-    return [RecipeLayer(recipe, base, coerce_settings(raw, str(recipe)))
-            for recipe, base, raw in raw_layers]
+    return [
+        RecipeLayer(recipe, base, coerce_settings(raw, str(recipe)))
+        for recipe, base, raw in raw_layers
+    ]
 
 
 def _find_base(base: str, recipe: Path) -> Path:
     for candidate in (recipe.parent / base, CONFIG_DIR / base):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"{recipe}: base recipe '{base}' not found (looked in {recipe.parent} "
-                      f"and {display_path(str(CONFIG_DIR))}/)")
+    raise ConfigError(
+        f"{recipe}: base recipe '{base}' not found (looked in {recipe.parent} "
+        f"and {display_path(str(CONFIG_DIR))}/)"
+    )
 
 
 def _merged(layers: list[RecipeLayer]) -> dict[str, Any]:

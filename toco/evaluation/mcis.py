@@ -11,6 +11,7 @@ self-pairs (mirror, 0.75x, 2x; `--no-self-pairs` to skip) that pass the score fi
 (`evaluate.py --mode cam`). Costs 3 x |labels| + 3 pair passes per image; the segmentation
 decoder is not involved.
 """
+
 from __future__ import annotations
 
 import random
@@ -40,8 +41,10 @@ def load_trained_mcis(checkpoint: str, device: torch.device):
     num_classes = build.dataset_spec(cfg).num_classes
     model = build_model(cfg, num_classes, pretrained="none").to(device)
     load_weights(model, state["model"], checkpoint)
-    modules = nn.ModuleList(build_loss_modules(cfg) + build_plugins(
-        cfg, model.backbone.embed_dim, num_classes, model=model)).to(device)
+    modules = nn.ModuleList(
+        build_loss_modules(cfg)
+        + build_plugins(cfg, model.backbone.embed_dim, num_classes, model=model)
+    ).to(device)
     modules.load_state_dict(state["trainer"]["loss_modules"])
     plugin = next(m for m in modules if isinstance(m, CrossImageSemantics))
     return cfg, model.eval(), plugin.eval()
@@ -52,11 +55,20 @@ def _labels(dataset) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_cross_image_cams(model: nn.Module, plugin: CrossImageSemantics, dataset,
-                              num_classes: int, partners: int, bkg_thre: float,
-                              device: torch.device, size: Optional[int] = None, seed: int = 0,
-                              partner_set=None, self_pairs: bool = True,
-                              score_thr: float = 0.1):
+def evaluate_cross_image_cams(
+    model: nn.Module,
+    plugin: CrossImageSemantics,
+    dataset,
+    num_classes: int,
+    partners: int,
+    bkg_thre: float,
+    device: torch.device,
+    size: Optional[int] = None,
+    seed: int = 0,
+    partner_set=None,
+    self_pairs: bool = True,
+    score_thr: float = 0.1,
+):
     """Score MCIS's cross-image CAMs on a labelled split: for every image and each of its
     classes, `partners` images of `partner_set` (the training split; default: `dataset`
     itself) with that class (seeded draw), at `size` x `size` when given; self-pairs and the
@@ -72,18 +84,24 @@ def evaluate_cross_image_cams(model: nn.Module, plugin: CrossImageSemantics, dat
 
     def load(ds, i: int) -> Tensor:
         x = ds[i]["image"][None].to(device).float().div_(255)
-        return F.interpolate(x, size=(size, size), mode="bilinear",
-                             align_corners=False) if size else x
+        return (
+            F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False) if size else x
+        )
 
     for i in range(len(dataset)):
         sample = dataset[i]
         image = sample["image"][None].to(device).float().div_(255)
         x = load(dataset, i)
-        picks = sample_partners(labels[i], pool_labels, partners, rng,
-                                exclude=i if same else None)
-        cam = cross_image_cam(model, plugin, x, labels[i][None].to(device),
-                              {c: [load(partner_set, j) for j in idx]
-                               for c, idx in picks.items()}, self_pairs, score_thr)
+        picks = sample_partners(labels[i], pool_labels, partners, rng, exclude=i if same else None)
+        cam = cross_image_cam(
+            model,
+            plugin,
+            x,
+            labels[i][None].to(device),
+            {c: [load(partner_set, j) for j in idx] for c, idx in picks.items()},
+            self_pairs,
+            score_thr,
+        )
         cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
         pred = cams_to_prediction(cam, labels[i][None].to(device).float(), bkg_thre)
         result.update(pred, sample["mask"][None].to(device))
@@ -107,12 +125,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--partners", type=int, default=3, help="partner images per class")
-    p.add_argument("--partner-split", default=None,
-                   help="split the partners come from (default: the training split)")
-    p.add_argument("--self-pairs", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the co-attention maps of the mirror, 0.75x and 2x self-pairs")
-    p.add_argument("--score-thr", type=float, default=0.1,
-                   help="a map counts when sigmoid(its mean) exceeds this (official 0.1)")
+    p.add_argument(
+        "--partner-split",
+        default=None,
+        help="split the partners come from (default: the training split)",
+    )
+    p.add_argument(
+        "--self-pairs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the co-attention maps of the mirror, 0.75x and 2x self-pairs",
+    )
+    p.add_argument(
+        "--score-thr",
+        type=float,
+        default=0.1,
+        help="a map counts when sigmoid(its mean) exceeds this (official 0.1)",
+    )
     p.add_argument("--size", type=int, default=None, help="resize images to a square")
     p.add_argument("--bkg-thre", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -128,14 +157,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     partner_split = args.partner_split or cfg.train_split or spec.train_split
     partner_set = build.eval_dataset(cfg, partner_split, with_masks=False)
     result = evaluate_cross_image_cams(
-        model, plugin, dataset, spec.num_classes, args.partners,
-        cfg.bkg_thre if args.bkg_thre is None else args.bkg_thre, device, args.size, args.seed,
-        partner_set=partner_set, self_pairs=args.self_pairs, score_thr=args.score_thr)
+        model,
+        plugin,
+        dataset,
+        spec.num_classes,
+        args.partners,
+        cfg.bkg_thre if args.bkg_thre is None else args.bkg_thre,
+        device,
+        args.size,
+        args.seed,
+        partner_set=partner_set,
+        self_pairs=args.self_pairs,
+        score_thr=args.score_thr,
+    )
     print(format_iou_table(list(spec.class_names), {"mcis_cam": result.iou()}))
-    report = {"miou": result.miou(), "mode": "mcis_cam", "split": args.split,
-              "partner_split": partner_split, "partners": args.partners,
-              "self_pairs": args.self_pairs, "score_thr": args.score_thr,
-              "num_images": len(dataset)}
+    report = {
+        "miou": result.miou(),
+        "mode": "mcis_cam",
+        "split": args.split,
+        "partner_split": partner_split,
+        "partners": args.partners,
+        "self_pairs": args.self_pairs,
+        "score_thr": args.score_thr,
+        "num_images": len(dataset),
+    }
     print(f"mIoU (cross-image CAM): {report['miou']:.2f}")
     if args.output_json:
         with open(args.output_json, "w") as fh:

@@ -6,6 +6,7 @@ over the input), the training rule's pseudo label (multi-scale CAM -> thresholds
 a fixed choice from the validation split (see `pick_images`), so the previews of successive
 validations and of different runs show the same images.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,9 @@ def pick_images(labels: Sequence[Sequence[int]], count: int) -> list[int]:
 
 
 @torch.no_grad()
-def preview_rows(model, samples: Sequence[dict], cfg, device: torch.device, size: int,
-                 autocast=None) -> list[list[np.ndarray]]:
+def preview_rows(
+    model, samples: Sequence[dict], cfg, device: torch.device, size: int, autocast=None
+) -> list[list[np.ndarray]]:
     """The five panels of each sample (a dataset item: uint8 image, mask, cls_label)."""
     par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
     was_training = model.training
@@ -61,24 +63,37 @@ def preview_rows(model, samples: Sequence[dict], cfg, device: torch.device, size
         with (autocast or contextlib.nullcontext)():
             cam, _ = predict_cams(model, image, cfg.val_scales, flip=True, size=size)
             seg = predict_seg_logits(model, image, size=size).float().argmax(1)
-            pseudo = pseudo_labels(model, image, cls_label, cfg, par, size=size,
-                                   use_aux_cam=False)
+            pseudo = pseudo_labels(model, image, cls_label, cfg, par, size=size, use_aux_cam=False)
         picture = sample["image"].permute(1, 2, 0).numpy()
-        truth = (sample["mask"].numpy().astype(np.uint8) if "mask" in sample
-                 else np.full(picture.shape[:2], IGNORE, np.uint8))  # no mask: all unknown
-        rows.append([picture, truth,
-                     blend(picture, heatmap(class_score_map(cam.float(), cls_label)[0]), 0.6),
-                     pseudo[0].cpu().numpy().astype(np.uint8),
-                     seg[0].cpu().numpy().astype(np.uint8)])
+        truth = (
+            sample["mask"].numpy().astype(np.uint8)
+            if "mask" in sample
+            else np.full(picture.shape[:2], IGNORE, np.uint8)
+        )  # no mask: all unknown
+        rows.append(
+            [
+                picture,
+                truth,
+                blend(picture, heatmap(class_score_map(cam.float(), cls_label)[0]), 0.6),
+                pseudo[0].cpu().numpy().astype(np.uint8),
+                seg[0].cpu().numpy().astype(np.uint8),
+            ]
+        )
     model.train(was_training)
     return rows
 
 
-def write_preview(path: Path, rows: Sequence[Sequence[np.ndarray]], names: Sequence[str],
-                  class_names: Sequence[str], title: str) -> Path:
+def write_preview(
+    path: Path,
+    rows: Sequence[Sequence[np.ndarray]],
+    names: Sequence[str],
+    class_names: Sequence[str],
+    title: str,
+) -> Path:
     """Compose the grid with its legend and write it atomically as a PNG."""
-    shown = sorted({int(v) for row in rows for panel in (row[1], row[3], row[4])
-                    for v in np.unique(panel)})
+    shown = sorted(
+        {int(v) for row in rows for panel in (row[1], row[3], row[4]) for v in np.unique(panel)}
+    )
     labels = [v for v in shown if v < len(class_names)] + ([IGNORE] if IGNORE in shown else [])
     body = grid(rows, COLUMNS, row_titles=names, title=title)
     picture = stack([body, legend(class_names, labels, width=body.width)])
@@ -88,9 +103,18 @@ def write_preview(path: Path, rows: Sequence[Sequence[np.ndarray]], names: Seque
     return path
 
 
-def run_preview(model, dataset, indices: Sequence[int], cfg, device: torch.device, size: int,
-                path: Path, class_names: Sequence[str], title: str,
-                autocast=None) -> Optional[Path]:
+def run_preview(
+    model,
+    dataset,
+    indices: Sequence[int],
+    cfg,
+    device: torch.device,
+    size: int,
+    path: Path,
+    class_names: Sequence[str],
+    title: str,
+    autocast=None,
+) -> Optional[Path]:
     """Render and write the preview of `dataset[i] for i in indices`; None if there are none."""
     if not indices:
         return None

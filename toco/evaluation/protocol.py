@@ -15,6 +15,7 @@ In every protocol the logits of each pass are upsampled to the label's size befo
 fusion, and CAMs always use ToCo's multi-scale CAM rule (flip MAX, scale SUM, then min-max
 normalisation). The dense CRF is an option of each protocol.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,23 @@ PROTOCOL_NAMES = ("train-val", "voc-ms", "coco-ms")
 
 # ToCo's CRF for segmentation predictions (tools/infer_seg_*): 10 mean-field steps, smoothness
 # kernel sxy 1 / weight 1, appearance kernel sxy 121 / srgb 5 / weight 4.
-SEG_CRF = {"iterations": 10, "gaussian_sxy": 1.0, "gaussian_w": 1.0, "bilateral_sxy": 121.0,
-           "bilateral_srgb": 5.0, "bilateral_w": 4.0}
+SEG_CRF = {
+    "iterations": 10,
+    "gaussian_sxy": 1.0,
+    "gaussian_w": 1.0,
+    "bilateral_sxy": 121.0,
+    "bilateral_srgb": 5.0,
+    "bilateral_w": 4.0,
+}
 # ToCo's CRF for pseudo labels (tools/infer_cam_crf_label.py).
-PSEUDO_CRF = {"iterations": 10, "gaussian_sxy": 3.0, "gaussian_w": 3.0, "bilateral_sxy": 36.0,
-              "bilateral_srgb": 3.0, "bilateral_w": 4.0}
+PSEUDO_CRF = {
+    "iterations": 10,
+    "gaussian_sxy": 3.0,
+    "gaussian_w": 3.0,
+    "bilateral_sxy": 36.0,
+    "bilateral_srgb": 3.0,
+    "bilateral_w": 4.0,
+}
 
 
 @dataclass(frozen=True)
@@ -65,15 +78,29 @@ class Protocol:
 
     def seg_logits(self, model: ToCoNet, image: Tensor) -> Tensor:
         """Fused segmentation logits (B, C, H, W) at the image's size."""
-        return predict_seg_logits(model, image, self.seg_scales, flip=self.flip,
-                                  size=self.size, flip_fusion=self.flip_fusion,
-                                  scale_fusion=self.scale_fusion, patch_fit=self.patch_fit)
+        return predict_seg_logits(
+            model,
+            image,
+            self.seg_scales,
+            flip=self.flip,
+            size=self.size,
+            flip_fusion=self.flip_fusion,
+            scale_fusion=self.scale_fusion,
+            patch_fit=self.patch_fit,
+        )
 
-    def cams(self, model: ToCoNet, image: Tensor, scales: Optional[Sequence[float]] = None
-             ) -> tuple[Tensor, Tensor]:
+    def cams(
+        self, model: ToCoNet, image: Tensor, scales: Optional[Sequence[float]] = None
+    ) -> tuple[Tensor, Tensor]:
         """Normalised multi-scale (cam, cam_aux) at the image's size."""
-        return predict_cams(model, image, scales or self.cam_scales, flip=self.cam_flip,
-                            size=self.size, patch_fit=self.patch_fit)
+        return predict_cams(
+            model,
+            image,
+            scales or self.cam_scales,
+            flip=self.cam_flip,
+            size=self.size,
+            patch_fit=self.patch_fit,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -88,11 +115,11 @@ def named_protocol(name: str, cfg: TrainConfig, mode: str = "seg") -> Protocol:
 
     CAM scales are the run's validation scales, or for pseudo labels its training scales.
     """
-    cam_scales = tuple(float(s) for s in (cfg.cam_scales if mode == "pseudo" else
-                                          cfg.val_scales))
+    cam_scales = tuple(float(s) for s in (cfg.cam_scales if mode == "pseudo" else cfg.val_scales))
     if name == "train-val":
-        return Protocol(name, cfg.val_size or cfg.crop_size, (1.0,), False, "sum", "max",
-                        cam_scales)
+        return Protocol(
+            name, cfg.val_size or cfg.crop_size, (1.0,), False, "sum", "max", cam_scales
+        )
     if name == "voc-ms":
         return Protocol(name, None, (1.0, 1.5, 1.25), True, "sum", "max", cam_scales)
     if name == "coco-ms":
@@ -100,13 +127,22 @@ def named_protocol(name: str, cfg: TrainConfig, mode: str = "seg") -> Protocol:
     raise ConfigError(f"unknown --protocol {name!r}; choose one of {', '.join(PROTOCOL_NAMES)}")
 
 
-def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *,
-                   scales: Optional[Sequence[float]] = None,
-                   flip: Optional[bool] = None, size: Optional[int] = None,
-                   flip_fusion: Optional[str] = None, scale_fusion: Optional[str] = None,
-                   cam_scales: Optional[Sequence[float]] = None, cam_flip: Optional[bool] = None,
-                   patch_fit: str = "pad", crf: Optional[str] = None,
-                   crf_params: Optional[dict[str, float]] = None) -> Protocol:
+def build_protocol(
+    name: str,
+    cfg: TrainConfig,
+    mode: str = "seg",
+    *,
+    scales: Optional[Sequence[float]] = None,
+    flip: Optional[bool] = None,
+    size: Optional[int] = None,
+    flip_fusion: Optional[str] = None,
+    scale_fusion: Optional[str] = None,
+    cam_scales: Optional[Sequence[float]] = None,
+    cam_flip: Optional[bool] = None,
+    patch_fit: str = "pad",
+    crf: Optional[str] = None,
+    crf_params: Optional[dict[str, float]] = None,
+) -> Protocol:
     """A named protocol with explicit overrides (None keeps the protocol's value).
 
     `size` 0 means the original size. Overridden protocols keep their name with a "+custom"
@@ -133,15 +169,20 @@ def build_protocol(name: str, cfg: TrainConfig, mode: str = "seg", *,
     if scale_fusion is not None:
         changes["scale_fusion"] = scale_fusion
     custom = {k: v for k, v in changes.items() if getattr(base, k) != v}
-    proto = dataclasses.replace(base, **custom, patch_fit=patch_fit,
-                                name=base.name + ("+custom" if custom else ""))
+    proto = dataclasses.replace(
+        base, **custom, patch_fit=patch_fit, name=base.name + ("+custom" if custom else "")
+    )
     if crf:
         proto = dataclasses.replace(proto, crf=crf, crf_params=dict(crf_params or SEG_CRF))
     return proto
 
 
-def apply_crf(protocol: Protocol, image_uint8: Tensor, probs: Tensor,
-              params: Optional[dict[str, float]] = None) -> Tensor:
+def apply_crf(
+    protocol: Protocol,
+    image_uint8: Tensor,
+    probs: Tensor,
+    params: Optional[dict[str, float]] = None,
+) -> Tensor:
     """Dense-CRF-refined probabilities with the protocol's backend and parameters."""
     from toco.method.crf import CRF_BACKENDS
 

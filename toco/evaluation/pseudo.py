@@ -17,6 +17,7 @@ at the mask's resolution. There pixels the rule leaves uncertain count as backgr
 uncertain foreground pixel is a miss, and `coverage` is the fraction of scored pixels that got
 a label (`evaluate.py --mode pseudo` leaves uncertain pixels out instead, as ToCo's tool does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,9 +44,16 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 @torch.no_grad()
-def refine_with_crf(par: PAR, images: Tensor, valid_cam: Tensor, cls_label: Tensor,
-                    high_thre: float, low_thre: float, down_scale: int, crf: Refiner
-                    ) -> Tensor:
+def refine_with_crf(
+    par: PAR,
+    images: Tensor,
+    valid_cam: Tensor,
+    cls_label: Tensor,
+    high_thre: float,
+    low_thre: float,
+    down_scale: int,
+    crf: Refiner,
+) -> Tensor:
     """The training refinement (toco.method.cam.refine_cams_with_bkg, whole image, no box) with
     `crf` applied to each PAR-refined stack before its argmax; one image at a time.
 
@@ -56,47 +64,62 @@ def refine_with_crf(par: PAR, images: Tensor, valid_cam: Tensor, cls_label: Tens
     image_u8 = (images * 255).round().clamp(0, 255).to(torch.uint8)
     out = []
     for i in range(b):
-        keys = torch.cat([cls_label.new_zeros(1, dtype=torch.long),
-                          torch.nonzero(cls_label[i] > 0).flatten() + 1])
-        fg = valid_cam[i:i + 1, keys[1:] - 1].float()
+        keys = torch.cat(
+            [
+                cls_label.new_zeros(1, dtype=torch.long),
+                torch.nonzero(cls_label[i] > 0).flatten() + 1,
+            ]
+        )
+        fg = valid_cam[i : i + 1, keys[1:] - 1].float()
         labels = []
         for thre in (high_thre, low_thre):
             stack = torch.cat([fg.new_full((1, 1, h, w), thre), fg], dim=1)
             probs = _resize(stack, small.shape[-2:]).softmax(dim=1)
-            refined = _resize(par(small[i:i + 1], probs), (h, w))
+            refined = _resize(par(small[i : i + 1], probs), (h, w))
             refined = refined / refined.sum(dim=1, keepdim=True).clamp_min(1e-12)
-            labels.append(keys[crf(image_u8[i:i + 1], refined).argmax(dim=1)])
+            labels.append(keys[crf(image_u8[i : i + 1], refined).argmax(dim=1)])
         label_h, label_l = labels
         ignore = torch.full_like(label_h, IGNORE)
-        out.append(torch.where(label_h == 0, torch.where(label_l == 0, label_h, ignore),
-                               label_h))
+        out.append(torch.where(label_h == 0, torch.where(label_l == 0, label_h, ignore), label_h))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def pseudo_labels(model: ToCoNet, image: Tensor, cls_label: Tensor, cfg: TrainConfig,
-                  par: PAR, *, size: Optional[int], use_aux_cam: bool,
-                  cam_scales: Optional[tuple[float, ...]] = None, patch_fit: str = "pad",
-                  crf: Optional[Refiner] = None) -> Tensor:
+def pseudo_labels(
+    model: ToCoNet,
+    image: Tensor,
+    cls_label: Tensor,
+    cfg: TrainConfig,
+    par: PAR,
+    *,
+    size: Optional[int],
+    use_aux_cam: bool,
+    cam_scales: Optional[tuple[float, ...]] = None,
+    patch_fit: str = "pad",
+    crf: Optional[Refiner] = None,
+) -> Tensor:
     """(B, H, W) long pseudo labels at the image's size (0..C-1, 255 = uncertain).
 
     image: (B, 3, H, W) in [0, 1]; cls_label: (B, C-1) image-level labels.
     """
     out_size = image.shape[-2:]
     x = _resize(image, (size, size)) if size and tuple(out_size) != (size, size) else image
-    cam, cam_aux = predict_cams(model, x, cam_scales or cfg.cam_scales, flip=True,
-                                patch_fit=patch_fit)
+    cam, cam_aux = predict_cams(
+        model, x, cam_scales or cfg.cam_scales, flip=True, patch_fit=patch_fit
+    )
     source = (cam_aux if use_aux_cam else cam).float()
-    box = torch.tensor([[0, x.shape[-2], 0, x.shape[-1]]], device=x.device).expand(
-        x.shape[0], 4)
-    valid_cam, _ = cam_to_label(source, cls_label, box, cfg.bkg_thre, cfg.high_thre,
-                                cfg.low_thre, ignore_mid=True)
+    box = torch.tensor([[0, x.shape[-2], 0, x.shape[-1]]], device=x.device).expand(x.shape[0], 4)
+    valid_cam, _ = cam_to_label(
+        source, cls_label, box, cfg.bkg_thre, cfg.high_thre, cfg.low_thre, ignore_mid=True
+    )
     if crf is None:
-        label = refine_cams_with_bkg(par, x, valid_cam, cls_label, box, cfg.high_thre,
-                                     cfg.low_thre, cfg.refine_down_scale)
+        label = refine_cams_with_bkg(
+            par, x, valid_cam, cls_label, box, cfg.high_thre, cfg.low_thre, cfg.refine_down_scale
+        )
     else:
-        label = refine_with_crf(par, x, valid_cam, cls_label, cfg.high_thre, cfg.low_thre,
-                                cfg.refine_down_scale, crf)
+        label = refine_with_crf(
+            par, x, valid_cam, cls_label, cfg.high_thre, cfg.low_thre, cfg.refine_down_scale, crf
+        )
     if tuple(label.shape[-2:]) != tuple(out_size):
         label = F.interpolate(label[:, None].float(), size=out_size, mode="nearest")[:, 0]
     return label.long()
@@ -138,10 +161,16 @@ class PseudoLabelScores:
 
 
 @torch.no_grad()
-def evaluate_pseudo_labels(model: ToCoNet, loader: Iterable[dict], num_classes: int,
-                           device: torch.device, cfg: TrainConfig, size: int,
-                           dist_info: DistInfo = DistInfo(), autocast=contextlib.nullcontext
-                           ) -> tuple[ConfusionMatrix, float]:
+def evaluate_pseudo_labels(
+    model: ToCoNet,
+    loader: Iterable[dict],
+    num_classes: int,
+    device: torch.device,
+    cfg: TrainConfig,
+    size: int,
+    dist_info: DistInfo = DistInfo(),
+    autocast=contextlib.nullcontext,
+) -> tuple[ConfusionMatrix, float]:
     """(confusion matrix of the PAR-refined pseudo labels vs the masks, coverage in [0, 1])."""
     was_training = model.training
     model.eval()
@@ -153,8 +182,7 @@ def evaluate_pseudo_labels(model: ToCoNet, loader: Iterable[dict], num_classes: 
         mask = batch["mask"].to(device)
         cls_label = batch["cls_label"].to(device).float()
         with autocast():
-            label = pseudo_labels(model, image, cls_label, cfg, par, size=size,
-                                  use_aux_cam=False)
+            label = pseudo_labels(model, image, cls_label, cfg, par, size=size, use_aux_cam=False)
         scores.update(label, mask)
         result.update(label.masked_fill(label == IGNORE, 0), mask)
     if dist_info.enabled:

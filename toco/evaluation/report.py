@@ -5,6 +5,7 @@ server (open it from disk). Each listed image shows the input, the ground truth,
 heat-map (max over the image's classes), the pseudo label of the training rule and the
 evaluated prediction, side by side.
 """
+
 from __future__ import annotations
 
 import html
@@ -38,8 +39,9 @@ def image_score(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
     return float((tp[present] / union[present]).mean() * 100) if present.any() else math.nan
 
 
-def pick_extremes(scores: Sequence[tuple[int, str, float]], k: int
-                  ) -> tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]]:
+def pick_extremes(
+    scores: Sequence[tuple[int, str, float]], k: int
+) -> tuple[list[tuple[int, str, float]], list[tuple[int, str, float]]]:
     """(k worst, k best) of (index, name, score), NaN scores left out, ties by name."""
     valid = sorted((s for s in scores if not math.isnan(s[2])), key=lambda s: (s[2], s[1]))
     worst = valid[:k]
@@ -57,12 +59,16 @@ def _bar_chart(class_names: Sequence[str], iou: Sequence[float]) -> str:
             rows.append(f'<text x="{LABEL_W + 4}" y="{y + 12}" class="na">no ground truth</text>')
             continue
         width = max(value, 0.0) * BAR_W
-        rows.append(f'<rect class="bar" x="{LABEL_W}" y="{y + 2}" width="{width:.1f}" '
-                    f'height="{ROW_H - 4}"><title>{label}: {value * 100:.2f}</title></rect>')
+        rows.append(
+            f'<rect class="bar" x="{LABEL_W}" y="{y + 2}" width="{width:.1f}" '
+            f'height="{ROW_H - 4}"><title>{label}: {value * 100:.2f}</title></rect>'
+        )
         rows.append(f'<text x="{LABEL_W + width + 4:.1f}" y="{y + 12}">{value * 100:.1f}</text>')
     height = ROW_H * len(class_names)
-    return (f'<svg id="iou-chart" xmlns="http://www.w3.org/2000/svg" width="{LABEL_W + BAR_W + 50}"'
-            f' height="{height}" font-size="11" font-family="sans-serif">{"".join(rows)}</svg>')
+    return (
+        f'<svg id="iou-chart" xmlns="http://www.w3.org/2000/svg" width="{LABEL_W + BAR_W + 50}"'
+        f' height="{height}" font-size="11" font-family="sans-serif">{"".join(rows)}</svg>'
+    )
 
 
 def _save_panel(data: np.ndarray, path: Path) -> None:
@@ -72,9 +78,14 @@ def _save_panel(data: np.ndarray, path: Path) -> None:
         Image.fromarray(data).save(path)
 
 
-def write_report(out_dir: Path, title: str, summary: dict[str, Any],
-                 class_names: Sequence[str], iou: Sequence[float],
-                 sections: dict[str, list[dict[str, Any]]]) -> Path:
+def write_report(
+    out_dir: Path,
+    title: str,
+    summary: dict[str, Any],
+    class_names: Sequence[str],
+    iou: Sequence[float],
+    sections: dict[str, list[dict[str, Any]]],
+) -> Path:
     """Write `out_dir/index.html` and `out_dir/images/*.png`; returns the page's path.
 
     sections: heading -> rows {"name", "score", "panels": {panel: array}}, where a panel is an
@@ -93,11 +104,15 @@ def write_report(out_dir: Path, title: str, summary: dict[str, Any],
                 slug = panel.replace(" ", "_")
                 rel = f"images/{row['name']}_{slug}.png"
                 _save_panel(row["panels"][panel], out_dir / rel)
-                cells.append(f'<figure><img src="{html.escape(rel)}" alt="{panel}">'
-                             f'<figcaption>{panel}</figcaption></figure>')
-            items.append(f'<div class="row"><h3>{html.escape(row["name"])} '
-                         f'(image mIoU {row["score"]:.1f})</h3>{"".join(cells)}</div>')
-        blocks.append(f'<h2>{html.escape(heading)}</h2>{"".join(items) or "<p>none</p>"}')
+                cells.append(
+                    f'<figure><img src="{html.escape(rel)}" alt="{panel}">'
+                    f"<figcaption>{panel}</figcaption></figure>"
+                )
+            items.append(
+                f'<div class="row"><h3>{html.escape(row["name"])} '
+                f"(image mIoU {row['score']:.1f})</h3>{''.join(cells)}</div>"
+            )
+        blocks.append(f"<h2>{html.escape(heading)}</h2>{''.join(items) or '<p>none</p>'}")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

@@ -5,6 +5,7 @@ files; only confusion matrices and pixel counts are kept, so memory does not gro
 number of images. The matrices and counts are summed across processes before any score is
 computed, and rank 0 alone writes the JSON, the split list, the archive and the report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,24 +75,34 @@ class EvalRequest:
         from toco.method.crf import pydensecrf_available
 
         if self.crf and self.mode == "cam":
-            raise ConfigError("--crf refines segmentation predictions or pseudo labels: use it "
-                              "with --mode seg or --mode pseudo")
+            raise ConfigError(
+                "--crf refines segmentation predictions or pseudo labels: use it "
+                "with --mode seg or --mode pseudo"
+            )
         if self.crf and self.crf_backend == "pydensecrf" and not pydensecrf_available():
-            raise ConfigError("--crf-backend pydensecrf needs pydensecrf2: pip install "
-                              "'cython<3' && pip install --no-build-isolation pydensecrf2")
+            raise ConfigError(
+                "--crf-backend pydensecrf needs pydensecrf2: pip install "
+                "'cython<3' && pip install --no-build-isolation pydensecrf2"
+            )
         if self.submission:
             if self.mode != "seg" or not self.save_dir:
-                raise ConfigError("--submission needs --mode seg and --save-dir DIR (the "
-                                  "archive is written there)")
+                raise ConfigError(
+                    "--submission needs --mode seg and --save-dir DIR (the "
+                    "archive is written there)"
+                )
             self.predict_only = True
         if self.predict_only and (self.mode == "cam" or not self.save_dir):
-            raise ConfigError("--predict-only needs --mode seg and --save-dir DIR (or --mode "
-                              "pseudo with --save-dir)")
+            raise ConfigError(
+                "--predict-only needs --mode seg and --save-dir DIR (or --mode "
+                "pseudo with --save-dir)"
+            )
         if self.save_logits and self.mode != "seg":
             raise ConfigError("--save-logits dumps segmentation logits: use it with --mode seg")
         if self.report and self.predict_only:
-            raise ConfigError("--report needs ground-truth masks: drop --predict-only / "
-                              "--submission, or choose a split with masks")
+            raise ConfigError(
+                "--report needs ground-truth masks: drop --predict-only / "
+                "--submission, or choose a split with masks"
+            )
         if self.report_images < 1:
             raise ConfigError(f"--report-images must be >= 1, got {self.report_images}")
         if self.workers < 0:
@@ -101,9 +112,17 @@ class EvalRequest:
 class Predictor:
     """Predictions of one checkpoint under one protocol, per batch of one image."""
 
-    def __init__(self, model, cfg, protocol: Protocol, mode: str, bkg_thre: float,
-                 use_aux_cam: bool, device: torch.device,
-                 amp_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self,
+        model,
+        cfg,
+        protocol: Protocol,
+        mode: str,
+        bkg_thre: float,
+        use_aux_cam: bool,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+    ) -> None:
         from toco.method.par import PAR
 
         self.model, self.cfg, self.protocol, self.mode = model, cfg, protocol, mode
@@ -113,8 +132,9 @@ class Predictor:
 
     def autocast(self):
         """The forward passes' precision; CAM maths, PAR, the CRF and argmax stay fp32."""
-        return torch.autocast(self.device_type, dtype=self.amp_dtype,
-                              enabled=self.amp_dtype is not None)
+        return torch.autocast(
+            self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     def cams(self, image: Tensor) -> tuple[Tensor, Tensor]:
         with self.autocast():
@@ -124,16 +144,27 @@ class Predictor:
     def pseudo(self, image: Tensor, cls_label: Tensor, crf: bool) -> Tensor:
         refine = None
         if crf:
+
             def refine(img: Tensor, probs: Tensor) -> Tensor:
                 return apply_crf(self.protocol, img, probs, PSEUDO_CRF)
-        with self.autocast():
-            return pseudo_labels(self.model, image, cls_label, self.cfg, self.par,
-                                 size=self.protocol.size, use_aux_cam=self.use_aux_cam,
-                                 cam_scales=self.protocol.cam_scales,
-                                 patch_fit=self.protocol.patch_fit, crf=refine)
 
-    def __call__(self, image_u8: Tensor, cls_label: Tensor
-                 ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
+        with self.autocast():
+            return pseudo_labels(
+                self.model,
+                image,
+                cls_label,
+                self.cfg,
+                self.par,
+                size=self.protocol.size,
+                use_aux_cam=self.use_aux_cam,
+                cam_scales=self.protocol.cam_scales,
+                patch_fit=self.protocol.patch_fit,
+                crf=refine,
+            )
+
+    def __call__(
+        self, image_u8: Tensor, cls_label: Tensor
+    ) -> tuple[dict[str, Tensor], Optional[Tensor]]:
         """({name: (B, H, W) labels}, seg logits or None); the first name is the main one."""
         from toco.method.inference import cams_to_prediction
 
@@ -144,8 +175,10 @@ class Predictor:
             return {"seg": seg_prediction(self.protocol, logits, image_u8)}, logits
         if self.mode == "cam":
             cam, cam_aux = self.cams(image)
-            return {"cam": cams_to_prediction(cam, cls_label, self.bkg_thre),
-                    "aux_cam": cams_to_prediction(cam_aux, cls_label, self.bkg_thre)}, None
+            return {
+                "cam": cams_to_prediction(cam, cls_label, self.bkg_thre),
+                "aux_cam": cams_to_prediction(cam_aux, cls_label, self.bkg_thre),
+            }, None
         return {"pseudo": self.pseudo(image, cls_label, bool(self.protocol.crf))}, None
 
 
@@ -199,44 +232,72 @@ def _setup(req: EvalRequest, device: torch.device) -> Setup:
     from toco.runtime import configure_precision, resolve_amp
 
     state = load_model_state(req.checkpoint, map_location=device)  # checkpoint or release
-    overrides = {k: v for k, v in (("dataset", req.dataset), ("data_root", req.data_root),
-                                   ("cache_dir", req.cache_dir)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("dataset", req.dataset),
+            ("data_root", req.data_root),
+            ("cache_dir", req.cache_dir),
+        )
+        if v is not None
+    }
     cfg = TrainConfig.from_saved({**state["config"], **overrides})
     spec = build.dataset_spec(cfg)
     if req.submission and spec.num_classes != 21:
-        raise ConfigError(f"--submission voc needs a 21-class model; this one has "
-                          f"{spec.num_classes} ({cfg.dataset})")
-    scale_overrides = ({"cam_scales": req.scales, "cam_flip": req.flip} if req.mode != "seg"
-                       else {"scales": req.scales, "flip": req.flip})
+        raise ConfigError(
+            f"--submission voc needs a 21-class model; this one has "
+            f"{spec.num_classes} ({cfg.dataset})"
+        )
+    scale_overrides = (
+        {"cam_scales": req.scales, "cam_flip": req.flip}
+        if req.mode != "seg"
+        else {"scales": req.scales, "flip": req.flip}
+    )
     protocol = build_protocol(
-        req.protocol, cfg, req.mode, size=req.size, flip_fusion=req.flip_fusion,
-        scale_fusion=req.scale_fusion, patch_fit=req.patch_fit,
+        req.protocol,
+        cfg,
+        req.mode,
+        size=req.size,
+        flip_fusion=req.flip_fusion,
+        scale_fusion=req.scale_fusion,
+        patch_fit=req.patch_fit,
         crf=req.crf_backend if req.crf else None,
-        crf_params=PSEUDO_CRF if req.mode == "pseudo" else SEG_CRF, **scale_overrides)
+        crf_params=PSEUDO_CRF if req.mode == "pseudo" else SEG_CRF,
+        **scale_overrides,
+    )
     split = req.split or spec.val_split
     try:
         dataset = build.eval_dataset(cfg, split, with_masks=not req.predict_only)
     except DataError as err:
         if req.predict_only or "mask" not in str(err):
             raise
-        raise DataError(f"{err} (a split without masks is predicted, not scored: "
-                        "--predict-only --save-dir DIR, or --submission voc)") from None
+        raise DataError(
+            f"{err} (a split without masks is predicted, not scored: "
+            "--predict-only --save-dir DIR, or --submission voc)"
+        ) from None
     configure_precision(dataclasses.replace(cfg, num_workers=req.workers), device)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     load_weights(model, with_training_heads(model, state["model"]), req.checkpoint)
     model.eval()
     predict = Predictor(
-        model, cfg, protocol, req.mode, cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre,
-        use_aux_cam=int(state.get("iteration", 0)) < cfg.aux_cam_until_iter, device=device,
-        amp_dtype=resolve_amp(cfg.amp if req.amp == "run" else req.amp, device))
+        model,
+        cfg,
+        protocol,
+        req.mode,
+        cfg.bkg_thre if req.bkg_thre is None else req.bkg_thre,
+        use_aux_cam=int(state.get("iteration", 0)) < cfg.aux_cam_until_iter,
+        device=device,
+        amp_dtype=resolve_amp(cfg.amp if req.amp == "run" else req.amp, device),
+    )
     return Setup(state, cfg, spec, split, protocol, dataset, predict)
 
 
 class Tally:
     """What a pass keeps: confusion matrices, pixel counts and (for a report) image scores."""
 
-    def __init__(self, mode: str, num_classes: int, device: torch.device,
-                 keep_image_scores: bool) -> None:
+    def __init__(
+        self, mode: str, num_classes: int, device: torch.device, keep_image_scores: bool
+    ) -> None:
         self.mode, self.num_classes = mode, num_classes
         names = {"seg": ["seg"], "cam": ["cam", "aux_cam"], "pseudo": []}[mode]
         self.matrices = {k: ConfusionMatrix(num_classes, device=device) for k in names}
@@ -244,7 +305,8 @@ class Tally:
         if mode == "pseudo":  # both views of the same labels, the first is the main number
             self.matrices = {"pseudo": self.pseudo.ignored, "pseudo_strict": self.pseudo.strict}
         self.image_scores: Optional[list[tuple[int, str, float]]] = (
-            [] if keep_image_scores else None)
+            [] if keep_image_scores else None
+        )
 
     def update(self, preds: dict[str, Tensor], mask: Tensor, index: int, name: str) -> None:
         if self.mode == "pseudo":
@@ -254,8 +316,13 @@ class Tally:
                 self.matrices[key].update(pred, mask)
         if self.image_scores is not None:
             main = next(iter(preds.values()))
-            self.image_scores.append((index, name, image_score(
-                main[0].cpu().numpy(), mask[0].cpu().numpy(), self.num_classes)))
+            self.image_scores.append(
+                (
+                    index,
+                    name,
+                    image_score(main[0].cpu().numpy(), mask[0].cpu().numpy(), self.num_classes),
+                )
+            )
 
     def all_reduce_(self, world_size: int) -> None:
         """Sum over processes (no-op in one process); image scores are gathered to all."""
@@ -277,9 +344,13 @@ class Tally:
     def scores(self, class_names: list[str]) -> dict[str, Any]:
         """The record's score fields (mIoU in percent, per-class IoU, mode-specific extras)."""
         main = next(iter(self.matrices.values()))
-        out: dict[str, Any] = {"miou": main.miou(), "iou": {
-            c: (None if math.isnan(v) else v * 100) for c, v in zip(class_names,
-                                                                   main.iou().tolist())}}
+        out: dict[str, Any] = {
+            "miou": main.miou(),
+            "iou": {
+                c: (None if math.isnan(v) else v * 100)
+                for c, v in zip(class_names, main.iou().tolist())
+            },
+        }
         if self.mode == "cam":
             out["aux_cam_miou"] = self.matrices["aux_cam"].miou()
         if self.mode == "pseudo":
@@ -294,15 +365,28 @@ def _stream(req: EvalRequest, setup: Setup, info, device: torch.device, tally: T
     from tqdm import tqdm
 
     shard = range(info.rank, len(setup.dataset), info.world_size)
-    loader = DataLoader(Subset(setup.dataset, shard), batch_size=1, shuffle=False,
-                        num_workers=req.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(loader, total=len(loader), desc=f"{req.mode} {setup.split}", unit="img",
-               disable=None if info.is_main else True, dynamic_ncols=True, file=sys.stderr)
+    loader = DataLoader(
+        Subset(setup.dataset, shard),
+        batch_size=1,
+        shuffle=False,
+        num_workers=req.workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(
+        loader,
+        total=len(loader),
+        desc=f"{req.mode} {setup.split}",
+        unit="img",
+        disable=None if info.is_main else True,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     with torch.no_grad():
         for index, batch in zip(shard, bar):
             name = str(batch["name"][0])
-            preds, logits = setup.predict(batch["image"].to(device),
-                                          batch["cls_label"].to(device).float())
+            preds, logits = setup.predict(
+                batch["image"].to(device), batch["cls_label"].to(device).float()
+            )
             if "mask" in batch:
                 tally.update(preds, batch["mask"].to(device), index, name)
             out = _output_path(req, name)
@@ -323,8 +407,7 @@ def _agree_on_failure(info, device: torch.device, failed: bool) -> None:
     flag = torch.tensor([float(failed)], device=device)
     torch.distributed.all_reduce(flag)
     if flag.item() > 0 and not failed:
-        raise UserError("evaluation stopped: another process failed (its error is printed "
-                        "above)")
+        raise UserError("evaluation stopped: another process failed (its error is printed above)")
 
 
 def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str, Any]]:
@@ -348,12 +431,18 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     seg = req.mode == "seg"
     precision = str(setup.predict.amp_dtype or "fp32")
     record: dict[str, Any] = {
-        "mode": req.mode, "protocol": protocol.name, "split": split, "dataset": cfg.dataset,
+        "mode": req.mode,
+        "protocol": protocol.name,
+        "split": split,
+        "dataset": cfg.dataset,
         "num_images": len(dataset),
         "scales": list(protocol.seg_scales if seg else protocol.cam_scales),
-        "flip": protocol.flip if seg else protocol.cam_flip, "size": protocol.size,
-        "crf": protocol.crf, "checkpoint": str(req.checkpoint),
-        "world_size": info.world_size, "precision": precision,
+        "flip": protocol.flip if seg else protocol.cam_flip,
+        "size": protocol.size,
+        "crf": protocol.crf,
+        "checkpoint": str(req.checkpoint),
+        "world_size": info.world_size,
+        "precision": precision,
     }
     if req.mode == "cam":
         record["bkg_thre"] = setup.predict.bkg_thre
@@ -363,12 +452,21 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     if not req.predict_only:
         print(tally.table(list(setup.spec.class_names)))
         record.update(tally.scores(list(setup.spec.class_names)))
-        print(f"mIoU ({req.mode}, {protocol.name}, {split}, {len(dataset)} images): "
-              f"{record['miou']:.2f}" + (f", coverage {record['coverage']:.3f}"
-                                         if req.mode == "pseudo" else ""))
-    record["provenance"] = provenance(req.checkpoint, setup.state,
-                                      {**protocol.to_dict(), "precision": precision},
-                                      cfg.dataset, split, len(dataset), info.world_size, device)
+        print(
+            f"mIoU ({req.mode}, {protocol.name}, {split}, {len(dataset)} images): "
+            f"{record['miou']:.2f}"
+            + (f", coverage {record['coverage']:.3f}" if req.mode == "pseudo" else "")
+        )
+    record["provenance"] = provenance(
+        req.checkpoint,
+        setup.state,
+        {**protocol.to_dict(), "precision": precision},
+        cfg.dataset,
+        split,
+        len(dataset),
+        info.world_size,
+        device,
+    )
     if req.save_dir:
         _finish_save_dir(req, dataset, split, record)
     if req.report:
@@ -379,19 +477,32 @@ def _evaluate(req: EvalRequest, device: torch.device, info) -> Optional[dict[str
     return record
 
 
-def _write_report(req: EvalRequest, setup: Setup, tally: Tally, record: dict[str, Any],
-                  device: torch.device) -> Path:
+def _write_report(
+    req: EvalRequest, setup: Setup, tally: Tally, record: dict[str, Any], device: torch.device
+) -> Path:
     worst, best = pick_extremes(tally.image_scores or [], req.report_images)
-    sections = {f"Worst {len(worst)} images": [
-                    _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in worst],
-                f"Best {len(best)} images": [
-                    _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in best]}
+    sections = {
+        f"Worst {len(worst)} images": [
+            _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in worst
+        ],
+        f"Best {len(best)} images": [
+            _report_row(setup.predict, setup.dataset[i], s, device) for i, _, s in best
+        ],
+    }
     main = next(iter(tally.matrices.values()))
-    title = (f"{req.mode} mIoU {record['miou']:.2f} on {setup.cfg.dataset} {setup.split} "
-             f"({setup.protocol.name})")
+    title = (
+        f"{req.mode} mIoU {record['miou']:.2f} on {setup.cfg.dataset} {setup.split} "
+        f"({setup.protocol.name})"
+    )
     summary = {k: v for k, v in record.items() if k not in ("iou", "provenance")}
-    return write_report(Path(req.report), title, summary, list(setup.spec.class_names),
-                        main.iou().tolist(), sections)
+    return write_report(
+        Path(req.report),
+        title,
+        summary,
+        list(setup.spec.class_names),
+        main.iou().tolist(),
+        sections,
+    )
 
 
 def _finish_save_dir(req: EvalRequest, dataset, split: str, record: dict[str, Any]) -> None:
@@ -413,8 +524,9 @@ def _finish_save_dir(req: EvalRequest, dataset, split: str, record: dict[str, An
     write_bytes_atomic(root / "evaluation.json", json.dumps(record, indent=2).encode())
 
 
-def _report_row(predict: Predictor, sample: dict[str, Any], score: float,
-                device: torch.device) -> dict[str, Any]:
+def _report_row(
+    predict: Predictor, sample: dict[str, Any], score: float, device: torch.device
+) -> dict[str, Any]:
     """The five panels of one report image (recomputed: nothing was kept during the pass)."""
     from toco.visualize import heatmap
 
@@ -426,9 +538,14 @@ def _report_row(predict: Predictor, sample: dict[str, Any], score: float,
         cam, _ = predict.cams(image)
         pseudo = predict.pseudo(image, cls_label, crf=False)
     score_map = class_score_map(cam, cls_label)[0]
-    return {"name": sample["name"], "score": score, "panels": {
-        "input": sample["image"].permute(1, 2, 0).numpy(),
-        "ground truth": sample["mask"].numpy().astype(np.uint8),
-        "CAM": heatmap(score_map),
-        "pseudo label": pseudo[0].cpu().numpy().astype(np.uint8),
-        "prediction": next(iter(preds.values()))[0].cpu().numpy().astype(np.uint8)}}
+    return {
+        "name": sample["name"],
+        "score": score,
+        "panels": {
+            "input": sample["image"].permute(1, 2, 0).numpy(),
+            "ground truth": sample["mask"].numpy().astype(np.uint8),
+            "CAM": heatmap(score_map),
+            "pseudo label": pseudo[0].cpu().numpy().astype(np.uint8),
+            "prediction": next(iter(preds.values()))[0].cpu().numpy().astype(np.uint8),
+        },
+    }

@@ -4,6 +4,7 @@ The server takes a tar.gz holding `results/VOC2012/Segmentation/comp6_test_cls/<
 (comp6: segmentation trained with data beyond VOC's own), one palette PNG per test image, at
 the image's size, with class ids 0-20 as pixel values.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,8 +45,9 @@ def pack_submission(root: Path, archive: Path, names: list[str]) -> Path:
     return archive
 
 
-def verify_submission(archive: Path, sizes: Mapping[str, tuple[int, int]],
-                      num_classes: int = 21) -> list[str]:
+def verify_submission(
+    archive: Path, sizes: Mapping[str, tuple[int, int]], num_classes: int = 21
+) -> list[str]:
     """Problems of `archive` against the expected ids and (width, height) sizes; [] if none.
 
     Checks: exactly one PNG per id in the results folder and nothing else, each a palette
@@ -72,8 +74,9 @@ def verify_submission(archive: Path, sizes: Mapping[str, tuple[int, int]],
                     problems.append(f"{member.name}: size {img.size}, image is {sizes[name]}")
                 values = np.unique(np.asarray(img))
                 if values.size and values.max() >= num_classes:
-                    problems.append(f"{member.name}: values {values.tolist()} outside "
-                                    f"0..{num_classes - 1}")
+                    problems.append(
+                        f"{member.name}: values {values.tolist()} outside 0..{num_classes - 1}"
+                    )
     missing = sorted(set(sizes) - seen)
     if missing:
         problems.append(f"{len(missing)} image(s) without a prediction: {missing[:5]}")

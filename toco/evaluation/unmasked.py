@@ -5,6 +5,7 @@ image tags. Pixel level: the coverage of the pseudo labels the training rule giv
 (toco.evaluation.pseudo: multi-scale CAM, thresholds with the tags, PAR): the share of pixels
 it decides (not 255) and the foreground share. The run's preview.png shows the same images.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,10 +26,16 @@ CLASSIFICATION_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def validate_without_masks(model: ToCoNet, loader: Iterable[dict], cfg: TrainConfig,
-                           device: torch.device, size: int, use_aux_cam: bool = False,
-                           dist_info: DistInfo = DistInfo(), autocast=contextlib.nullcontext
-                           ) -> dict[str, float]:
+def validate_without_masks(
+    model: ToCoNet,
+    loader: Iterable[dict],
+    cfg: TrainConfig,
+    device: torch.device,
+    size: int,
+    use_aux_cam: bool = False,
+    dist_info: DistInfo = DistInfo(),
+    autocast=contextlib.nullcontext,
+) -> dict[str, float]:
     """Scores of the loader's images, summed over ranks (percent; ``images``: how many).
 
     The classifier sees each image resized to size x size (as ``engine.validate``); the
@@ -42,22 +49,29 @@ def validate_without_masks(model: ToCoNet, loader: Iterable[dict], cfg: TrainCon
         image = batch["image"].to(device).float().div_(255)
         cls_label = batch["cls_label"].to(device).float()
         with autocast():
-            resized = F.interpolate(image, size=(size, size), mode="bilinear",
-                                    align_corners=False)
+            resized = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
             logits, _ = model.classify(model.encode(resized))
-            pseudo = pseudo_labels(model, image, cls_label, cfg, par, size=size,
-                                   use_aux_cam=use_aux_cam)
+            pseudo = pseudo_labels(
+                model, image, cls_label, cfg, par, size=size, use_aux_cam=use_aux_cam
+            )
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         tags.append(cls_label.cpu().numpy())
         decided = pseudo != IGNORE
-        counts += torch.stack([torch.tensor(pseudo.numel(), device=device), decided.sum(),
-                               (decided & (pseudo > 0)).sum()]).double()
+        counts += torch.stack(
+            [
+                torch.tensor(pseudo.numel(), device=device),
+                decided.sum(),
+                (decided & (pseudo > 0)).sum(),
+            ]
+        ).double()
     scores, targets = _gathered(probs, tags, dist_info)
     if dist_info.enabled:
         torch.distributed.all_reduce(counts)
     model.train()
-    metrics = {f"cls_{k}": v for k, v in
-               multilabel_scores(scores, targets, CLASSIFICATION_THRESHOLD).items()}
+    metrics = {
+        f"cls_{k}": v
+        for k, v in multilabel_scores(scores, targets, CLASSIFICATION_THRESHOLD).items()
+    }
     pixels, decided, foreground = counts.tolist()
     metrics["pseudo_coverage"] = decided / pixels * 100 if pixels else float("nan")
     metrics["pseudo_foreground"] = foreground / pixels * 100 if pixels else float("nan")
@@ -65,8 +79,9 @@ def validate_without_masks(model: ToCoNet, loader: Iterable[dict], cfg: TrainCon
     return metrics
 
 
-def _gathered(probs: list[np.ndarray], tags: list[np.ndarray], dist_info: DistInfo
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _gathered(
+    probs: list[np.ndarray], tags: list[np.ndarray], dist_info: DistInfo
+) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) probabilities and tags of every rank."""
     mine = (np.concatenate(probs), np.concatenate(tags)) if probs else None
     if not dist_info.enabled:
@@ -81,11 +96,13 @@ def _gathered(probs: list[np.ndarray], tags: list[np.ndarray], dist_info: DistIn
 
 def format_scores(metrics: dict[str, float]) -> str:
     """The scores as a short two-column table."""
-    rows = [("images", f"{metrics['images']}"),
-            ("classification mAP", f"{metrics['cls_map']:.2f}"),
-            ("classification F1 (macro, at 0.5)", f"{metrics['cls_f1']:.2f}"),
-            ("classification F1 (micro, at 0.5)", f"{metrics['cls_f1_micro']:.2f}"),
-            ("pseudo-label coverage (% not 255)", f"{metrics['pseudo_coverage']:.2f}"),
-            ("pseudo-label foreground (% of pixels)", f"{metrics['pseudo_foreground']:.2f}")]
+    rows = [
+        ("images", f"{metrics['images']}"),
+        ("classification mAP", f"{metrics['cls_map']:.2f}"),
+        ("classification F1 (macro, at 0.5)", f"{metrics['cls_f1']:.2f}"),
+        ("classification F1 (micro, at 0.5)", f"{metrics['cls_f1_micro']:.2f}"),
+        ("pseudo-label coverage (% not 255)", f"{metrics['pseudo_coverage']:.2f}"),
+        ("pseudo-label foreground (% of pixels)", f"{metrics['pseudo_foreground']:.2f}"),
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value:>7}" for name, value in rows)

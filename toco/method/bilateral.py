@@ -17,6 +17,7 @@ summed over all pixels j of the same image, the self term j = i included, no nor
   sum above: see `LATTICE_REL_L2_NATURAL`.
 - `gaussian_blur`: the exact sum for a purely spatial kernel, as two 1-D convolutions.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,12 +43,20 @@ LATTICE_REL_L2_NATURAL = 0.03
 LATTICE_REL_L2_ANY = 0.20
 
 
-def pixel_grid(batch: int, height: int, width: int, sigma: float,
-               device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def pixel_grid(
+    batch: int,
+    height: int,
+    width: int,
+    sigma: float,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Spatial features (B, 2, H, W): column x / σ, then row y / σ (as densecrf and rloss)."""
-    y, x = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
-                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(height, device=device, dtype=dtype),
+        torch.arange(width, device=device, dtype=dtype),
+        indexing="ij",
+    )
     return torch.stack([x / sigma, y / sigma]).unsqueeze(0).expand(batch, 2, height, width)
 
 
@@ -57,8 +66,9 @@ def bilateral_features(image: Tensor, sigma_xy: float, sigma_rgb: float) -> Tens
     or float64 for float64 images (the exact filter then is exact to double rounding)."""
     b, _, h, w = image.shape
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    return torch.cat([pixel_grid(b, h, w, sigma_xy, image.device, dtype),
-                      image.to(dtype) / sigma_rgb], dim=1)
+    return torch.cat(
+        [pixel_grid(b, h, w, sigma_xy, image.device, dtype), image.to(dtype) / sigma_rgb], dim=1
+    )
 
 
 def gaussian_filter_exact(features: Tensor, values: Tensor, chunk: int = 512) -> Tensor:
@@ -71,28 +81,30 @@ def gaussian_filter_exact(features: Tensor, values: Tensor, chunk: int = 512) ->
     Returns: (B, C, *spatial) in the dtype of `values`.
     """
     b, c = values.shape[:2]
-    f = features.flatten(2).to(values.dtype)            # (B, d, N)
-    v = values.flatten(2)                               # (B, C, N)
+    f = features.flatten(2).to(values.dtype)  # (B, d, N)
+    v = values.flatten(2)  # (B, C, N)
     out = torch.empty_like(v)
     n = f.shape[-1]
     for i0 in range(0, n, chunk):
-        fi = f[:, :, i0:i0 + chunk]
+        fi = f[:, :, i0 : i0 + chunk]
         # explicit differences (not the expanded-square trick): exact to rounding, as an oracle
-        d2 = (fi.unsqueeze(-1) - f.unsqueeze(-2)).square().sum(1)     # (B, chunk, N)
-        out[:, :, i0:i0 + chunk] = torch.bmm(v, torch.exp(-0.5 * d2).transpose(1, 2))
+        d2 = (fi.unsqueeze(-1) - f.unsqueeze(-2)).square().sum(1)  # (B, chunk, N)
+        out[:, :, i0 : i0 + chunk] = torch.bmm(v, torch.exp(-0.5 * d2).transpose(1, 2))
     return out.view_as(values)
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
+def gaussian_kernel1d(
+    sigma: float, truncate: float = 4.0, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Unnormalised taps exp(-½ (k/σ)²) for |k| ≤ ceil(truncate·σ)."""
     r = max(1, math.ceil(truncate * sigma))
     k = torch.arange(-r, r + 1, device=device, dtype=torch.float64)
     return torch.exp(-0.5 * (k / sigma) ** 2).to(dtype)
 
 
-def gaussian_blur(values: Tensor, sigma: float, dims: tuple[int, int] = (-2, -1),
-                  truncate: float = 4.0) -> Tensor:
+def gaussian_blur(
+    values: Tensor, sigma: float, dims: tuple[int, int] = (-2, -1), truncate: float = 4.0
+) -> Tensor:
     """Exact spatial Gaussian sum Σ_j exp(-½‖p_i − p_j‖²/σ²) v_j over the pixels of each image
     (nothing outside it), separably along the two spatial `dims`; taps beyond truncate·σ are
     dropped (relative mass < 1e-4 for truncate 4).
@@ -123,9 +135,9 @@ def _argsort(x: Tensor) -> Tensor:
 
 def _csr(crow: Tensor, col: Tensor, val: Tensor, size: tuple[int, int]) -> Tensor:
     # int32 indices when they fit: MKL's sparse products otherwise convert int64 ones on every call
-    if col.numel() < 2 ** 31 and max(size) < 2 ** 31:
+    if col.numel() < 2**31 and max(size) < 2**31:
         crow, col = crow.int(), col.int()
-    with warnings.catch_warnings():     # "sparse CSR support is in beta": used as a plain matmul
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": used as a plain matmul
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, val, size=size, check_invariants=False)
 
@@ -146,20 +158,21 @@ class PermutohedralLattice:
         self.shape = tuple(features.shape)
         self.dim = d
         dev = features.device
-        pos = features.detach().flatten(2).transpose(1, 2).reshape(-1, d).float()   # (P, d)
+        pos = features.detach().flatten(2).transpose(1, 2).reshape(-1, d).float()  # (P, d)
         p = pos.shape[0]
         d1 = d + 1
         self.num_pixels = p
-        self.alpha = 1.0 / (1.0 + 2.0 ** -d)
+        self.alpha = 1.0 / (1.0 + 2.0**-d)
 
         # Elevate onto the hyperplane Σ = 0 of R^{d+1}, scaled so that the blur below is a
         # Gaussian of unit std in feature units (Adams et al. 2010, p. 5).
-        scale = torch.tensor([math.sqrt(2.0 / 3.0) * d1 / math.sqrt((i + 1) * (i + 2))
-                              for i in range(d)], device=dev)
+        scale = torch.tensor(
+            [math.sqrt(2.0 / 3.0) * d1 / math.sqrt((i + 1) * (i + 2)) for i in range(d)], device=dev
+        )
         cf = pos * scale
         elevated = torch.empty(p, d1, device=dev)
         acc = torch.zeros(p, device=dev)
-        for j in range(d, 0, -1):      # same summation order as the C++ code (float32)
+        for j in range(d, 0, -1):  # same summation order as the C++ code (float32)
             elevated[:, j] = acc - j * cf[:, j - 1]
             acc = acc + cf[:, j - 1]
         elevated[:, 0] = acc
@@ -172,9 +185,10 @@ class PermutohedralLattice:
         shift = rounded.sum(1).long()
         order = torch.sort(elevated - rem0, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(d1, device=dev).expand(p, d1).contiguous())
+            1, order, torch.arange(d1, device=dev).expand(p, d1).contiguous()
+        )
         rank = rank + shift[:, None]
-        wrap = ((rank < 0).long() - (rank >= d1).long()) * d1   # bring the point back to Σ = 0
+        wrap = ((rank < 0).long() - (rank >= d1).long()) * d1  # bring the point back to Σ = 0
         rank = rank + wrap
         rem0 = rem0 + wrap
 
@@ -198,15 +212,17 @@ class PermutohedralLattice:
         for r_ in radix:
             strides.append(total)
             total *= r_
-        if total * b >= 2 ** 62:
-            raise ValueError(f"feature range too large for the lattice's 64-bit keys "
-                             f"({total * b:.3g} codes); use larger sigmas")
+        if total * b >= 2**62:
+            raise ValueError(
+                f"feature range too large for the lattice's 64-bit keys "
+                f"({total * b:.3g} codes); use larger sigmas"
+            )
         stride_t = torch.tensor(strides + [0], device=dev)
         base = ((rem0_l - lo) * stride_t[:d]).sum(1)
         base = base + torch.arange(b, device=dev).repeat_interleave(p // b) * total
         by_rank = torch.zeros(p, d1 + 1, dtype=torch.long, device=dev)
         by_rank.scatter_(1, rank, stride_t.expand(p, d1))
-        suffix = by_rank.flip(1).cumsum(1).flip(1)                       # Σ_{rank ≥ k}
+        suffix = by_rank.flip(1).cumsum(1).flip(1)  # Σ_{rank ≥ k}
         r = torch.arange(d1, device=dev)
         codes = (base[:, None] + r * sum(strides) - d1 * suffix[:, d1 - r]).reshape(-1)
 
@@ -215,7 +231,7 @@ class PermutohedralLattice:
         sorted_codes = codes[perm]
         first = torch.ones_like(sorted_codes, dtype=torch.bool)
         first[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        point = first.cumsum(0) - 1                    # lattice index of each sorted vertex
+        point = first.cumsum(0) - 1  # lattice index of each sorted vertex
         keys = sorted_codes[first]
         m = keys.numel()
         self.num_points = m
@@ -227,29 +243,29 @@ class PermutohedralLattice:
         counts = torch.bincount(point, minlength=m)
         crow_splat = torch.zeros(m + 1, dtype=torch.long, device=dev)
         crow_splat[1:] = counts.cumsum(0)
-        pixel = (perm.int() if perm.numel() < 2 ** 31 else perm) // d1     # int32 divides faster
+        pixel = (perm.int() if perm.numel() < 2**31 else perm) // d1  # int32 divides faster
         self._splat = _csr(crow_splat, pixel, bary.reshape(-1)[perm], (m, p))
-        if dev.type != "cpu":          # cuSPARSE wants sorted columns; MKL does not care
+        if dev.type != "cpu":  # cuSPARSE wants sorted columns; MKL does not care
             offset, idx = offset.sort(1)
             bary = bary.gather(1, idx)
         crow_slice = torch.arange(0, p * d1 + 1, d1, device=dev)
-        self._slice = _csr(crow_slice, offset.reshape(-1), (bary * self.alpha).reshape(-1),
-                           (p, m))
+        self._slice = _csr(crow_slice, offset.reshape(-1), (bary * self.alpha).reshape(-1), (p, m))
 
         # Blur along each lattice axis j: neighbours key ± (d+1)e_j ∓ 1 (all digits), with the
         # stencil [½ 1 ½]; missing neighbours hold zero, so they are simply left out.
         sum_strides = sum(strides)
-        deltas = torch.tensor([(d1 * strides[j] if j < d else 0) - sum_strides for j in range(d1)],
-                              device=dev)
+        deltas = torch.tensor(
+            [(d1 * strides[j] if j < d else 0) - sum_strides for j in range(d1)], device=dev
+        )
         probe = torch.cat([keys[None] + deltas[:, None], keys[None] - deltas[:, None]])
         idx = torch.searchsorted(keys, probe).clamp_(max=m - 1)
-        nbr = torch.where(keys[idx] == probe, idx, m)                 # (2(d+1), M), m = missing
+        nbr = torch.where(keys[idx] == probe, idx, m)  # (2(d+1), M), m = missing
         self._blur = []
         own = torch.arange(m, device=dev)
         stencil = torch.tensor([0.5, 1.0, 0.5], device=dev)
         for j in range(d1):
             cols = torch.stack([nbr[j], own, nbr[d1 + j]], 1)
-            cols, idx = cols.sort(1)                   # missing (= m) sort last
+            cols, idx = cols.sort(1)  # missing (= m) sort last
             vals = stencil.expand(m, 3).gather(1, idx)
             keep = cols < m
             crow = torch.zeros(m + 1, dtype=torch.long, device=dev)
@@ -262,12 +278,16 @@ class PermutohedralLattice:
         if dtype == self._splat.dtype:
             return self._splat, self._blur, self._slice
         if dtype not in self._cast:
-            self._cast[dtype] = (self._splat.to(dtype), [m.to(dtype) for m in self._blur],
-                                 self._slice.to(dtype))
+            self._cast[dtype] = (
+                self._splat.to(dtype),
+                [m.to(dtype) for m in self._blur],
+                self._slice.to(dtype),
+            )
         return self._cast[dtype]
 
-    def with_scaling(self, pre: Tensor | None = None, post: Tensor | None = None
-                     ) -> "PermutohedralLattice":
+    def with_scaling(
+        self, pre: Tensor | None = None, post: Tensor | None = None
+    ) -> "PermutohedralLattice":
         """A copy filtering  diag(post) · K · diag(pre)  with the per-pixel (P,) scalings folded
         into the splat and slice matrices (no extra passes over the values). For the CRF's
         normalised kernels; not differentiable (its transpose would swap pre and post)."""
@@ -276,17 +296,28 @@ class PermutohedralLattice:
         idx_pix = self._splat.col_indices().long()
         if pre is not None:
             vals = self._splat.values() * pre.reshape(-1)[idx_pix].to(self._splat.dtype)
-            out._splat = _csr(self._splat.crow_indices(), self._splat.col_indices(), vals,
-                              tuple(self._splat.shape))
+            out._splat = _csr(
+                self._splat.crow_indices(),
+                self._splat.col_indices(),
+                vals,
+                tuple(self._splat.shape),
+            )
         if post is not None:
-            vals = (self._slice.values().view(self.num_pixels, -1)
-                    * post.reshape(-1, 1).to(self._slice.dtype)).reshape(-1)
-            out._slice = _csr(self._slice.crow_indices(), self._slice.col_indices(), vals,
-                              tuple(self._slice.shape))
+            vals = (
+                self._slice.values().view(self.num_pixels, -1)
+                * post.reshape(-1, 1).to(self._slice.dtype)
+            ).reshape(-1)
+            out._slice = _csr(
+                self._slice.crow_indices(),
+                self._slice.col_indices(),
+                vals,
+                tuple(self._slice.shape),
+            )
         return out
 
-    def filter_flat(self, values: Tensor, reverse: bool = False,
-                    bias: Tensor | None = None) -> Tensor:
+    def filter_flat(
+        self, values: Tensor, reverse: bool = False, bias: Tensor | None = None
+    ) -> Tensor:
         """(P, C) -> (P, C): splat, blur, slice (+ bias, fused into the last product).
         `reverse` runs the blur passes backwards: the transposed filter (the lattice filter is
         not exactly symmetric). For gradients call the lattice itself, whose backward is this
@@ -295,7 +326,7 @@ class PermutohedralLattice:
         # autocast would send the sparse products to bf16/fp16, which sparse kernels lack
         with torch.autocast(values.device.type, enabled=False):
             lat = splat @ values
-            for m in (reversed(blur) if reverse else blur):
+            for m in reversed(blur) if reverse else blur:
                 lat = m @ lat
             return slc @ lat if bias is None else torch.addmm(bias, slc, lat)
 
@@ -304,8 +335,9 @@ class PermutohedralLattice:
         if self.scaled:
             raise RuntimeError("a lattice from with_scaling() only offers filter_flat()")
         if values.shape[0] * math.prod(values.shape[2:]) != self.num_pixels:
-            raise ValueError(f"values {tuple(values.shape)} do not match the lattice's "
-                             f"features {self.shape}")
+            raise ValueError(
+                f"values {tuple(values.shape)} do not match the lattice's features {self.shape}"
+            )
         b, c = values.shape[:2]
         flat = values.flatten(2).transpose(1, 2).reshape(-1, c)
         out = _LatticeFilter.apply(flat, self)
@@ -325,8 +357,9 @@ class _LatticeFilter(torch.autograd.Function):
         return ctx.lattice.filter_flat(grad.contiguous(), reverse=True), None
 
 
-def bilateral_filter(image: Tensor, values: Tensor, sigma_xy: float, sigma_rgb: float,
-                     method: str = "lattice") -> Tensor:
+def bilateral_filter(
+    image: Tensor, values: Tensor, sigma_xy: float, sigma_rgb: float, method: str = "lattice"
+) -> Tensor:
     """Un-normalised bilateral filter of (B, C, H, W) maps guided by (B, 3, H, W) images.
 
     method: "lattice" (fast, `PermutohedralLattice`) or "exact" (brute force, small images).

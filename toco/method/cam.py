@@ -55,8 +55,11 @@ def multi_scale_cam(
                 raise ValueError(f"CAM scale {s} turns a {h}x{w} image into an empty {size} one")
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         if s == 1.0 and given is not None:
-            raw = given if not flip else [torch.cat([g, f]) for g, f in
-                                          zip(given, cam_fn(x.flip(-1)))]
+            raw = (
+                given
+                if not flip
+                else [torch.cat([g, f]) for g, f in zip(given, cam_fn(x.flip(-1)))]
+            )
         else:
             raw = cam_fn(torch.cat([x, x.flip(-1)], dim=0) if flip else x)
         maps = []
@@ -75,9 +78,13 @@ def multi_scale_cam(
     return out[0], out[1]
 
 
-def split_cam_passes(passes: Sequence[Tensor], batch: int,
-                     scales: Sequence[float] = (1.0, 0.5, 1.5), flip: bool = True,
-                     given: bool = True) -> list[tuple[float, bool, Tensor]]:
+def split_cam_passes(
+    passes: Sequence[Tensor],
+    batch: int,
+    scales: Sequence[float] = (1.0, 0.5, 1.5),
+    flip: bool = True,
+    given: bool = True,
+) -> list[tuple[float, bool, Tensor]]:
     """The per-view outputs of the encoder passes `multi_scale_cam` ran, in its call order.
 
     passes: one tensor per call of its cam_fn (rows = the images of that call); batch: B.
@@ -231,8 +238,9 @@ def refine_cams_with_bkg(
         stacks = torch.cat([planes[:, :1], fg_small, planes[:, 1:2], fg_small], dim=1)
         stacks = stacks.masked_fill(~slot_ok.repeat(1, 2)[:, :, None, None], float("-inf"))
         probs = torch.cat([stacks[:, :k].softmax(dim=1), stacks[:, k:].softmax(dim=1)], dim=1)
-        refined = F.interpolate(par(small, probs), size=(h, w), mode="bilinear",
-                                align_corners=False)
+        refined = F.interpolate(
+            par(small, probs), size=(h, w), mode="bilinear", align_corners=False
+        )
         # (2, B, H, W)
         slot = torch.stack([refined[:, :k].argmax(dim=1), refined[:, k:].argmax(dim=1)])
     labels = slot_class.gather(1, slot.permute(1, 0, 2, 3).flatten(1)).view(b, 2, h, w)

@@ -15,6 +15,7 @@ approximation pydensecrf uses, so the outputs agree); the smoothness kernel is t
 two 1-D convolutions (pydensecrf approximates it with a second lattice). Everything is batched and
 device-agnostic. `dense_crf_pydensecrf` runs pydensecrf itself when it is installed.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -36,18 +37,30 @@ def _batched(image: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, bool]:
     if single:
         image, probs = image.unsqueeze(0), probs.unsqueeze(0)
     if image.dim() != 4 or image.shape[1] != 3 or probs.dim() != 4:
-        raise ValueError(f"expected image (B, 3, H, W) and probs (B, C, H, W), got "
-                         f"{tuple(image.shape)} and {tuple(probs.shape)}")
+        raise ValueError(
+            f"expected image (B, 3, H, W) and probs (B, C, H, W), got "
+            f"{tuple(image.shape)} and {tuple(probs.shape)}"
+        )
     if image.shape[0] != probs.shape[0] or image.shape[-2:] != probs.shape[-2:]:
-        raise ValueError(f"image {tuple(image.shape)} and probs {tuple(probs.shape)} differ in "
-                         f"batch or size")
+        raise ValueError(
+            f"image {tuple(image.shape)} and probs {tuple(probs.shape)} differ in batch or size"
+        )
     return image, probs, single
 
 
 @torch.no_grad()
-def dense_crf(image: Tensor, probs: Tensor, iterations: int = 10, gaussian_sxy: float = 1.0,
-              gaussian_w: float = 1.0, bilateral_sxy: float = 121.0, bilateral_srgb: float = 5.0,
-              bilateral_w: float = 4.0, clip: float = 1e-5, method: str = "lattice") -> Tensor:
+def dense_crf(
+    image: Tensor,
+    probs: Tensor,
+    iterations: int = 10,
+    gaussian_sxy: float = 1.0,
+    gaussian_w: float = 1.0,
+    bilateral_sxy: float = 121.0,
+    bilateral_srgb: float = 5.0,
+    bilateral_w: float = 4.0,
+    clip: float = 1e-5,
+    method: str = "lattice",
+) -> Tensor:
     """Mean-field dense CRF on class probabilities. The defaults are ToCo's (tools/
     infer_seg_voc.py: DenseCRF(iter_max=10, pos_w=1, pos_xy_std=1, bi_w=4, bi_xy_std=121,
     bi_rgb_std=5)).
@@ -77,7 +90,7 @@ def dense_crf(image: Tensor, probs: Tensor, iterations: int = 10, gaussian_sxy: 
     def smoothness(x: Tensor) -> Tensor:
         return gaussian_blur(x.view(b, h, w, -1), gaussian_sxy, dims=(1, 2)).view(p, -1)
 
-    norm_g = smoothness(ones).add_(1e-20).rsqrt_()              # k̃ = D^-½ K D^-½
+    norm_g = smoothness(ones).add_(1e-20).rsqrt_()  # k̃ = D^-½ K D^-½
     post_g = norm_g * gaussian_w
     feats = bilateral_features(image, bilateral_sxy, bilateral_srgb)
     if method == "lattice":
@@ -89,6 +102,7 @@ def dense_crf(image: Tensor, probs: Tensor, iterations: int = 10, gaussian_sxy: 
         def unary_and_appearance(q: Tensor) -> Tensor:
             return appearance.filter_flat(q, bias=neg_unary)
     elif method == "exact":
+
         def exact(x: Tensor) -> Tensor:
             out = gaussian_filter_exact(feats, x.view(b, h, w, -1).permute(0, 3, 1, 2))
             return out.permute(0, 2, 3, 1).reshape(p, -1)
@@ -117,17 +131,26 @@ def pydensecrf_available() -> bool:
     return True
 
 
-def dense_crf_pydensecrf(image: Tensor, probs: Tensor, iterations: int = 10,
-                         gaussian_sxy: float = 1.0, gaussian_w: float = 1.0,
-                         bilateral_sxy: float = 121.0, bilateral_srgb: float = 5.0,
-                         bilateral_w: float = 4.0, clip: float = 1e-5) -> Tensor:
+def dense_crf_pydensecrf(
+    image: Tensor,
+    probs: Tensor,
+    iterations: int = 10,
+    gaussian_sxy: float = 1.0,
+    gaussian_w: float = 1.0,
+    bilateral_sxy: float = 121.0,
+    bilateral_srgb: float = 5.0,
+    bilateral_w: float = 4.0,
+    clip: float = 1e-5,
+) -> Tensor:
     """The same CRF through pydensecrf (C++, CPU, one image at a time), for comparison.
     Install it with `pip install "cython<3" && pip install --no-build-isolation pydensecrf2`."""
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as e:
-        raise ImportError("the pydensecrf CRF backend needs pydensecrf2: pip install "
-                          "'cython<3' && pip install --no-build-isolation pydensecrf2") from e
+        raise ImportError(
+            "the pydensecrf CRF backend needs pydensecrf2: pip install "
+            "'cython<3' && pip install --no-build-isolation pydensecrf2"
+        ) from e
     image, probs, single = _batched(image, probs)
     b, c, h, w = probs.shape
     out = np.empty((b, c, h, w), dtype=np.float32)
@@ -138,12 +161,18 @@ def dense_crf_pydensecrf(image: Tensor, probs: Tensor, iterations: int = 10,
         unary = -np.log(np.clip(prob_np[i], clip, 1.0)).reshape(c, -1)
         crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
         crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_w)
-        crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
-                                 rgbim=np.ascontiguousarray(imgs[i]), compat=bilateral_w)
+        crf.addPairwiseBilateral(
+            sxy=bilateral_sxy,
+            srgb=bilateral_srgb,
+            rgbim=np.ascontiguousarray(imgs[i]),
+            compat=bilateral_w,
+        )
         out[i] = np.asarray(crf.inference(iterations), dtype=np.float32).reshape(c, h, w)
     q = torch.from_numpy(out).to(probs.device)
     return q[0] if single else q
 
 
-CRF_BACKENDS: dict[str, Callable[..., Tensor]] = {"torch": dense_crf,
-                                                  "pydensecrf": dense_crf_pydensecrf}
+CRF_BACKENDS: dict[str, Callable[..., Tensor]] = {
+    "torch": dense_crf,
+    "pydensecrf": dense_crf_pydensecrf,
+}

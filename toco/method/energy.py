@@ -17,6 +17,7 @@ Gradient. By default it is the exact derivative of E with the gate held fixed, b
 dE/dS' = −(1/B) (Gate ⊙ K S' + Kᵀ(Gate ⊙ S')). ToCo/rloss instead return −(2/B) Gate ⊙ K S'
 (exact only for a symmetric K and a constant gate); `reference_gradient=True` restores it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,10 +31,17 @@ from toco.method.cam import box_mask
 from toco.method.step import LossModule, StepState
 
 
-def dense_energy_loss(image: Tensor, probs: Tensor, roi: Tensor, label: Tensor,
-                      sigma_rgb: float = 15.0, sigma_xy: float = 100.0,
-                      scale_factor: float = 0.5, reference_gradient: bool = False,
-                      method: str = "lattice") -> Tensor:
+def dense_energy_loss(
+    image: Tensor,
+    probs: Tensor,
+    roi: Tensor,
+    label: Tensor,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 100.0,
+    scale_factor: float = 0.5,
+    reference_gradient: bool = False,
+    method: str = "lattice",
+) -> Tensor:
     """Gated dense CRF energy E (without the 1e-7 inner weight), a scalar.
 
     Args:
@@ -48,11 +56,11 @@ def dense_energy_loss(image: Tensor, probs: Tensor, roi: Tensor, label: Tensor,
     """
     b = probs.shape[0]
     if probs.dtype in (torch.float16, torch.bfloat16):
-        probs = probs.float()      # the sparse lattice products want float32 or float64
+        probs = probs.float()  # the sparse lattice products want float32 or float64
     kw = dict(scale_factor=scale_factor, recompute_scale_factor=True)
     img_s = F.interpolate(image.to(probs.dtype), mode="nearest", **kw)
     probs_s = F.interpolate(probs, mode="bilinear", align_corners=False, **kw)
-    roi_s = F.interpolate(roi[:, None].float(), mode="nearest", **kw)               # (B,1,h,w)
+    roi_s = F.interpolate(roi[:, None].float(), mode="nearest", **kw)  # (B,1,h,w)
     label_s = F.interpolate(label[:, None].float(), mode="nearest", **kw)
     with torch.no_grad():
         gate = (roi_s - probs_s.amax(1, keepdim=True)).masked_fill_(label_s == 255, 1.0)
@@ -68,7 +76,7 @@ def dense_energy_loss(image: Tensor, probs: Tensor, roi: Tensor, label: Tensor,
     if not reference_gradient:
         return -(seg * gate * filt(seg)).sum() / b
     gated = gate * filt(seg.detach())
-    surrogate = -2.0 * (seg * gated).sum() / b          # its gradient: -(2/B) Gate·KS'·ROI
+    surrogate = -2.0 * (seg * gated).sum() / b  # its gradient: -(2/B) Gate·KS'·ROI
     value = -(seg.detach() * gated).sum() / b
     return surrogate + (value - surrogate).detach()
 
@@ -86,9 +94,16 @@ class RegularizationLoss(LossModule):
     names = ("reg",)
     needs_decoder = True
 
-    def __init__(self, weight: float, start_iter: int = 0, sigma_rgb: float = 15.0,
-                 sigma_xy: float = 100.0, scale_factor: float = 0.5, inner_weight: float = 1e-7,
-                 reference_gradient: bool = False) -> None:
+    def __init__(
+        self,
+        weight: float,
+        start_iter: int = 0,
+        sigma_rgb: float = 15.0,
+        sigma_xy: float = 100.0,
+        scale_factor: float = 0.5,
+        inner_weight: float = 1e-7,
+        reference_gradient: bool = False,
+    ) -> None:
         super().__init__(weight, start_iter)
         self.sigma_rgb = sigma_rgb
         self.sigma_xy = sigma_xy
@@ -99,15 +114,22 @@ class RegularizationLoss(LossModule):
     def compute(self, state: StepState) -> dict[str, Tensor]:
         image = state.images * 255.0
         h, w = image.shape[-2:]
-        logits = F.interpolate(state.seg_logits, size=(h, w), mode="bilinear",
-                               align_corners=False)
-        energy = dense_energy_loss(image, torch.softmax(logits, dim=1),
-                                   box_mask(state.img_box, h, w), state.pseudo_label,
-                                   self.sigma_rgb, self.sigma_xy, self.scale_factor,
-                                   self.reference_gradient)
+        logits = F.interpolate(state.seg_logits, size=(h, w), mode="bilinear", align_corners=False)
+        energy = dense_energy_loss(
+            image,
+            torch.softmax(logits, dim=1),
+            box_mask(state.img_box, h, w),
+            state.pseudo_label,
+            self.sigma_rgb,
+            self.sigma_xy,
+            self.scale_factor,
+            self.reference_gradient,
+        )
         return {"reg": self.inner_weight * energy}
 
     def extra_repr(self) -> str:
-        return (f"weight={self.weight}, start_iter={self.start_iter}, "
-                f"sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "
-                f"scale_factor={self.scale_factor}, inner_weight={self.inner_weight}")
+        return (
+            f"weight={self.weight}, start_iter={self.start_iter}, "
+            f"sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "
+            f"scale_factor={self.scale_factor}, inner_weight={self.inner_weight}"
+        )

@@ -7,6 +7,7 @@ Inputs whose side is not a multiple of the patch size are handled in one of two 
 - "floor" (the official tools): run on the largest multiple of the patch that fits (the
   patch convolution drops the remainder pixels) and stretch the token maps over the whole image.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -29,8 +30,9 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def token_maps(fn: Callable, x: Tensor, multiple: int, patch_fit: str = "pad"
-               ) -> tuple[Tensor, ...]:
+def token_maps(
+    fn: Callable, x: Tensor, multiple: int, patch_fit: str = "pad"
+) -> tuple[Tensor, ...]:
     """Apply a token-stride map function `fn` to x of any size (see the module docstring).
 
     "pad" returns maps at x's size, or the raw token maps when x needs no padding; "floor"
@@ -55,8 +57,10 @@ def token_maps(fn: Callable, x: Tensor, multiple: int, patch_fit: str = "pad"
     padded = F.pad(x, (0, pad_w, 0, pad_h))
     outs = fn(padded)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    return tuple(F.interpolate(o, size=padded.shape[-2:], mode="bilinear",
-                               align_corners=False)[..., :h, :w] for o in outs)
+    return tuple(
+        F.interpolate(o, size=padded.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+        for o in outs
+    )
 
 
 def _fuse(a: Tensor, b: Tensor, how: str) -> Tensor:
@@ -76,10 +80,16 @@ def scaled(image: Tensor, s: float) -> Tensor:
 
 
 @torch.no_grad()
-def predict_seg_logits(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0,),
-                       flip: bool = False, size: Optional[int] = None,
-                       flip_fusion: str = "sum", scale_fusion: str = "max",
-                       patch_fit: str = "pad") -> Tensor:
+def predict_seg_logits(
+    model: ToCoNet,
+    image: Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    size: Optional[int] = None,
+    flip_fusion: str = "sum",
+    scale_fusion: str = "max",
+    patch_fit: str = "pad",
+) -> Tensor:
     """Segmentation logits (B, C, H, W) at the input's size.
 
     `size` first resizes the input to a size x size square. For each scale the logits of the
@@ -102,14 +112,20 @@ def predict_seg_logits(model: ToCoNet, image: Tensor, scales: Sequence[float] = 
 
 
 @torch.no_grad()
-def predict_cams(model: ToCoNet, image: Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5),
-                 flip: bool = True, size: Optional[int] = None, patch_fit: str = "pad"
-                 ) -> tuple[Tensor, Tensor]:
+def predict_cams(
+    model: ToCoNet,
+    image: Tensor,
+    scales: Sequence[float] = (1.0, 0.5, 1.5),
+    flip: bool = True,
+    size: Optional[int] = None,
+    patch_fit: str = "pad",
+) -> tuple[Tensor, Tensor]:
     """Multi-scale normalised (cam, cam_aux), each (B, C-1, H, W) at the input's size."""
     out_size = image.shape[-2:]
     x = resize(image, (size, size)) if size else image
     cam, cam_aux = multi_scale_cam(
-        lambda t: token_maps(model.cams, t, model.patch_size, patch_fit), x, scales, flip=flip)
+        lambda t: token_maps(model.cams, t, model.patch_size, patch_fit), x, scales, flip=flip
+    )
     return resize(cam, out_size), resize(cam_aux, out_size)
 
 

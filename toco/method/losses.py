@@ -127,8 +127,9 @@ def grouped_mean(fn: Callable[..., Tensor], group_size: int, *tensors: Tensor) -
     batch = tensors[0].shape[0]
     if group_size <= 0 or group_size >= batch:
         return fn(*tensors)
-    return torch.stack([fn(*(t[i:i + group_size] for t in tensors))
-                        for i in range(0, batch, group_size)]).mean()
+    return torch.stack(
+        [fn(*(t[i : i + group_size] for t in tensors)) for i in range(0, batch, group_size)]
+    ).mean()
 
 
 class GroupedLossModule(LossModule):
@@ -145,8 +146,10 @@ class ClassificationLoss(LossModule):
     names = ("cls", "cls_aux")
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
-        return {"cls": multilabel_loss(state.logits, state.cls_label),
-                "cls_aux": multilabel_loss(state.aux_logits, state.cls_label)}
+        return {
+            "cls": multilabel_loss(state.logits, state.cls_label),
+            "cls_aux": multilabel_loss(state.aux_logits, state.cls_label),
+        }
 
 
 class PatchTokenContrast(GroupedLossModule):
@@ -155,8 +158,9 @@ class PatchTokenContrast(GroupedLossModule):
     names = ("ptc",)
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
-        return {"ptc": grouped_mean(ptc_loss, self.group_size, state.feats.tokens,
-                                    state.token_label)}
+        return {
+            "ptc": grouped_mean(ptc_loss, self.group_size, state.feats.tokens, state.token_label)
+        }
 
 
 class ClassTokenContrast(LossModule):
@@ -164,16 +168,28 @@ class ClassTokenContrast(LossModule):
 
     names = ("ctc",)
 
-    def __init__(self, weight: float, start_iter: int = 0, temperature: float = 0.5,
-                 always_add_negative_term: bool = False) -> None:
+    def __init__(
+        self,
+        weight: float,
+        start_iter: int = 0,
+        temperature: float = 0.5,
+        always_add_negative_term: bool = False,
+    ) -> None:
         super().__init__(weight, start_iter)
         self.temperature = temperature
         self.always_add_negative_term = always_add_negative_term
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         out = state.ctc
-        return {"ctc": ctc_loss(out.student, out.teacher, out.flags, self.temperature,
-                                always_add_negative_term=self.always_add_negative_term)}
+        return {
+            "ctc": ctc_loss(
+                out.student,
+                out.teacher,
+                out.flags,
+                self.temperature,
+                always_add_negative_term=self.always_add_negative_term,
+            )
+        }
 
 
 class SegmentationLoss(GroupedLossModule):
@@ -184,6 +200,7 @@ class SegmentationLoss(GroupedLossModule):
 
     def compute(self, state: StepState) -> dict[str, Tensor]:
         label = state.pseudo_label
-        logits = F.interpolate(state.seg_logits, size=label.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = F.interpolate(
+            state.seg_logits, size=label.shape[-2:], mode="bilinear", align_corners=False
+        )
         return {"seg": grouped_mean(seg_loss, self.group_size, logits, label)}

@@ -1,4 +1,5 @@
 """Image-level (multi-label) classification scores: average precision and F1, in percent."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float((recall_gain * precision).sum())
 
 
-def multilabel_scores(scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5
-                      ) -> dict[str, float]:
+def multilabel_scores(
+    scores: np.ndarray, targets: np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """mAP and F1 of (N, K) probabilities against (N, K) 0/1 labels, in percent.
 
     map: mean AP over classes with a positive image. f1: macro F1 (2TP / (2TP + FP + FN) per
@@ -37,8 +39,11 @@ def multilabel_scores(scores: np.ndarray, targets: np.ndarray, threshold: float 
     targets = np.asarray(targets).astype(bool)
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} must be (N, K)")
-    aps = [average_precision(scores[:, k], targets[:, k]) for k in range(scores.shape[1])
-           if targets[:, k].any()]
+    aps = [
+        average_precision(scores[:, k], targets[:, k])
+        for k in range(scores.shape[1])
+        if targets[:, k].any()
+    ]
     predicted = scores >= threshold
     tp = (predicted & targets).sum(0)
     fp = (predicted & ~targets).sum(0)

@@ -67,8 +67,9 @@ class PAR(nn.Module):
         if num_iter < 0:
             raise ValueError(f"PAR num_iter must be >= 0, got {num_iter}")
         if not dilations or min(dilations) < 1:
-            raise ValueError("PAR dilations must be a non-empty list of ints >= 1, "
-                             f"got {dilations}")
+            raise ValueError(
+                f"PAR dilations must be a non-empty list of ints >= 1, got {dilations}"
+            )
         self.num_iter = int(num_iter)
         self.dilations = tuple(int(d) for d in dilations)
         self.w1 = float(w1)
@@ -76,9 +77,7 @@ class PAR(nn.Module):
         self._offsets = _neighbour_offsets(self.dilations)
         self._pad = max(self.dilations)
         # softmax_n(kappa_pos) depends only on the dilations: a constant (N,) vector.
-        dist = torch.tensor(
-            [math.hypot(oy, ox) for oy, ox in self._offsets], dtype=torch.float64
-        )
+        dist = torch.tensor([math.hypot(oy, ox) for oy, ox in self._offsets], dtype=torch.float64)
         kappa_pos = -((dist / (dist.std() + 1e-8) / self.w1) ** 2)
         self.register_buffer("pos_weight", torch.softmax(kappa_pos, dim=0), persistent=False)
 
@@ -133,6 +132,7 @@ class PAR(nn.Module):
             image = image.to(dtype)
             masks = masks.to(dtype)
             if masks.shape[-2:] != image.shape[-2:]:
-                masks = F.interpolate(masks, size=image.shape[-2:], mode="bilinear",
-                                      align_corners=True)
+                masks = F.interpolate(
+                    masks, size=image.shape[-2:], mode="bilinear", align_corners=True
+                )
             return self.propagate(masks, self.affinity(image))

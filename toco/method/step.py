@@ -4,6 +4,7 @@ The engine fills a `StepState` once per iteration (dataset → model → pseudo 
 to each `LossModule`; each returns named, unweighted losses. The costly pseudo labels are computed
 on first use only, so a loss that is switched off costs nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -19,6 +19,7 @@ passes and inference all run it and its state ships with the model's state_dict.
 With every plug-in off `build_plugins` returns [] and `attach_plugins` changes nothing, leaving
 the pipeline exactly as without this package.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -53,9 +54,13 @@ def attach_plugins(model: "nn.Module", cfg: "TrainConfig", num_classes: int) -> 
             plugin.attach(cfg.plugins[name], cfg, model, num_classes)
 
 
-def build_plugins(cfg: "TrainConfig", embed_dim: int, num_classes: int,
-                  dist_info: DistInfo = DistInfo(), model: Optional["nn.Module"] = None
-                  ) -> list["LossModule"]:
+def build_plugins(
+    cfg: "TrainConfig",
+    embed_dim: int,
+    num_classes: int,
+    dist_info: DistInfo = DistInfo(),
+    model: Optional["nn.Module"] = None,
+) -> list["LossModule"]:
     """The loss modules of the enabled plug-ins, in registry order.
 
     `model`: the network built by `build_model` (plug-ins that attached parts to it, such as
@@ -81,5 +86,15 @@ def pair_policy(cfg: "TrainConfig") -> Optional[str]:
     return None
 
 
-__all__ = ["BuildContext", "Plugin", "PluginSettings", "attach_plugins", "build_plugins",
-           "enabled_plugins", "pair_policy", "plugin_names", "register", "registered"]
+__all__ = [
+    "BuildContext",
+    "Plugin",
+    "PluginSettings",
+    "attach_plugins",
+    "build_plugins",
+    "enabled_plugins",
+    "pair_policy",
+    "plugin_names",
+    "register",
+    "registered",
+]

@@ -1,4 +1,5 @@
 """Small pieces shared by the seed plug-ins: projection heads, masked means, per-step RNGs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,9 @@ class ProjectionHead(nn.Module):
         final_relu: a ReLU on the output (PPC's official head; restricts cosines to [0, 1]).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int,
-                 final_relu: bool = False) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, final_relu: bool = False
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, out_dim)
@@ -51,8 +53,9 @@ def step_seed(seed: int, iteration: int, rank: int, salt: int) -> int:
     return int(mixed[0]) << 31 ^ int(mixed[1])
 
 
-def step_generator(device: torch.device, seed: int, iteration: int, rank: int,
-                   salt: int) -> torch.Generator:
+def step_generator(
+    device: torch.device, seed: int, iteration: int, rank: int, salt: int
+) -> torch.Generator:
     """A torch generator on `device` seeded with `step_seed(...)`."""
     gen = torch.Generator(device=device)
     gen.manual_seed(step_seed(seed, iteration, rank, salt) % (2**63 - 1))
@@ -65,8 +68,12 @@ def minmax_normalise(cam: Tensor, eps: float = 1e-5) -> Tensor:
     return cam / (cam.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
-def tokens_in_box(img_box: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int],
-                  stride_px: tuple[float, float]) -> Tensor:
+def tokens_in_box(
+    img_box: Tensor,
+    image_hw: tuple[int, int],
+    grid_hw: tuple[int, int],
+    stride_px: tuple[float, float],
+) -> Tensor:
     """(B, h, w) bool: token centres of a grid whose cells are `stride_px` image pixels, inside
     each box [y0, y1, x0, x1] (pixels of an image of size `image_hw`)."""
     device = img_box.device
@@ -76,4 +83,3 @@ def tokens_in_box(img_box: Tensor, image_hw: tuple[int, int], grid_hw: tuple[int
     in_y = (ys >= box[:, 0, None]) & (ys < box[:, 1, None])
     in_x = (xs >= box[:, 2, None]) & (xs < box[:, 3, None])
     return in_y[:, :, None] & in_x[:, None, :]
-

@@ -38,6 +38,7 @@ it with 0.75x and 2x resizes; those are only in the offline scorer (toco.evaluat
 Deviation: the affinity is scaled by 1/sqrt(D) (ViT tokens after LayerNorm make the official
 unscaled softmax one-hot).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,18 +67,19 @@ class CoAttention(nn.Module):
         share_classifier: no own W_co; callers pass ToCo's classifier weight.
     """
 
-    def __init__(self, dim: int, num_fg_classes: int, lowrank_dim: int = 0,
-                 share_classifier: bool = False) -> None:
+    def __init__(
+        self, dim: int, num_fg_classes: int, lowrank_dim: int = 0, share_classifier: bool = False
+    ) -> None:
         super().__init__()
         self.dim = dim
         if lowrank_dim > 0:
-            self.affinity = nn.Sequential(nn.Linear(dim, lowrank_dim, bias=False),
-                                          nn.Linear(lowrank_dim, dim, bias=False))
+            self.affinity = nn.Sequential(
+                nn.Linear(dim, lowrank_dim, bias=False), nn.Linear(lowrank_dim, dim, bias=False)
+            )
         else:
             self.affinity = nn.Linear(dim, dim, bias=False)
         self.gate = nn.Linear(dim, 1, bias=False)
-        self.classifier = None if share_classifier else nn.Linear(dim, num_fg_classes,
-                                                                  bias=False)
+        self.classifier = None if share_classifier else nn.Linear(dim, num_fg_classes, bias=False)
 
     def attend(self, fm: Tensor, fn: Tensor) -> tuple[Tensor, Tensor]:
         """fm (P, N_m, D), fn (P, N_n, D) -> (F_m^att (P, N_m, D), F_n^att (P, N_n, D))."""
@@ -140,8 +142,9 @@ class PartnerBank(nn.Module):
     def __init__(self, num_fg_classes: int, size: int, num_tokens: int, dim: int) -> None:
         super().__init__()
         self.size = size
-        self.register_buffer("tokens", torch.zeros(num_fg_classes, size, num_tokens, dim,
-                                                   dtype=torch.float16))
+        self.register_buffer(
+            "tokens", torch.zeros(num_fg_classes, size, num_tokens, dim, dtype=torch.float16)
+        )
         self.register_buffer("ptr", torch.zeros(num_fg_classes, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_fg_classes, dtype=torch.long))
 
@@ -157,8 +160,9 @@ class PartnerBank(nn.Module):
             self.ptr[c] = (slot + 1) % self.size
             self.count[c] = min(int(self.count[c]) + 1, self.size)
 
-    def draw(self, labels: Tensor, num: int, generator: torch.Generator
-             ) -> tuple[Tensor, Tensor, Tensor]:
+    def draw(
+        self, labels: Tensor, num: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """For every (image b, class c) with labels[b, c] > 0 and a non-empty queue, `num`
         partners drawn with replacement: (image (P,), class (P,), tokens (P, N, D))."""
         pairs = torch.nonzero(labels > 0)
@@ -172,10 +176,17 @@ class PartnerBank(nn.Module):
         return pairs[:, 0], pairs[:, 1], self.tokens[pairs[:, 1], slot]
 
 
-def related_image_maps(head: "CoAttention", weight: Tensor, x: Tensor, grid: tuple[int, int],
-                       labels: Tensor, partners: tuple[Tensor, Tensor, Tensor],
-                       self_views: Sequence[tuple[bool, Tensor, tuple[int, int]]],
-                       size: tuple[int, int], score_thr: float) -> tuple[Tensor, Tensor]:
+def related_image_maps(
+    head: "CoAttention",
+    weight: Tensor,
+    x: Tensor,
+    grid: tuple[int, int],
+    labels: Tensor,
+    partners: tuple[Tensor, Tensor, Tensor],
+    self_views: Sequence[tuple[bool, Tensor, tuple[int, int]]],
+    size: tuple[int, int],
+    score_thr: float,
+) -> tuple[Tensor, Tensor]:
     """MCIS's localisation maps with related images, for a batch (the official scorer's rule).
 
     x: final tokens (B, N, D) on `grid`; labels: (B, K); partners: (image, class, tokens) from
@@ -207,11 +218,14 @@ def related_image_maps(head: "CoAttention", weight: Tensor, x: Tensor, grid: tup
         raw = co_cam(att_view, weight, view_grid)  # (B, K, h', w'), the view's side
         if mirrored:
             raw = raw.flip(-1)
-        keep = (torch.ones(b, k, device=x.device) if always else
-                passes_score_filter(raw.reshape(b * k, 1, *view_grid), score_thr)
-                .reshape(b, k).to(torch.float32))
-        maps = normalised_related_map(raw.reshape(b * k, 1, *view_grid), size).reshape(b, k,
-                                                                                        *size)
+        keep = (
+            torch.ones(b, k, device=x.device)
+            if always
+            else passes_score_filter(raw.reshape(b * k, 1, *view_grid), score_thr)
+            .reshape(b, k)
+            .to(torch.float32)
+        )
+        maps = normalised_related_map(raw.reshape(b * k, 1, *view_grid), size).reshape(b, k, *size)
         total += maps * (keep * present)[..., None, None]
         count += present
     return total / count.clamp_min(1)[..., None, None], count
@@ -240,23 +254,44 @@ class CrossImageSemantics(LossModule):
 
     names = ("mcis_co", "mcis_ex", "mcis_self")
 
-    def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.5,
-                 start_iter: int = 0, w_co: float = 1.0, w_ex: float = 1.0, ex_start: int = 0,
-                 pool: str = "gap", lowrank_dim: int = 0, share_classifier: bool = False,
-                 ex_empty_rows: bool = False, self_pairs: bool = False, co_cam: str = "off",
-                 co_cam_fuse: str = "max", co_cam_start: int = 0,
-                 co_cam_partners: str = "in_batch", num_partners: int = 3, bank_size: int = 3,
-                 bank_tokens: int = 0, co_cam_self_views: bool = True, score_thr: float = 0.1,
-                 seed: int = 0, rank: int = 0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        weight: float = 0.5,
+        start_iter: int = 0,
+        w_co: float = 1.0,
+        w_ex: float = 1.0,
+        ex_start: int = 0,
+        pool: str = "gap",
+        lowrank_dim: int = 0,
+        share_classifier: bool = False,
+        ex_empty_rows: bool = False,
+        self_pairs: bool = False,
+        co_cam: str = "off",
+        co_cam_fuse: str = "max",
+        co_cam_start: int = 0,
+        co_cam_partners: str = "in_batch",
+        num_partners: int = 3,
+        bank_size: int = 3,
+        bank_tokens: int = 0,
+        co_cam_self_views: bool = True,
+        score_thr: float = 0.1,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
         super().__init__(weight, start_iter)
         if co_cam_partners not in ("related", "in_batch"):
-            raise ConfigError(f"mcis co_cam_partners must be related or in_batch, "
-                              f"got {co_cam_partners!r}")
+            raise ConfigError(
+                f"mcis co_cam_partners must be related or in_batch, got {co_cam_partners!r}"
+            )
         if pool not in ("gap", "gmp"):
             raise ConfigError(f"mcis pool must be 'gap' or 'gmp', got {pool!r}")
         if co_cam not in ("off", "online_fuse") or co_cam_fuse not in ("max", "mean"):
-            raise ConfigError(f"mcis co_cam must be off/online_fuse and co_cam_fuse max/mean, "
-                              f"got {co_cam!r}, {co_cam_fuse!r}")
+            raise ConfigError(
+                f"mcis co_cam must be off/online_fuse and co_cam_fuse max/mean, "
+                f"got {co_cam!r}, {co_cam_fuse!r}"
+            )
         self.head = CoAttention(embed_dim, num_classes - 1, lowrank_dim, share_classifier)
         self.w_co, self.w_ex, self.ex_start = w_co, w_ex, ex_start
         self.pool, self.ex_empty_rows = pool, ex_empty_rows
@@ -268,8 +303,9 @@ class CrossImageSemantics(LossModule):
         related = co_cam == "online_fuse" and co_cam_partners == "related"
         # The related-image maps take the image's own views from ToCo's CAM passes.
         self.needs_cam_views = related and co_cam_self_views
-        self.bank = (PartnerBank(num_classes - 1, bank_size, bank_tokens, embed_dim)
-                     if related else None)
+        self.bank = (
+            PartnerBank(num_classes - 1, bank_size, bank_tokens, embed_dim) if related else None
+        )
 
     def shared_weight(self, state: StepState) -> Optional[Tensor]:
         if self.head.classifier is not None or state.model is None:
@@ -338,8 +374,7 @@ class CrossImageSemantics(LossModule):
         if self.self_pairs:
             xf = self._mirror_tokens(state).detach().flatten(2).transpose(1, 2)
             att_x, _ = self.head.attend(x, xf)
-            maps = maps + self._normalised(co_cam(att_x, weight, (h, w)), size) * y[..., None,
-                                                                                     None]
+            maps = maps + self._normalised(co_cam(att_x, weight, (h, w)), size) * y[..., None, None]
             count = count + y
         return maps / count.clamp_min(1)[..., None, None], count[..., None, None]
 
@@ -364,10 +399,25 @@ class CrossImageSemantics(LossModule):
         if self.co_cam_self_views:
             for scale, mirrored, out in state.extras.get(CAM_VIEWS, ()):
                 if mirrored == (scale == 1.0):  # the mirror image, and the other scales
-                    views.append((mirrored, mirrored, out.detach().flatten(2).transpose(1, 2),
-                                  tuple(out.shape[-2:])))
-        maps, count = related_image_maps(self.head, weight, x, grid, state.cls_label, partners,
-                                         views, tuple(state.cam.shape[-2:]), self.score_thr)
+                    views.append(
+                        (
+                            mirrored,
+                            mirrored,
+                            out.detach().flatten(2).transpose(1, 2),
+                            tuple(out.shape[-2:]),
+                        )
+                    )
+        maps, count = related_image_maps(
+            self.head,
+            weight,
+            x,
+            grid,
+            state.cls_label,
+            partners,
+            views,
+            tuple(state.cam.shape[-2:]),
+            self.score_thr,
+        )
         return maps, count[..., None, None]
 
     def pseudo_label_cam(self, state: StepState, cam: Tensor) -> Tensor:
@@ -375,19 +425,25 @@ class CrossImageSemantics(LossModule):
         on the classes that have one; elsewhere, or with 'off', the CAM unchanged."""
         if self.co_cam == "off" or state.iteration < self.co_cam_start:
             return cam
-        maps, count = (self.related_maps(state) if self.bank is not None
-                       else self.co_attention_maps(state))
+        maps, count = (
+            self.related_maps(state) if self.bank is not None else self.co_attention_maps(state)
+        )
         fused = torch.maximum(cam, maps) if self.co_cam_fuse == "max" else (cam + maps) / 2
         return torch.where(count > 0, fused.to(cam.dtype), cam)
 
 
 @torch.no_grad()
-def co_attention_cams(model: nn.Module, plugin: CrossImageSemantics, images_m: Tensor,
-                      images_n: Tensor) -> tuple[Tensor, Tensor]:
+def co_attention_cams(
+    model: nn.Module, plugin: CrossImageSemantics, images_m: Tensor, images_n: Tensor
+) -> tuple[Tensor, Tensor]:
     """Raw co-attention CAMs W_co F^att of paired images (P, 3, H, W) each, at token stride:
     (cam_m (P, C-1, h_m, w_m), cam_n (P, C-1, h_n, w_n)). The images may differ in size."""
-    return _pair_cams(plugin, _class_weight(model, plugin), model.encode(images_m).tokens,
-                      model.encode(images_n).tokens)
+    return _pair_cams(
+        plugin,
+        _class_weight(model, plugin),
+        model.encode(images_m).tokens,
+        model.encode(images_n).tokens,
+    )
 
 
 def _class_weight(model: nn.Module, plugin: CrossImageSemantics) -> Tensor:
@@ -395,13 +451,16 @@ def _class_weight(model: nn.Module, plugin: CrossImageSemantics) -> Tensor:
     return plugin.head.class_weight(shared)
 
 
-def _pair_cams(plugin: CrossImageSemantics, weight: Tensor, fm: Tensor, fn: Tensor
-               ) -> tuple[Tensor, Tensor]:
+def _pair_cams(
+    plugin: CrossImageSemantics, weight: Tensor, fm: Tensor, fn: Tensor
+) -> tuple[Tensor, Tensor]:
     """co_attention_cams from the two sides' token maps (P, D, h, w)."""
     xm, xn = fm.flatten(2).transpose(1, 2), fn.flatten(2).transpose(1, 2)
     att_m, att_n = plugin.head.attend(xm, xn)
-    return (co_cam(att_m, weight, tuple(fm.shape[-2:])),
-            co_cam(att_n, weight, tuple(fn.shape[-2:])))
+    return (
+        co_cam(att_m, weight, tuple(fm.shape[-2:])),
+        co_cam(att_n, weight, tuple(fn.shape[-2:])),
+    )
 
 
 # The official scorer's self-pairs: the image paired with its mirror, a 0.75x and a 2x resize.
@@ -412,14 +471,24 @@ def _self_partner(image: Tensor, kind: str, scale: float) -> Tensor:
     if kind == "flip":
         return image.flip(-1)
     h, w = image.shape[-2:]
-    return F.interpolate(image, size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                         mode="bilinear", align_corners=False)
+    return F.interpolate(
+        image,
+        size=(max(1, round(h * scale)), max(1, round(w * scale))),
+        mode="bilinear",
+        align_corners=False,
+    )
 
 
 @torch.no_grad()
-def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor,
-                    cls_label: Tensor, partners: dict[int, Sequence[Tensor]],
-                    self_pairs: bool = True, score_thr: float = 0.1) -> Tensor:
+def cross_image_cam(
+    model: nn.Module,
+    plugin: CrossImageSemantics,
+    image: Tensor,
+    cls_label: Tensor,
+    partners: dict[int, Sequence[Tensor]],
+    self_pairs: bool = True,
+    score_thr: float = 0.1,
+) -> Tensor:
     """MCIS inference with related images (the official scorer), for one image (1, 3, H, W) in
     [0, 1].
 
@@ -451,7 +520,7 @@ def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor
         maps = [(with_partner(partner)[0], False) for partner in partners.get(c, ())] + shared
         total = image.new_zeros(1, 1, h, w)
         for cam, always in maps:
-            raw = cam[:, c:c + 1].float()
+            raw = cam[:, c : c + 1].float()
             if not always and not bool(passes_score_filter(raw, score_thr)):
                 continue
             total += normalised_related_map(raw, (h, w))
@@ -460,17 +529,22 @@ def cross_image_cam(model: nn.Module, plugin: CrossImageSemantics, image: Tensor
     return out
 
 
-def sample_partners(image_label: Tensor, pool_labels: Tensor, num: int, rng: random.Random,
-                    exclude: Optional[int] = None) -> dict[int, list[int]]:
+def sample_partners(
+    image_label: Tensor,
+    pool_labels: Tensor,
+    num: int,
+    rng: random.Random,
+    exclude: Optional[int] = None,
+) -> dict[int, list[int]]:
     """For an image with multi-hot `image_label` (C-1,), `num` images of the partner pool
     (`pool_labels` (N, C-1), e.g. the training split) containing each of its classes, drawn
     with replacement: {class: [pool index, ...]}. `exclude`: the image's own pool index, never
     drawn unless it is the only candidate. A class no pool image has gets no partner."""
     out: dict[int, list[int]] = {}
     for c in torch.nonzero(image_label > 0).flatten().tolist():
-        pool = [i for i in torch.nonzero(pool_labels[:, c] > 0).flatten().tolist()
-                if i != exclude] or ([exclude] if exclude is not None
-                                     and pool_labels[exclude, c] > 0 else [])
+        pool = [
+            i for i in torch.nonzero(pool_labels[:, c] > 0).flatten().tolist() if i != exclude
+        ] or ([exclude] if exclude is not None and pool_labels[exclude, c] > 0 else [])
         out[c] = [rng.choice(pool) for _ in range(num)] if pool else []
     return out
 
@@ -482,72 +556,132 @@ class MCISSettings(PluginSettings):
     # `before=`: what stored configs that predate a setting did (before the related-image maps,
     # the fusion used the in-batch partner's map only).
     weight: float = setting(0.5, "weight of the MCIS co-attention losses")
-    pair_policy: str = setting("share_one", "partner of each anchor: an image sharing a class, "
-                               "or any image", ["share_one", "random"])
+    pair_policy: str = setting(
+        "share_one",
+        "partner of each anchor: an image sharing a class, or any image",
+        ["share_one", "random"],
+    )
     w_co: float = setting(1.0, "relative weight of the co-attention (common classes) loss")
-    w_ex: float = setting(1.0, "relative weight of the contrastive co-attention (unshared "
-                          "classes) loss")
+    w_ex: float = setting(
+        1.0, "relative weight of the contrastive co-attention (unshared classes) loss"
+    )
     ex_start_iter: int = setting(0, "unshared-class loss from max(plug-in start, this)")
     pool: str = setting("gap", "pooling of the co-attention CAMs", ["gap", "gmp"])
-    share_classifier: bool = setting(False, "co-attention CAMs use ToCo's classifier instead "
-                                     "of their own")
+    share_classifier: bool = setting(
+        False, "co-attention CAMs use ToCo's classifier instead of their own"
+    )
     lowrank_dim: int = setting(0, "affinity W = U V^T of this rank (0: full D x D)")
-    ex_empty_rows: bool = setting(False, "unshared-class loss also on images whose unshared "
-                                  "label is empty, whenever the batch has one (official)")
-    self_pairs: bool = setting(False, "also pair each image with its mirror image (loss "
-                               "mcis_self; +1 encoder pass with grad)")
-    co_cam: str = setting("online_fuse", "online_fuse: fuse the co-attention maps into the CAM "
-                          "the pseudo labels are refined from (the paper's inference with related "
-                          "images); off", ["off", "online_fuse"])
-    co_cam_fuse: str = setting("mean", "how the co-attention map is fused with the CAM",
-                               ["max", "mean"])
-    co_cam_partners: str = setting("related", "partners of the fused maps: co_cam_num_partners "
-                                   "recent training images per class of the image, plus "
-                                   "self-pairs, averaged with the score filter (related, "
-                                   "official); or the in-batch partner only (in_batch)",
-                                   ["related", "in_batch"], before="in_batch")
-    co_cam_num_partners: int = setting(3, "related partners per class of the image (official 3; "
-                                       "drawn with replacement)")
-    co_cam_bank_size: int = setting(3, "training images kept per class as partners (their final "
-                                    "tokens, float16, in the checkpoint)")
-    co_cam_self_views: bool = setting(True, "self-pairs of the related maps: the image with its "
-                                      "mirror image and its other CAM scales (ToCo's CAM passes, "
-                                      "no extra encoder pass)")
-    co_cam_score_thr: float = setting(0.1, "a related map counts when sigmoid(its mean) exceeds "
-                                      "this (official 0.1; the mirror pair always counts)")
-    co_cam_start_iter: int = setting(0, "fusion from max(plug-in start, this): the "
-                                     "co-attention head starts untrained")
+    ex_empty_rows: bool = setting(
+        False,
+        "unshared-class loss also on images whose unshared "
+        "label is empty, whenever the batch has one (official)",
+    )
+    self_pairs: bool = setting(
+        False,
+        "also pair each image with its mirror image (loss mcis_self; +1 encoder pass with grad)",
+    )
+    co_cam: str = setting(
+        "online_fuse",
+        "online_fuse: fuse the co-attention maps into the CAM "
+        "the pseudo labels are refined from (the paper's inference with related "
+        "images); off",
+        ["off", "online_fuse"],
+    )
+    co_cam_fuse: str = setting(
+        "mean", "how the co-attention map is fused with the CAM", ["max", "mean"]
+    )
+    co_cam_partners: str = setting(
+        "related",
+        "partners of the fused maps: co_cam_num_partners "
+        "recent training images per class of the image, plus "
+        "self-pairs, averaged with the score filter (related, "
+        "official); or the in-batch partner only (in_batch)",
+        ["related", "in_batch"],
+        before="in_batch",
+    )
+    co_cam_num_partners: int = setting(
+        3, "related partners per class of the image (official 3; drawn with replacement)"
+    )
+    co_cam_bank_size: int = setting(
+        3,
+        "training images kept per class as partners (their final "
+        "tokens, float16, in the checkpoint)",
+    )
+    co_cam_self_views: bool = setting(
+        True,
+        "self-pairs of the related maps: the image with its "
+        "mirror image and its other CAM scales (ToCo's CAM passes, "
+        "no extra encoder pass)",
+    )
+    co_cam_score_thr: float = setting(
+        0.1,
+        "a related map counts when sigmoid(its mean) exceeds "
+        "this (official 0.1; the mirror pair always counts)",
+    )
+    co_cam_start_iter: int = setting(
+        0, "fusion from max(plug-in start, this): the co-attention head starts untrained"
+    )
 
     def check(self, cfg, need, key) -> None:
         for name in ("co_cam_num_partners", "co_cam_bank_size"):
-            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
-                 f"{getattr(self, name)}")
-        need(0 <= self.co_cam_score_thr < 1, f"{key('co_cam_score_thr')} must be in [0, 1), got "
-             f"{self.co_cam_score_thr}")
+            need(
+                getattr(self, name) > 0, f"{key(name)} must be positive, got {getattr(self, name)}"
+            )
+        need(
+            0 <= self.co_cam_score_thr < 1,
+            f"{key('co_cam_score_thr')} must be in [0, 1), got {self.co_cam_score_thr}",
+        )
         for name in ("w_co", "w_ex", "ex_start_iter", "lowrank_dim", "co_cam_start_iter"):
-            need(getattr(self, name) >= 0, f"{key(name)} must be >= 0, got "
-                 f"{getattr(self, name)}")
-        need(cfg.batch_size % 2 == 0,
-             f"MCIS pairs the images of each batch: --batch-size {cfg.batch_size} is odd")
-        need(self.w_co > 0 or self.w_ex > 0 or self.self_pairs,
-             f"MCIS with {key('w_co')} and {key('w_ex')} both 0 computes nothing")
+            need(getattr(self, name) >= 0, f"{key(name)} must be >= 0, got {getattr(self, name)}")
+        need(
+            cfg.batch_size % 2 == 0,
+            f"MCIS pairs the images of each batch: --batch-size {cfg.batch_size} is odd",
+        )
+        need(
+            self.w_co > 0 or self.w_ex > 0 or self.self_pairs,
+            f"MCIS with {key('w_co')} and {key('w_ex')} both 0 computes nothing",
+        )
 
 
 def build_mcis(s: MCISSettings, ctx: BuildContext) -> list[LossModule]:
     start = s.start(ctx.cfg)
     patch = ctx.model.patch_size if ctx.model is not None else 16
-    return [CrossImageSemantics(
-        ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=start, w_co=s.w_co,
-        w_ex=s.w_ex, ex_start=max(start, s.ex_start_iter), pool=s.pool,
-        lowrank_dim=s.lowrank_dim, share_classifier=s.share_classifier,
-        ex_empty_rows=s.ex_empty_rows, self_pairs=s.self_pairs, co_cam=s.co_cam,
-        co_cam_fuse=s.co_cam_fuse, co_cam_start=s.co_cam_start_iter,
-        co_cam_partners=s.co_cam_partners, num_partners=s.co_cam_num_partners,
-        bank_size=s.co_cam_bank_size, bank_tokens=(ctx.cfg.crop_size // patch) ** 2,
-        co_cam_self_views=s.co_cam_self_views, score_thr=s.co_cam_score_thr,
-        seed=ctx.cfg.seed, rank=ctx.dist_info.rank)]
+    return [
+        CrossImageSemantics(
+            ctx.embed_dim,
+            ctx.num_classes,
+            weight=s.weight,
+            start_iter=start,
+            w_co=s.w_co,
+            w_ex=s.w_ex,
+            ex_start=max(start, s.ex_start_iter),
+            pool=s.pool,
+            lowrank_dim=s.lowrank_dim,
+            share_classifier=s.share_classifier,
+            ex_empty_rows=s.ex_empty_rows,
+            self_pairs=s.self_pairs,
+            co_cam=s.co_cam,
+            co_cam_fuse=s.co_cam_fuse,
+            co_cam_start=s.co_cam_start_iter,
+            co_cam_partners=s.co_cam_partners,
+            num_partners=s.co_cam_num_partners,
+            bank_size=s.co_cam_bank_size,
+            bank_tokens=(ctx.cfg.crop_size // patch) ** 2,
+            co_cam_self_views=s.co_cam_self_views,
+            score_thr=s.co_cam_score_thr,
+            seed=ctx.cfg.seed,
+            rank=ctx.dist_info.rank,
+        )
+    ]
 
 
-register(Plugin("mcis", MCISSettings, "MCIS: co-attention between in-batch image pairs sharing "
-                "a class (the sampler pairs the images)", build_mcis,
-                pair_policy=lambda s: s.pair_policy))
+register(
+    Plugin(
+        "mcis",
+        MCISSettings,
+        "MCIS: co-attention between in-batch image pairs sharing "
+        "a class (the sampler pairs the images)",
+        build_mcis,
+        pair_policy=lambda s: s.pair_policy,
+    )
+)

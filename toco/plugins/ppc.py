@@ -35,6 +35,7 @@ channel, prototypes for present classes only (`absent_protos` restores the offic
 the positive never counted twice in the semi-hard denominator, the class mean of the hard-pixel
 loss taken over classes that were actually sampled, no unused random negatives, vectorised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,13 @@ IGNORE = 255
 OFFICIAL_PROTOTYPES = 21
 
 
-def ppc_pseudo_label(cam: Tensor, cls_label: Tensor, bkg_thre: float, valid: Tensor,
-                     band: Optional[tuple[float, float]] = None) -> Tensor:
+def ppc_pseudo_label(
+    cam: Tensor,
+    cls_label: Tensor,
+    bkg_thre: float,
+    valid: Tensor,
+    band: Optional[tuple[float, float]] = None,
+) -> Tensor:
     """Per-view pseudo label y (B, h, w): 0 background, k + 1 class k, IGNORE.
 
     cam: normalised CAMs (B, K, h, w); cls_label: (B, K) multi-hot; valid: (B, h, w) bool.
@@ -86,8 +92,9 @@ def class_scores(cam: Tensor, cls_label: Tensor, absent_protos: bool = False) ->
     return torch.cat([1 - present.amax(dim=1, keepdim=True), fg], dim=1)
 
 
-def prototypes(emb: Tensor, scores: Tensor, pixel_ok: Tensor, k: int, class_ok: Tensor
-               ) -> tuple[Tensor, Tensor]:
+def prototypes(
+    emb: Tensor, scores: Tensor, pixel_ok: Tensor, k: int, class_ok: Tensor
+) -> tuple[Tensor, Tensor]:
     """Prototypes p_c = normalise(sum_{i in topK_c} m_c(i) v_i) over all pixels of the batch.
 
     emb: (M, d) pixel embeddings (detached by the caller); scores: (M, C) class scores m_c(i);
@@ -104,8 +111,7 @@ def prototypes(emb: Tensor, scores: Tensor, pixel_ok: Tensor, k: int, class_ok: 
     return F.normalize(proto, dim=1), ok
 
 
-def prototype_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float
-                 ) -> tuple[Tensor, Tensor]:
+def prototype_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """F(v; y; P) per pixel: sim (M, C) = v.p_c; label (M,); returns (loss (M,), valid (M,)).
 
     Only prototypes that exist enter the softmax; pixels labelled IGNORE or with a class that
@@ -119,9 +125,13 @@ def prototype_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
-def scaled_window(first: int, last: int, num_protos: Tensor,
-                  reference: int = OFFICIAL_PROTOTYPES, min_first: int = 0
-                  ) -> tuple[Tensor, Tensor]:
+def scaled_window(
+    first: int,
+    last: int,
+    num_protos: Tensor,
+    reference: int = OFFICIAL_PROTOTYPES,
+    min_first: int = 0,
+) -> tuple[Tensor, Tensor]:
     """The rank window [first, last) of `reference` prototypes scaled to `num_protos` existing
     ones: [max(min_first, floor(first n / ref)), max(that + 1, ceil(last n / ref))), as 0-dim
     tensors (no host sync). Equal to [first, last) at n = ref (for min_first <= first); never
@@ -132,8 +142,9 @@ def scaled_window(first: int, last: int, num_protos: Tensor,
     return lo.to(torch.long), hi.to(torch.long)
 
 
-def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: "int | Tensor",
-                        last: "int | Tensor") -> Tensor:
+def semi_hard_negatives(
+    sim: Tensor, label: Tensor, proto_ok: Tensor, first: "int | Tensor", last: "int | Tensor"
+) -> Tensor:
     """(M, C) bool: the negatives of each pixel for the intra-view loss.
 
     All existing prototypes are ranked by descending similarity (the positive included, rank 0 =
@@ -142,19 +153,25 @@ def semi_hard_negatives(sim: Tensor, label: Tensor, proto_ok: Tensor, first: "in
     s = sim.masked_fill(~proto_ok[None], float("-inf"))
     rank = s.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     classes = torch.arange(sim.shape[1], device=sim.device)
-    return ((rank >= first) & (rank < last) & proto_ok[None]
-            & (classes[None] != label[:, None]))
+    return (rank >= first) & (rank < last) & proto_ok[None] & (classes[None] != label[:, None])
 
 
-def semi_hard_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float,
-                 first: "int | Tensor", last: "int | Tensor",
-                 negatives: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def semi_hard_ce(
+    sim: Tensor,
+    label: Tensor,
+    proto_ok: Tensor,
+    tau: float,
+    first: "int | Tensor",
+    last: "int | Tensor",
+    negatives: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """-log( exp(s_y / tau) / (exp(s_y / tau) + sum_{n in semi-hard} exp(s_n / tau)) ) per pixel.
 
     negatives: `semi_hard_negatives(sim, label, proto_ok, first, last)` when already computed."""
     logits = sim / tau
-    keep = (semi_hard_negatives(sim, label, proto_ok, first, last) if negatives is None
-            else negatives)
+    keep = (
+        semi_hard_negatives(sim, label, proto_ok, first, last) if negatives is None else negatives
+    )
     safe = label.clamp(0, sim.shape[1] - 1)
     valid = (label != IGNORE) & proto_ok[safe]
     keep = keep | F.one_hot(safe, sim.shape[1]).bool()
@@ -163,8 +180,7 @@ def semi_hard_ce(sim: Tensor, label: Tensor, proto_ok: Tensor, tau: float,
     return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
-def hardest_negative_excluded(sim: Tensor, label: Tensor, proto_ok: Tensor,
-                              keep: Tensor) -> Tensor:
+def hardest_negative_excluded(sim: Tensor, label: Tensor, proto_ok: Tensor, keep: Tensor) -> Tensor:
     """(M,) bool: the most similar existing prototype other than the pixel's own class is not
     among its semi-hard negatives `keep` (M, C): the paper's mining drops it as a likely false
     negative. False for a pixel without any negative prototype."""
@@ -193,9 +209,16 @@ def rank_within_class(key: Tensor, label: Tensor, num_groups: int) -> tuple[Tens
     return rank, count
 
 
-def hard_pixel_weights(sim_pos: Tensor, label: Tensor, valid: Tensor, num_classes: int,
-                       random_frac: float, lo: float, hi: float,
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+def hard_pixel_weights(
+    sim_pos: Tensor,
+    label: Tensor,
+    valid: Tensor,
+    num_classes: int,
+    random_frac: float,
+    lo: float,
+    hi: float,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
     """PPC's hard pixel sampling: per class c with n_c >= 2 valid pixels,
     floor(random_frac n_c) pixels drawn uniformly without replacement, plus the pixels at
     ascending-similarity ranks [floor(hi n_c) - floor((hi - lo) n_c), floor(hi n_c)).
@@ -204,8 +227,7 @@ def hard_pixel_weights(sim_pos: Tensor, label: Tensor, valid: Tensor, num_classe
     Returns (weights (M,) = times each pixel is sampled (0, 1 or 2), group (M,) = its class,
     num_classes for unused pixels). Official values: random_frac 0.5, lo 0.1, hi 0.6.
     """
-    group = torch.where(valid, label.clamp(0, num_classes - 1),
-                        torch.full_like(label, num_classes))
+    group = torch.where(valid, label.clamp(0, num_classes - 1), torch.full_like(label, num_classes))
     rank, count = rank_within_class(sim_pos.detach().float(), group, num_classes + 1)
     n = count[group].to(torch.float64)
     hi_rank = _floor(hi * n)
@@ -218,8 +240,7 @@ def hard_pixel_weights(sim_pos: Tensor, label: Tensor, valid: Tensor, num_classe
     return weights, group
 
 
-def class_balanced_mean(loss: Tensor, weights: Tensor, group: Tensor, num_classes: int
-                        ) -> Tensor:
+def class_balanced_mean(loss: Tensor, weights: Tensor, group: Tensor, num_classes: int) -> Tensor:
     """Mean over classes of the weighted mean loss of each class's sampled pixels; classes
     without a sampled pixel do not count (PPC divides by all classes, a small bias)."""
     w_sum = loss.new_zeros(num_classes + 1).index_add(0, group, weights)
@@ -266,23 +287,39 @@ class PixelPrototypeContrast(LossModule):
     # semi-hard window excludes (the paper's mining is active where this is 1).
     stat_names = ("ppc_hardest_dropped",)
 
-    def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.1,
-                 start_iter: int = 0, tau: float = 0.1, proj_dim: int = 128,
-                 proj_relu: bool = False, view_scale: float = 0.5, view_flip: bool = False,
-                 topk_ratio: float = 0.125, bkg_thre: float = 0.2,
-                 ignore_band: Optional[tuple[float, float]] = None,
-                 absent_protos: bool = False, proto_scope: str = "ema",
-                 ema_momentum: float = 0.9, semi_hard: Sequence[int] = (3, 13),
-                 semi_hard_window: str = "relative", semi_hard_min_first: int = 2,
-                 hard_pixel: Sequence[float] = (0.5, 0.1, 0.6),
-                 terms: Sequence[float] = (1.0, 1.0, 1.0), aux_cam_until_iter: int = 0,
-                 seed: int = 0, dist_info: DistInfo = DistInfo()) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        weight: float = 0.1,
+        start_iter: int = 0,
+        tau: float = 0.1,
+        proj_dim: int = 128,
+        proj_relu: bool = False,
+        view_scale: float = 0.5,
+        view_flip: bool = False,
+        topk_ratio: float = 0.125,
+        bkg_thre: float = 0.2,
+        ignore_band: Optional[tuple[float, float]] = None,
+        absent_protos: bool = False,
+        proto_scope: str = "ema",
+        ema_momentum: float = 0.9,
+        semi_hard: Sequence[int] = (3, 13),
+        semi_hard_window: str = "relative",
+        semi_hard_min_first: int = 2,
+        hard_pixel: Sequence[float] = (0.5, 0.1, 0.6),
+        terms: Sequence[float] = (1.0, 1.0, 1.0),
+        aux_cam_until_iter: int = 0,
+        seed: int = 0,
+        dist_info: DistInfo = DistInfo(),
+    ) -> None:
         super().__init__(weight, start_iter)
         if proto_scope not in ("batch", "gather", "ema"):
             raise ConfigError(f"ppc proto_scope must be batch, gather or ema, got {proto_scope!r}")
         if semi_hard_window not in ("relative", "absolute"):
-            raise ConfigError(f"ppc semi_hard_window must be relative or absolute, "
-                              f"got {semi_hard_window!r}")
+            raise ConfigError(
+                f"ppc semi_hard_window must be relative or absolute, got {semi_hard_window!r}"
+            )
         self.num_classes = num_classes
         self.proj = ProjectionHead(embed_dim, 256, proj_dim, final_relu=proj_relu)
         self.tau = tau
@@ -308,8 +345,9 @@ class PixelPrototypeContrast(LossModule):
             z = F.interpolate(z, size=size, mode="area")
         return F.normalize(z, dim=1).permute(0, 2, 3, 1)
 
-    def _prototypes(self, emb: Tensor, cam: Tensor, label: Tensor, cls_label: Tensor,
-                    k: int) -> tuple[Tensor, Tensor]:
+    def _prototypes(
+        self, emb: Tensor, cam: Tensor, label: Tensor, cls_label: Tensor, k: int
+    ) -> tuple[Tensor, Tensor]:
         """(P, ok) of one view from its embeddings, normalised CAMs and labels."""
         scores = class_scores(cam, cls_label, self.absent_protos)  # (B, C, h, w)
         c = scores.shape[1]
@@ -335,8 +373,10 @@ class PixelPrototypeContrast(LossModule):
         tok_t = feats_t.aux_tokens if use_aux else feats_t.tokens
         grid = tuple(tok_t.shape[-2:])
         if min(grid) < 1:
-            raise ConfigError(f"PPC second view {tuple(images_t.shape[-2:])} has no token; "
-                              "raise --ppc-view2-scale or --crop-size")
+            raise ConfigError(
+                f"PPC second view {tuple(images_t.shape[-2:])} has no token; "
+                "raise --ppc-view2-scale or --crop-size"
+            )
         y = state.cls_label
         classifier = state.model.aux_classifier if use_aux else state.model.classifier
         with torch.no_grad():
@@ -348,18 +388,32 @@ class PixelPrototypeContrast(LossModule):
         if self.view_flip:  # back into S's orientation
             emb_t, cam_t = emb_t.flip(2), cam_t.flip(-1)
         h, w = state.images.shape[-2:]
-        valid = tokens_in_box(state.img_box, (h, w), grid,
-                              (tok_stride(h, images_t.shape[-2], state.model.patch_size),
-                               tok_stride(w, images_t.shape[-1], state.model.patch_size)))
+        valid = tokens_in_box(
+            state.img_box,
+            (h, w),
+            grid,
+            (
+                tok_stride(h, images_t.shape[-2], state.model.patch_size),
+                tok_stride(w, images_t.shape[-1], state.model.patch_size),
+            ),
+        )
         band = self.ignore_band
         lab_s = ppc_pseudo_label(cam_s, y, self.bkg_thre, valid, band)
         lab_t = ppc_pseudo_label(cam_t, y, self.bkg_thre, valid, band)
         with full_precision(emb_s):
             return self._losses(state, emb_s, emb_t, cam_s, cam_t, lab_s, lab_t, grid)
 
-    def _losses(self, state: StepState, emb_s: Tensor, emb_t: Tensor, cam_s: Tensor,
-                cam_t: Tensor, lab_s: Tensor, lab_t: Tensor, grid: tuple[int, int]
-                ) -> dict[str, Tensor]:
+    def _losses(
+        self,
+        state: StepState,
+        emb_s: Tensor,
+        emb_t: Tensor,
+        cam_s: Tensor,
+        cam_t: Tensor,
+        lab_s: Tensor,
+        lab_t: Tensor,
+        grid: tuple[int, int],
+    ) -> dict[str, Tensor]:
         """The three terms from both views' embeddings (fp32), CAMs and labels on T's grid."""
         y = state.cls_label
         k = max(1, round(self.topk_ratio * grid[0] * grid[1]))
@@ -396,8 +450,10 @@ class PixelPrototypeContrast(LossModule):
     def _with_ema(self, protos: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
         """The batch prototypes, with the running ones for seen classes the batch lacks."""
         fallback = self.proto_seen & ~ok
-        return (torch.where(fallback[:, None], self.proto_ema.to(protos.dtype), protos),
-                ok | self.proto_seen)
+        return (
+            torch.where(fallback[:, None], self.proto_ema.to(protos.dtype), protos),
+            ok | self.proto_seen,
+        )
 
     @torch.no_grad()
     def _update_ema(self, protos: Tensor, ok: Tensor) -> None:
@@ -414,8 +470,9 @@ class PixelPrototypeContrast(LossModule):
             return self.semi_hard
         return scaled_window(*self.semi_hard, proto_ok.sum(), min_first=self.semi_hard_min_first)
 
-    def _intra(self, sim: Tensor, label: Tensor, proto_ok: Tensor,
-               gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _intra(
+        self, sim: Tensor, label: Tensor, proto_ok: Tensor, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """L_intra of one view (semi-hard prototypes on hard-sampled pixels) and the fraction
         of its sampled pixels whose hardest negative the window drops (the mining statistic)."""
         c = sim.shape[1]
@@ -423,11 +480,13 @@ class PixelPrototypeContrast(LossModule):
         keep = semi_hard_negatives(sim, label, proto_ok, first, last)
         loss, valid = semi_hard_ce(sim, label, proto_ok, self.tau, first, last, negatives=keep)
         sim_pos = sim.gather(1, label.clamp(0, c - 1)[:, None]).squeeze(1)
-        weights, group = hard_pixel_weights(sim_pos, label, valid, c, *self.hard_pixel,
-                                            generator=gen)
+        weights, group = hard_pixel_weights(
+            sim_pos, label, valid, c, *self.hard_pixel, generator=gen
+        )
         with torch.no_grad():
-            dropped = masked_mean(hardest_negative_excluded(sim, label, proto_ok, keep).float(),
-                                  weights > 0)
+            dropped = masked_mean(
+                hardest_negative_excluded(sim, label, proto_ok, keep).float(), weights > 0
+            )
         return class_balanced_mean(loss, weights, group, c), dropped
 
 
@@ -450,84 +509,169 @@ class PPCSettings(PluginSettings):
     proj_relu: bool = setting(False, "ReLU after the projection (official code)")
     view2_scale: float = setting(0.5, "second view: the main view resized by this")
     view2_flip: bool = setting(False, "second view is also mirrored")
-    topk_ratio: float = setting(0.125, "prototype: top-K pixels per class over the batch, "
-                                "K = ratio x tokens of one second-view image")
-    bkg_thre: Optional[float] = setting(0.2, "label: foreground where the best present-class "
-                                        "CAM score exceeds this (official SEAM branch: 0.2, "
-                                        "EPS: 0.1; none: ToCo's bkg_thre)",
-                                        renamed_from=("bg_thr",))
+    topk_ratio: float = setting(
+        0.125,
+        "prototype: top-K pixels per class over the batch, "
+        "K = ratio x tokens of one second-view image",
+    )
+    bkg_thre: Optional[float] = setting(
+        0.2,
+        "label: foreground where the best present-class "
+        "CAM score exceeds this (official SEAM branch: 0.2, "
+        "EPS: 0.1; none: ToCo's bkg_thre)",
+        renamed_from=("bg_thr",),
+    )
     ignore_band: bool = setting(False, "label: scores in (low_thre, high_thre] are ignored")
-    absent_protos: bool = setting(False, "prototypes of classes absent from the batch serve as "
-                                  "negatives (official code)")
-    proto_scope: str = setting("ema", "prototypes from this rank's batch, from all ranks' "
-                               "(gather; = batch on one process), or gather plus running "
-                               "prototypes of every class seen (ema: the official all-class "
-                               "prototypes, so the semi-hard ranks exist)",
-                               ["batch", "gather", "ema"])
+    absent_protos: bool = setting(
+        False, "prototypes of classes absent from the batch serve as negatives (official code)"
+    )
+    proto_scope: str = setting(
+        "ema",
+        "prototypes from this rank's batch, from all ranks' "
+        "(gather; = batch on one process), or gather plus running "
+        "prototypes of every class seen (ema: the official all-class "
+        "prototypes, so the semi-hard ranks exist)",
+        ["batch", "gather", "ema"],
+    )
     ema_momentum: float = setting(0.9, "momentum of the running prototypes (proto_scope ema)")
-    semi_hard: tuple = setting((3, 13), "semi-hard negatives: prototype similarity ranks "
-                               "[first, last) (0-based; official: 3 13 of 21)", elem=int)
-    semi_hard_window: str = setting("relative", "relative: the ranks scaled from 21 prototypes "
-                                    "to the number that exist; absolute: as given (official)",
-                                    ["relative", "absolute"], before="absolute")
-    semi_hard_min_first: int = setting(2, "relative window: its first rank is at least this (2 "
-                                       "drops the hardest negative as the official window does; "
-                                       "0: the window may start at rank 0)", before=0)
-    hard_pixel: tuple = setting((0.5, 0.1, 0.6), "hard pixels per class: random fraction, and "
-                                "the ascending-similarity rank window (lo, hi] as fractions",
-                                elem=float)
-    terms: tuple = setting((1.0, 1.0, 1.0), "relative weights of the cross-prototype, cross-CAM "
-                           "and intra-view terms (0 skips a term)", elem=float)
+    semi_hard: tuple = setting(
+        (3, 13),
+        "semi-hard negatives: prototype similarity ranks "
+        "[first, last) (0-based; official: 3 13 of 21)",
+        elem=int,
+    )
+    semi_hard_window: str = setting(
+        "relative",
+        "relative: the ranks scaled from 21 prototypes "
+        "to the number that exist; absolute: as given (official)",
+        ["relative", "absolute"],
+        before="absolute",
+    )
+    semi_hard_min_first: int = setting(
+        2,
+        "relative window: its first rank is at least this (2 "
+        "drops the hardest negative as the official window does; "
+        "0: the window may start at rank 0)",
+        before=0,
+    )
+    hard_pixel: tuple = setting(
+        (0.5, 0.1, 0.6),
+        "hard pixels per class: random fraction, and "
+        "the ascending-similarity rank window (lo, hi] as fractions",
+        elem=float,
+    )
+    terms: tuple = setting(
+        (1.0, 1.0, 1.0),
+        "relative weights of the cross-prototype, cross-CAM and intra-view terms (0 skips a term)",
+        elem=float,
+    )
 
     def check(self, cfg, need, key) -> None:
         for name in ("tau", "proj_dim"):
-            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
-                 f"{getattr(self, name)}")
-        need(0 < self.view2_scale <= 1, f"{key('view2_scale')} must be in (0, 1], got "
-             f"{self.view2_scale}")
-        need(cfg.crop_size * self.view2_scale >= 32,
-             f"{key('view2_scale')} {self.view2_scale} x crop_size {cfg.crop_size} leaves the "
-             "PPC second view under 32 px (fewer than 2x2 tokens)")
-        need(0 < self.topk_ratio <= 1, f"{key('topk_ratio')} must be in (0, 1], got "
-             f"{self.topk_ratio}")
-        need(self.bkg_thre is None or 0 <= self.bkg_thre <= 1,
-             f"{key('bkg_thre')} must be in [0, 1], got {self.bkg_thre}")
-        need(0 <= self.ema_momentum < 1, f"{key('ema_momentum')} must be in [0, 1), got "
-             f"{self.ema_momentum}")
-        need(len(self.semi_hard) == 2 and 0 <= self.semi_hard[0] < self.semi_hard[1],
-             f"{key('semi_hard')} must be two ranks 0 <= first < last, got {self.semi_hard}")
-        need(self.semi_hard_min_first >= 0, f"{key('semi_hard_min_first')} must be >= 0, "
-             f"got {self.semi_hard_min_first}")
-        need(len(self.hard_pixel) == 3 and 0 <= self.hard_pixel[0] <= 1
-             and 0 <= self.hard_pixel[1] <= self.hard_pixel[2] <= 1,
-             f"{key('hard_pixel')} must be (random fraction in [0, 1], lo, hi) with "
-             f"0 <= lo <= hi <= 1, got {self.hard_pixel}")
-        need(len(self.terms) == 3 and all(t >= 0 for t in self.terms),
-             f"{key('terms')} must be three weights >= 0, got {self.terms}")
-        need(any(t > 0 for t in self.terms),
-             f"PPC with every {key('terms')} weight 0 computes nothing; switch it off instead")
+            need(
+                getattr(self, name) > 0, f"{key(name)} must be positive, got {getattr(self, name)}"
+            )
+        need(
+            0 < self.view2_scale <= 1,
+            f"{key('view2_scale')} must be in (0, 1], got {self.view2_scale}",
+        )
+        need(
+            cfg.crop_size * self.view2_scale >= 32,
+            f"{key('view2_scale')} {self.view2_scale} x crop_size {cfg.crop_size} leaves the "
+            "PPC second view under 32 px (fewer than 2x2 tokens)",
+        )
+        need(
+            0 < self.topk_ratio <= 1,
+            f"{key('topk_ratio')} must be in (0, 1], got {self.topk_ratio}",
+        )
+        need(
+            self.bkg_thre is None or 0 <= self.bkg_thre <= 1,
+            f"{key('bkg_thre')} must be in [0, 1], got {self.bkg_thre}",
+        )
+        need(
+            0 <= self.ema_momentum < 1,
+            f"{key('ema_momentum')} must be in [0, 1), got {self.ema_momentum}",
+        )
+        need(
+            len(self.semi_hard) == 2 and 0 <= self.semi_hard[0] < self.semi_hard[1],
+            f"{key('semi_hard')} must be two ranks 0 <= first < last, got {self.semi_hard}",
+        )
+        need(
+            self.semi_hard_min_first >= 0,
+            f"{key('semi_hard_min_first')} must be >= 0, got {self.semi_hard_min_first}",
+        )
+        need(
+            len(self.hard_pixel) == 3
+            and 0 <= self.hard_pixel[0] <= 1
+            and 0 <= self.hard_pixel[1] <= self.hard_pixel[2] <= 1,
+            f"{key('hard_pixel')} must be (random fraction in [0, 1], lo, hi) with "
+            f"0 <= lo <= hi <= 1, got {self.hard_pixel}",
+        )
+        need(
+            len(self.terms) == 3 and all(t >= 0 for t in self.terms),
+            f"{key('terms')} must be three weights >= 0, got {self.terms}",
+        )
+        need(
+            any(t > 0 for t in self.terms),
+            f"PPC with every {key('terms')} weight 0 computes nothing; switch it off instead",
+        )
 
 
 def build_ppc(settings: PPCSettings, ctx: BuildContext) -> list[LossModule]:
     """PPC's loss module from its settings (and the core thresholds and seed)."""
     cfg, s = ctx.cfg, settings
-    return [PixelPrototypeContrast(
-        ctx.embed_dim, ctx.num_classes, weight=s.weight, start_iter=s.start(cfg), tau=s.tau,
-        proj_dim=s.proj_dim, proj_relu=s.proj_relu, view_scale=s.view2_scale,
-        view_flip=s.view2_flip, topk_ratio=s.topk_ratio,
-        bkg_thre=cfg.bkg_thre if s.bkg_thre is None else s.bkg_thre,
-        ignore_band=(cfg.low_thre, cfg.high_thre) if s.ignore_band else None,
-        absent_protos=s.absent_protos, proto_scope=s.proto_scope, ema_momentum=s.ema_momentum,
-        semi_hard=s.semi_hard, semi_hard_window=s.semi_hard_window,
-        semi_hard_min_first=s.semi_hard_min_first, hard_pixel=s.hard_pixel,
-        terms=s.terms, aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed,
-        dist_info=ctx.dist_info)]
+    return [
+        PixelPrototypeContrast(
+            ctx.embed_dim,
+            ctx.num_classes,
+            weight=s.weight,
+            start_iter=s.start(cfg),
+            tau=s.tau,
+            proj_dim=s.proj_dim,
+            proj_relu=s.proj_relu,
+            view_scale=s.view2_scale,
+            view_flip=s.view2_flip,
+            topk_ratio=s.topk_ratio,
+            bkg_thre=cfg.bkg_thre if s.bkg_thre is None else s.bkg_thre,
+            ignore_band=(cfg.low_thre, cfg.high_thre) if s.ignore_band else None,
+            absent_protos=s.absent_protos,
+            proto_scope=s.proto_scope,
+            ema_momentum=s.ema_momentum,
+            semi_hard=s.semi_hard,
+            semi_hard_window=s.semi_hard_window,
+            semi_hard_min_first=s.semi_hard_min_first,
+            hard_pixel=s.hard_pixel,
+            terms=s.terms,
+            aux_cam_until_iter=cfg.aux_cam_until_iter,
+            seed=cfg.seed,
+            dist_info=ctx.dist_info,
+        )
+    ]
 
 
-register(Plugin("ppc", PPCSettings, "PPC: pixel-to-prototype contrast between the main view "
-                "and a rescaled second view (training only)", build_ppc))
+register(
+    Plugin(
+        "ppc",
+        PPCSettings,
+        "PPC: pixel-to-prototype contrast between the main view "
+        "and a rescaled second view (training only)",
+        build_ppc,
+    )
+)
 
-__all__ = ["PixelPrototypeContrast", "PPCSettings", "build_ppc", "scaled_window", "class_scores",
-           "prototypes", "prototype_ce", "semi_hard_negatives", "semi_hard_ce",
-           "hard_pixel_weights", "class_balanced_mean", "hardest_negative_excluded",
-           "ppc_pseudo_label", "rank_within_class"]
+__all__ = [
+    "PixelPrototypeContrast",
+    "PPCSettings",
+    "build_ppc",
+    "scaled_window",
+    "class_scores",
+    "prototypes",
+    "prototype_ce",
+    "semi_hard_negatives",
+    "semi_hard_ce",
+    "hard_pixel_weights",
+    "class_balanced_mean",
+    "hardest_negative_excluded",
+    "ppc_pseudo_label",
+    "rank_within_class",
+]

@@ -46,6 +46,7 @@ Fixes of the official code (docs/plugins.md), each with the official behaviour o
   but queries in the projected space): not reachable, the mismatch has no use;
 - DataParallel buffer loss: the enqueue is all-gathered, so the memory is identical on every rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,9 @@ class RCAMemory(nn.Module):
         noise_init: start from N(0, 1) slots and centroids that count as filled (official code).
     """
 
-    def __init__(self, num_fg_classes: int, size: int, dim: int, num_centroids: int,
-                 noise_init: bool = False) -> None:
+    def __init__(
+        self, num_fg_classes: int, size: int, dim: int, num_centroids: int, noise_init: bool = False
+    ) -> None:
         super().__init__()
         self.size, self.dim, self.num_centroids = size, dim, num_centroids
         k = num_fg_classes
@@ -99,8 +101,7 @@ class RCAMemory(nn.Module):
             mem, cent = torch.zeros(k, size, dim), torch.zeros(k, num_centroids, dim)
         self.register_buffer("mem", mem)
         self.register_buffer("ptr", torch.zeros(k, dtype=torch.long))
-        self.register_buffer("count", torch.full((k,), size if noise_init else 0,
-                                                 dtype=torch.long))
+        self.register_buffer("count", torch.full((k,), size if noise_init else 0, dtype=torch.long))
         self.register_buffer("cent", cent)
         self.register_buffer("cent_ok", torch.full((k,), noise_init, dtype=torch.bool))
 
@@ -114,8 +115,9 @@ class RCAMemory(nn.Module):
         return slots[None] < self.count[:, None]
 
     @torch.no_grad()
-    def enqueue(self, emb: Tensor, ok: Tensor, update: str = "fifo",
-                momentum: float = 0.99) -> None:
+    def enqueue(
+        self, emb: Tensor, ok: Tensor, update: str = "fifo", momentum: float = 0.99
+    ) -> None:
         """Write the entries emb[e, k] with ok[e, k] into class k's queue, in order of e.
 
         emb: (E, K, d); ok: (E, K) bool. FIFO: entry j of class k (j-th true of ok[:, k]) goes to
@@ -139,14 +141,16 @@ class RCAMemory(nn.Module):
         index = (src - 1).clamp_min(0)[..., None].expand(k, size, emb.shape[-1])
         new = emb.to(self.mem.dtype).transpose(0, 1).gather(1, index)  # (K, L, d)
         if update == "ema":
-            new = torch.where(self.filled()[..., None], momentum * self.mem + (1 - momentum) * new,
-                              new)
+            new = torch.where(
+                self.filled()[..., None], momentum * self.mem + (1 - momentum) * new, new
+            )
         self.mem.copy_(torch.where(written[..., None], new, self.mem))
         self.ptr.copy_((self.ptr + n_new) % size)
         self.count.copy_((self.count + n_new).clamp_max(size))
 
-    def _enqueue_rows(self, emb: Tensor, ok: Tensor, n_new: Tensor, order: Tensor, update: str,
-                      momentum: float) -> None:
+    def _enqueue_rows(
+        self, emb: Tensor, ok: Tensor, n_new: Tensor, order: Tensor, update: str, momentum: float
+    ) -> None:
         """`enqueue` touching only E x K rows (E <= L): entry e of class k writes slot
         (ptr_k + j) mod L if it is the j-th new entry of k; the other entries rewrite the slots
         right after those with their own contents, so all E x K indices are distinct (a
@@ -185,7 +189,7 @@ class RCAMemory(nn.Module):
         cent = x.gather(1, init[..., None].expand(k_cls, k, x.shape[-1]))
         w = filled.to(x.dtype)
         for _ in range(iters):
-            d2 = (cent.square().sum(-1)[:, None, :] - 2 * x @ cent.transpose(1, 2))  # (K, L, k)
+            d2 = cent.square().sum(-1)[:, None, :] - 2 * x @ cent.transpose(1, 2)  # (K, L, k)
             assign = F.one_hot(d2.argmin(dim=-1), k).to(x.dtype) * w[..., None]
             mass = assign.sum(dim=1)  # (K, k)
             sums = assign.transpose(1, 2) @ x  # (K, k, d)
@@ -220,8 +224,9 @@ class RCAAggregation(nn.Module):
         fusion: 'concat' or 'gate'.
     """
 
-    def __init__(self, embed_dim: int, memory: RCAMemory, attention: str = "softmax",
-                 fusion: str = "concat") -> None:
+    def __init__(
+        self, embed_dim: int, memory: RCAMemory, attention: str = "softmax", fusion: str = "concat"
+    ) -> None:
         super().__init__()
         if attention not in ("softmax", "dot"):
             raise ConfigError(f"rca attention must be 'softmax' or 'dot', got {attention!r}")
@@ -296,8 +301,13 @@ class AggregatedDecoder(nn.Module):
         return self.decoder(self.aggregation.rewrite(tokens))
 
 
-def region_masks(source: str, state: StepState, grid: tuple[int, int], high_thre: float,
-                 aux_cam_until_iter: int = 0) -> Tensor:
+def region_masks(
+    source: str,
+    state: StepState,
+    grid: tuple[int, int],
+    high_thre: float,
+    aux_cam_until_iter: int = 0,
+) -> Tensor:
     """(B, K, h, w) float {0, 1} region masks of every class on the token grid (labels not
     applied, except through the pseudo labels).
 
@@ -320,8 +330,10 @@ def region_masks(source: str, state: StepState, grid: tuple[int, int], high_thre
             return above_spatial_mean(state.model.classifier.cam(state.feats.tokens.detach()))
     if source == "coarse_mean":
         if COARSE_CAM not in state.extras:
-            raise RuntimeError("rca mask_source 'coarse_mean' needs the coarse head's CAM "
-                               "(RCACoarseHead runs before RegionalContrast)")
+            raise RuntimeError(
+                "rca mask_source 'coarse_mean' needs the coarse head's CAM "
+                "(RCACoarseHead runs before RegionalContrast)"
+            )
         return above_spatial_mean(state.extras[COARSE_CAM])
     raise ConfigError(f"unknown rca mask source {source!r}")
 
@@ -352,8 +364,9 @@ class RCACoarseHead(LossModule):
 
     names = ("rca_coarse",)
 
-    def __init__(self, embed_dim: int, num_classes: int, weight: float = 0.4,
-                 pool: str = "gap") -> None:
+    def __init__(
+        self, embed_dim: int, num_classes: int, weight: float = 0.4, pool: str = "gap"
+    ) -> None:
         super().__init__(weight, 0)
         if pool not in ("gap", "gmp"):
             raise ConfigError(f"rca coarse_pool must be 'gap' or 'gmp', got {pool!r}")
@@ -371,8 +384,9 @@ class RCACoarseHead(LossModule):
         return {"rca_coarse": multilabel_loss(pooled.float(), state.cls_label)}
 
 
-def contrast_per_query(q: Tensor, targets: Sequence[Tensor], mem: Tensor, filled: Tensor,
-                       tau: float) -> list[Tensor]:
+def contrast_per_query(
+    q: Tensor, targets: Sequence[Tensor], mem: Tensor, filled: Tensor, tau: float
+) -> list[Tensor]:
     """RCA's multi-positive InfoNCE of queries against the memory, per query and target.
 
     q: (R, d) normalised; each target: (R,) class index; mem: (K, L, d); filled: (K, L).
@@ -436,16 +450,34 @@ class RegionalContrast(LossModule):
 
     names = ("rca",)
 
-    def __init__(self, embed_dim: int, num_classes: int, memory: RCAMemory,
-                 weight: float = 0.1, start_iter: int = 0, contrast: bool = True,
-                 dim: int = 256, tau: float = 0.07, mask_source: str = "coarse_mean",
-                 high_thre: float = 0.7, enqueue_thr: float = 0.7, min_tokens: int = 4,
-                 min_fill: float = 0.0,
-                 update: str = "fifo", momentum: float = 0.99, cumulative_mask: bool = False,
-                 kmeans_every: int = 500, kmeans_iters: int = 10, mixup_p: float = 1.0,
-                 mixup_alpha: float = 8.0, mixup_partner: str = "image",
-                 enqueue_score: str = "cam_gap", aux_cam_until_iter: int = 0, seed: int = 0,
-                 dist_info: DistInfo = DistInfo()) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        memory: RCAMemory,
+        weight: float = 0.1,
+        start_iter: int = 0,
+        contrast: bool = True,
+        dim: int = 256,
+        tau: float = 0.07,
+        mask_source: str = "coarse_mean",
+        high_thre: float = 0.7,
+        enqueue_thr: float = 0.7,
+        min_tokens: int = 4,
+        min_fill: float = 0.0,
+        update: str = "fifo",
+        momentum: float = 0.99,
+        cumulative_mask: bool = False,
+        kmeans_every: int = 500,
+        kmeans_iters: int = 10,
+        mixup_p: float = 1.0,
+        mixup_alpha: float = 8.0,
+        mixup_partner: str = "image",
+        enqueue_score: str = "cam_gap",
+        aux_cam_until_iter: int = 0,
+        seed: int = 0,
+        dist_info: DistInfo = DistInfo(),
+    ) -> None:
         super().__init__(weight, start_iter)
         if update not in ("fifo", "ema"):
             raise ConfigError(f"rca update must be 'fifo' or 'ema', got {update!r}")
@@ -458,10 +490,11 @@ class RegionalContrast(LossModule):
         self.enqueue_thr, self.min_tokens, self.min_fill = enqueue_thr, min_tokens, min_fill
         self.update, self.momentum, self.cumulative_mask = update, momentum, cumulative_mask
         self.kmeans_every, self.kmeans_iters = kmeans_every, kmeans_iters
-        if mixup_partner not in ("image", "region") or enqueue_score not in ("cam_gap",
-                                                                              "logits"):
-            raise ConfigError(f"rca mixup_partner must be image/region and enqueue_score "
-                              f"cam_gap/logits, got {mixup_partner!r}, {enqueue_score!r}")
+        if mixup_partner not in ("image", "region") or enqueue_score not in ("cam_gap", "logits"):
+            raise ConfigError(
+                f"rca mixup_partner must be image/region and enqueue_score "
+                f"cam_gap/logits, got {mixup_partner!r}, {enqueue_score!r}"
+            )
         self.mixup_p, self.mixup_alpha, self.mixup_partner = mixup_p, mixup_alpha, mixup_partner
         self.enqueue_score = enqueue_score
         self.aux_cam_until_iter = aux_cam_until_iter
@@ -475,8 +508,10 @@ class RegionalContrast(LossModule):
         raw = getattr(state.feats, "raw_tokens", state.feats.tokens)
         grid = tuple(raw.shape[-2:])
         present = state.cls_label > 0  # (B, K)
-        masks = region_masks(self.mask_source, state, grid, self.high_thre,
-                             self.aux_cam_until_iter) * present[:, :, None, None]
+        masks = (
+            region_masks(self.mask_source, state, grid, self.high_thre, self.aux_cam_until_iter)
+            * present[:, :, None, None]
+        )
         n_tok = masks.sum(dim=(-2, -1))  # (B, K)
         region_ok = present & (n_tok >= self.min_tokens)
         contrast = self.contrast and self.weight > 0
@@ -491,8 +526,16 @@ class RegionalContrast(LossModule):
         with full_precision(z):
             return {"rca": self._contrast(r, region_ok, it)}
 
-    def _write(self, state: StepState, masks: Tensor, z: Tensor, r: Tensor, present: Tensor,
-               n_tok: Tensor, region_ok: Tensor) -> None:
+    def _write(
+        self,
+        state: StepState,
+        masks: Tensor,
+        z: Tensor,
+        r: Tensor,
+        present: Tensor,
+        n_tok: Tensor,
+        region_ok: Tensor,
+    ) -> None:
         """Enqueue the confident regions (all ranks'), refresh the centroids when due."""
         it = state.iteration
         with torch.no_grad(), full_precision(z):
@@ -500,11 +543,16 @@ class RegionalContrast(LossModule):
             if self.cumulative_mask:
                 emb = F.normalize(self._cumulative_pool(masks, z.detach(), present, n_tok), dim=-1)
             enq = region_ok & (torch.sigmoid(self._enqueue_logits(state)) > self.enqueue_thr)
-            self.memory.enqueue(all_gather_cat(emb.contiguous(), self.dist),
-                                all_gather_cat(enq, self.dist), self.update, self.momentum)
+            self.memory.enqueue(
+                all_gather_cat(emb.contiguous(), self.dist),
+                all_gather_cat(enq, self.dist),
+                self.update,
+                self.momentum,
+            )
             if (it + 1) % self.kmeans_every == 0:
-                self.memory.refresh_centroids(self.kmeans_iters,
-                                              step_seed(self.seed, it, 0, 0x524341))
+                self.memory.refresh_centroids(
+                    self.kmeans_iters, step_seed(self.seed, it, 0, 0x524341)
+                )
 
     def _enqueue_logits(self, state: StepState) -> Tensor:
         """The image-class scores the enqueue thresholds: GAP of the final CAM (official:
@@ -542,8 +590,9 @@ class RegionalContrast(LossModule):
             image_of = torch.arange(b * k, device=dev) // k
             allowed = allowed & (image_of[None] == perm.repeat_interleave(k)[:, None])
         # Gumbel-max: a uniform draw among the allowed regions (any, if none is allowed).
-        gumbel = -torch.log(-torch.log(torch.rand(b * k, b * k, generator=gen,
-                                                   device=dev).clamp(1e-12, 1 - 1e-7)))
+        gumbel = -torch.log(
+            -torch.log(torch.rand(b * k, b * k, generator=gen, device=dev).clamp(1e-12, 1 - 1e-7))
+        )
         partner = (gumbel + torch.where(allowed, 0.0, float("-inf"))).argmax(dim=1)
         rng = np.random.default_rng(step_seed(self.seed, iteration, self.dist.rank, 0x4C414D))
         lam = torch.from_numpy(rng.beta(self.mixup_alpha, self.mixup_alpha, b * k)).float()
@@ -562,8 +611,9 @@ class RegionalContrast(LossModule):
         usable = region_ok & ready[None]
         partner, lam = self.mixup_plan(usable, iteration)
         q = F.normalize(lam[:, None] * flat + (1 - lam[:, None]) * flat[partner], dim=-1)
-        own, other = contrast_per_query(q, [target, target[partner]], mem.mem, mem.filled(),
-                                        self.tau)
+        own, other = contrast_per_query(
+            q, [target, target[partner]], mem.mem, mem.filled(), self.tau
+        )
         return masked_mean(lam * own + (1 - lam) * other, usable.reshape(-1))
 
 
@@ -578,76 +628,134 @@ class RCASettings(PluginSettings):
     mem_size: int = setting(500, "memory slots L per class")
     tau: float = setting(0.07, "contrast temperature")
     contrast: bool = setting(True, "region-to-memory contrast loss")
-    aggregation: bool = setting(True, "aggregation of the final tokens over the memory "
-                                "centroids (training and inference)")
-    aggregation_insert: str = setting("all", "where the aggregation rewrites the tokens: every "
-                                      "encoder pass (classifier, CAMs, PTC, decoder) or only the "
-                                      "decoder's input", ["all", "decoder"])
-    fusion: str = setting("concat", "aggregation fusion: X' = 1x1([X; O]) initialised to the "
-                          "identity (official form) or X + gamma O with a zero-initialised gate",
-                          ["concat", "gate"], before="gate")
-    coarse_head: bool = setting(True, "the official coarse pre-aggregation head (1x1 classifier "
-                                "on the tokens before aggregation; its CAM gives the region "
-                                "masks, loss rca_coarse)", before=False)
-    w_coarse: float = setting(0.4, "weight of the coarse head's classification loss (official "
-                              "0.4; absolute, not times the plug-in weight)",
-                              renamed_from=("coarse_weight",))
-    coarse_pool: str = setting("gap", "pooling of the coarse head's CAM for its loss (official "
-                               "GAP; gmp: ToCo's)", ["gap", "gmp"])
-    attention: str = setting("softmax", "aggregation attention: softmax over centroids (scaled "
-                             "by sqrt(d)) or the official unnormalised dot", ["softmax", "dot"])
-    update: str = setting("fifo", "memory write: FIFO overwrite or the official EMA blend into "
-                          "the slot", ["fifo", "ema"])
+    aggregation: bool = setting(
+        True, "aggregation of the final tokens over the memory centroids (training and inference)"
+    )
+    aggregation_insert: str = setting(
+        "all",
+        "where the aggregation rewrites the tokens: every "
+        "encoder pass (classifier, CAMs, PTC, decoder) or only the "
+        "decoder's input",
+        ["all", "decoder"],
+    )
+    fusion: str = setting(
+        "concat",
+        "aggregation fusion: X' = 1x1([X; O]) initialised to the "
+        "identity (official form) or X + gamma O with a zero-initialised gate",
+        ["concat", "gate"],
+        before="gate",
+    )
+    coarse_head: bool = setting(
+        True,
+        "the official coarse pre-aggregation head (1x1 classifier "
+        "on the tokens before aggregation; its CAM gives the region "
+        "masks, loss rca_coarse)",
+        before=False,
+    )
+    w_coarse: float = setting(
+        0.4,
+        "weight of the coarse head's classification loss (official "
+        "0.4; absolute, not times the plug-in weight)",
+        renamed_from=("coarse_weight",),
+    )
+    coarse_pool: str = setting(
+        "gap",
+        "pooling of the coarse head's CAM for its loss (official GAP; gmp: ToCo's)",
+        ["gap", "gmp"],
+    )
+    attention: str = setting(
+        "softmax",
+        "aggregation attention: softmax over centroids (scaled "
+        "by sqrt(d)) or the official unnormalised dot",
+        ["softmax", "dot"],
+    )
+    update: str = setting(
+        "fifo",
+        "memory write: FIFO overwrite or the official EMA blend into the slot",
+        ["fifo", "ema"],
+    )
     momentum: float = setting(0.99, "EMA-slot momentum (update ema)")
-    noise_init: bool = setting(False, "memory starts as N(0,1) noise counted as filled "
-                               "(official code) instead of empty")
-    cumulative_mask: bool = setting(False, "enqueue pools each class under the product of the "
-                                    "masks of the image's earlier classes (official bug)")
-    mask_source: str = setting("coarse_mean", "region masks: softmax(coarse head CAM) > its "
-                               "spatial mean (official), token pseudo labels, CAM > high_thre, "
-                               "or softmax(online CAM) > its mean",
-                               ["coarse_mean", "pseudo_label", "cam_thr", "cam_mean"])
+    noise_init: bool = setting(
+        False, "memory starts as N(0,1) noise counted as filled (official code) instead of empty"
+    )
+    cumulative_mask: bool = setting(
+        False,
+        "enqueue pools each class under the product of the "
+        "masks of the image's earlier classes (official bug)",
+    )
+    mask_source: str = setting(
+        "coarse_mean",
+        "region masks: softmax(coarse head CAM) > its "
+        "spatial mean (official), token pseudo labels, CAM > high_thre, "
+        "or softmax(online CAM) > its mean",
+        ["coarse_mean", "pseudo_label", "cam_thr", "cam_mean"],
+    )
     enqueue_thr: float = setting(0.7, "enqueue a region when sigmoid(image score) > this")
-    enqueue_score: str = setting("cam_gap", "image score of the enqueue: GAP of the final CAM "
-                                 "(official) or ToCo's max-pooled logits", ["cam_gap", "logits"],
-                                 before="logits")
+    enqueue_score: str = setting(
+        "cam_gap",
+        "image score of the enqueue: GAP of the final CAM (official) or ToCo's max-pooled logits",
+        ["cam_gap", "logits"],
+        before="logits",
+    )
     min_tokens: int = setting(4, "ignore regions of fewer tokens")
-    min_fill: float = setting(0.0, "the contrast uses a class once this fraction of its memory "
-                              "is filled (0: from its first entry; the projection is trained "
-                              "from the first write only then)")
+    min_fill: float = setting(
+        0.0,
+        "the contrast uses a class once this fraction of its memory "
+        "is filled (0: from its first entry; the projection is trained "
+        "from the first write only then)",
+    )
     num_centroids: int = setting(10, "k-means centroids per class")
     kmeans_every: int = setting(500, "k-means refresh period (iterations)")
     kmeans_iters: int = setting(10, "Lloyd steps per refresh")
-    mixup_p: float = setting(1.0, "probability of mixing a query with another region "
-                             "(official: 1)")
+    mixup_p: float = setting(1.0, "probability of mixing a query with another region (official: 1)")
     mixup_alpha: float = setting(8.0, "mixup lambda ~ Beta(alpha, alpha)")
-    mixup_partner: str = setting("image", "mixup partner: a random region of the image a random "
-                                 "permutation pairs with the query's (official), or any region "
-                                 "of the batch", ["image", "region"], before="region")
+    mixup_partner: str = setting(
+        "image",
+        "mixup partner: a random region of the image a random "
+        "permutation pairs with the query's (official), or any region "
+        "of the batch",
+        ["image", "region"],
+        before="region",
+    )
 
     def check(self, cfg, need, key) -> None:
-        for name in ("dim", "mem_size", "tau", "num_centroids", "kmeans_every", "kmeans_iters",
-                     "min_tokens", "mixup_alpha"):
-            need(getattr(self, name) > 0, f"{key(name)} must be positive, got "
-                 f"{getattr(self, name)}")
-        need(self.contrast or self.aggregation,
-             f"RCA with both {key('contrast')} and {key('aggregation')} off does nothing")
-        need(self.num_centroids <= self.mem_size,
-             f"{key('num_centroids')} ({self.num_centroids}) exceeds {key('mem_size')} "
-             f"({self.mem_size})")
+        for name in (
+            "dim",
+            "mem_size",
+            "tau",
+            "num_centroids",
+            "kmeans_every",
+            "kmeans_iters",
+            "min_tokens",
+            "mixup_alpha",
+        ):
+            need(
+                getattr(self, name) > 0, f"{key(name)} must be positive, got {getattr(self, name)}"
+            )
+        need(
+            self.contrast or self.aggregation,
+            f"RCA with both {key('contrast')} and {key('aggregation')} off does nothing",
+        )
+        need(
+            self.num_centroids <= self.mem_size,
+            f"{key('num_centroids')} ({self.num_centroids}) exceeds {key('mem_size')} "
+            f"({self.mem_size})",
+        )
         for name in ("momentum", "enqueue_thr", "min_fill", "mixup_p"):
-            need(0 <= getattr(self, name) <= 1,
-                 f"{key(name)} must be in [0, 1], got {getattr(self, name)}")
+            need(
+                0 <= getattr(self, name) <= 1,
+                f"{key(name)} must be in [0, 1], got {getattr(self, name)}",
+            )
         need(self.momentum < 1, f"{key('momentum')} must be < 1 (1 never writes the memory)")
-        need(self.w_coarse >= 0, f"{key('w_coarse')} must be >= 0, got "
-             f"{self.w_coarse}")
-        need(self.coarse_head or self.mask_source != "coarse_mean",
-             f"{key('mask_source')} coarse_mean needs {key('coarse_head')}")
+        need(self.w_coarse >= 0, f"{key('w_coarse')} must be >= 0, got {self.w_coarse}")
+        need(
+            self.coarse_head or self.mask_source != "coarse_mean",
+            f"{key('mask_source')} coarse_mean needs {key('coarse_head')}",
+        )
 
 
 def build_rca_memory(s: RCASettings, num_classes: int) -> RCAMemory:
-    return RCAMemory(num_classes - 1, s.mem_size, s.dim, s.num_centroids,
-                     noise_init=s.noise_init)
+    return RCAMemory(num_classes - 1, s.mem_size, s.dim, s.num_centroids, noise_init=s.noise_init)
 
 
 def find_aggregation(model: Optional[nn.Module]) -> Optional[RCAAggregation]:
@@ -661,8 +769,9 @@ def attach_rca(s: RCASettings, cfg, model: nn.Module, num_classes: int) -> None:
     """Put the aggregation into the network (nothing when it is off)."""
     if not s.aggregation:
         return
-    aggregation = RCAAggregation(model.backbone.embed_dim, build_rca_memory(s, num_classes),
-                                 s.attention, s.fusion)
+    aggregation = RCAAggregation(
+        model.backbone.embed_dim, build_rca_memory(s, num_classes), s.attention, s.fusion
+    )
     if s.aggregation_insert == "all":
         model.feature_hooks.append(aggregation)
     else:
@@ -674,24 +783,55 @@ def build_rca(s: RCASettings, ctx: BuildContext) -> list[LossModule]:
     cfg = ctx.cfg
     aggregation = find_aggregation(ctx.model)
     if s.aggregation and ctx.model is not None and aggregation is None:
-        raise RuntimeError("RCA aggregation is on but the model has none (build the model with "
-                           "toco.build.build_model)")
-    memory = aggregation.memory if aggregation is not None else build_rca_memory(
-        s, ctx.num_classes)
+        raise RuntimeError(
+            "RCA aggregation is on but the model has none (build the model with "
+            "toco.build.build_model)"
+        )
+    memory = aggregation.memory if aggregation is not None else build_rca_memory(s, ctx.num_classes)
     contrast = s.contrast and s.weight > 0
-    coarse = [RCACoarseHead(ctx.embed_dim, ctx.num_classes, s.w_coarse, s.coarse_pool)
-              ] if s.coarse_head else []
-    return coarse + [RegionalContrast(
-        ctx.embed_dim, ctx.num_classes, memory, weight=s.weight if contrast else 1.0,
-        start_iter=s.start(cfg), contrast=contrast, dim=s.dim, tau=s.tau,
-        mask_source=s.mask_source, high_thre=cfg.high_thre, enqueue_thr=s.enqueue_thr,
-        min_tokens=s.min_tokens, min_fill=s.min_fill, update=s.update, momentum=s.momentum,
-        cumulative_mask=s.cumulative_mask, kmeans_every=s.kmeans_every,
-        kmeans_iters=s.kmeans_iters, mixup_p=s.mixup_p, mixup_alpha=s.mixup_alpha,
-        mixup_partner=s.mixup_partner, enqueue_score=s.enqueue_score,
-        aux_cam_until_iter=cfg.aux_cam_until_iter, seed=cfg.seed, dist_info=ctx.dist_info)]
+    coarse = (
+        [RCACoarseHead(ctx.embed_dim, ctx.num_classes, s.w_coarse, s.coarse_pool)]
+        if s.coarse_head
+        else []
+    )
+    return coarse + [
+        RegionalContrast(
+            ctx.embed_dim,
+            ctx.num_classes,
+            memory,
+            weight=s.weight if contrast else 1.0,
+            start_iter=s.start(cfg),
+            contrast=contrast,
+            dim=s.dim,
+            tau=s.tau,
+            mask_source=s.mask_source,
+            high_thre=cfg.high_thre,
+            enqueue_thr=s.enqueue_thr,
+            min_tokens=s.min_tokens,
+            min_fill=s.min_fill,
+            update=s.update,
+            momentum=s.momentum,
+            cumulative_mask=s.cumulative_mask,
+            kmeans_every=s.kmeans_every,
+            kmeans_iters=s.kmeans_iters,
+            mixup_p=s.mixup_p,
+            mixup_alpha=s.mixup_alpha,
+            mixup_partner=s.mixup_partner,
+            enqueue_score=s.enqueue_score,
+            aux_cam_until_iter=cfg.aux_cam_until_iter,
+            seed=cfg.seed,
+            dist_info=ctx.dist_info,
+        )
+    ]
 
 
-register(Plugin("rca", RCASettings, "RCA: regional memory bank, region contrast and memory "
-                "aggregation (the aggregation also runs at inference)", build_rca,
-                attach=attach_rca))
+register(
+    Plugin(
+        "rca",
+        RCASettings,
+        "RCA: regional memory bank, region contrast and memory "
+        "aggregation (the aggregation also runs at inference)",
+        build_rca,
+        attach=attach_rca,
+    )
+)

@@ -13,6 +13,7 @@ older flat keys for every registered plug-in); it knows no plug-in by name. The 
 are listed in BUILTIN_PLUGINS, the only line a new method adds outside its own module (a plug-in
 defined elsewhere calls `register` itself, e.g. from a module named by `--plugin-module`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,9 +23,19 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from toco.errors import ConfigError
 from toco.schema import setting
 
-__all__ = ["BUILTIN_PLUGINS", "MODULES_KEY", "BuildContext", "Plugin", "PluginSettings",
-           "import_plugin_modules", "plugin_names", "register", "registered", "setting",
-           "unregister"]
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "MODULES_KEY",
+    "BuildContext",
+    "Plugin",
+    "PluginSettings",
+    "import_plugin_modules",
+    "plugin_names",
+    "register",
+    "registered",
+    "setting",
+    "unregister",
+]
 
 if TYPE_CHECKING:  # only for annotations: the core config imports this module
     from torch import nn
@@ -47,8 +58,9 @@ class PluginSettings:
 
     enable: bool = setting(False, "switch the plug-in on")
     weight: float = setting(0.1, "weight of the plug-in's losses")
-    start_iter: Optional[int] = setting(None, "iteration where its losses switch on "
-                                              "(default: seg_start_iter)")
+    start_iter: Optional[int] = setting(
+        None, "iteration where its losses switch on (default: seg_start_iter)"
+    )
 
     def start(self, cfg: "TrainConfig") -> int:
         """The first iteration of the plug-in's losses."""
@@ -137,15 +149,17 @@ def import_plugin_modules(modules: Any, source: str) -> tuple[str, ...]:
     names = (modules,) if isinstance(modules, str) else tuple(modules or ())
     for name in names:
         if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
-            raise ConfigError(f"{source}: {MODULES_KEY}: {name!r} is not a module name "
-                              "(e.g. my_pkg.my_loss)")
+            raise ConfigError(
+                f"{source}: {MODULES_KEY}: {name!r} is not a module name (e.g. my_pkg.my_loss)"
+            )
         try:
             importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - any failure of user code is reported alike
             detail = str(err).splitlines()[0] if str(err) else ""
-            missing = (isinstance(err, ModuleNotFoundError)
-                       and f"{name}.".startswith(f"{err.name}."))
+            missing = isinstance(err, ModuleNotFoundError) and f"{name}.".startswith(f"{err.name}.")
             hint = " (is its folder on PYTHONPATH?)" if missing else ""
-            raise ConfigError(f"{source}: plug-in module '{name}' cannot be imported: "
-                              f"{type(err).__name__}: {detail}{hint}") from None
+            raise ConfigError(
+                f"{source}: plug-in module '{name}' cannot be imported: "
+                f"{type(err).__name__}: {detail}{hint}"
+            ) from None
     return names

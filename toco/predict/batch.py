@@ -8,6 +8,7 @@
 Every file is written atomically. An input that cannot be read is reported once, by name, and
 skipped (its line in predictions.jsonl carries the error instead of classes).
 """
+
 from __future__ import annotations
 
 import io
@@ -91,14 +92,17 @@ def run_prediction(req: PredictRequest) -> Summary:
                 write_bytes_atomic(out / "predictions.jsonl", payload)
     except OSError as err:
         raise storage_error(err, "the files written before it are whole") or err from None
-    print(f"wrote {summary.written} prediction(s) to {out}"
-          + (f"; skipped {len(summary.failed)} unreadable input(s)" if summary.failed else ""))
+    print(
+        f"wrote {summary.written} prediction(s) to {out}"
+        + (f"; skipped {len(summary.failed)} unreadable input(s)" if summary.failed else "")
+    )
     if summary.written == 0:
         raise UserError(f"none of the {len(inputs)} input(s) could be read")
     if req.strict and summary.failed:
-        raise UserError(f"{len(summary.failed)} of {len(inputs)} input(s) could not be read "
-                        f"(--strict): {summary.failed[0]}"
-                        + (" and more" if len(summary.failed) > 1 else ""))
+        raise UserError(
+            f"{len(summary.failed)} of {len(inputs)} input(s) could not be read "
+            f"(--strict): {summary.failed[0]}" + (" and more" if len(summary.failed) > 1 else "")
+        )
     return summary
 
 
@@ -120,24 +124,34 @@ def _read(item: InputImage) -> _Read:
         return _Read(item, None, str(err), time.perf_counter() - t0)
 
 
-def _predict_all(segmenter, inputs: Sequence[InputImage], out: Path, req: PredictRequest,
-                 summary: Summary) -> None:
+def _predict_all(
+    segmenter, inputs: Sequence[InputImage], out: Path, req: PredictRequest, summary: Summary
+) -> None:
     """Batch by batch; the next batch is decoded by `req.workers` threads while the model
     runs on this one (decoding large JPEGs costs as much as a small model's pass)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    batches = [inputs[i:i + req.batch_size] for i in range(0, len(inputs), req.batch_size)]
-    bar = tqdm(total=len(inputs), desc="predict", unit="img", file=sys.stderr,
-               dynamic_ncols=True, disable=None)
+    batches = [inputs[i : i + req.batch_size] for i in range(0, len(inputs), req.batch_size)]
+    bar = tqdm(
+        total=len(inputs),
+        desc="predict",
+        unit="img",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None,
+    )
     with ThreadPoolExecutor(max_workers=req.workers) as pool:
         try:
             pending = [pool.submit(_read, item) for item in batches[0]]
             for index in range(len(batches)):
                 reads = [f.result() for f in pending]
-                pending = ([pool.submit(_read, item) for item in batches[index + 1]]
-                           if index + 1 < len(batches) else [])
+                pending = (
+                    [pool.submit(_read, item) for item in batches[index + 1]]
+                    if index + 1 < len(batches)
+                    else []
+                )
                 summary.records += _predict_batch(segmenter, reads, out, req, summary, bar)
                 bar.update(len(reads))
         finally:
@@ -146,16 +160,18 @@ def _predict_all(segmenter, inputs: Sequence[InputImage], out: Path, req: Predic
             bar.close()
 
 
-def _predict_batch(segmenter, reads: list[_Read], out: Path, req: PredictRequest,
-                   summary: Summary, bar) -> list[dict[str, Any]]:
+def _predict_batch(
+    segmenter, reads: list[_Read], out: Path, req: PredictRequest, summary: Summary, bar
+) -> list[dict[str, Any]]:
     """The records of one batch, in input order, failures included."""
     for r in reads:
         if r.error is not None:
             bar.write(f"skipped: {r.error}", file=sys.stderr)
             summary.failed.append(str(r.item.path))
     good = [r for r in reads if r.image is not None]
-    records = {id(r): {"path": str(r.item.path), "error": r.error} for r in reads
-               if r.image is None}
+    records = {
+        id(r): {"path": str(r.item.path), "error": r.error} for r in reads if r.image is None
+    }
     if good:
         t0 = time.perf_counter()
         preds = segmenter.predict_arrays([r.image for r in good], cam=req.cams)
@@ -168,8 +184,14 @@ def _predict_batch(segmenter, reads: list[_Read], out: Path, req: PredictRequest
     return [records[id(r)] for r in reads]
 
 
-def write_outputs(out: Path, item: InputImage, image: np.ndarray, pred,
-                  class_names: Sequence[str], req: PredictRequest) -> dict[str, Any]:
+def write_outputs(
+    out: Path,
+    item: InputImage,
+    image: np.ndarray,
+    pred,
+    class_names: Sequence[str],
+    req: PredictRequest,
+) -> dict[str, Any]:
     """Write one image's files; returns its predictions.jsonl record (without the time)."""
     from datasets.files import palette_png_bytes
 
@@ -178,8 +200,9 @@ def write_outputs(out: Path, item: InputImage, image: np.ndarray, pred,
     record: dict[str, Any] = {"path": str(item.path), "mask": mask_file.as_posix()}
     if req.overlays:
         overlay_file = Path("overlays") / f"{item.name}.jpg"
-        write_bytes_atomic(out / overlay_file, _jpeg(overlay_picture(image, pred.mask,
-                                                                     class_names)))
+        write_bytes_atomic(
+            out / overlay_file, _jpeg(overlay_picture(image, pred.mask, class_names))
+        )
         record["overlay"] = overlay_file.as_posix()
     counts = np.bincount(pred.mask.ravel(), minlength=len(class_names))
     present = [k for k in np.flatnonzero(counts) if k != 0]
@@ -189,18 +212,26 @@ def write_outputs(out: Path, item: InputImage, image: np.ndarray, pred,
             cam_file = Path("cams") / item.name / f"{k:02d}-{_safe(class_names[k])}.png"
             write_bytes_atomic(out / cam_file, _png(cam_picture(image, pred.cam[k - 1])))
             record["cams"][class_names[k]] = cam_file.as_posix()
-    record.update({
-        "width": pred.size[0], "height": pred.size[1],
-        "classes": [{"name": class_names[k], "index": int(k),
-                     "score": round(pred.scores[class_names[k]], 6),
-                     "area": round(float(counts[k]) / pred.mask.size, 6)} for k in present],
-        "scores": {name: round(score, 6) for name, score in pred.scores.items()},
-    })
+    record.update(
+        {
+            "width": pred.size[0],
+            "height": pred.size[1],
+            "classes": [
+                {
+                    "name": class_names[k],
+                    "index": int(k),
+                    "score": round(pred.scores[class_names[k]], 6),
+                    "area": round(float(counts[k]) / pred.mask.size, 6),
+                }
+                for k in present
+            ],
+            "scores": {name: round(score, 6) for name, score in pred.scores.items()},
+        }
+    )
     return record
 
 
-def overlay_picture(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str]
-                    ) -> Image.Image:
+def overlay_picture(image: np.ndarray, mask: np.ndarray, class_names: Sequence[str]) -> Image.Image:
     """The image with the mask's classes blended in and a legend of them underneath (the
     background swatch alone when no foreground class is present)."""
     from toco.visualize import legend, overlay_mask
@@ -236,4 +267,3 @@ def _png(picture: Image.Image) -> bytes:
 def _safe(name: str) -> str:
     """A class name usable as a file name on every system."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
-

@@ -6,6 +6,7 @@ path relative to the list's folder. Names never leave the output folder (no '..'
 paths); two inputs whose names would collide keep their extensions, and a collision that remains
 is an error before anything is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,14 @@ def folder_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     skip = exclude.resolve() if exclude is not None else None
     for root, dirs, files in os.walk(folder):
         here = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (skip is None or (here / d).resolve() != skip))
-        found += [here / f for f in sorted(files) if not f.startswith(".")
-                  and is_image_name(Path(f))]
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and (skip is None or (here / d).resolve() != skip)
+        )
+        found += [
+            here / f for f in sorted(files) if not f.startswith(".") and is_image_name(Path(f))
+        ]
     return found
 
 
@@ -56,8 +61,9 @@ def read_list(list_file: Path) -> list[Path]:
     return [list_file.parent / e for e in entries if e and not e.startswith("#")]
 
 
-def collect_inputs(arguments: Sequence[str], list_files: Sequence[str] = (),
-                   exclude: Path | None = None) -> list[InputImage]:
+def collect_inputs(
+    arguments: Sequence[str], list_files: Sequence[str] = (), exclude: Path | None = None
+) -> list[InputImage]:
     """The images named by command-line `arguments` (files, folders, or @list.txt) and by
     `list_files`, in the order given, each file once.
 
@@ -75,17 +81,20 @@ def collect_inputs(arguments: Sequence[str], list_files: Sequence[str] = (),
             found += _expand(entry, list_file.parent, exclude, strict=False)
     if not found:
         shown = ", ".join([*arguments, *list_files]) or "(none given)"
-        raise UserError(f"no images found in {shown} (image extensions: "
-                        f"{' '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"no images found in {shown} (image extensions: {' '.join(IMAGE_EXTENSIONS)})"
+        )
     return _named(_unique(found))
 
 
-def _expand(path: Path, base: Path | None, exclude: Path | None, strict: bool
-            ) -> list[tuple[Path, PurePosixPath]]:
+def _expand(
+    path: Path, base: Path | None, exclude: Path | None, strict: bool
+) -> list[tuple[Path, PurePosixPath]]:
     """(file, relative name with extension) for a file or every image in a folder."""
     if path.is_dir():
-        return [(f, PurePosixPath(f.relative_to(path).as_posix()))
-                for f in folder_images(path, exclude)]
+        return [
+            (f, PurePosixPath(f.relative_to(path).as_posix())) for f in folder_images(path, exclude)
+        ]
     if strict and not path.exists():
         raise UserError(f"input not found: {path}")
     return [(path, _relative_name(path, base))]
@@ -123,8 +132,10 @@ def _named(found: list[tuple[Path, PurePosixPath]]) -> list[InputImage]:
     for path, rel in found:
         name = str(rel.with_suffix("")) if stems[str(rel.with_suffix(""))] == 1 else str(rel)
         if name in owners:
-            raise UserError(f"inputs {owners[name]} and {path} would both be written as "
-                            f"{name}: predict them in separate runs or from one folder")
+            raise UserError(
+                f"inputs {owners[name]} and {path} would both be written as "
+                f"{name}: predict them in separate runs or from one folder"
+            )
         owners[name] = path
         out.append(InputImage(path, name))
     return out

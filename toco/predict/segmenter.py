@@ -8,6 +8,7 @@
 Predictions follow an evaluation protocol (toco.evaluation.protocol, `train-val` by default),
 so a mask here is the mask evaluate.py scores for the same image.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,14 +52,24 @@ class Prediction:
 class Segmenter:
     """A loaded model plus the protocol its predictions follow; see `load_segmenter`."""
 
-    def __init__(self, model, cfg, class_names: Sequence[str], protocol,
-                 device: torch.device, iteration: int = 0) -> None:
+    def __init__(
+        self,
+        model,
+        cfg,
+        class_names: Sequence[str],
+        protocol,
+        device: torch.device,
+        iteration: int = 0,
+    ) -> None:
         if len(class_names) != model.num_classes:
-            raise UserError(f"{len(class_names)} class names for a model of "
-                            f"{model.num_classes} classes")
+            raise UserError(
+                f"{len(class_names)} class names for a model of {model.num_classes} classes"
+            )
         if model.num_classes > MAX_CLASSES:
-            raise UserError(f"a model of {model.num_classes} classes: masks are uint8 index "
-                            f"images (255 = ignore), so at most {MAX_CLASSES} classes fit")
+            raise UserError(
+                f"a model of {model.num_classes} classes: masks are uint8 index "
+                f"images (255 = ignore), so at most {MAX_CLASSES} classes fit"
+            )
         self.model, self.cfg, self.protocol, self.device = model, cfg, protocol, device
         self.class_names = tuple(class_names)
         self.iteration = iteration
@@ -67,8 +78,9 @@ class Segmenter:
     def foreground_names(self) -> tuple[str, ...]:
         return self.class_names[1:]
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], cam: bool = False
-                ) -> Prediction | list[Prediction]:
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], cam: bool = False
+    ) -> Prediction | list[Prediction]:
         """One Prediction for one image; a list for a list (or tuple) of images.
 
         Images of the same model-input size are run as one batch (train-val resizes every
@@ -79,16 +91,16 @@ class Segmenter:
         preds = self.predict_arrays(arrays, cam=cam)
         return preds[0] if single else preds
 
-    def predict_arrays(self, arrays: Sequence[np.ndarray], cam: bool = False
-                       ) -> list[Prediction]:
+    def predict_arrays(self, arrays: Sequence[np.ndarray], cam: bool = False) -> list[Prediction]:
         """Predictions of (H, W, 3) uint8 RGB arrays (see toco.images.to_rgb)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, a in enumerate(arrays):
             groups.setdefault(self._input_size(a.shape[:2]), []).append(i)
         out: list[Prediction | None] = [None] * len(arrays)
         for size, members in groups.items():
-            for i, pred in zip(members, self._predict_group([arrays[i] for i in members],
-                                                            size, cam)):
+            for i, pred in zip(
+                members, self._predict_group([arrays[i] for i in members], size, cam)
+            ):
                 out[i] = pred
         return out  # type: ignore[return-value]
 
@@ -102,12 +114,14 @@ class Segmenter:
 
     def _one_pass(self) -> bool:
         p = self.protocol
-        return (bool(p.size) and tuple(p.seg_scales) == (1.0,) and not p.flip
-                and p.patch_fit == "pad")
+        return (
+            bool(p.size) and tuple(p.seg_scales) == (1.0,) and not p.flip and p.patch_fit == "pad"
+        )
 
     @torch.no_grad()
-    def _predict_group(self, arrays: list[np.ndarray], size: tuple[int, int], cam: bool
-                       ) -> list[Prediction]:
+    def _predict_group(
+        self, arrays: list[np.ndarray], size: tuple[int, int], cam: bool
+    ) -> list[Prediction]:
         from toco.evaluation.protocol import seg_prediction
 
         # torch.tensor copies: the arrays PIL gives are read-only
@@ -123,8 +137,9 @@ class Segmenter:
                 image_logits.append(self.model.classify(feats)[0])
                 return self.model.segment(feats)
 
-            logits = token_maps(segment_and_classify, batch, self.model.patch_size,
-                                self.protocol.patch_fit)[0].float()
+            logits = token_maps(
+                segment_and_classify, batch, self.model.patch_size, self.protocol.patch_fit
+            )[0].float()
             scores = torch.sigmoid(image_logits[0].float()).cpu()
         else:  # already fused at the images' own size
             logits = self.protocol.seg_logits(self.model, batch).float()
@@ -133,16 +148,21 @@ class Segmenter:
         preds = []
         for i, image_u8 in enumerate(u8):
             hw = tuple(image_u8.shape[-2:])
-            mask = seg_prediction(self.protocol, resize(logits[i:i + 1], hw), image_u8[None])
+            mask = seg_prediction(self.protocol, resize(logits[i : i + 1], hw), image_u8[None])
             mask_np = mask[0].to(torch.uint8).cpu().numpy()
-            present = np.flatnonzero(np.bincount(mask_np.ravel(), minlength=len(
-                self.class_names)))
-            preds.append(Prediction(
-                mask=mask_np,
-                labels=[self.class_names[k] for k in present if k != 0],
-                scores=dict(zip(self.foreground_names, scores[i].tolist())),
-                cam=(resize(cams[i:i + 1], hw)[0].clamp(0, 1).cpu().numpy()
-                     if cams is not None else None)))
+            present = np.flatnonzero(np.bincount(mask_np.ravel(), minlength=len(self.class_names)))
+            preds.append(
+                Prediction(
+                    mask=mask_np,
+                    labels=[self.class_names[k] for k in present if k != 0],
+                    scores=dict(zip(self.foreground_names, scores[i].tolist())),
+                    cam=(
+                        resize(cams[i : i + 1], hw)[0].clamp(0, 1).cpu().numpy()
+                        if cams is not None
+                        else None
+                    ),
+                )
+            )
         return preds
 
     def _image_scores(self, batch: Tensor) -> Tensor:
@@ -156,8 +176,9 @@ class Segmenter:
         return torch.sigmoid(logits.float()).cpu()
 
 
-def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   protocol: str = "train-val") -> Segmenter:
+def load_segmenter(
+    path: str | os.PathLike, device: str | torch.device = "cpu", protocol: str = "train-val"
+) -> Segmenter:
     """A Segmenter from a training checkpoint (`checkpoints/last.pt`) or a release file.
 
     device: "cpu", "cuda", "cuda:N" or "auto". protocol: "train-val" (the run's validation
@@ -170,5 +191,11 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     model, cfg, state = load_model(path, dev)
-    return Segmenter(model, cfg, state["class_names"], build_protocol(protocol, cfg), dev,
-                     iteration=int(state.get("iteration", 0)))
+    return Segmenter(
+        model,
+        cfg,
+        state["class_names"],
+        build_protocol(protocol, cfg),
+        dev,
+        iteration=int(state.get("iteration", 0)),
+    )

@@ -30,6 +30,7 @@ std (needs n >= 2 on both sides; a conservative rule: a run-to-run wobble of one
 side cannot produce it). A second table lists every seed's values. Written to OUT/ablation.md
 and OUT/ablation.json (all per-seed values and the statistics).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,14 @@ from toco.plugins.registry import plugin_names
 
 # (key, column title, number format); the first four are compared with `base` for significance
 METRICS: tuple[tuple[str, str, str], ...] = (
-    ("cam_miou", "CAM mIoU", ".2f"), ("aux_cam_miou", "aux CAM mIoU", ".2f"),
-    ("pseudo_label_miou", "pseudo-label mIoU", ".2f"), ("seg_miou", "seg mIoU", ".2f"),
-    ("s_per_iter", "s/iter", ".3f"), ("peak_memory_mb", "peak memory (MiB)", ".0f"),
-    ("ppc_mining_windows", "PPC mining windows", ".2f"))
+    ("cam_miou", "CAM mIoU", ".2f"),
+    ("aux_cam_miou", "aux CAM mIoU", ".2f"),
+    ("pseudo_label_miou", "pseudo-label mIoU", ".2f"),
+    ("seg_miou", "seg mIoU", ".2f"),
+    ("s_per_iter", "s/iter", ".3f"),
+    ("peak_memory_mb", "peak memory (MiB)", ".0f"),
+    ("ppc_mining_windows", "PPC mining windows", ".2f"),
+)
 SCORES = tuple(k for k, _, _ in METRICS[:4])
 
 
@@ -72,18 +77,25 @@ def subset_plugins(name: str) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("+") if p)
     bad = [p for p in parts if p not in plugins]
     if bad or not parts:
-        raise ConfigError(f"--subsets: unknown subset '{name}' (use base, all, or plug-in names "
-                          f"{', '.join(plugins)} joined with '+')")
+        raise ConfigError(
+            f"--subsets: unknown subset '{name}' (use base, all, or plug-in names "
+            f"{', '.join(plugins)} joined with '+')"
+        )
     return tuple(p for p in plugins if p in parts)
 
 
-def subset_config(cfg: TrainConfig, name: str, out: Path, seed: int,
-                  pair_sampler: Optional[str] = None) -> TrainConfig:
+def subset_config(
+    cfg: TrainConfig, name: str, out: Path, seed: int, pair_sampler: Optional[str] = None
+) -> TrainConfig:
     """The run of subset `name` with `seed`, in OUT/<name>/seed<seed>; `pair_sampler` sets
     the training batches of every subset (see `fixed_data_path`)."""
-    return dataclasses.replace(cfg, work_dir=str(out / name / f"seed{seed}"), seed=seed,
-                               plugins=cfg.plugins.with_enabled(subset_plugins(name)),
-                               pair_sampler=pair_sampler or cfg.pair_sampler).validate()
+    return dataclasses.replace(
+        cfg,
+        work_dir=str(out / name / f"seed{seed}"),
+        seed=seed,
+        plugins=cfg.plugins.with_enabled(subset_plugins(name)),
+        pair_sampler=pair_sampler or cfg.pair_sampler,
+    ).validate()
 
 
 def fixed_data_path(cfg: TrainConfig, names: Sequence[str]) -> Optional[str]:
@@ -95,31 +107,41 @@ def fixed_data_path(cfg: TrainConfig, names: Sequence[str]) -> Optional[str]:
     if cfg.pair_sampler != "auto":
         return cfg.pair_sampler
     for name in names:
-        policy = pair_policy(dataclasses.replace(
-            cfg, plugins=cfg.plugins.with_enabled(subset_plugins(name))))
+        policy = pair_policy(
+            dataclasses.replace(cfg, plugins=cfg.plugins.with_enabled(subset_plugins(name)))
+        )
         if policy is not None:
             return policy
     return None
 
 
-def data_path_note(fixed: bool, sampler: Optional[str], names: Sequence[str],
-                   cfg: TrainConfig) -> str:
+def data_path_note(
+    fixed: bool, sampler: Optional[str], names: Sequence[str], cfg: TrainConfig
+) -> str:
     """One sentence for the table: which training batches the subsets saw."""
     if sampler is None:
         return "Data path: plain shuffled batches for every subset (no subset pairs images)."
     kind = {"share_one": "image pairs sharing a class", "random": "random image pairs"}[sampler]
     if fixed:
-        return (f"Data path held fixed: the pair sampler '{sampler}' ({kind}) for every subset, "
-                "plug-ins on or off.")
+        return (
+            f"Data path held fixed: the pair sampler '{sampler}' ({kind}) for every subset, "
+            "plug-ins on or off."
+        )
     from toco.plugins import pair_policy
 
-    paired = [n for n in names if pair_policy(dataclasses.replace(
-        cfg, plugins=cfg.plugins.with_enabled(subset_plugins(n)))) is not None]
-    return (f"Data path per subset (--data-path per-subset): {', '.join(paired)} trained on "
-            f"{kind}, the others on plain shuffled batches, so their difference mixes the "
-            "plug-in with the resampling.")
-
-
+    paired = [
+        n
+        for n in names
+        if pair_policy(
+            dataclasses.replace(cfg, plugins=cfg.plugins.with_enabled(subset_plugins(n)))
+        )
+        is not None
+    ]
+    return (
+        f"Data path per subset (--data-path per-subset): {', '.join(paired)} trained on "
+        f"{kind}, the others on plain shuffled batches, so their difference mixes the "
+        "plug-in with the resampling."
+    )
 
 
 def seconds_per_iter(metrics_path: Path, from_iter: int) -> Optional[float]:
@@ -180,8 +202,11 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     tic = time.perf_counter()
     finished = (run_dir / COMPLETE_MARKER).exists()
-    final = (json.loads((run_dir / "final.json").read_text()) if finished
-             else run_training(cfg, resume=(run_dir / "checkpoints" / "last.pt").exists()))
+    final = (
+        json.loads((run_dir / "final.json").read_text())
+        if finished
+        else run_training(cfg, resume=(run_dir / "checkpoints" / "last.pt").exists())
+    )
     wall = time.perf_counter() - tic
     if "stopped" in final:
         raise UserError(f"the {run_dir.name} run stopped early ({final['stopped']})")
@@ -190,30 +215,47 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     spec = build.dataset_spec(cfg)
     model = build_model(cfg, spec.num_classes, pretrained="none").to(device)
     load_weights(model, state["model"], run_dir / "checkpoints" / "last.pt")
-    loader = DataLoader(build.eval_dataset(cfg, cfg.val_split), batch_size=1,
-                        num_workers=min(cfg.num_workers, 2))
-    confusion, coverage = evaluate_pseudo_labels(model, loader, spec.num_classes, device, cfg,
-                                                 cfg.val_size or cfg.crop_size)
+    loader = DataLoader(
+        build.eval_dataset(cfg, cfg.val_split), batch_size=1, num_workers=min(cfg.num_workers, 2)
+    )
+    confusion, coverage = evaluate_pseudo_labels(
+        model, loader, spec.num_classes, device, cfg, cfg.val_size or cfg.crop_size
+    )
     return {
-        "plugins": cfg.plugins.enabled(), "seed": cfg.seed,
-        "cam_miou": final.get("cam_miou"), "aux_cam_miou": final.get("aux_cam_miou"),
-        "pseudo_label_miou": confusion.miou(), "pseudo_label_coverage": coverage,
+        "plugins": cfg.plugins.enabled(),
+        "seed": cfg.seed,
+        "cam_miou": final.get("cam_miou"),
+        "aux_cam_miou": final.get("aux_cam_miou"),
+        "pseudo_label_miou": confusion.miou(),
+        "pseudo_label_coverage": coverage,
         "seg_miou": final.get("seg_miou"),
-        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl",
-                                       cfg.plugins.first_start(cfg)),
-        "ppc_mining_windows": windows_at_one(run_dir / "metrics.jsonl", "ppc_hardest_dropped",
-                                             cfg.plugins.ppc.start(cfg)),
-        "peak_memory_mb": peak, "peak_memory_kind": "cuda_allocated" if device.type == "cuda"
-        else "max_rss", "iterations": final.get("iterations"), "wall_s": wall,
-        "work_dir": str(run_dir), "config": cfg.to_dict(),
+        "s_per_iter": seconds_per_iter(run_dir / "metrics.jsonl", cfg.plugins.first_start(cfg)),
+        "ppc_mining_windows": windows_at_one(
+            run_dir / "metrics.jsonl", "ppc_hardest_dropped", cfg.plugins.ppc.start(cfg)
+        ),
+        "peak_memory_mb": peak,
+        "peak_memory_kind": "cuda_allocated" if device.type == "cuda" else "max_rss",
+        "iterations": final.get("iterations"),
+        "wall_s": wall,
+        "work_dir": str(run_dir),
+        "config": cfg.to_dict(),
     }
 
 
 def _run_isolated(cfg: TrainConfig, out: Path, name: str) -> dict[str, Any]:
     cfg_path, result_path = out / f"{name}.config.yaml", out / f"{name}.result.json"
     save_config(cfg, cfg_path)
-    code = subprocess.call([sys.executable, "-m", "toco.train.ablate", "--run-one", str(cfg_path),
-                            "--result", str(result_path)])
+    code = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "toco.train.ablate",
+            "--run-one",
+            str(cfg_path),
+            "--result",
+            str(result_path),
+        ]
+    )
     if code != 0 or not result_path.exists():
         raise UserError(f"the '{name}' run failed (exit code {code}); see {cfg.work_dir}")
     return json.loads(result_path.read_text())
@@ -229,9 +271,12 @@ def seed_statistics(runs: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]
     for key, _, _ in METRICS:
         values = {seed: r[key] for seed, r in runs.items() if r.get(key) is not None}
         vals = list(values.values())
-        out[key] = {"n": len(vals), "mean": statistics.fmean(vals) if vals else None,
-                    "std": statistics.stdev(vals) if len(vals) > 1 else None,
-                    "per_seed": values}
+        out[key] = {
+            "n": len(vals),
+            "mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "per_seed": values,
+        }
     return out
 
 
@@ -244,8 +289,7 @@ def versus_base(stats: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[s
         if a["mean"] is None or b["mean"] is None:
             continue
         diff = a["mean"] - b["mean"]
-        exceeds = (None if a["std"] is None or b["std"] is None
-                   else abs(diff) > a["std"] + b["std"])
+        exceeds = None if a["std"] is None or b["std"] is None else abs(diff) > a["std"] + b["std"]
         out[key] = {"diff": diff, "exceeds_seed_spread": exceeds}
     return out
 
@@ -261,15 +305,16 @@ def _cell(stat: dict[str, Any], spec: str, delta: Optional[dict[str, Any]] = Non
     return text
 
 
-def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
-                meta: dict[str, Any]) -> str:
+def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path, meta: dict[str, Any]) -> str:
     """ablation.md (summary and per-seed tables) and ablation.json in `out`; returns the
     summary table."""
     stats = {name: seed_statistics(by_seed) for name, by_seed in runs.items()}
     base = stats.get("base")
     titles = [t for _, t, _ in METRICS]
-    lines = ["| subset | seeds | batches | " + " | ".join(titles) + " | time vs base |",
-             "|---|---|---|" + "---|" * (len(titles) + 1)]
+    lines = [
+        "| subset | seeds | batches | " + " | ".join(titles) + " | time vs base |",
+        "|---|---|---|" + "---|" * (len(titles) + 1),
+    ]
     summary: dict[str, Any] = {}
     for name, st in stats.items():
         deltas = versus_base(st, base) if base is not None and name != "base" else {}
@@ -282,25 +327,39 @@ def write_table(runs: dict[str, dict[int, dict[str, Any]]], out: Path,
         batches = meta.get("batches", {}).get(name, "-")
         lines.append(f"| {name} | {n} | {batches} | " + " | ".join(cells) + f" | {time_cell} |")
     text = "\n".join(lines) + "\n"
-    per_seed = ["| subset | seed | " + " | ".join(titles) + " |",
-                "|---|---|" + "---|" * len(titles)]
+    per_seed = [
+        "| subset | seed | " + " | ".join(titles) + " |",
+        "|---|---|" + "---|" * len(titles),
+    ]
     for name, by_seed in runs.items():
         for seed, r in sorted(by_seed.items()):
-            per_seed.append(f"| {name} | {seed} | " + " | ".join(
-                _fmt(r.get(k), spec) for k, _, spec in METRICS) + " |")
-    memory = ("CUDA allocator peak" if meta["device"] == "cuda"
-              else "max RSS of the training process")
-    notes = (f"\nmean ± sample std over the seeds (n = seeds column); (diff) = mean - base mean, "
-             f"* = exceeds the seed spread (|diff| > std + base std).\n{meta['dataset']} dataset, "
-             f"{meta['backbone']}, {meta['max_iters']} iterations, global batch "
-             f"{meta['batch_size']}, crop {meta['crop_size']}, device {meta['device']}, seeds "
-             f"{' '.join(map(str, meta['seeds']))}; plug-ins on from iteration "
-             f"{meta['plugin_start']}. Peak memory: {memory}.\n{meta['data_path_note']}\n")
-    (out / "ablation.md").write_text(text + notes + "\nPer seed:\n\n" + "\n".join(per_seed)
-                                     + "\n")
-    (out / "ablation.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary,
-         "runs": {n: {str(k): v for k, v in r.items()} for n, r in runs.items()}}, indent=2))
+            per_seed.append(
+                f"| {name} | {seed} | "
+                + " | ".join(_fmt(r.get(k), spec) for k, _, spec in METRICS)
+                + " |"
+            )
+    memory = (
+        "CUDA allocator peak" if meta["device"] == "cuda" else "max RSS of the training process"
+    )
+    notes = (
+        f"\nmean ± sample std over the seeds (n = seeds column); (diff) = mean - base mean, "
+        f"* = exceeds the seed spread (|diff| > std + base std).\n{meta['dataset']} dataset, "
+        f"{meta['backbone']}, {meta['max_iters']} iterations, global batch "
+        f"{meta['batch_size']}, crop {meta['crop_size']}, device {meta['device']}, seeds "
+        f"{' '.join(map(str, meta['seeds']))}; plug-ins on from iteration "
+        f"{meta['plugin_start']}. Peak memory: {memory}.\n{meta['data_path_note']}\n"
+    )
+    (out / "ablation.md").write_text(text + notes + "\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
+    (out / "ablation.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": summary,
+                "runs": {n: {str(k): v for k, v in r.items()} for n, r in runs.items()},
+            },
+            indent=2,
+        )
+    )
     return text
 
 
@@ -319,17 +378,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def extra(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("ablation")
         group.add_argument("--out", required=True, help="folder of the runs and the table")
-        group.add_argument("--subsets", nargs="+", default=list(default_subsets()),
-                           help="plug-in subsets: base, all, a plug-in name, or a+b")
-        group.add_argument("--seeds", nargs="+", type=int, default=None,
-                           help="train every subset with each of these seeds (default: --seed)")
-        group.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                           help="train each subset in its own process (per-run peak memory)")
-        group.add_argument("--data-path", choices=("fixed", "per-subset"), default="fixed",
-                           help="fixed: every subset trains on the batches of one sampler (the "
-                           "MCIS pair sampler when a subset has MCIS, or --pair-sampler), so a "
-                           "difference is the plug-in's alone; per-subset: each run samples as "
-                           "its plug-ins ask (MCIS runs on pairs, the others not)")
+        group.add_argument(
+            "--subsets",
+            nargs="+",
+            default=list(default_subsets()),
+            help="plug-in subsets: base, all, a plug-in name, or a+b",
+        )
+        group.add_argument(
+            "--seeds",
+            nargs="+",
+            type=int,
+            default=None,
+            help="train every subset with each of these seeds (default: --seed)",
+        )
+        group.add_argument(
+            "--isolate",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="train each subset in its own process (per-run peak memory)",
+        )
+        group.add_argument(
+            "--data-path",
+            choices=("fixed", "per-subset"),
+            default="fixed",
+            help="fixed: every subset trains on the batches of one sampler (the "
+            "MCIS pair sampler when a subset has MCIS, or --pair-sampler), so a "
+            "difference is the plug-in's alone; per-subset: each run samples as "
+            "its plug-ins ask (MCIS runs on pairs, the others not)",
+        )
 
     cfg, args = parse_config(argv, extra)
     out = Path(args.out)
@@ -337,12 +413,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = list(dict.fromkeys(args.seeds if args.seeds else [cfg.seed]))
     fixed = args.data_path == "fixed"
     sampler = fixed_data_path(cfg, names)
-    configs = {(name, seed): subset_config(cfg, name, out, seed, sampler if fixed else None)
-               for name in names for seed in seeds}
+    configs = {
+        (name, seed): subset_config(cfg, name, out, seed, sampler if fixed else None)
+        for name in names
+        for seed in seeds
+    }
     from toco.plugins import pair_policy
 
-    batches = {name: f"pairs {pair_policy(configs[name, seeds[0]])}"
-               if pair_policy(configs[name, seeds[0]]) else "plain" for name in names}
+    batches = {
+        name: f"pairs {pair_policy(configs[name, seeds[0]])}"
+        if pair_policy(configs[name, seeds[0]])
+        else "plain"
+        for name in names
+    }
     out.mkdir(parents=True, exist_ok=True)
     from toco.runtime import resolve_device
 
@@ -354,23 +437,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if result_path.exists():
             runs[name][seed] = json.loads(result_path.read_text())
             if runs[name][seed].get("config") != sub.to_dict():
-                raise UserError(f"{result_path} comes from a different configuration; "
-                                "choose another --out (or delete it)")
+                raise UserError(
+                    f"{result_path} comes from a different configuration; "
+                    "choose another --out (or delete it)"
+                )
             continue
-        print(f"== ablation: {name} ({', '.join(subset_plugins(name)) or 'no plug-in'}), "
-              f"seed {seed}", flush=True)
+        print(
+            f"== ablation: {name} ({', '.join(subset_plugins(name)) or 'no plug-in'}), seed {seed}",
+            flush=True,
+        )
         if args.isolate:
             runs[name][seed] = _run_isolated(sub, out, tag)
         else:
             runs[name][seed] = run_one(sub)
             write_bytes_atomic(result_path, json.dumps(runs[name][seed], indent=2).encode())
-    meta = {"dataset": cfg.dataset, "backbone": cfg.backbone, "max_iters": cfg.max_iters,
-            "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "device": device.type,
-            "seeds": seeds, "plugin_start": cfg.plugins.first_start(cfg),
-            "isolated": args.isolate, "data_path": args.data_path, "pair_sampler": sampler,
-            "batches": batches,
-            "data_path_note": data_path_note(fixed, sampler, names, cfg),
-            "command": "python -m toco.train.ablate " + " ".join(argv)}
+    meta = {
+        "dataset": cfg.dataset,
+        "backbone": cfg.backbone,
+        "max_iters": cfg.max_iters,
+        "batch_size": cfg.batch_size,
+        "crop_size": cfg.crop_size,
+        "device": device.type,
+        "seeds": seeds,
+        "plugin_start": cfg.plugins.first_start(cfg),
+        "isolated": args.isolate,
+        "data_path": args.data_path,
+        "pair_sampler": sampler,
+        "batches": batches,
+        "data_path_note": data_path_note(fixed, sampler, names, cfg),
+        "command": "python -m toco.train.ablate " + " ".join(argv),
+    }
     print(write_table(runs, out, meta))
     return 0
 

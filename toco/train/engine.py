@@ -1,4 +1,5 @@
 """The training step and validation: dataset batch → model → pseudo labels → losses → update."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ class NonFiniteLossError(UserError):
     """A loss became NaN or inf; the message names the iteration and the term."""
 
 
-def build_optimizer(model: ToCoNet, cfg: TrainConfig,
-                    extra_params: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+def build_optimizer(
+    model: ToCoNet, cfg: TrainConfig, extra_params: Sequence[torch.nn.Parameter] = ()
+) -> torch.optim.AdamW:
     """AdamW over ToCo's four groups (LR x1, x1, x10, x10) or layer-decayed backbone groups
     (toco/train/optim.py); plug-in parameters join the heads."""
     from toco.train.optim import build_adamw
@@ -77,14 +79,14 @@ def truncate_like_reference(images: Tensor) -> Tensor:
     normalised = (images - mean) / std
     # The official 0-255 constants, not std * 255 in float32: that product differs in the last
     # bit and truncated ~3% of a test image's values to a different integer.
-    value = (normalised * images.new_tensor(REFERENCE_STD_255).view(1, 3, 1, 1)
-             + images.new_tensor(REFERENCE_MEAN_255).view(1, 3, 1, 1))
+    value = normalised * images.new_tensor(REFERENCE_STD_255).view(1, 3, 1, 1) + images.new_tensor(
+        REFERENCE_MEAN_255
+    ).view(1, 3, 1, 1)
     # The official cast of a value a rounding error below 0 is undefined; clamp makes it 0.
     return value.clamp_(0, 255).to(torch.uint8).float() / 255
 
 
-def _recording_cams(model: ToCoNet, passes: list[Tensor], images: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def _recording_cams(model: ToCoNet, passes: list[Tensor], images: Tensor) -> tuple[Tensor, Tensor]:
     """model.cams that also keeps each pass's final tokens (for plug-ins reading CAM views)."""
     feats = model.encode(images)
     passes.append(feats.tokens)
@@ -94,8 +96,14 @@ def _recording_cams(model: ToCoNet, passes: list[Tensor], images: Tensor
 class Trainer:
     """Owns the model, the loss modules, the optimizer and the per-step pseudo-label machinery."""
 
-    def __init__(self, cfg: TrainConfig, model: ToCoNet, loss_modules: list[LossModule],
-                 device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: ToCoNet,
+        loss_modules: list[LossModule],
+        device: torch.device,
+        dist_info: DistInfo = DistInfo(),
+    ) -> None:
         self.cfg = cfg
         self.model = model
         # Plug-ins may own parameters and buffers (ToCo's own terms have none).
@@ -104,15 +112,14 @@ class Trainer:
         self.dist = dist_info
         self.amp_dtype = resolve_amp(cfg.amp, device)
         # A loss scaler is only needed (and only used) for fp16.
-        self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.skipped_steps = 0
         self.par = PAR(cfg.par_iters, cfg.par_dilations).to(device)
         extra = [p for m in self.loss_modules for p in m.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg, extra)
-        self.scheduler = build_poly_warmup_scheduler(self.optimizer, cfg.warmup_iters,
-                                                     cfg.max_iters, cfg.warmup_ratio,
-                                                     cfg.poly_power)
+        self.scheduler = build_poly_warmup_scheduler(
+            self.optimizer, cfg.warmup_iters, cfg.max_iters, cfg.warmup_ratio, cfg.poly_power
+        )
         self.crop_rng = torch.Generator(device="cpu").manual_seed(cfg.seed + dist_info.rank)
         self._teacher_updated = False  # by this step's CTC branch
         self.stages = StageTimer(enabled=False, device=device)  # scripts/benchmark.py times
@@ -134,13 +141,26 @@ class Trainer:
             for module in self.loss_modules:
                 if module.active(state.iteration):
                     cam = module.pseudo_label_cam(state, cam)
-        valid_cam, _ = cam_to_label(cam, state.cls_label, state.img_box, cfg.bkg_thre,
-                                    cfg.high_thre, cfg.low_thre, ignore_mid=True)
-        images = (truncate_like_reference(state.images) if cfg.par_input == "uint8"
-                  else state.images)
-        return refine_cams_with_bkg(self.par, images, valid_cam, state.cls_label,
-                                    state.img_box, cfg.high_thre, cfg.low_thre,
-                                    cfg.refine_down_scale)
+        valid_cam, _ = cam_to_label(
+            cam,
+            state.cls_label,
+            state.img_box,
+            cfg.bkg_thre,
+            cfg.high_thre,
+            cfg.low_thre,
+            ignore_mid=True,
+        )
+        images = truncate_like_reference(state.images) if cfg.par_input == "uint8" else state.images
+        return refine_cams_with_bkg(
+            self.par,
+            images,
+            valid_cam,
+            state.cls_label,
+            state.img_box,
+            cfg.high_thre,
+            cfg.low_thre,
+            cfg.refine_down_scale,
+        )
 
     def _token_label(self, state: StepState) -> Tensor:
         with self.stages("pseudo_labels"):
@@ -151,10 +171,14 @@ class Trainer:
         grid = state.feats.aux_tokens.shape[-2:]
         cam = F.interpolate(state.cam_aux, size=grid, mode="bilinear", align_corners=False)
         # ptc_box "pixels" is reference bug B1: the pixel box applied unscaled to the grid.
-        box = state.img_box if cfg.ptc_box == "pixels" else box_to_grid(state.img_box,
-                                                                        self.model.patch_size)
-        return cam_to_label(cam, state.cls_label, box, cfg.bkg_thre, cfg.high_thre,
-                            cfg.low_thre, ignore_mid=True)[1]
+        box = (
+            state.img_box
+            if cfg.ptc_box == "pixels"
+            else box_to_grid(state.img_box, self.model.patch_size)
+        )
+        return cam_to_label(
+            cam, state.cls_label, box, cfg.bkg_thre, cfg.high_thre, cfg.low_thre, ignore_mid=True
+        )[1]
 
     def _ctc(self, state: StepState, view2: Tensor, local_view: Tensor) -> CTCOutputs:
         with self.stages("ctc_views"):
@@ -163,9 +187,14 @@ class Trainer:
     def _ctc_views(self, state: StepState, view2: Tensor, local_view: Tensor) -> CTCOutputs:
         cfg = self.cfg
         roi = cam_to_roi_mask(state.cam_aux, state.cls_label, cfg.low_thre, cfg.high_thre)
-        crops, flags = sample_local_crops(local_view, roi, cfg.num_local_crops,
-                                          cfg.local_crop_size, cfg.ctc_neg_ratio,
-                                          generator=self.crop_rng)
+        crops, flags = sample_local_crops(
+            local_view,
+            roi,
+            cfg.num_local_crops,
+            cfg.local_crop_size,
+            cfg.ctc_neg_ratio,
+            generator=self.crop_rng,
+        )
         b = state.images.shape[0]
         flags = torch.cat([flags.new_ones(b, 2), flags], dim=1)
         cls_view2 = self.model.encode(view2).cls
@@ -200,25 +229,36 @@ class Trainer:
             with stage("main_pass"):
                 feats = model.encode(images)
                 logits, aux_logits = model.classify(feats)
-                seg_logits = (model.segment(feats) if any(m.needs_decoder for m in active)
-                              else None)
+                seg_logits = model.segment(feats) if any(m.needs_decoder for m in active) else None
             with stage("ms_cam"), torch.no_grad():
                 # The main pass doubles as the scale-1.0 CAM pass: the model has no dropout,
                 # so its tokens are those of a separate no-grad pass.
                 own = tuple(m.detach() for m in model.cams_of(feats))
                 passes: list[Tensor] = []
-                cam_fn = (partial(_recording_cams, model, passes)
-                          if any(m.needs_cam_views for m in active) else model.cams)
+                cam_fn = (
+                    partial(_recording_cams, model, passes)
+                    if any(m.needs_cam_views for m in active)
+                    else model.cams
+                )
                 cam, cam_aux = multi_scale_cam(cam_fn, images, cfg.cam_scales, given=own)
             state = StepState(
-                iteration=iteration, images=images, cls_label=cls_label, img_box=img_box,
-                feats=feats, logits=logits, aux_logits=aux_logits, seg_logits=seg_logits,
-                cam=cam.float(), cam_aux=cam_aux.float(),
-                make_pseudo_label=self._pseudo_label, make_token_label=self._token_label,
-                make_ctc=lambda s: self._ctc(s, view2, local_view), model=model)
+                iteration=iteration,
+                images=images,
+                cls_label=cls_label,
+                img_box=img_box,
+                feats=feats,
+                logits=logits,
+                aux_logits=aux_logits,
+                seg_logits=seg_logits,
+                cam=cam.float(),
+                cam_aux=cam_aux.float(),
+                make_pseudo_label=self._pseudo_label,
+                make_token_label=self._token_label,
+                make_ctc=lambda s: self._ctc(s, view2, local_view),
+                model=model,
+            )
             if passes:
-                state.extras[CAM_VIEWS] = split_cam_passes(passes, images.shape[0],
-                                                           cfg.cam_scales)
+                state.extras[CAM_VIEWS] = split_cam_passes(passes, images.shape[0], cfg.cam_scales)
             losses: dict[str, Tensor] = {}
             total = images.new_zeros(())
             with stage("losses"):
@@ -242,11 +282,14 @@ class Trainer:
             torch.distributed.all_reduce(flag)
             bad = bad or (["total (on another rank)"] if flag.item() > 0 else [])
         if bad:
-            message = (f"non-finite loss at iteration {iteration}: "
-                       + ", ".join(f"{k}={logged.get(k, float('nan'))}" for k in bad))
+            message = f"non-finite loss at iteration {iteration}: " + ", ".join(
+                f"{k}={logged.get(k, float('nan'))}" for k in bad
+            )
             if cfg.nonfinite == "stop":
-                raise NonFiniteLossError(message + " (the last checkpoint is intact; "
-                                         "`--nonfinite skip` drops such steps instead)")
+                raise NonFiniteLossError(
+                    message + " (the last checkpoint is intact; "
+                    "`--nonfinite skip` drops such steps instead)"
+                )
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -280,13 +323,15 @@ class Trainer:
         Under torchrun each rank draws its crops from its own generator; pass
         `crop_rng_states()` (gathered on every rank) so that a resumed run continues every
         rank's stream, not rank 0's on all of them."""
-        return {"loss_modules": self.loss_modules.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "crop_rng": self.crop_rng.get_state(),
-                "crop_rng_ranks": crop_rng_states or [self.crop_rng.get_state()],
-                "skipped_steps": self.skipped_steps}
+        return {
+            "loss_modules": self.loss_modules.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "crop_rng": self.crop_rng.get_state(),
+            "crop_rng_ranks": crop_rng_states or [self.crop_rng.get_state()],
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.loss_modules.load_state_dict(state["loss_modules"])
@@ -301,10 +346,18 @@ class Trainer:
 
 
 @torch.no_grad()
-def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: torch.device,
-             size: int, cam_scales: Sequence[float], bkg_thre: float,
-             dist_info: DistInfo = DistInfo(), autocast=contextlib.nullcontext,
-             num_panels: int = 0) -> tuple[dict[str, ConfusionMatrix], list[dict]]:
+def validate(
+    model: ToCoNet,
+    loader: Iterable[dict],
+    num_classes: int,
+    device: torch.device,
+    size: int,
+    cam_scales: Sequence[float],
+    bkg_thre: float,
+    dist_info: DistInfo = DistInfo(),
+    autocast=contextlib.nullcontext,
+    num_panels: int = 0,
+) -> tuple[dict[str, ConfusionMatrix], list[dict]]:
     """ToCo's in-training protocol: resize to size x size, multi-scale CAMs (masked by the GT
     image labels) and single-scale segmentation, scored at the label's resolution.
 
@@ -325,16 +378,22 @@ def validate(model: ToCoNet, loader: Iterable[dict], num_classes: int, device: t
             seg = predict_seg_logits(model, image, size=size).float().argmax(1)
         cam_pred = cams_to_prediction(cam.float(), cls_label, bkg_thre)
         results["cam"].update(cam_pred, mask)
-        results["aux_cam"].update(cams_to_prediction(cam_aux.float(), cls_label, bkg_thre),
-                                  mask)
+        results["aux_cam"].update(cams_to_prediction(cam_aux.float(), cls_label, bkg_thre), mask)
         results["seg"].update(seg, mask)
         if len(panels) < num_panels:
             score = class_score_map(cam.float(), cls_label)[0]
-            panels.append({
-                "caption": str(batch["name"][0]), "image": to_uint8_image(image[0]),
-                "heatmap": heatmap(score),
-                "masks": {"prediction": seg[0].cpu().numpy(), "cam": cam_pred[0].cpu().numpy(),
-                          "ground_truth": mask[0].cpu().numpy()}})
+            panels.append(
+                {
+                    "caption": str(batch["name"][0]),
+                    "image": to_uint8_image(image[0]),
+                    "heatmap": heatmap(score),
+                    "masks": {
+                        "prediction": seg[0].cpu().numpy(),
+                        "cam": cam_pred[0].cpu().numpy(),
+                        "ground_truth": mask[0].cpu().numpy(),
+                    },
+                }
+            )
     if dist_info.enabled:
         for r in results.values():
             r.all_reduce_()

@@ -1,4 +1,5 @@
 """Turning faults around a run (full disk, a killed data-loader worker) into one clear line."""
+
 from __future__ import annotations
 
 import re
@@ -34,9 +35,14 @@ class WorkerProgress(Dataset):
 _PIDS = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
 
 
-def dead_worker_error(err: RuntimeError, loader_iter: Any, progress: WorkerProgress,
-                      names: Optional[list[str]], iteration: int, resume_hint: str
-                      ) -> Optional[UserError]:
+def dead_worker_error(
+    err: RuntimeError,
+    loader_iter: Any,
+    progress: WorkerProgress,
+    names: Optional[list[str]],
+    iteration: int,
+    resume_hint: str,
+) -> Optional[UserError]:
     """A UserError naming the dead worker and its last sample, or None if `err` is not a
     data-loader worker death."""
     found = _PIDS.search(str(err))
@@ -51,8 +57,11 @@ def dead_worker_error(err: RuntimeError, loader_iter: Any, progress: WorkerProgr
             parts.append(f"data-loader worker (pid {pid}) died")
             continue
         worker_id, code = ids[0], workers[ids[0]].exitcode
-        how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exited with status {code}")
+        how = (
+            f"was killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exited with status {code}"
+        )
         key = int(progress.slots[worker_id])
         if key < 0:
             sample = "before its first sample"
@@ -61,5 +70,7 @@ def dead_worker_error(err: RuntimeError, loader_iter: Any, progress: WorkerProgr
             name = f" ({names[index]})" if names is not None and index < len(names) else ""
             sample = f"while loading image index {index}{name}"
         parts.append(f"data-loader worker {worker_id} (pid {pid}) {how} {sample}")
-    return UserError("; ".join(parts) + f" at iteration {iteration} (out of memory? try a "
-                     f"smaller --num-workers or --batch-size); {resume_hint}")
+    return UserError(
+        "; ".join(parts) + f" at iteration {iteration} (out of memory? try a "
+        f"smaller --num-workers or --batch-size); {resume_hint}"
+    )

@@ -6,6 +6,7 @@ backbone is split by stage (embeddings, each block, final norm/pool; `ViTBackbon
 and stage s of a depth-L backbone gets lr x decay^(L+1-s), as in BEiT/DINOv2 fine-tuning.
 Frozen parameters (--freeze-backbone, --trainable-blocks) are in no group.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -34,8 +35,9 @@ def backbone_stage_groups(model: ToCoNet, lr: float, decay: float) -> list[dict[
     return [{"params": by_stage[s], "lr": lr * scales[s]} for s in sorted(by_stage, reverse=True)]
 
 
-def build_param_groups(model: ToCoNet, cfg: TrainConfig,
-                       extra_params: Sequence[nn.Parameter] = ()) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: ToCoNet, cfg: TrainConfig, extra_params: Sequence[nn.Parameter] = ()
+) -> list[dict[str, Any]]:
     """AdamW parameter groups; plug-in parameters (`extra_params`) join the heads."""
     groups = model.param_groups()
     heads = groups[2] + list(extra_params)
@@ -49,9 +51,15 @@ def build_param_groups(model: ToCoNet, cfg: TrainConfig,
     return [g for g in out if g["params"]]
 
 
-def build_adamw(model: ToCoNet, cfg: TrainConfig,
-                extra_params: Sequence[nn.Parameter] = ()) -> torch.optim.AdamW:
+def build_adamw(
+    model: ToCoNet, cfg: TrainConfig, extra_params: Sequence[nn.Parameter] = ()
+) -> torch.optim.AdamW:
     """AdamW over `build_param_groups` with the config's betas and weight decay (all groups)."""
-    return torch.optim.AdamW(build_param_groups(model, cfg, extra_params), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
-                             foreach=True)
+    return torch.optim.AdamW(
+        build_param_groups(model, cfg, extra_params),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=1e-8,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
+    )

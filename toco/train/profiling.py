@@ -3,6 +3,7 @@
 Both cost nothing unless switched on (scripts/benchmark.py does), so the engine keeps them in
 its hot path.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """A whole training run: set-up, the loop, validation, records, checkpoints and resume."""
+
 from __future__ import annotations
 
 import contextlib
@@ -68,10 +69,16 @@ def seed_everything(seed: int) -> None:
 def iou_tables(results: dict[str, ConfusionMatrix], class_names: list[str]) -> tuple[str, dict]:
     """Text table (one column per result, IoU per class) and a JSON-friendly summary."""
     table = format_iou_table(class_names, {k: r.iou() for k, r in results.items()})
-    summary = {k: {"miou": r.miou(),
-                   "iou": {c: (None if np.isnan(v) else float(v) * 100)
-                           for c, v in zip(class_names, r.iou().tolist())}}
-               for k, r in results.items()}
+    summary = {
+        k: {
+            "miou": r.miou(),
+            "iou": {
+                c: (None if np.isnan(v) else float(v) * 100)
+                for c, v in zip(class_names, r.iou().tolist())
+            },
+        }
+        for k, r in results.items()
+    }
     return table, summary
 
 
@@ -116,8 +123,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         cleanup_distributed()
 
 
-def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
-           ) -> dict[str, Any]:
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo) -> dict[str, Any]:
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     run_dir = Path(cfg.work_dir)
@@ -126,27 +132,38 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     if resume and not ckpt_path.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt_path}")
     if complete and not resume:
-        raise UserError(f"{run_dir} already holds a finished run; pass --resume to continue "
-                        "it (e.g. with a larger --max-iters) or choose another --work-dir")
+        raise UserError(
+            f"{run_dir} already holds a finished run; pass --resume to continue "
+            "it (e.g. with a larger --max-iters) or choose another --work-dir"
+        )
     state, kept = None, ""
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         check_training_keys(state, ckpt_path)
         cfg, kept = settings_of_resumed_run(cfg, state["config"], resume, ckpt_path)
     if cfg.batch_size % info.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
-                          f"{info.world_size} processes")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} (global) is not divisible by the "
+            f"{info.world_size} processes"
+        )
     local_batch = cfg.batch_size // info.world_size
     pairs = pair_policy(cfg)  # a plug-in (MCIS) wants batches of image pairs
     if pairs and local_batch % 2:
-        who = (f"--pair-sampler {cfg.pair_sampler}" if cfg.pair_sampler != "auto"
-               else f"the plug-ins {', '.join(enabled_plugins(cfg))}")
-        raise ConfigError(f"{who} pair the images of each per-device batch: {local_batch} "
-                          f"images per device (--batch-size {cfg.batch_size} over "
-                          f"{info.world_size} processes) is odd")
+        who = (
+            f"--pair-sampler {cfg.pair_sampler}"
+            if cfg.pair_sampler != "auto"
+            else f"the plug-ins {', '.join(enabled_plugins(cfg))}"
+        )
+        raise ConfigError(
+            f"{who} pair the images of each per-device batch: {local_batch} "
+            f"images per device (--batch-size {cfg.batch_size} over "
+            f"{info.world_size} processes) is odd"
+        )
     if cfg.loss_group_size and local_batch % cfg.loss_group_size:
-        raise ConfigError(f"per-device batch {local_batch} is not a multiple of "
-                          f"--loss-group-size {cfg.loss_group_size}")
+        raise ConfigError(
+            f"per-device batch {local_batch} is not a multiple of "
+            f"--loss-group-size {cfg.loss_group_size}"
+        )
     threads_line = configure_precision(cfg, device)
     seed_everything(cfg.seed)
 
@@ -162,8 +179,10 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     # A tagged collection's held-back images may have no masks: validated without them.
     val_set = build.eval_dataset(cfg, cfg.val_split, with_masks=None) if cfg.eval_every else []
     if len(train_set) < cfg.batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} usable "
-                          f"training images: use --batch-size <= {len(train_set)}")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} exceeds the {len(train_set)} usable "
+            f"training images: use --batch-size <= {len(train_set)}"
+        )
     trainer = Trainer(cfg, model, loss_modules, device, info)
 
     start_iter, wandb_id = 0, None
@@ -179,16 +198,42 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         (run_dir / COMPLETE_MARKER).unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir, info.is_main)
-    tracker = (Tracker(run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project, cfg.wandb_name,
-                       cfg.wandb_tags, resume_id=wandb_id) if info.is_main else None)
-    log.info("torch %s, %s x%d, amp %s, %d train / %d val images, %s, global batch %d",
-             torch.__version__, device, info.world_size, trainer.amp_dtype or "fp32",
-             len(train_set), len(val_set), cfg.backbone, cfg.batch_size)
-    log.info("recipe %s; fidelity: dormant terms %s, reg gradient %s, CTC log term %s, "
-             "PAR input %s, PTC box %s, local-view flip %s, image labels from %s",
-             cfg.recipe or "none (built-in defaults and flags)", cfg.dormant_terms,
-             cfg.reg_gradient, "on" if cfg.ctc_negative_term else "off", cfg.par_input,
-             cfg.ptc_box, cfg.local_view_flip, cfg.image_labels)
+    tracker = (
+        Tracker(
+            run_dir,
+            cfg.to_dict(),
+            cfg.wandb,
+            cfg.wandb_project,
+            cfg.wandb_name,
+            cfg.wandb_tags,
+            resume_id=wandb_id,
+        )
+        if info.is_main
+        else None
+    )
+    log.info(
+        "torch %s, %s x%d, amp %s, %d train / %d val images, %s, global batch %d",
+        torch.__version__,
+        device,
+        info.world_size,
+        trainer.amp_dtype or "fp32",
+        len(train_set),
+        len(val_set),
+        cfg.backbone,
+        cfg.batch_size,
+    )
+    log.info(
+        "recipe %s; fidelity: dormant terms %s, reg gradient %s, CTC log term %s, "
+        "PAR input %s, PTC box %s, local-view flip %s, image labels from %s",
+        cfg.recipe or "none (built-in defaults and flags)",
+        cfg.dormant_terms,
+        cfg.reg_gradient,
+        "on" if cfg.ctc_negative_term else "off",
+        cfg.par_input,
+        cfg.ptc_box,
+        cfg.local_view_flip,
+        cfg.image_labels,
+    )
     log.info("%s, %d data-loader worker(s)", threads_line, cfg.num_workers)
     if start_iter:
         log.info("resuming from %s at iteration %d", ckpt_path, start_iter)
@@ -198,33 +243,55 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
         log.warning("warning: %s", warning)
 
     if pairs:  # MCIS: each per-rank batch is anchor/partner pairs sharing a class
-        sampler = PairedResumableSampler(dataset_labels(train_set), local_batch, cfg.seed,
-                                         info.rank, info.world_size, start_iter, pairs)
+        sampler = PairedResumableSampler(
+            dataset_labels(train_set),
+            local_batch,
+            cfg.seed,
+            info.rank,
+            info.world_size,
+            start_iter,
+            pairs,
+        )
     else:
-        sampler = ResumableSampler(len(train_set), local_batch, cfg.seed, info.rank,
-                                   info.world_size, start_iter)
+        sampler = ResumableSampler(
+            len(train_set), local_batch, cfg.seed, info.rank, info.world_size, start_iter
+        )
     progress = WorkerProgress(SeededSamples(train_set, cfg.seed), cfg.num_workers)
     # Loaders draw their workers' base seed from their own generator, not the global RNG:
     # a resumed run creates its iterator at another iteration than an uninterrupted one.
-    loader = DataLoader(progress, batch_size=local_batch,
-                        sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader = DataLoader(
+        progress,
+        batch_size=local_batch,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
     val_shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     val_workers = min(cfg.num_workers, 2) if cfg.eval_every else 0
     # Validation runs every eval_every iterations: keep its workers instead of re-forking.
-    val_loader = DataLoader(val_shard, batch_size=1, shuffle=False, num_workers=val_workers,
-                            persistent_workers=val_workers > 0,
-                            pin_memory=device.type == "cuda", generator=torch.Generator())
+    val_loader = DataLoader(
+        val_shard,
+        batch_size=1,
+        shuffle=False,
+        num_workers=val_workers,
+        persistent_workers=val_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
 
     running: dict[str, list[float]] = defaultdict(list)
     summary: dict[str, Any] = {}
-    preview_indices = (pick_images(dataset_classes(val_set), cfg.preview_images)
-                       if cfg.eval_every else [])
+    preview_indices = (
+        pick_images(dataset_classes(val_set), cfg.preview_images) if cfg.eval_every else []
+    )
     preview = None
     done = start_iter
     batches = None
-    with StopSignal() as stop, _dead_workers_reported(run_dir, progress, train_set,
-                                                      lambda: (done, batches)):
+    with (
+        StopSignal() as stop,
+        _dead_workers_reported(run_dir, progress, train_set, lambda: (done, batches)),
+    ):
         batches = iter(loader)
         tic = time.perf_counter()
         for it in range(start_iter, cfg.max_iters):
@@ -238,43 +305,64 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
                 val_tic = time.perf_counter()
                 if val_set.with_masks:
                     results, panels = validate(
-                        model, val_loader, spec.num_classes, device,
-                        cfg.val_size or cfg.crop_size, cfg.val_scales, cfg.bkg_thre, info,
-                        trainer.autocast, num_panels=cfg.num_vis if tracker and tracker.run else 0)
+                        model,
+                        val_loader,
+                        spec.num_classes,
+                        device,
+                        cfg.val_size or cfg.crop_size,
+                        cfg.val_scales,
+                        cfg.bkg_thre,
+                        info,
+                        trainer.autocast,
+                        num_panels=cfg.num_vis if tracker and tracker.run else 0,
+                    )
                     table, summary = iou_tables(results, list(spec.class_names))
-                    log.info("validation at iteration %d (%s split)\n%s", done,
-                             cfg.val_split or spec.val_split, table)
+                    log.info(
+                        "validation at iteration %d (%s split)\n%s",
+                        done,
+                        cfg.val_split or spec.val_split,
+                        table,
+                    )
                     if tracker:
                         (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
                         tracker.log_validation(summary, spec.class_names, done, panels)
                 else:
-                    summary = _validate_without_masks(model, val_loader, cfg, spec, device,
-                                                      info, trainer, done, run_dir, tracker)
+                    summary = _validate_without_masks(
+                        model, val_loader, cfg, spec, device, info, trainer, done, run_dir, tracker
+                    )
                 if tracker:
                     preview = run_preview(
-                        model, val_set, preview_indices, cfg, device,
-                        cfg.val_size or cfg.crop_size, run_dir / PREVIEW_FILE,
-                        spec.class_names, f"{run_dir.name}, iteration {done}",
-                        trainer.autocast)
+                        model,
+                        val_set,
+                        preview_indices,
+                        cfg,
+                        device,
+                        cfg.val_size or cfg.crop_size,
+                        run_dir / PREVIEW_FILE,
+                        spec.class_names,
+                        f"{run_dir.name}, iteration {done}",
+                        trainer.autocast,
+                    )
                 tic += time.perf_counter() - val_tic
             stopping = stop.received or (cfg.stop_at is not None and done >= cfg.stop_at)
             if done % cfg.save_every == 0 or done == cfg.max_iters or stopping:
                 rng_states = trainer.crop_rng_states()  # every rank: a collective
                 if info.is_main:
-                    save_checkpoint(training_state(trainer, done, tracker, rng_states),
-                                    ckpt_path)
+                    save_checkpoint(training_state(trainer, done, tracker, rng_states), ckpt_path)
             if stopping:
                 break
     if done < cfg.max_iters:
         why = stop.received or f"--stop-at {cfg.stop_at}"
-        log.info("stopped at iteration %d (%s); checkpoint saved, resume with --resume", done,
-                 why)
+        log.info("stopped at iteration %d (%s); checkpoint saved, resume with --resume", done, why)
         if tracker:
             tracker.finish()
         return {"iterations": done, "stopped": why}
-    final = {"iterations": done, "skipped_steps": trainer.skipped_steps,
-             **{f"{k}_miou": v["miou"] for k, v in summary.items() if "miou" in v},
-             "validation": summary}
+    final = {
+        "iterations": done,
+        "skipped_steps": trainer.skipped_steps,
+        **{f"{k}_miou": v["miou"] for k, v in summary.items() if "miou" in v},
+        "validation": summary,
+    }
     if tracker:
         tracker.summary({k: v for k, v in final.items() if k != "validation"})
         tracker.finish()
@@ -287,24 +375,51 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, info: DistInfo
     return final
 
 
-def _validate_without_masks(model: Any, loader: DataLoader, cfg: TrainConfig, spec: Any,
-                            device: torch.device, info: DistInfo, trainer: Trainer, done: int,
-                            run_dir: Path, tracker: Optional[Tracker]) -> dict[str, Any]:
+def _validate_without_masks(
+    model: Any,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    spec: Any,
+    device: torch.device,
+    info: DistInfo,
+    trainer: Trainer,
+    done: int,
+    run_dir: Path,
+    tracker: Optional[Tracker],
+) -> dict[str, Any]:
     """Image-level scores and pseudo-label coverage of held-back images without masks (a
     tagged collection); the table goes to the log, val_iterN.txt and metrics.jsonl."""
-    metrics = validate_without_masks(model, loader, cfg, device, cfg.val_size or cfg.crop_size,
-                                     done < cfg.aux_cam_until_iter, info, trainer.autocast)
+    metrics = validate_without_masks(
+        model,
+        loader,
+        cfg,
+        device,
+        cfg.val_size or cfg.crop_size,
+        done < cfg.aux_cam_until_iter,
+        info,
+        trainer.autocast,
+    )
     table = format_scores(metrics)
-    log.info("validation at iteration %d (%s split, no masks)\n%s", done,
-             cfg.val_split or spec.val_split, table)
+    log.info(
+        "validation at iteration %d (%s split, no masks)\n%s",
+        done,
+        cfg.val_split or spec.val_split,
+        table,
+    )
     if tracker:
         (run_dir / f"val_iter{done:06d}.txt").write_text(table + "\n")
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, done)
     return {"image_level": metrics}
 
 
-def _log_progress(cfg: TrainConfig, running: dict[str, list[float]], done: int, tic: float,
-                  device: torch.device, tracker: Optional[Tracker]) -> float:
+def _log_progress(
+    cfg: TrainConfig,
+    running: dict[str, list[float]],
+    done: int,
+    tic: float,
+    device: torch.device,
+    tracker: Optional[Tracker],
+) -> float:
     """One concise line: losses, LR, s/it and img/s over the window, ETA; then reset."""
     now = time.perf_counter()
     sec_per_iter = (now - tic) / max(len(running["total"]), 1)
@@ -316,16 +431,28 @@ def _log_progress(cfg: TrainConfig, running: dict[str, list[float]], done: int, 
         means["gpu_mem_gb"] = mem
     eta = time.strftime("%H:%M:%S", time.gmtime((cfg.max_iters - done) * sec_per_iter))
     losses = "  ".join(f"{k} {means[k]:.4g}" for k in running if k != "lr")
-    log.info("iter %d/%d  %s  lr %.3g  %.2f s/it  %.1f img/s  eta %s", done, cfg.max_iters,
-             losses, means.get("lr", float("nan")), sec_per_iter, means["img_per_s"], eta)
+    log.info(
+        "iter %d/%d  %s  lr %.3g  %.2f s/it  %.1f img/s  eta %s",
+        done,
+        cfg.max_iters,
+        losses,
+        means.get("lr", float("nan")),
+        sec_per_iter,
+        means["img_per_s"],
+        eta,
+    )
     if tracker:
         tracker.log(means, done)
     running.clear()
     return now
 
 
-def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker],
-                   crop_rng_states: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
+def training_state(
+    trainer: Trainer,
+    iteration: int,
+    tracker: Optional[Tracker],
+    crop_rng_states: Optional[list[torch.Tensor]] = None,
+) -> dict[str, Any]:
     """Everything needed to evaluate (model + config) and to resume exactly (every rank's
     crop RNG from `Trainer.crop_rng_states`)."""
     return {
@@ -341,8 +468,12 @@ def training_state(trainer: Trainer, iteration: int, tracker: Optional[Tracker],
 
 
 @contextlib.contextmanager
-def _dead_workers_reported(run_dir: Path, progress: WorkerProgress, train_set: Any,
-                           loop_state: Callable[[], tuple[int, Any]]):
+def _dead_workers_reported(
+    run_dir: Path,
+    progress: WorkerProgress,
+    train_set: Any,
+    loop_state: Callable[[], tuple[int, Any]],
+):
     """A loader worker killed by the OS during the loop: one line naming it, exit 2.
 
     `loop_state()` gives the loop's current (iterations done, loader iterator).
@@ -352,8 +483,9 @@ def _dead_workers_reported(run_dir: Path, progress: WorkerProgress, train_set: A
     except RuntimeError as err:
         done, batches = loop_state()
         names = getattr(train_set, "names", None)
-        raise (dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir))
-               or err) from None
+        raise (
+            dead_worker_error(err, batches, progress, names, done, resume_hint(run_dir)) or err
+        ) from None
 
 
 def resume_hint(run_dir: Path) -> str:
@@ -369,16 +501,23 @@ def check_something_trains(modules: list) -> None:
     activity only switches on over time, so iteration 0 is the one to check."""
     if any(m.active(0) for m in modules):
         return
-    later = sorted((m.start_iter, "/".join(m.names) or type(m).__name__) for m in modules
-                   if m.weight > 0)
-    detail = (f"the first weighted one, {later[0][1]}, starts at iteration {later[0][0]}"
-              if later else "every loss weight is 0")
-    raise ConfigError(f"no loss is active at iteration 0 ({detail}): set --w-cls > 0 or start "
-                      "a weighted loss at 0 (--contrast-start-iter 0 / --seg-start-iter 0)")
+    later = sorted(
+        (m.start_iter, "/".join(m.names) or type(m).__name__) for m in modules if m.weight > 0
+    )
+    detail = (
+        f"the first weighted one, {later[0][1]}, starts at iteration {later[0][0]}"
+        if later
+        else "every loss weight is 0"
+    )
+    raise ConfigError(
+        f"no loss is active at iteration 0 ({detail}): set --w-cls > 0 or start "
+        "a weighted loss at 0 (--contrast-start-iter 0 / --seg-start-iter 0)"
+    )
 
 
-def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: bool,
-                            ckpt_path: Path) -> tuple[TrainConfig, str]:
+def settings_of_resumed_run(
+    cfg: TrainConfig, saved: dict[str, Any], resume: bool, ckpt_path: Path
+) -> tuple[TrainConfig, str]:
     """The config an unfinished run continues with; never a mix of two runs' settings.
 
     Without --resume, a setting that changes results (anything outside RESUMABLE_SETTINGS)
@@ -394,7 +533,8 @@ def settings_of_resumed_run(cfg: TrainConfig, saved: dict[str, Any], resume: boo
             f"{ckpt_path.parent.parent} holds an unfinished run with other settings ({listing}): "
             "pass --resume to continue it with its own settings (only "
             "max_iters, stop_at, eval/log/save frequency, workers, threads, device and "
-            "paths may change), or start a new run with another --work-dir")
+            "paths may change), or start a new run with another --work-dir"
+        )
     kept = ", ".join(f"{k}={old!r} (not {new!r})" for k, (old, new) in changed.items())
     return resumed_config(stored, cfg), kept
 
@@ -407,7 +547,9 @@ def restore(trainer: Trainer, state: dict[str, Any], path: Path) -> tuple[int, O
         trainer.load_state_dict(state["trainer"])
         torch.set_rng_state(state["torch_rng"])
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"{path}: its training state does not fit this run (another project "
-                        f"version or settings?): {type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        raise UserError(
+            f"{path}: its training state does not fit this run (another project "
+            f"version or settings?): {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
     return int(state["iteration"]), state.get("wandb_id")

@@ -5,6 +5,7 @@ from (seed, key) before building each sample. So the images of iteration t and t
 augmentations depend only on (seed, t, rank, world size): not on the number of data-loader
 workers, and not on whether the run was interrupted and resumed at some iteration k.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,8 +30,15 @@ class ResumableSampler(Sampler[int]):
         start_iter: the first iteration to produce (for resuming).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start_iter: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_iter: int = 0,
+    ) -> None:
         self.n = num_samples
         self.batch_size = batch_size
         self.seed = seed
@@ -39,8 +47,10 @@ class ResumableSampler(Sampler[int]):
         self.start_iter = start_iter
         self.iters_per_epoch = num_samples // (batch_size * world_size)
         if self.iters_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples are fewer than one global batch of "
-                             f"{batch_size * world_size}")
+            raise ValueError(
+                f"{num_samples} samples are fewer than one global batch of "
+                f"{batch_size * world_size}"
+            )
 
     def __iter__(self) -> Iterator[int]:
         epoch, it = divmod(self.start_iter, self.iters_per_epoch)
@@ -50,7 +60,7 @@ class ResumableSampler(Sampler[int]):
             perm = torch.randperm(self.n, generator=gen)
             for t in range(it, self.iters_per_epoch):
                 start = t * global_batch + self.rank * self.batch_size
-                for index in perm[start:start + self.batch_size].tolist():
+                for index in perm[start : start + self.batch_size].tolist():
                     yield epoch * self.n + index
             epoch, it = epoch + 1, 0
 
@@ -105,8 +115,16 @@ class PairedResumableSampler(Sampler[int]):
         policy: 'share_one' or 'random'.
     """
 
-    def __init__(self, labels, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start_iter: int = 0, policy: str = "share_one") -> None:
+    def __init__(
+        self,
+        labels,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_iter: int = 0,
+        policy: str = "share_one",
+    ) -> None:
         if batch_size % 2:
             raise ValueError(f"paired batches need an even per-rank batch size, got {batch_size}")
         if policy not in ("share_one", "random"):
@@ -120,8 +138,10 @@ class PairedResumableSampler(Sampler[int]):
         self.world_size, self.start_iter, self.policy = world_size, start_iter, policy
         self.iters_per_epoch = self.n // (self.pairs * world_size)
         if self.iters_per_epoch == 0:
-            raise ValueError(f"{self.n} samples are fewer than one global batch of "
-                             f"{self.pairs * world_size} anchors")
+            raise ValueError(
+                f"{self.n} samples are fewer than one global batch of "
+                f"{self.pairs * world_size} anchors"
+            )
         # Class -> member lists as one CSR table, members sorted by image index within a class.
         img, cls = np.nonzero(self.labels)
         order = np.argsort(cls, kind="stable")
@@ -145,8 +165,7 @@ class PairedResumableSampler(Sampler[int]):
         cls = np.where(self.labels, u, -1.0).argmax(axis=1)  # a random class of each anchor
         count, offset = self._counts[cls], self._offsets[cls]
         pos_self = np.searchsorted(self._member_keys, cls.astype(np.int64) * n + anchors) - offset
-        j = np.minimum((v * np.maximum(count - 1, 1)).astype(np.int64),
-                       np.maximum(count - 2, 0))
+        j = np.minimum((v * np.maximum(count - 1, 1)).astype(np.int64), np.maximum(count - 2, 0))
         j = np.where(count >= 2, j + (j >= pos_self), 0)  # skip the anchor itself
         shared = self._members[np.clip(offset + j, 0, len(self._members) - 1)]
         return np.where(has, shared, partner)
@@ -161,7 +180,7 @@ class PairedResumableSampler(Sampler[int]):
             partner = self.partners(epoch)
             for t in range(it, self.iters_per_epoch):
                 start = t * per_global + self.rank * self.pairs
-                for a in perm[start:start + self.pairs].tolist():
+                for a in perm[start : start + self.pairs].tolist():
                     block = 2 * (epoch * n + a)
                     yield block * n + a
                     yield (block + 1) * n + int(partner[a])

@@ -39,8 +39,9 @@ def build_poly_warmup_scheduler(
     reference optimizer does. Per-group base LRs (x1, x10) are kept.
     """
     if max_iters < 1 or warmup_iters < 0:
-        raise ValueError("need max_iters >= 1 and warmup_iters >= 0, "
-                         f"got {max_iters}, {warmup_iters}")
+        raise ValueError(
+            f"need max_iters >= 1 and warmup_iters >= 0, got {max_iters}, {warmup_iters}"
+        )
 
     def factor(step: int) -> float:
         return poly_warmup_factor(step, warmup_iters, max_iters, warmup_ratio, power)

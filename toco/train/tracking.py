@@ -3,6 +3,7 @@
 Only rank 0 tracks. If wandb cannot start (not installed, no network, not logged in), the
 run goes on with the JSONL file and says so once.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ log = logging.getLogger("toco")
 def git_commit() -> Optional[str]:
     """The commit of the code being run, if it is a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -30,9 +36,16 @@ def git_commit() -> Optional[str]:
 class Tracker:
     """Writes `metrics.jsonl` and mirrors everything to wandb when enabled."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], mode: str = "disabled",
-                 project: str = "wsss-toco", name: Optional[str] = None,
-                 tags: Sequence[str] = (), resume_id: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        mode: str = "disabled",
+        project: str = "wsss-toco",
+        name: Optional[str] = None,
+        tags: Sequence[str] = (),
+        resume_id: Optional[str] = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.run = None
         self._run_id = resume_id
@@ -44,14 +57,23 @@ class Tracker:
             wandb_dir = run_dir / "wandb_files"
             wandb_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
-                project=project, name=name or run_dir.name, tags=list(tags), mode=mode,
-                dir=str(wandb_dir), config={**config, "git_commit": git_commit()},
-                id=resume_id, resume="allow" if resume_id else None,
-                settings=wandb.Settings(init_timeout=60, silent=True))
+                project=project,
+                name=name or run_dir.name,
+                tags=list(tags),
+                mode=mode,
+                dir=str(wandb_dir),
+                config={**config, "git_commit": git_commit()},
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(init_timeout=60, silent=True),
+            )
             self._run_id = self.run.id
         except Exception as err:  # any failure to start wandb must not stop training
-            log.warning("wandb could not start (%s: %s); continuing with metrics.jsonl only",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            log.warning(
+                "wandb could not start (%s: %s); continuing with metrics.jsonl only",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
             self.run = None
 
     @property
@@ -67,26 +89,39 @@ class Tracker:
         try:
             call(self.run)
         except Exception as err:
-            log.warning("wandb %s failed (%s: %s); disabling wandb for this run, metrics.jsonl "
-                        "goes on", what, type(err).__name__, err)
+            log.warning(
+                "wandb %s failed (%s: %s); disabling wandb for this run, metrics.jsonl goes on",
+                what,
+                type(err).__name__,
+                err,
+            )
             self.run = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"iter": step, **metrics}) + "\n")
-        self._wandb("log", lambda run: run.log({f"train/{k}": v for k, v in metrics.items()},
-                                               step=step))
+        self._wandb(
+            "log", lambda run: run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        )
 
-    def log_validation(self, summary: dict[str, dict], class_names: Sequence[str],
-                       step: int, panels: Optional[list[dict[str, Any]]] = None) -> None:
+    def log_validation(
+        self,
+        summary: dict[str, dict],
+        class_names: Sequence[str],
+        step: int,
+        panels: Optional[list[dict[str, Any]]] = None,
+    ) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"iter": step, "val": summary}) + "\n")
-        self._wandb("log", lambda run: run.log(
-            self._validation_payload(summary, class_names, panels), step=step))
+        self._wandb(
+            "log",
+            lambda run: run.log(self._validation_payload(summary, class_names, panels), step=step),
+        )
 
     @staticmethod
-    def _validation_payload(summary: dict[str, dict], class_names: Sequence[str],
-                            panels: Optional[list[dict[str, Any]]]) -> dict[str, Any]:
+    def _validation_payload(
+        summary: dict[str, dict], class_names: Sequence[str], panels: Optional[list[dict[str, Any]]]
+    ) -> dict[str, Any]:
         import wandb
 
         columns = ["class"] + list(summary)
@@ -97,12 +132,18 @@ class Tracker:
             labels = dict(enumerate(class_names))
             labels[255] = "ignore"
             payload["val/panels"] = [
-                wandb.Image(p["image"], caption=p["caption"],
-                            masks={k: {"mask_data": v, "class_labels": labels}
-                                   for k, v in p["masks"].items()})
-                for p in panels]
-            payload["val/cam_heatmaps"] = [wandb.Image(p["heatmap"], caption=p["caption"])
-                                           for p in panels]
+                wandb.Image(
+                    p["image"],
+                    caption=p["caption"],
+                    masks={
+                        k: {"mask_data": v, "class_labels": labels} for k, v in p["masks"].items()
+                    },
+                )
+                for p in panels
+            ]
+            payload["val/cam_heatmaps"] = [
+                wandb.Image(p["heatmap"], caption=p["caption"]) for p in panels
+            ]
         return payload
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -560,6 +561,34 @@ def test_related_maps_match_a_hand_computed_map():
     assert got[0, 1].abs().sum() == 0  # absent class
 
 
+def test_related_class_maps_are_normalised_and_empty_ones_keep_the_cam():
+    """co_cam_normalise (default): each averaged class map is min-max normalised before it is
+    averaged with the CAM (the official pseudo-label step normalises its class maps); a class
+    whose related maps are all zero keeps the CAM (was: CAM / 2, which erased the foreground)."""
+    from toco.plugins.mcis import normalised_class_maps
+
+    maps = torch.zeros(1, 2, 2, 2)
+    maps[0, 0] = torch.tensor([[0.05, 0.15], [0.25, 0.05]])  # one map of four survived the filter
+    count = torch.full((1, 2, 1, 1), 4.0)
+    got, kept = normalised_class_maps(maps, count)
+    want = (maps[0, 0] - 0.05) / (0.20 + 1e-5)
+    torch.testing.assert_close(got[0, 0], want)
+    assert kept.flatten().tolist() == [4.0, 0.0]  # class 1: no evidence, no fusion
+
+    mcis = CrossImageSemantics(
+        4, 3, co_cam="online_fuse", co_cam_fuse="mean", co_cam_partners="related", bank_tokens=4
+    )
+    cam = torch.tensor([[[[0.9, 0.2], [0.6, 0.0]], [[0.8, 0.8], [0.1, 0.3]]]])
+    mcis.related_maps = lambda state: (maps, count)
+    state = SimpleNamespace(iteration=0)
+    fused = mcis.pseudo_label_cam(state, cam)
+    torch.testing.assert_close(fused[0, 0], (cam[0, 0] + want) / 2)
+    torch.testing.assert_close(fused[0, 1], cam[0, 1])  # empty map: the CAM unchanged
+    mcis.co_cam_normalise = False  # stored configs from before the setting
+    raw = mcis.pseudo_label_cam(state, cam)
+    torch.testing.assert_close(raw, (cam + maps) / 2)
+
+
 def test_default_fusion_changes_the_pseudo_label_through_a_partner():
     """Defaults: the pseudo labels are refined from the CAM averaged with the related-image
     map; a partner in the bank changes them (without any partner and self-view, they are
@@ -578,6 +607,7 @@ def test_default_fusion_changes_the_pseudo_label_through_a_partner():
         "mean",
         True,
     )
+    assert s.co_cam_normalise
     torch.manual_seed(0)
     model = build_model(cfg, 4)
     plugins = build_plugins(cfg, model.backbone.embed_dim, 4, model=model)

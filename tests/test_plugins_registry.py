@@ -157,6 +157,7 @@ ADDED_SINCE = {
     ("mcis", "co_cam_bank_size"),
     ("mcis", "co_cam_self_views"),
     ("mcis", "co_cam_score_thr"),
+    ("mcis", "co_cam_normalise"),
 }
 
 
@@ -223,6 +224,7 @@ def test_older_flat_keys_load_into_the_plugin_sections():
         "plugins.rca.enqueue_score": "logits",
         "plugins.rca.mixup_partner": "region",
         "plugins.mcis.co_cam_partners": "in_batch",
+        "plugins.mcis.co_cam_normalise": False,
     }
     assert TrainConfig.from_dict({**before, **old}).plugins.ppc.semi_hard_window == "absolute"
     assert plugin_values_before(again.to_dict()) == {}  # written with every setting

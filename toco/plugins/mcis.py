@@ -231,6 +231,15 @@ def related_image_maps(
     return total / count.clamp_min(1)[..., None, None], count
 
 
+def normalised_class_maps(maps: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """The related-image class maps (B, K, H, W) min-max normalised per (image, class), as the
+    official pseudo-label step normalises them before its thresholds; `count` (B, K, 1, 1) set
+    to 0 where a class map is empty (every map filtered or ReLU'd away), so that class keeps the
+    CAM instead of being averaged with zeros."""
+    has_evidence = maps.amax(dim=(-2, -1), keepdim=True) > 0
+    return minmax_normalise(maps), count * has_evidence
+
+
 class CrossImageSemantics(LossModule):
     """MCIS on in-batch pairs (2i, 2i + 1): `mcis_co` and, from `ex_start`, `mcis_ex`.
 
@@ -277,6 +286,7 @@ class CrossImageSemantics(LossModule):
         bank_tokens: int = 0,
         co_cam_self_views: bool = True,
         score_thr: float = 0.1,
+        co_cam_normalise: bool = True,
         seed: int = 0,
         rank: int = 0,
     ) -> None:
@@ -299,6 +309,7 @@ class CrossImageSemantics(LossModule):
         self.co_cam_start = max(start_iter, co_cam_start)
         self.co_cam_partners, self.num_partners = co_cam_partners, num_partners
         self.co_cam_self_views, self.score_thr = co_cam_self_views, score_thr
+        self.co_cam_normalise = co_cam_normalise
         self.seed, self.rank = seed, rank
         related = co_cam == "online_fuse" and co_cam_partners == "related"
         # The related-image maps take the image's own views from ToCo's CAM passes.
@@ -425,9 +436,12 @@ class CrossImageSemantics(LossModule):
         on the classes that have one; elsewhere, or with 'off', the CAM unchanged."""
         if self.co_cam == "off" or state.iteration < self.co_cam_start:
             return cam
-        maps, count = (
-            self.related_maps(state) if self.bank is not None else self.co_attention_maps(state)
-        )
+        if self.bank is None:
+            maps, count = self.co_attention_maps(state)
+        else:
+            maps, count = self.related_maps(state)
+            if self.co_cam_normalise:
+                maps, count = normalised_class_maps(maps, count)
         fused = torch.maximum(cam, maps) if self.co_cam_fuse == "max" else (cam + maps) / 2
         return torch.where(count > 0, fused.to(cam.dtype), cam)
 
@@ -618,6 +632,12 @@ class MCISSettings(PluginSettings):
         "a related map counts when sigmoid(its mean) exceeds "
         "this (official 0.1; the mirror pair always counts)",
     )
+    co_cam_normalise: bool = setting(
+        True,
+        "related maps: each class map min-max normalised before the fusion, as the official "
+        "pseudo-label step (gen_gt) does; a class whose maps are all empty keeps its CAM",
+        before=False,
+    )
     co_cam_start_iter: int = setting(
         0, "fusion from max(plug-in start, this): the co-attention head starts untrained"
     )
@@ -669,6 +689,7 @@ def build_mcis(s: MCISSettings, ctx: BuildContext) -> list[LossModule]:
             bank_tokens=(ctx.cfg.crop_size // patch) ** 2,
             co_cam_self_views=s.co_cam_self_views,
             score_thr=s.co_cam_score_thr,
+            co_cam_normalise=s.co_cam_normalise,
             seed=ctx.cfg.seed,
             rank=ctx.dist_info.rank,
         )

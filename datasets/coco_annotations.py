@@ -18,11 +18,13 @@ crowd of people is people in the image). Polygons with fewer than 3 points cover
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -285,11 +287,26 @@ def instances_from_bytes(
 ) -> CocoIndex:
     """Parse and validate the bytes of ``instances_*.json`` read from ``path`` (``custom``:
     the keyword arguments of ``parse_instances``)."""
+    with _collector_paused():
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise DataError(f"cannot read annotation file {path}: {exc}") from exc
+        return parse_instances(data, Path(path), image_dir, **custom)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while the annotations become objects: COCO train's 30M
+    numbers and 600k dicts made it run again and again over data that holds no cycle (14.8 s
+    to parse and index with it on, 8.9 s off, on a 2-core EPYC)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise DataError(f"cannot read annotation file {path}: {exc}") from exc
-    return parse_instances(data, Path(path), image_dir, **custom)
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def load_instances(path: Path, image_dir: Path | None = None, **custom: Any) -> CocoIndex:
@@ -307,6 +324,9 @@ def load_instances(path: Path, image_dir: Path | None = None, **custom: Any) -> 
 # Rasterisation
 
 
+_COORDINATE_TYPES = frozenset({int, float})  # what JSON numbers parse to (bool is no number)
+
+
 def annotation_rle(ann: dict[str, Any], h: int, w: int, where: str) -> dict[str, Any] | None:
     """The annotation's region as a compressed RLE, or None when it covers no pixel.
 
@@ -319,11 +339,13 @@ def annotation_rle(ann: dict[str, Any], h: int, w: int, where: str) -> dict[str,
     if isinstance(segm, list):
         polygons = []
         for poly in segm:
+            # the set of the values' types, not an isinstance call per value: COCO train
+            # holds 30M coordinates
             if not (isinstance(poly, list) and len(poly) % 2 == 0
-                    and all(isinstance(v, (int, float)) for v in poly)):  # fmt: skip
+                    and _COORDINATE_TYPES.issuperset(map(type, poly))):  # fmt: skip
                 raise DataError(f"{where}: annotation {aid} has a malformed polygon")
             if len(poly) >= 6:  # fewer than 3 points: no area (and pycocotools would read
-                polygons.append([float(v) for v in poly])  # 4 numbers as a box)
+                polygons.append(poly)  # 4 numbers as a box); it converts them to doubles
         if not polygons:
             return None
         return mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))
@@ -348,21 +370,37 @@ def rasterize(image: CocoImage, where: str = "annotations") -> np.ndarray:
     """The image's semantic mask (uint8 H x W, 0..80 and 255) under ``OVERLAP_RULE``."""
     h, w = image.height, image.width
     mask = np.zeros((h, w), dtype=np.uint8)
+    shapes = [(ann, rle) for ann in image.annotations
+              if (rle := annotation_rle(ann, h, w, where)) is not None]  # fmt: skip
+    if not shapes:
+        return mask
+    regions, areas = _decode_all(shapes, where)  # one pycocotools call: a third faster
     instances = []
-    for ann in image.annotations:
-        rle = annotation_rle(ann, h, w, where)
-        if rle is None:
-            continue
-        try:
-            with warnings.catch_warnings():  # pycocotools 2.0.x vs numpy 2 'copy' keyword
-                warnings.simplefilter("ignore", DeprecationWarning)
-                region = mask_utils.decode(rle).astype(bool)
-        except Exception as exc:  # pycocotools raises bare exceptions on corrupt RLE strings
-            raise DataError(f"{where}: annotation {ann['id']} cannot be decoded: {exc}") from exc
+    for k, (ann, _) in enumerate(shapes):
         if ann["iscrowd"]:
-            mask[region] = IGNORE_INDEX
+            mask[regions[:, :, k]] = IGNORE_INDEX
         else:
-            instances.append((int(region.sum()), ann["id"], region, ann["category_id"]))
-    for _, _, region, category in sorted(instances, key=lambda t: (-t[0], -t[1])):
-        mask[region] = image.category_to_class[category]
+            instances.append((int(areas[k]), ann["id"], k, ann["category_id"]))
+    for _, _, k, category in sorted(instances, key=lambda t: (-t[0], -t[1])):
+        mask[regions[:, :, k]] = image.category_to_class[category]
     return mask
+
+
+def _decode_all(
+    shapes: list[tuple[dict[str, Any], dict[str, Any]]], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H x W x N bool regions, N pixel counts) of the RLEs; a corrupt one is named."""
+    rles = [rle for _, rle in shapes]
+    with warnings.catch_warnings():  # pycocotools 2.0.x vs numpy 2 'copy' keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return mask_utils.decode(rles).astype(bool), mask_utils.area(rles)
+        except Exception:  # pycocotools raises bare exceptions on corrupt RLE strings
+            for ann, rle in shapes:  # name the one that fails
+                try:
+                    mask_utils.decode(rle)
+                except Exception as exc:
+                    raise DataError(
+                        f"{where}: annotation {ann['id']} cannot be decoded: {exc}"
+                    ) from exc
+            raise

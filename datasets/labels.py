@@ -17,6 +17,7 @@ second start-up re-reads nothing and editing a file re-scans just that id.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -37,6 +38,7 @@ from datasets.files import (
 from datasets.layout import SegLayout
 from toco.atomic import remove_stale_temps
 from toco.errors import ConfigError, DataError
+from toco.runtime import available_cores, local_processes
 
 LABEL_CACHE_VERSION = 2
 
@@ -160,6 +162,7 @@ def _scan_entries(
     cache_path = label_cache_path(cache_dir, layout.root, split, num_classes) if cache_dir else None
     cached = _load_cache(cache_path, header)
     entries: dict[str, dict[str, Any]] = {}
+    to_scan: list[str] = []  # masks read below, in parallel when there are many
     for name in names:
         image = layout.image_path(name)
         source = (
@@ -173,14 +176,14 @@ def _scan_entries(
         if _entry_is_current(old, stamps, num_classes):
             entries[name] = old
         elif kind == "mask":
-            entries[name] = {
-                "labels": scan_mask(image, source, num_classes, layout.image_size(name)),
-                **stamps,
-            }
+            entries[name] = stamps
+            to_scan.append(name)
         else:
             layout.image_size(name)  # the header must be readable, as for masked images
             labels = xml_labels(source, class_names) if source is not None else []
             entries[name] = {"labels": labels, **stamps}
+    for name, labels in zip(to_scan, _scan_masks(layout, to_scan, num_classes)):
+        entries[name] = {"labels": labels, **entries[name]}
     if cache_path is not None and entries != cached:
         try:
             remove_stale_temps(cache_path)  # of a writer killed earlier
@@ -194,6 +197,35 @@ def _scan_entries(
             stacklevel=3,
         )
     return entries
+
+
+MIN_MASKS_PER_WORKER = 2000  # below this many masks per process, a pool costs more than it saves
+
+_pool_job: tuple[SegLayout, int] | None = None  # (layout, num_classes) in a scanning worker
+
+
+def _scan_one(name: str) -> list[int]:
+    layout, num_classes = _pool_job
+    return scan_mask(layout.image_path(name), layout.mask_path(name), num_classes,
+                     layout.image_size(name))  # fmt: skip
+
+
+def _scan_masks(layout: SegLayout, names: list[str], num_classes: int) -> list[list[int]]:
+    """scan_mask of each name, in order. Reading every mask is a large part of a first start at
+    COCO size (82,783 PNGs and JPEG headers), so a large scan runs in processes on this machine's
+    share of the cores (one share per rank under torchrun). The error raised is the first
+    name's, as without processes."""
+    global _pool_job
+    workers = min(available_cores() // local_processes(), len(names) // MIN_MASKS_PER_WORKER)
+    _pool_job = (layout, num_classes)
+    try:
+        if workers <= 1:
+            return [_scan_one(name) for name in names]
+        # fork: the workers inherit the layout instead of unpickling it
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return list(pool.imap(_scan_one, names, chunksize=256))  # in order: same error
+    finally:
+        _pool_job = None
 
 
 def label_mismatch(mask: Path, mask_classes: list[int], labels: list[int]) -> str | None:

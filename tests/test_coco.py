@@ -3,6 +3,7 @@ masks and their agreement check, datasets through the registry, and train/evalua
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -218,6 +219,27 @@ def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(
             np.testing.assert_array_equal(read_mask(mask_dir / f"{stem}.png"), expected)
 
 
+def test_masks_rendered_in_processes_are_the_same_files(coco_root, tmp_path, monkeypatch):
+    plain = prepare_subset(coco_root, tmp_path / "plain", "train2014", workers=1)
+    monkeypatch.setattr(coco, "MIN_MASKS_PER_WORKER", 1)  # a pool even for 3 masks
+    pools = []
+    real_pool = coco.multiprocessing.Pool
+    monkeypatch.setattr(coco.multiprocessing, "Pool", lambda n: pools.append(n) or real_pool(n))
+    pooled = prepare_subset(coco_root, tmp_path / "pooled", "train2014", workers=2)
+    assert pools == [2] and pooled["checksums"] == plain["checksums"] and plain["checksums"]
+    for stem in plain["checksums"]:
+        a, b = (
+            tmp_path / k / "SegmentationClass/train2014" / f"{stem}.png"
+            for k in ("plain", "pooled")
+        )
+        assert a.read_bytes() == b.read_bytes()
+    # a training start prepares with the machine's cores, but never more than 16 processes
+    monkeypatch.setattr(coco, "available_cores", lambda: 64)
+    assert coco.preparing_workers() == 16
+    monkeypatch.setattr(coco, "available_cores", lambda: 1)
+    assert coco.preparing_workers() == 1
+
+
 def test_checksum_manifest_detects_a_tampered_mask(coco_root, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
     prepare_subset(coco_root, out, "val2014")
@@ -325,8 +347,14 @@ def _break(content: dict, how: str) -> dict:
         content["images"].append(dict(content["images"][0]))
     elif how == "malformed polygon":
         content["annotations"][0]["segmentation"] = [[1, 2, 3]]
+    elif how == "string coordinate":
+        content["annotations"][0]["segmentation"][0][3] = "4"
+    elif how == "boolean coordinate":
+        content["annotations"][0]["segmentation"][0][2] = True
     elif how == "rle size":
         content["annotations"][1]["segmentation"]["size"] = [10, 10]
+    elif how == "corrupt rle":  # among good shapes of the same image: the bad one is named
+        content["annotations"][1]["segmentation"]["counts"] = "garbage!!"
     return content
 
 
@@ -335,7 +363,10 @@ def _break(content: dict, how: str) -> dict:
     ("unknown image", "refer to unknown image ids: 999"),
     ("duplicate image", "image id 1 is listed twice"),
     ("malformed polygon", "annotation 101 has a malformed polygon"),
+    ("string coordinate", "annotation 101 has a malformed polygon"),
+    ("boolean coordinate", "annotation 101 has a malformed polygon"),
     ("rle size", "annotation 102 has RLE size [10, 10]"),
+    ("corrupt rle", "annotation 102 cannot be decoded"),
 ])  # fmt: skip
 def test_bad_annotation_files_name_the_file(coco_root, tmp_path, how, needle):
     path = write_coco_json(
@@ -344,6 +375,7 @@ def test_bad_annotation_files_name_the_file(coco_root, tmp_path, how, needle):
     with pytest.raises(DataError) as err:
         prepare_subset(coco_root, tmp_path / "prepared", "train2014")
     assert str(path) in str(err.value) and needle in str(err.value)
+    assert gc.isenabled()  # paused while parsing, on again after the error
 
 
 def test_lenient_coco_format_variants(coco_root, tmp_path):

@@ -131,6 +131,41 @@ def test_label_cache_is_json_and_reused(voc_root, cache_dir, monkeypatch):
     assert cache_file.stat().st_ino == inode  # nothing changed, nothing rewritten
 
 
+def test_masks_scanned_in_processes_give_the_same_labels_and_the_same_error(tmp_path, monkeypatch):
+    """A large scan runs in a pool (forced here on a small tree): same labels, same cache, and
+    a bad mask raises the error of the first bad id in split order, as a plain loop does."""
+    specs = [ImageSpec(f"im{i:02d}", boxes_mask(16, 16, [(1 + i % 20, 2, 9, 3, 12)]))
+             for i in range(24)]  # fmt: skip
+    root = make_voc_tree(tmp_path / "VOC", specs)
+    layout = VOCLayout(root)
+    plain = image_labels(layout, "train", 21, tmp_path / "plain")
+    monkeypatch.setattr(labels_module, "MIN_MASKS_PER_WORKER", 1)
+    monkeypatch.setattr(labels_module, "available_cores", lambda: 2)
+    calls = []
+    real = labels_module.multiprocessing.get_context
+    monkeypatch.setattr(labels_module.multiprocessing, "get_context",
+                        lambda method: calls.append(method) or real(method))  # fmt: skip
+    pooled = image_labels(layout, "train", 21, tmp_path / "pooled")
+    assert calls == ["fork"]  # the pool did the scan
+    assert {k: v.tolist() for k, v in plain.items()} == {k: v.tolist() for k, v in pooled.items()}
+    (plain_cache,), (pooled_cache,) = (
+        (tmp_path / "plain").iterdir(),
+        (tmp_path / "pooled").iterdir(),
+    )
+    assert (
+        json.loads(plain_cache.read_text())["entries"]
+        == json.loads(pooled_cache.read_text())["entries"]
+    )
+    for name, value in (("im17", 30), ("im05", 40)):  # two bad masks; im05 comes first
+        Image.fromarray(np.full((16, 16), value, np.uint8), mode="L").convert("P").save(
+            root / "SegmentationClass" / f"{name}.png"
+        )
+    for _ in range(2):  # pooled, then plain: the same message
+        with pytest.raises(DataError, match=r"im05\.png holds values \[40\]"):
+            image_labels(layout, "train", 21, None)
+        monkeypatch.setattr(labels_module, "available_cores", lambda: 1)
+
+
 def test_label_cache_entry_invalidated_when_mask_changes(voc_root, cache_dir):
     layout = VOCLayout(voc_root)
     image_labels(layout, "val", 21, cache_dir)

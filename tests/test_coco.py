@@ -191,7 +191,7 @@ def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(
     def dying_render(task):
         if len(calls) == 1:
             raise KeyboardInterrupt  # killed while writing the second mask
-        calls.append(task[0].stem)
+        calls.append(task[0])
         return real_render(task)
 
     monkeypatch.setattr(coco, "_render", dying_render)
@@ -206,7 +206,7 @@ def test_prepare_resumes_after_a_kill_and_trusts_only_recorded_masks(
     (mask_dir / ".COCO_train2014_000000000004.png.x.tmp").write_bytes(b"junk")
 
     rendered = []
-    monkeypatch.setattr(coco, "_render", lambda task: rendered.append(task[0].stem)
+    monkeypatch.setattr(coco, "_render", lambda task: rendered.append(task[0])
                         or real_render(task))  # fmt: skip
     prepare_subset(coco_root, out, "train2014")
     assert rendered == ["COCO_train2014_000000000002", "COCO_train2014_000000000004"]
@@ -223,10 +223,12 @@ def test_masks_rendered_in_processes_are_the_same_files(coco_root, tmp_path, mon
     plain = prepare_subset(coco_root, tmp_path / "plain", "train2014", workers=1)
     monkeypatch.setattr(coco, "MIN_MASKS_PER_WORKER", 1)  # a pool even for 3 masks
     pools = []
-    real_pool = coco.multiprocessing.Pool
-    monkeypatch.setattr(coco.multiprocessing, "Pool", lambda n: pools.append(n) or real_pool(n))
+    fork = coco.multiprocessing.get_context("fork")  # one object per start method
+    real_pool = fork.Pool
+    monkeypatch.setattr(fork, "Pool", lambda n: pools.append(n) or real_pool(n))
     pooled = prepare_subset(coco_root, tmp_path / "pooled", "train2014", workers=2)
-    assert pools == [2] and pooled["checksums"] == plain["checksums"] and plain["checksums"]
+    assert pools == [2] and pooled["checksums"] == plain["checksums"]
+    assert plain["checksums"] and coco._render_images == {}  # released after the run
     for stem in plain["checksums"]:
         a, b = (
             tmp_path / k / "SegmentationClass/train2014" / f"{stem}.png"
@@ -258,7 +260,7 @@ def test_checksum_manifest_detects_a_tampered_mask(coco_root, tmp_path, monkeypa
     )
     rendered = []
     real_render = coco._render
-    monkeypatch.setattr(coco, "_render", lambda task: rendered.append(task[0].stem)
+    monkeypatch.setattr(coco, "_render", lambda task: rendered.append(task[0])
                         or real_render(task))  # fmt: skip
     prepare_subset(coco_root, out, "val2014")  # running prepare again repairs exactly those
     assert sorted(rendered) == ["COCO_val2014_000000000042", "COCO_val2014_000000000073"]

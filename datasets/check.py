@@ -17,7 +17,6 @@ headers, masks) at start-up through the same functions.
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from datasets import get_dataset_spec
+from datasets import get_dataset_spec, parallel
 from datasets.coco import (
     annotation_file,
     coco_layout,
@@ -44,6 +43,7 @@ from datasets.layout import SegLayout, duplicate_ids
 from toco.errors import DataError
 
 SHOWN_PER_KIND = 10
+MIN_ITEMS_PER_WORKER = 32  # fewer images per process: check them in fewer processes
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Report:
 
 @dataclass(frozen=True)
 class ItemCheck:
-    """What to check for each id of a split (picklable, for worker processes)."""
+    """What to check for each id of a split (the job the worker processes share)."""
 
     layout: SegLayout
     num_classes: int
@@ -127,28 +127,17 @@ def check_item(job: ItemCheck, name: str) -> list[Problem]:
     return problems
 
 
-_WORKER_JOB: ItemCheck | None = None
-
-
-def _set_worker_job(job: ItemCheck) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = job
-
-
 def _check_in_worker(name: str) -> list[Problem]:
-    assert _WORKER_JOB is not None
-    return check_item(_WORKER_JOB, name)
+    return check_item(parallel.job(), name)
 
 
 def _run_items(job: ItemCheck, names: list[str], workers: int) -> list[Problem]:
-    """check_item over ``names``, in ``workers`` processes (the job is sent once to each),
-    with a progress bar on a terminal."""
+    """check_item over ``names``, in ``workers`` processes (which inherit the job), with a
+    progress bar on a terminal."""
     bar = {"total": len(names), "unit": "img", "disable": None, "file": sys.stderr, "leave": False}
-    if workers <= 1 or len(names) < 64:
-        return [p for name in tqdm(names, **bar) for p in check_item(job, name)]
-    with multiprocessing.Pool(workers, initializer=_set_worker_job, initargs=(job,)) as pool:
-        results = list(tqdm(pool.imap(_check_in_worker, names, chunksize=32), **bar))
-    return [p for found in results for p in found]
+    workers = parallel.worker_count(workers, len(names), MIN_ITEMS_PER_WORKER)
+    with parallel.mapped(_check_in_worker, job, names, workers, chunksize=32) as results:
+        return [p for found in tqdm(results, **bar) for p in found]
 
 
 def read_split_ids(layout: SegLayout, split: str, report: Report) -> list[str] | None:

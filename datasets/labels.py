@@ -17,7 +17,6 @@ second start-up re-reads nothing and editing a file re-scans just that id.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from datasets import parallel
 from datasets.files import (
     IGNORE_INDEX,
     check_mask_values,
@@ -201,11 +201,9 @@ def _scan_entries(
 
 MIN_MASKS_PER_WORKER = 2000  # below this many masks per process, a pool costs more than it saves
 
-_pool_job: tuple[SegLayout, int] | None = None  # (layout, num_classes) in a scanning worker
-
 
 def _scan_one(name: str) -> list[int]:
-    layout, num_classes = _pool_job
+    layout, num_classes = parallel.job()
     return scan_mask(layout.image_path(name), layout.mask_path(name), num_classes,
                      layout.image_size(name))  # fmt: skip
 
@@ -215,17 +213,10 @@ def _scan_masks(layout: SegLayout, names: list[str], num_classes: int) -> list[l
     COCO size (82,783 PNGs and JPEG headers), so a large scan runs in processes on this machine's
     share of the cores (one share per rank under torchrun). The error raised is the first
     name's, as without processes."""
-    global _pool_job
-    workers = min(available_cores() // local_processes(), len(names) // MIN_MASKS_PER_WORKER)
-    _pool_job = (layout, num_classes)
-    try:
-        if workers <= 1:
-            return [_scan_one(name) for name in names]
-        # fork: the workers inherit the layout instead of unpickling it
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return list(pool.imap(_scan_one, names, chunksize=256))  # in order: same error
-    finally:
-        _pool_job = None
+    cores = available_cores() // local_processes()
+    workers = parallel.worker_count(cores, len(names), MIN_MASKS_PER_WORKER)
+    with parallel.mapped(_scan_one, (layout, num_classes), names, workers, chunksize=256) as out:
+        return list(out)
 
 
 def label_mismatch(mask: Path, mask_classes: list[int], labels: list[int]) -> str | None:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import datasets.coco as coco
+import datasets.parallel as parallel
 import evaluate
 import train
 from datasets import DATASETS, build_eval_dataset, build_train_dataset
@@ -223,12 +224,12 @@ def test_masks_rendered_in_processes_are_the_same_files(coco_root, tmp_path, mon
     plain = prepare_subset(coco_root, tmp_path / "plain", "train2014", workers=1)
     monkeypatch.setattr(coco, "MIN_MASKS_PER_WORKER", 1)  # a pool even for 3 masks
     pools = []
-    fork = coco.multiprocessing.get_context("fork")  # one object per start method
+    fork = parallel.multiprocessing.get_context("fork")  # one object per start method
     real_pool = fork.Pool
     monkeypatch.setattr(fork, "Pool", lambda n: pools.append(n) or real_pool(n))
     pooled = prepare_subset(coco_root, tmp_path / "pooled", "train2014", workers=2)
     assert pools == [2] and pooled["checksums"] == plain["checksums"]
-    assert plain["checksums"] and coco._render_images == {}  # released after the run
+    assert plain["checksums"] and parallel.job() is None  # released after the run
     for stem in plain["checksums"]:
         a, b = (
             tmp_path / k / "SegmentationClass/train2014" / f"{stem}.png"
@@ -236,6 +237,11 @@ def test_masks_rendered_in_processes_are_the_same_files(coco_root, tmp_path, mon
         )
         assert a.read_bytes() == b.read_bytes()
     # a training start prepares with the machine's cores, but never more than 16 processes
+    asked = []
+    monkeypatch.setattr(coco, "ensure_prepared", lambda *a, workers: asked.append(workers))
+    monkeypatch.setattr(coco, "available_cores", lambda: 3)
+    coco_layout(coco_root, "train", None, tmp_path / "plain")
+    assert asked == [3]
     monkeypatch.setattr(coco, "available_cores", lambda: 64)
     assert coco.preparing_workers() == 16
     monkeypatch.setattr(coco, "available_cores", lambda: 1)

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import datasets.labels as labels_module
+import datasets.parallel as parallel
 import datasets.transforms as transforms
 import datasets.voc as voc
 from datasets import DATASETS, build_eval_dataset, build_train_dataset
@@ -142,8 +143,8 @@ def test_masks_scanned_in_processes_give_the_same_labels_and_the_same_error(tmp_
     monkeypatch.setattr(labels_module, "MIN_MASKS_PER_WORKER", 1)
     monkeypatch.setattr(labels_module, "available_cores", lambda: 2)
     calls = []
-    real = labels_module.multiprocessing.get_context
-    monkeypatch.setattr(labels_module.multiprocessing, "get_context",
+    real = parallel.multiprocessing.get_context
+    monkeypatch.setattr(parallel.multiprocessing, "get_context",
                         lambda method: calls.append(method) or real(method))  # fmt: skip
     pooled = image_labels(layout, "train", 21, tmp_path / "pooled")
     assert calls == ["fork"]  # the pool did the scan
@@ -164,6 +165,7 @@ def test_masks_scanned_in_processes_give_the_same_labels_and_the_same_error(tmp_
         with pytest.raises(DataError, match=r"im05\.png holds values \[40\]"):
             image_labels(layout, "train", 21, None)
         monkeypatch.setattr(labels_module, "available_cores", lambda: 1)
+    assert calls == ["fork", "fork"]  # the first of the two erring scans ran in the pool
 
 
 def test_label_cache_entry_invalidated_when_mask_changes(voc_root, cache_dir):
